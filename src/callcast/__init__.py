@@ -1,0 +1,61 @@
+"""callcast: services that talk both ways, request-driven and event-driven, on any broker.
+
+The public API is what ``__all__`` lists; everything else may change.
+"""
+
+from callcast.app import App
+from callcast.codec import event_type
+from callcast.context import Context
+from callcast.envelope import Envelope
+from callcast.exceptions import (
+    BrokerUnavailableError,
+    CallcastError,
+    CallError,
+    CallTimeoutError,
+    ConfigurationError,
+    DecodeError,
+    HandlerError,
+    HTTPError,
+    MessageError,
+    PermanentError,
+    PublishError,
+    RemoteError,
+    ServiceUnavailableError,
+    TransportError,
+    UnknownEventError,
+)
+from callcast.runtime import Runtime
+from callcast.service import EventHandler, Route, RpcEndpoint, Service
+from callcast.transport import Broker, Capabilities, Delivery, Subscription
+
+__all__ = [
+    "App",
+    "Broker",
+    "BrokerUnavailableError",
+    "CallError",
+    "CallTimeoutError",
+    "CallcastError",
+    "Capabilities",
+    "ConfigurationError",
+    "Context",
+    "DecodeError",
+    "Delivery",
+    "Envelope",
+    "EventHandler",
+    "HTTPError",
+    "HandlerError",
+    "MessageError",
+    "PermanentError",
+    "PublishError",
+    "RemoteError",
+    "Route",
+    "RpcEndpoint",
+    "Runtime",
+    "Service",
+    "ServiceUnavailableError",
+    "Subscription",
+    "TransportError",
+    "UnknownEventError",
+    "event_type",
+]
+__version__ = "0.1.0"

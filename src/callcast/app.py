@@ -1,0 +1,65 @@
+"""The app: the set of services that make up a system, and how to run some or all of them.
+
+An :class:`App` is a static description. ``callcast run MODULE:APP`` (or :meth:`App.run`) runs it;
+:meth:`App.start` returns a started :class:`~callcast.runtime.Runtime` for tests and embedding.
+Every process of an app declares the consumer groups of *all* its services on the broker at start,
+so events published before a subscribing service's first process starts are kept for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from callcast.exceptions import ConfigurationError
+from callcast.service import Service
+
+if TYPE_CHECKING:
+    from callcast.runtime import Runtime
+    from callcast.transport import Broker
+
+
+class App:
+    """Services that form one system. Names of services are unique; so are (method, path) routes."""
+
+    def __init__(self, services: Iterable[Service], *, name: str = "app") -> None:
+        self.name = name
+        self.services: dict[str, Service] = {}
+        seen_routes: dict[tuple[str, str], str] = {}
+        for service in services:
+            if service.name in self.services:
+                raise ConfigurationError(f"two services named {service.name!r}")
+            self.services[service.name] = service
+            for route in service.routes:
+                key = (route.method, route.path)
+                if key in seen_routes:
+                    raise ConfigurationError(
+                        f"{route.method} {route.path} is served by both {seen_routes[key]} and {service.name}"
+                    )
+                seen_routes[key] = service.name
+
+    def service(self, name: str) -> Service:
+        try:
+            return self.services[name]
+        except KeyError:
+            raise ConfigurationError(
+                f"app {self.name!r} has no service {name!r}; it has {', '.join(self.services)}"
+            ) from None
+
+    async def start(
+        self,
+        *,
+        broker: str | Broker | None = None,
+        services: Sequence[str] | None = None,
+        data_dir: str | Path | None = None,
+        service_urls: dict[str, str] | None = None,
+    ) -> Runtime:
+        """Start ``services`` (default: all) in this process; stop with ``await runtime.stop()``."""
+        from callcast.runtime import Runtime
+
+        runtime = Runtime(
+            self, services=services, data_dir=data_dir, service_urls=service_urls or {}
+        )
+        await runtime.start(broker)
+        return runtime

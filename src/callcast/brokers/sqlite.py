@@ -1,0 +1,504 @@
+"""``sqlite:///path.db``: the embedded, durable default broker for one machine.
+
+Every process that opens the same file shares the broker: publish in one, consume in others.
+
+Storage (WAL mode, so readers never block the writer):
+
+* ``messages(seq, topic, headers, body)``: one row per published envelope;
+* ``subscriptions(topic, grp, ephemeral, heartbeat)``: the declared groups;
+* ``deliveries(grp, seq, pkey, available_at, attempts, owner, lease_until)``: one row per
+  (group, envelope) still to be settled. Publishing fans out by inserting a delivery row for
+  every group declared on the topic, in the same transaction as the message.
+
+Claiming marks rows with the subscriber's ``owner`` id and a lease; a subscriber renews its leases
+while it lives, so a subscriber that is killed loses its deliveries to the group once the lease
+runs out (``?lease=`` seconds, default 10), and the next claim counts a new attempt. Only the
+earliest unsettled delivery of a partition key can be claimed, so per-key order holds across
+competing processes. ``ack`` deletes the row; ``nack(delay)`` clears the owner and sets
+``available_at``, so delayed retries live in the file and survive restarts.
+
+All statements of one process go through one writer thread, which commits whatever is queued in one
+transaction (group commit): concurrent publishes, acks and claims share one fsync.
+``publish`` returns after that commit. ``?synchronous=normal`` trades power-loss durability for speed
+(a crash of the processes still loses nothing; a power cut may lose the last commits);
+the default ``full`` also survives power loss.
+
+Consumers in this process are woken at once by local commits; commits of other processes are seen
+by watching SQLite's ``data_version`` every few milliseconds, which reads no table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import queue
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import parse_qs, urlsplit
+
+from callcast.envelope import Envelope, decode_or_quarantine
+from callcast.exceptions import BrokerUnavailableError, ConfigurationError, TransportError
+from callcast.transport import Capabilities, Delivery
+
+CAPABILITIES = Capabilities(
+    durable=True,
+    shared=True,
+    delayed_nack=True,
+    delivery_count=True,
+    ordered_per_key=True,
+    request_reply=False,
+    replays_history=False,
+)
+
+DEFAULT_PATH = ".callcast/broker.db"
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    topic TEXT NOT NULL,
+    headers TEXT NOT NULL,
+    body BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS subscriptions (
+    topic TEXT NOT NULL,
+    grp TEXT NOT NULL,
+    ephemeral INTEGER NOT NULL DEFAULT 0,
+    heartbeat REAL NOT NULL DEFAULT 0,
+    PRIMARY KEY (topic, grp)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS deliveries (
+    grp TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    pkey TEXT,
+    available_at REAL NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    owner TEXT,
+    lease_until REAL,
+    PRIMARY KEY (grp, seq)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS deliveries_by_seq ON deliveries (seq);
+CREATE INDEX IF NOT EXISTS deliveries_by_owner ON deliveries (owner) WHERE owner IS NOT NULL;
+CREATE INDEX IF NOT EXISTS deliveries_by_key ON deliveries (grp, pkey, seq) WHERE pkey IS NOT NULL;
+"""
+
+# The earliest unsettled delivery of each key is the only one of that key that may be claimed.
+_CLAIM = """
+UPDATE deliveries SET owner = :owner, lease_until = :lease_until, attempts = attempts + 1
+WHERE grp = :grp AND seq IN (
+    SELECT d.seq FROM deliveries AS d
+    WHERE d.grp = :grp AND d.available_at <= :now
+      AND (d.owner IS NULL OR d.lease_until < :now)
+      AND (d.pkey IS NULL OR NOT EXISTS (
+            SELECT 1 FROM deliveries AS e
+            WHERE e.grp = d.grp AND e.pkey = d.pkey AND e.seq < d.seq))
+    ORDER BY d.seq LIMIT :limit)
+RETURNING seq, attempts
+"""
+
+T = TypeVar("T")
+_Op = Callable[[sqlite3.Connection], Any]
+
+
+def parse_url(url: str) -> tuple[Path, dict[str, str]]:
+    """``sqlite:///rel/path.db`` (relative), ``sqlite:////abs/path.db``; query holds options."""
+    parts = urlsplit(url)
+    if parts.scheme != "sqlite":
+        raise ConfigurationError(f"not a sqlite URL: {url!r}")
+    raw = parts.path[1:] if parts.path.startswith("/") else parts.path
+    if parts.netloc:
+        raise ConfigurationError(f"sqlite URL takes no host; use sqlite:///path.db, got {url!r}")
+    options = {key: values[-1] for key, values in parse_qs(parts.query).items()}
+    return Path(raw or DEFAULT_PATH), options
+
+
+class _Writer(threading.Thread):
+    """Owns the connection; runs queued operations in batches, one transaction per batch."""
+
+    def __init__(self, path: Path, synchronous: str, on_foreign_commit: Callable[[], None]) -> None:
+        super().__init__(name=f"callcast-sqlite:{path.name}", daemon=True)
+        self.path = path
+        self.synchronous = synchronous
+        self.on_foreign_commit = on_foreign_commit
+        self.ops: queue.SimpleQueue[tuple[_Op, asyncio.Future[Any]] | None] = queue.SimpleQueue()
+        self.ready = threading.Event()
+        self.startup_error: BaseException | None = None
+        self.poll_interval = 0.004
+
+    def run(self) -> None:
+        try:
+            conn = self._open()
+        except BaseException as error:  # reported to connect()
+            self.startup_error = error
+            self.ready.set()
+            return
+        self.ready.set()
+        data_version = conn.execute("PRAGMA data_version").fetchone()[0]
+        try:
+            while True:
+                try:
+                    first = self.ops.get(timeout=self.poll_interval)
+                except queue.Empty:
+                    current = conn.execute("PRAGMA data_version").fetchone()[0]
+                    if current != data_version:
+                        data_version = current
+                        self.on_foreign_commit()
+                    continue
+                batch = [first]
+                with contextlib.suppress(queue.Empty):
+                    while len(batch) < 512:
+                        batch.append(self.ops.get_nowait())
+                stop = None in batch
+                self._run_batch(conn, [item for item in batch if item is not None])
+                data_version = conn.execute("PRAGMA data_version").fetchone()[0]
+                if stop:
+                    return
+        finally:
+            conn.close()
+
+    def _open(self) -> sqlite3.Connection:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA busy_timeout = 30000")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+        conn.executescript(_SCHEMA)
+        return conn
+
+    def _run_batch(self, conn: sqlite3.Connection, batch: list[tuple[_Op, asyncio.Future[Any]]]) -> None:
+        results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for op, future in batch:
+                conn.execute("SAVEPOINT op")
+                try:
+                    value = op(conn)
+                except sqlite3.Error as error:
+                    conn.execute("ROLLBACK TO op")
+                    results.append((future, None, TransportError(f"sqlite broker: {error}")))
+                except Exception as error:
+                    conn.execute("ROLLBACK TO op")
+                    results.append((future, None, error))
+                else:
+                    results.append((future, value, None))
+                conn.execute("RELEASE op")
+            conn.execute("COMMIT")
+        except sqlite3.Error as error:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            failure = TransportError(f"sqlite broker: commit failed: {error}")
+            results = [(future, None, failure) for _, future in batch]
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any, BaseException | None]]] = {}
+        for item in results:
+            by_loop.setdefault(item[0].get_loop(), []).append(item)
+        for loop, items in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # loop already closed
+                loop.call_soon_threadsafe(_resolve, items)
+
+
+def _resolve(items: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+    for future, value, error in items:
+        if future.done():
+            continue
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(value)
+
+
+class SqliteBroker:
+    """The embedded broker. Build with :func:`callcast.brokers.connect` (``sqlite:///path.db``)."""
+
+    capabilities = CAPABILITIES
+
+    def __init__(self, url: str = f"sqlite:///{DEFAULT_PATH}") -> None:
+        self.url = url
+        self.path, options = parse_url(url)
+        synchronous = options.get("synchronous", "full").upper()
+        if synchronous not in ("FULL", "NORMAL", "EXTRA"):
+            raise ConfigurationError(f"sqlite broker: synchronous must be full|normal|extra, got {synchronous!r}")
+        try:
+            self.lease = float(options.get("lease", "10"))
+        except ValueError:
+            raise ConfigurationError("sqlite broker: lease must be a number of seconds") from None
+        if self.lease <= 0:
+            raise ConfigurationError("sqlite broker: lease must be positive")
+        self._synchronous = synchronous
+        self._writer: _Writer | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._subscriptions: set[_SqliteSubscription] = set()
+        self._closed = False
+        self._gc_task: asyncio.Task[None] | None = None
+
+    # -- plumbing -------------------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        """Open the file (creating it and its schema); called by :func:`callcast.brokers.connect`."""
+        self._loop = asyncio.get_running_loop()
+        writer = _Writer(self.path, self._synchronous, self._wake_all_threadsafe)
+        writer.start()
+        await asyncio.to_thread(writer.ready.wait)
+        if writer.startup_error is not None:
+            raise BrokerUnavailableError(
+                f"sqlite broker: cannot open {self.path}: {writer.startup_error}"
+            ) from None
+        self._writer = writer
+        self._gc_task = asyncio.create_task(self._housekeeping(), name="callcast-sqlite-gc")
+
+    async def _run(self, op: Callable[[sqlite3.Connection], T]) -> T:
+        if self._closed or self._writer is None:
+            raise BrokerUnavailableError("sqlite broker is closed")
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._writer.ops.put((op, future))
+        return await future
+
+    def _wake_all_threadsafe(self) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._wake_all)
+
+    def _wake_all(self) -> None:
+        for subscription in self._subscriptions:
+            subscription.wake.set()
+
+    def _wake_group(self, group: str) -> None:
+        for subscription in self._subscriptions:
+            if subscription.group == group:
+                subscription.wake.set()
+
+    # -- the seam -------------------------------------------------------------------------------
+
+    async def publish(self, topic: str, envelopes: Sequence[Envelope]) -> None:
+        rows = [
+            (json.dumps(envelope.headers(), separators=(",", ":")), envelope.data, envelope.partition_key)
+            for envelope in envelopes
+        ]
+
+        def insert(conn: sqlite3.Connection) -> list[str]:
+            groups = [
+                row[0] for row in conn.execute("SELECT grp FROM subscriptions WHERE topic = ?", (topic,))
+            ]
+            if not groups:
+                return []
+            for headers, body, key in rows:
+                cursor = conn.execute(
+                    "INSERT INTO messages (topic, headers, body) VALUES (?, ?, ?)", (topic, headers, body)
+                )
+                seq = cursor.lastrowid
+                conn.executemany(
+                    "INSERT INTO deliveries (grp, seq, pkey) VALUES (?, ?, ?)",
+                    [(group, seq, key) for group in groups],
+                )
+            return groups
+
+        for group in await self._run(insert):
+            self._wake_group(group)
+
+    async def declare(self, topic: str, group: str) -> None:
+        await self._declare(topic, group, ephemeral=False)
+
+    async def _declare(self, topic: str, group: str, *, ephemeral: bool) -> None:
+        def upsert(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO subscriptions (topic, grp, ephemeral, heartbeat) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (topic, grp) DO NOTHING",
+                (topic, group, int(ephemeral), time.time()),
+            )
+
+        await self._run(upsert)
+
+    async def subscribe(
+        self, topic: str, group: str, *, prefetch: int = 32, ephemeral: bool = False
+    ) -> _SqliteSubscription:
+        await self._declare(topic, group, ephemeral=ephemeral)
+        subscription = _SqliteSubscription(self, topic, group, max(1, prefetch), ephemeral)
+        self._subscriptions.add(subscription)
+        return subscription
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        for subscription in list(self._subscriptions):
+            await subscription.close()
+        if self._gc_task is not None:
+            self._gc_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._gc_task
+        self._closed = True
+        if self._writer is not None:
+            self._writer.ops.put(None)
+            await asyncio.to_thread(self._writer.join)
+
+    # -- subscriber operations ------------------------------------------------------------------
+
+    async def _claim(self, group: str, owner: str, limit: int) -> list[tuple[Envelope, int, int]]:
+        lease = self.lease
+
+        def claim(conn: sqlite3.Connection) -> list[tuple[int, int, str, bytes]]:
+            now = time.time()
+            claimed = conn.execute(
+                _CLAIM,
+                {"owner": owner, "lease_until": now + lease, "grp": group, "now": now, "limit": limit},
+            ).fetchall()
+            if not claimed:
+                return []
+            attempts = dict(claimed)
+            marks = ",".join("?" * len(attempts))
+            rows = conn.execute(
+                f"SELECT seq, headers, body FROM messages WHERE seq IN ({marks}) ORDER BY seq",
+                list(attempts),
+            ).fetchall()
+            return [(seq, attempts[seq], headers, body) for seq, headers, body in rows]
+
+        return [
+            (decode_or_quarantine(_load_headers(headers), body), seq, attempt)
+            for seq, attempt, headers, body in await self._run(claim)
+        ]
+
+    async def _settle(self, group: str, seq: int, owner: str, delay: float | None) -> None:
+        def settle(conn: sqlite3.Connection) -> None:
+            if delay is None:
+                conn.execute(
+                    "DELETE FROM deliveries WHERE grp = ? AND seq = ? AND owner = ?", (group, seq, owner)
+                )
+            else:
+                conn.execute(
+                    "UPDATE deliveries SET owner = NULL, lease_until = NULL, available_at = ? "
+                    "WHERE grp = ? AND seq = ? AND owner = ?",
+                    (time.time() + delay, group, seq, owner),
+                )
+
+        await self._run(settle)
+        self._wake_group(group)
+        if delay and self._loop is not None:
+            self._loop.call_later(delay, self._wake_group, group)
+
+    async def _release(self, owner: str, group: str, topic: str, ephemeral: bool) -> None:
+        def release(conn: sqlite3.Connection) -> None:
+            if ephemeral:
+                conn.execute("DELETE FROM subscriptions WHERE topic = ? AND grp = ?", (topic, group))
+                conn.execute("DELETE FROM deliveries WHERE grp = ?", (group,))
+            else:
+                conn.execute(
+                    "UPDATE deliveries SET owner = NULL, lease_until = NULL WHERE owner = ?", (owner,)
+                )
+
+        await self._run(release)
+        self._wake_group(group)
+
+    async def _housekeeping(self) -> None:
+        """Renew this process's leases and heartbeats; drop garbage: settled messages, dead ephemerals."""
+        interval = self.lease / 3
+        while True:
+            await asyncio.sleep(interval)
+            owners = [(s.owner, s.group, s.topic, s.ephemeral) for s in self._subscriptions if not s.closed]
+            lease = self.lease
+
+            def renew_and_collect(conn: sqlite3.Connection) -> None:
+                now = time.time()
+                for owner, group, topic, ephemeral in owners:
+                    conn.execute(
+                        "UPDATE deliveries SET lease_until = ? WHERE owner = ?", (now + lease, owner)
+                    )
+                    if ephemeral:
+                        conn.execute(
+                            "UPDATE subscriptions SET heartbeat = ? WHERE topic = ? AND grp = ?",
+                            (now, topic, group),
+                        )
+                stale = conn.execute(
+                    "SELECT topic, grp FROM subscriptions WHERE ephemeral = 1 AND heartbeat < ?",
+                    (now - max(60.0, 6 * lease),),
+                ).fetchall()
+                for topic, group in stale:
+                    conn.execute("DELETE FROM subscriptions WHERE topic = ? AND grp = ?", (topic, group))
+                    conn.execute("DELETE FROM deliveries WHERE grp = ?", (group,))
+                conn.execute(
+                    "DELETE FROM messages WHERE seq IN (SELECT m.seq FROM messages AS m WHERE NOT EXISTS "
+                    "(SELECT 1 FROM deliveries AS d WHERE d.seq = m.seq) LIMIT 20000)"
+                )
+
+            with contextlib.suppress(TransportError):
+                await self._run(renew_and_collect)
+
+
+class _SqliteSubscription:
+    def __init__(self, broker: SqliteBroker, topic: str, group: str, prefetch: int, ephemeral: bool) -> None:
+        self.broker = broker
+        self.topic = topic
+        self.group = group
+        self.prefetch = prefetch
+        self.ephemeral = ephemeral
+        self.owner = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        self.outstanding: set[int] = set()
+        self.buffer: list[_SqliteDelivery] = []
+        self.wake = asyncio.Event()
+        self.closed = False
+        self.poll_interval = 0.25  # leases of dead subscribers and due retries of other processes
+
+    def __aiter__(self) -> _SqliteSubscription:
+        return self
+
+    async def __anext__(self) -> Delivery:
+        while not self.closed:
+            if self.buffer:
+                return self.buffer.pop(0)
+            room = self.prefetch - len(self.outstanding)
+            if room > 0:
+                self.wake.clear()
+                for envelope, seq, attempt in await self.broker._claim(self.group, self.owner, room):
+                    if self.closed:
+                        break
+                    self.outstanding.add(seq)
+                    self.buffer.append(_SqliteDelivery(self, seq, attempt, envelope))
+                if self.buffer:
+                    continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), self.poll_interval)
+        raise StopAsyncIteration
+
+    async def settle(self, seq: int, delay: float | None) -> None:
+        if self.closed or seq not in self.outstanding:
+            return
+        self.outstanding.discard(seq)
+        await self.broker._settle(self.group, seq, self.owner, delay)
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.buffer.clear()
+        self.outstanding.clear()
+        self.wake.set()
+        self.broker._subscriptions.discard(self)
+        with contextlib.suppress(TransportError):
+            await self.broker._release(self.owner, self.group, self.topic, self.ephemeral)
+
+
+class _SqliteDelivery:
+    __slots__ = ("_seq", "_subscription", "attempt", "envelope")
+
+    def __init__(self, subscription: _SqliteSubscription, seq: int, attempt: int, envelope: Envelope) -> None:
+        self._subscription = subscription
+        self._seq = seq
+        self.attempt = attempt
+        self.envelope = envelope
+
+    async def ack(self) -> None:
+        await self._subscription.settle(self._seq, None)
+
+    async def nack(self, *, delay: float = 0.0) -> None:
+        await self._subscription.settle(self._seq, max(0.0, delay))
+
+
+def _load_headers(text: str) -> dict[str, str]:
+    try:
+        headers = json.loads(text)
+    except ValueError:
+        return {}
+    return {str(k): str(v) for k, v in headers.items()} if isinstance(headers, dict) else {}

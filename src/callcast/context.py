@@ -1,0 +1,113 @@
+"""The context handed to every route, RPC endpoint, event handler and hook.
+
+A context belongs to one service and one unit of work (an HTTP request, an RPC request or an
+event delivery). Everything published or called through it carries the same correlation id, and
+names the unit of work as its cause, so a chain of requests and events can be followed end to end.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, TypeVar
+
+from pydantic import BaseModel
+
+from callcast.codec import MAX_MESSAGE_BYTES, encode, event_type
+from callcast.envelope import Envelope, new_id
+from callcast.exceptions import ConfigurationError, DecodeError
+
+if TYPE_CHECKING:
+    from callcast.runtime import Runtime
+    from callcast.service import RpcEndpoint
+
+Req = TypeVar("Req", bound=BaseModel)
+Resp = TypeVar("Resp")
+
+
+class Context:
+    """What a unit of work of one service may do: publish events, call other services, read state."""
+
+    __slots__ = ("_runtime", "attempt", "causation_id", "correlation_id", "deadline", "envelope", "service")
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        service: str,
+        *,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+        envelope: Envelope | None = None,
+        attempt: int = 1,
+        deadline: float | None = None,
+    ) -> None:
+        self._runtime = runtime
+        self.service = service
+        self.correlation_id = correlation_id or new_id()
+        self.causation_id = causation_id
+        self.envelope = envelope
+        """The envelope being handled, in an event handler or RPC endpoint."""
+        self.attempt = attempt
+        """Which delivery of ``envelope`` this is (1 = first), as counted by the broker."""
+        self.deadline = deadline
+        """UNIX time by which the caller gives up (RPC), or ``None``."""
+
+    @property
+    def state(self) -> SimpleNamespace:
+        """This service's mutable state in this process (stores opened by a startup hook)."""
+        return self._runtime.state[self.service]
+
+    @property
+    def data_dir(self) -> Path:
+        """Where this process keeps files (``--data-dir``, default ``.callcast``)."""
+        return self._runtime.data_dir
+
+    def remaining(self) -> float | None:
+        """Seconds left before ``deadline``, or ``None`` without one."""
+        return None if self.deadline is None else self.deadline - time.time()
+
+    def envelope_for(self, event: BaseModel, *, key: str | None = None, sequence: int | None = None) -> Envelope:
+        """The envelope ``publish`` would send for ``event`` (for outboxes and batch publishing)."""
+        kind = event_type(type(event))
+        if kind not in self._runtime.app.service(self.service).published_types:
+            raise ConfigurationError(
+                f"service {self.service!r} publishes {kind!r} but does not declare it in publishes="
+            )
+        data = encode(event)
+        if len(data) > MAX_MESSAGE_BYTES:
+            raise DecodeError(f"{kind} event of {len(data)} bytes exceeds {MAX_MESSAGE_BYTES} bytes")
+        extensions = {"correlationid": self.correlation_id}
+        if self.causation_id:
+            extensions["causationid"] = self.causation_id
+        if key is not None:
+            extensions["partitionkey"] = str(key)
+        if sequence is not None:
+            extensions["sequence"] = str(sequence)
+        return Envelope(type=kind, source=self._runtime.source(self.service), data=data, extensions=extensions)
+
+    async def publish(self, event: BaseModel, *, key: str | None = None, sequence: int | None = None) -> None:
+        """Publish ``event`` to every subscribing handler; returns once the broker stored it.
+
+        ``key`` is the partition key: handlers see events of one key one at a time, in this order.
+        """
+        envelope = self.envelope_for(event, key=key, sequence=sequence)
+        await self._runtime.broker.publish(envelope.type, [envelope])
+
+    async def call(
+        self, endpoint: RpcEndpoint[Req, Resp], request: Req, *, timeout: float | None = None
+    ) -> Resp:
+        """Call an RPC endpoint of another service and wait for its answer.
+
+        Raises :class:`~callcast.CallTimeoutError` after ``timeout`` seconds (default 10, and never
+        beyond this context's own deadline), :class:`~callcast.RemoteError` when the endpoint
+        answered with an error, :class:`~callcast.ServiceUnavailableError` when it cannot be reached.
+        """
+        if endpoint.service not in self._runtime.app.service(self.service).calls:
+            raise ConfigurationError(
+                f"service {self.service!r} calls {endpoint.service!r} but does not declare it in calls="
+            )
+        return await self._runtime.rpc.call(endpoint, request, timeout=timeout, caller=self)
+
+    def __repr__(self) -> str:
+        return f"<Context service={self.service} correlation_id={self.correlation_id}>"

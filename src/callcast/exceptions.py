@@ -1,0 +1,100 @@
+"""callcast's exceptions: every failure a user can see is one of these.
+
+    CallcastError
+    ├── ConfigurationError          bad broker URL, unknown service, handler signature callcast cannot serve
+    ├── TransportError              the broker failed; driver errors are translated into these at the
+    │   │                           adapter boundary, never leaked
+    │   ├── BrokerUnavailableError  cannot reach the broker (connection refused, lost, closed)
+    │   └── PublishError            the broker did not confirm a publish: it may or may not be stored
+    ├── MessageError                an envelope or payload that cannot be handled (never retried)
+    │   ├── DecodeError             not a CloudEvent, missing attribute, not JSON, too large
+    │   └── UnknownEventError       an event type no handler is registered for
+    ├── HandlerError                raised by user code to steer delivery
+    │   └── PermanentError          do not retry this message: a retry cannot succeed
+    └── CallError                   an outgoing call (ctx.call) failed
+        ├── CallTimeoutError        no answer within the deadline
+        ├── ServiceUnavailableError the target could not be reached
+        └── RemoteError             the target answered with an error (status and message kept)
+
+HTTP routes raise :class:`HTTPError` (not a CallcastError: it is a response, not a failure) to
+answer with a status code and a reason.
+"""
+
+from __future__ import annotations
+
+
+class CallcastError(Exception):
+    """Root of every exception callcast raises."""
+
+
+class ConfigurationError(CallcastError):
+    """The app, a service or a URL is set up in a way callcast cannot run."""
+
+
+class TransportError(CallcastError):
+    """The broker failed. Adapters translate their driver's exceptions into this tree."""
+
+
+class BrokerUnavailableError(TransportError):
+    """The broker cannot be reached, or the connection is closed."""
+
+
+class PublishError(TransportError):
+    """A publish was not confirmed by the broker: the caller must assume it may not be stored."""
+
+
+class MessageError(CallcastError):
+    """A message that can never be handled as it is; it is dead-lettered, not retried."""
+
+
+class DecodeError(MessageError):
+    """The envelope or its data is malformed: not a CloudEvent, not JSON, too large, invalid."""
+
+
+class UnknownEventError(MessageError):
+    """No handler is registered for the message's event type."""
+
+
+class HandlerError(CallcastError):
+    """Base of exceptions that handlers raise on purpose to steer delivery."""
+
+
+class PermanentError(HandlerError):
+    """Raised by a handler when retrying the message cannot succeed (it is dead-lettered)."""
+
+
+class CallError(CallcastError):
+    """An outgoing call made with ``ctx.call`` failed."""
+
+    def __init__(self, message: str, *, target: str) -> None:
+        super().__init__(message)
+        self.target = target
+
+
+class CallTimeoutError(CallError):
+    """No answer arrived before the call's deadline."""
+
+
+class ServiceUnavailableError(CallError):
+    """The target service could not be reached at all."""
+
+
+class RemoteError(CallError):
+    """The target answered with an error; ``status`` follows HTTP conventions (4xx: caller's fault)."""
+
+    def __init__(self, message: str, *, target: str, status: int, error_type: str = "") -> None:
+        super().__init__(message, target=target)
+        self.status = status
+        self.error_type = error_type
+
+
+class HTTPError(Exception):
+    """Raise from an HTTP route or RPC handler to answer with ``status`` and ``detail``.
+
+    >>> raise HTTPError(404, "user 42 not found")
+    """
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(f"{status}: {detail}")
+        self.status = status
+        self.detail = detail

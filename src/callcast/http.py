@@ -1,0 +1,212 @@
+"""The HTTP side: services' routes and RPC endpoints as one Starlette (ASGI) application.
+
+Parameters of a route function are bound once, when the app is built, from names and annotations:
+
+* a pydantic model: the JSON body, parsed and validated in one pass (``model_validate_json``);
+* ``Context``: the context of this request (correlation id from ``X-Correlation-Id`` or new);
+* a name that appears in the path (``/users/{user_id}``): that path segment, validated;
+* any other name: the query parameter of that name, validated; required unless it has a default.
+
+Answers: the return value as JSON (by its annotation) with the route's status code; ``None`` with
+no return annotation: 204. Bad input never reaches the handler: invalid JSON or fields → 422 with
+the field errors; a body over 1 MiB → 413; unknown path → 404; wrong method → 405.
+:class:`~callcast.HTTPError` → its status and detail; a failed ``ctx.call`` → 502/503/504; any other
+exception → 500 with no internals (logged with its traceback).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, get_type_hints
+
+import orjson
+from pydantic import BaseModel, TypeAdapter, ValidationError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from callcast.codec import MAX_MESSAGE_BYTES, field_errors
+from callcast.context import Context
+from callcast.exceptions import (
+    CallError,
+    CallTimeoutError,
+    ConfigurationError,
+    HTTPError,
+    ServiceUnavailableError,
+)
+from callcast.rpc import CORRELATION_HEADER, DEADLINE_HEADER, execute
+from callcast.service import RpcEndpoint
+from callcast.service import Route as ServiceRoute
+
+if TYPE_CHECKING:
+    from callcast.runtime import Runtime
+
+log = logging.getLogger("callcast.http")
+JSON_TYPE = "application/json"
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+def json_response(status: int, payload: Any) -> Response:
+    return Response(orjson.dumps(payload), status_code=status, media_type=JSON_TYPE)
+
+
+def error_response(status: int, detail: Any) -> Response:
+    return json_response(status, {"detail": detail})
+
+
+async def read_body(request: Request, limit: int = MAX_MESSAGE_BYTES) -> bytes:
+    """The request body, refusing (:class:`BodyTooLarge`) more than ``limit`` bytes, declared or sent."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@dataclass(frozen=True)
+class _Param:
+    name: str
+    kind: str  # "body" | "context" | "path" | "query"
+    model: type[BaseModel] | None = None
+    adapter: TypeAdapter[Any] | None = None
+    default: Any = inspect.Parameter.empty
+
+
+def plan(route: ServiceRoute) -> tuple[list[_Param], TypeAdapter[Any] | None]:
+    """How to bind ``route``'s parameters and serialize its answer; ConfigurationError if impossible."""
+    hints = get_type_hints(route.fn)
+    path_names = {part[1:-1].split(":")[0] for part in route.path.split("/") if part.startswith("{")}
+    params: list[_Param] = []
+    for name, parameter in inspect.signature(route.fn).parameters.items():
+        annotation = hints.get(name, str)
+        if annotation is Context:
+            params.append(_Param(name, "context"))
+        elif isinstance(annotation, type) and issubclass(annotation, BaseModel) and name not in path_names:
+            if any(p.kind == "body" for p in params):
+                raise ConfigurationError(f"{route.fn.__qualname__}: only one parameter can be the body")
+            params.append(_Param(name, "body", model=annotation))
+        else:
+            kind = "path" if name in path_names else "query"
+            params.append(_Param(name, kind, adapter=TypeAdapter(annotation), default=parameter.default))
+    missing = path_names - {p.name for p in params if p.kind == "path"}
+    if missing:
+        raise ConfigurationError(f"{route.fn.__qualname__}: no parameter for path part(s) {sorted(missing)}")
+    returns = hints.get("return", inspect.Parameter.empty)
+    if returns is inspect.Parameter.empty or returns is type(None) or returns is None:
+        return params, None
+    return params, TypeAdapter(returns)
+
+
+def _make_endpoint(runtime: Runtime, route: ServiceRoute) -> Callable[[Request], Awaitable[Response]]:
+    params, returns = plan(route)
+
+    async def endpoint(request: Request) -> Response:
+        ctx = runtime.context(route.service, correlation_id=request.headers.get(CORRELATION_HEADER))
+        kwargs: dict[str, Any] = {}
+        errors: list[dict[str, Any]] = []
+        for param in params:
+            if param.kind == "context":
+                kwargs[param.name] = ctx
+            elif param.kind == "body":
+                assert param.model is not None
+                try:
+                    kwargs[param.name] = param.model.model_validate_json(await read_body(request))
+                except BodyTooLarge:
+                    return error_response(413, f"request body exceeds {MAX_MESSAGE_BYTES} bytes")
+                except ValidationError as error:
+                    errors.extend({**item, "loc": ["body", *item["loc"]]} for item in field_errors(error))
+            else:
+                source = request.path_params if param.kind == "path" else request.query_params
+                if param.name not in source:
+                    if param.default is inspect.Parameter.empty:
+                        errors.append({"loc": [param.kind, param.name], "msg": "Field required", "type": "missing"})
+                    else:
+                        kwargs[param.name] = param.default
+                    continue
+                assert param.adapter is not None
+                try:
+                    kwargs[param.name] = param.adapter.validate_python(source[param.name])
+                except ValidationError as error:
+                    errors.extend({**item, "loc": [param.kind, param.name, *item["loc"]]}
+                                  for item in field_errors(error))
+        if errors:
+            return error_response(422, errors)
+        try:
+            result = await route.fn(**kwargs)
+        except HTTPError as error:
+            return error_response(error.status, error.detail)
+        except CallError as error:
+            status = 504 if isinstance(error, CallTimeoutError) else 503 if isinstance(
+                error, ServiceUnavailableError) else 502
+            return error_response(status, str(error))
+        except Exception:
+            log.exception("%s %s failed", route.method, route.path)
+            return error_response(500, "internal error")
+        if isinstance(result, Response):
+            return result
+        if returns is None:
+            return Response(status_code=204 if route.status_code == 200 else route.status_code)
+        return Response(returns.dump_json(result), status_code=route.status_code, media_type=JSON_TYPE)
+
+    endpoint.__name__ = route.fn.__name__
+    return endpoint
+
+
+def _make_rpc_endpoint(runtime: Runtime, rpc: RpcEndpoint[Any, Any]) -> Callable[[Request], Awaitable[Response]]:
+    async def endpoint(request: Request) -> Response:
+        deadline: float | None = None
+        raw_deadline = request.headers.get(DEADLINE_HEADER)
+        if raw_deadline:
+            try:
+                deadline = float(raw_deadline)
+            except ValueError:
+                return error_response(400, f"{DEADLINE_HEADER} must be a UNIX time in seconds")
+            if deadline <= time.time():
+                return error_response(504, "deadline already passed")
+        try:
+            data = await read_body(request)
+        except BodyTooLarge:
+            return error_response(413, f"request body exceeds {MAX_MESSAGE_BYTES} bytes")
+        ctx = runtime.context(
+            rpc.service, correlation_id=request.headers.get(CORRELATION_HEADER), deadline=deadline
+        )
+        status, body = await execute(rpc, data, ctx)
+        return Response(body, status_code=status, media_type=JSON_TYPE)
+
+    return endpoint
+
+
+async def _http_exception(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    return error_response(exc.status_code, exc.detail)
+
+
+def build_asgi(runtime: Runtime) -> Starlette:
+    """One ASGI app for the routes and RPC endpoints of the services running in ``runtime``."""
+    routes: list[BaseRoute] = []
+    for service in runtime.running_services:
+        for route in service.routes:
+            routes.append(Route(route.path, _make_endpoint(runtime, route), methods=[route.method]))
+        for rpc in service.endpoints.values():
+            routes.append(Route(rpc.http_path, _make_rpc_endpoint(runtime, rpc), methods=["POST"]))
+
+    async def health(request: Request) -> Response:
+        return json_response(200, {"status": "ok", "services": [s.name for s in runtime.running_services]})
+
+    routes.append(Route("/healthz", health, methods=["GET"]))
+    return Starlette(routes=routes, exception_handlers={HTTPException: _http_exception})

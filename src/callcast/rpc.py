@@ -1,0 +1,291 @@
+"""RPC: request/reply over the broker (built on topics, for every broker) or over HTTP.
+
+Over the broker
+    A request is an envelope of type ``callcast.rpc.<service>.<name>`` published on the topic of the
+    same name, where the endpoint's service consumes it as one group (its processes share the load).
+    Extensions ``replyto`` (the caller process's ephemeral reply topic) and ``deadline`` (UNIX time)
+    travel with it. The reply is an envelope of type ``callcast.reply`` on ``replyto`` with
+    extensions ``inreplyto`` (the request's id) and ``status`` (HTTP-style: 200, 4xx, 5xx).
+    A request found past its deadline is dropped unanswered: its caller has given up.
+
+Over HTTP
+    ``POST /rpc/<service>/<name>`` with the request's JSON; the answer's status and JSON body are the
+    same as the broker reply's. Used by ``ctx.call`` when the app is given a URL for the service.
+
+Error bodies are ``{"error": "<type>", "detail": "<message>"}``; tracebacks never leave the process.
+RPC is at most once per call from the caller's view, except that a request whose server process dies
+mid-handler is redelivered to another server process while the deadline allows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import httpx
+import orjson
+from pydantic import BaseModel
+
+from callcast.codec import decode
+from callcast.envelope import Envelope
+from callcast.exceptions import (
+    CallError,
+    CallTimeoutError,
+    DecodeError,
+    HTTPError,
+    RemoteError,
+    ServiceUnavailableError,
+    TransportError,
+)
+from callcast.service import RpcEndpoint
+from callcast.transport import Broker, Delivery, Subscription
+
+if TYPE_CHECKING:
+    from callcast.context import Context
+
+log = logging.getLogger("callcast.rpc")
+
+Req = TypeVar("Req", bound=BaseModel)
+Resp = TypeVar("Resp")
+
+REPLY_TYPE = "callcast.reply"
+DEFAULT_TIMEOUT = 10.0
+DEADLINE_HEADER = "x-callcast-deadline"
+CORRELATION_HEADER = "x-correlation-id"
+
+
+def error_body(kind: str, detail: str) -> bytes:
+    return orjson.dumps({"error": kind, "detail": detail})
+
+
+async def execute(endpoint: RpcEndpoint[Any, Any], data: bytes, ctx: Context) -> tuple[int, bytes]:
+    """Run ``endpoint`` on request bytes; the (status, JSON body) answer. Never raises."""
+    try:
+        request = decode(endpoint.request_model, data)
+    except DecodeError as error:
+        return 422, error_body("DecodeError", str(error))
+    remaining = ctx.remaining()
+    try:
+        if remaining is not None:
+            result = await asyncio.wait_for(endpoint.fn(request, ctx), remaining)
+        else:
+            result = await endpoint.fn(request, ctx)
+        return 200, endpoint.response_adapter.dump_json(result)
+    except HTTPError as error:
+        return error.status, error_body("HTTPError", error.detail)
+    except TimeoutError:
+        return 504, error_body("CallTimeoutError", "deadline exceeded")
+    except CallError as error:
+        status = 504 if isinstance(error, CallTimeoutError) else 502
+        return status, error_body(type(error).__name__, str(error))
+    except Exception as error:
+        log.exception("RPC %s.%s failed", endpoint.service, endpoint.name)
+        return 500, error_body(type(error).__name__, "internal error")
+
+
+class RpcServer:
+    """Serves one endpoint's requests from the broker."""
+
+    def __init__(
+        self,
+        broker: Broker,
+        endpoint: RpcEndpoint[Any, Any],
+        make_context: Callable[[Envelope, float | None], Context],
+        source: str,
+    ) -> None:
+        self.broker = broker
+        self.endpoint = endpoint
+        self.make_context = make_context
+        self.source = source
+        self._subscription: Subscription | None = None
+        self._pump: asyncio.Task[None] | None = None
+        self._running: set[asyncio.Task[None]] = set()
+
+    @property
+    def group(self) -> str:
+        return self.endpoint.topic
+
+    async def start(self, concurrency: int = 64) -> None:
+        self._subscription = await self.broker.subscribe(self.endpoint.topic, self.group, prefetch=concurrency)
+        self._pump = asyncio.create_task(self._take(self._subscription), name=f"rpc:{self.group}")
+
+    async def _take(self, subscription: Subscription) -> None:
+        async for delivery in subscription:
+            task = asyncio.create_task(self._serve(delivery))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _serve(self, delivery: Delivery) -> None:
+        envelope = delivery.envelope
+        reply_to = envelope.extensions.get("replyto")
+        try:
+            deadline = float(envelope.extensions.get("deadline", "") or "nan")
+        except ValueError:
+            deadline = float("nan")
+        if not reply_to or deadline != deadline:  # not a request we can answer: drop it loudly
+            log.warning("RPC %s: dropping request %s without replyto/deadline", self.group, envelope.id)
+            await _settle(delivery)
+            return
+        if time.time() >= deadline:
+            await _settle(delivery)
+            return
+        status, body = await execute(self.endpoint, envelope.data, self.make_context(envelope, deadline))
+        reply = Envelope(
+            type=REPLY_TYPE,
+            source=self.source,
+            data=body,
+            extensions={
+                "inreplyto": envelope.id,
+                "status": str(status),
+                "correlationid": envelope.extensions.get("correlationid", envelope.id),
+            },
+        )
+        try:
+            await self.broker.publish(reply_to, [reply])
+        except TransportError as error:
+            log.warning("RPC %s: reply to %s lost: %s", self.group, envelope.id, error)
+        await _settle(delivery)
+
+    async def stop(self, grace: float) -> None:
+        if self._pump is not None:
+            self._pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pump
+        if self._running:
+            await asyncio.wait(set(self._running), timeout=grace)
+        if self._subscription is not None:
+            await self._subscription.close()
+
+
+async def _settle(delivery: Delivery) -> None:
+    with contextlib.suppress(TransportError):
+        await delivery.ack()
+
+
+class RpcClient:
+    """Makes the calls of one process: one ephemeral reply topic, one HTTP connection pool."""
+
+    def __init__(self, broker: Broker, instance_id: str, service_urls: dict[str, str], source: str) -> None:
+        self.broker = broker
+        self.reply_topic = f"callcast.reply.{instance_id}"
+        self.service_urls = {name: url.rstrip("/") for name, url in service_urls.items()}
+        self.source = source
+        self._pending: dict[str, asyncio.Future[tuple[int, bytes]]] = {}
+        self._subscription: Subscription | None = None
+        self._pump: asyncio.Task[None] | None = None
+        self._http: httpx.AsyncClient | None = None
+
+    async def start(self) -> None:
+        self._subscription = await self.broker.subscribe(
+            self.reply_topic, self.reply_topic, prefetch=256, ephemeral=True
+        )
+        self._pump = asyncio.create_task(self._take(self._subscription), name="rpc-replies")
+        if self.service_urls:
+            self._http = httpx.AsyncClient()
+
+    async def _take(self, subscription: Subscription) -> None:
+        async for delivery in subscription:
+            envelope = delivery.envelope
+            future = self._pending.get(envelope.extensions.get("inreplyto", ""))
+            if future is not None and not future.done():
+                try:
+                    status = int(envelope.extensions.get("status", "500"))
+                except ValueError:
+                    status = 500
+                future.set_result((status, envelope.data))
+            with contextlib.suppress(TransportError):
+                await delivery.ack()
+
+    async def stop(self) -> None:
+        if self._pump is not None:
+            self._pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pump
+        if self._subscription is not None:
+            await self._subscription.close()
+        if self._http is not None:
+            await self._http.aclose()
+        for future in self._pending.values():
+            future.cancel()
+
+    async def call(
+        self, endpoint: RpcEndpoint[Req, Resp], request: Req, *, timeout: float | None, caller: Context
+    ) -> Resp:
+        budget = DEFAULT_TIMEOUT if timeout is None else timeout
+        remaining = caller.remaining()
+        if remaining is not None:
+            budget = min(budget, remaining)
+        target = f"{endpoint.service}.{endpoint.name}"
+        if budget <= 0:
+            raise CallTimeoutError(f"call to {target}: deadline already passed", target=target)
+        data = request.__pydantic_serializer__.to_json(request)
+        if endpoint.service in self.service_urls:
+            status, body = await self._over_http(endpoint, data, budget, caller, target)
+        else:
+            status, body = await self._over_broker(endpoint, data, budget, caller, target)
+        if status == 200:
+            try:
+                return endpoint.response_adapter.validate_json(body)
+            except ValueError as error:
+                raise RemoteError(f"{target} answered with an invalid response: {error}",
+                                  target=target, status=502, error_type="ValidationError") from None
+        kind, detail = _parse_error(body)
+        raise RemoteError(f"{target} failed with {status} {kind}: {detail}",
+                          target=target, status=status, error_type=kind)
+
+    async def _over_broker(
+        self, endpoint: RpcEndpoint[Any, Any], data: bytes, budget: float, caller: Context, target: str
+    ) -> tuple[int, bytes]:
+        extensions = {
+            "replyto": self.reply_topic,
+            "deadline": repr(time.time() + budget),
+            "correlationid": caller.correlation_id,
+        }
+        if caller.causation_id:
+            extensions["causationid"] = caller.causation_id
+        envelope = Envelope(type=endpoint.topic, source=self.source, data=data, extensions=extensions)
+        future: asyncio.Future[tuple[int, bytes]] = asyncio.get_running_loop().create_future()
+        self._pending[envelope.id] = future
+        try:
+            try:
+                await self.broker.publish(endpoint.topic, [envelope])
+            except TransportError as error:
+                raise ServiceUnavailableError(f"call to {target}: broker failed: {error}", target=target) from None
+            return await asyncio.wait_for(future, budget)
+        except TimeoutError:
+            raise CallTimeoutError(f"call to {target}: no answer within {budget:.3g}s", target=target) from None
+        finally:
+            self._pending.pop(envelope.id, None)
+
+    async def _over_http(
+        self, endpoint: RpcEndpoint[Any, Any], data: bytes, budget: float, caller: Context, target: str
+    ) -> tuple[int, bytes]:
+        assert self._http is not None
+        url = self.service_urls[endpoint.service] + endpoint.http_path
+        headers = {
+            "content-type": "application/json",
+            CORRELATION_HEADER: caller.correlation_id,
+            DEADLINE_HEADER: repr(time.time() + budget),
+        }
+        try:
+            response = await self._http.post(url, content=data, headers=headers, timeout=budget)
+        except httpx.TimeoutException:
+            raise CallTimeoutError(f"call to {target}: no answer within {budget:.3g}s", target=target) from None
+        except httpx.TransportError as error:
+            raise ServiceUnavailableError(f"call to {target}: {type(error).__name__}", target=target) from None
+        return response.status_code, response.content
+
+
+def _parse_error(body: bytes) -> tuple[str, str]:
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return "Error", body[:200].decode("utf-8", "replace")
+    if isinstance(parsed, dict):
+        detail = parsed.get("detail", "")
+        return str(parsed.get("error", "Error")), detail if isinstance(detail, str) else orjson.dumps(detail).decode()
+    return "Error", str(parsed)[:200]

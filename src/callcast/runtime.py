@@ -1,0 +1,209 @@
+"""A running app: the services of an :class:`~callcast.App` that run in this process.
+
+Start order: connect the broker → run the services' startup hooks → declare every consumer group of
+the *whole* app (so nothing published from now on is lost for a service that is not up yet) →
+start RPC servers and event consumers → serve HTTP (when asked).
+
+Stop order (SIGTERM/SIGINT under ``callcast run``): stop accepting HTTP requests and finish the ones
+in flight → stop taking messages and let running handlers finish within ``grace`` seconds, giving the
+rest back to the broker → shutdown hooks → close the broker. Nothing accepted is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+
+from callcast.app import App
+from callcast.brokers import connect
+from callcast.consumer import Consumer
+from callcast.context import Context
+from callcast.deadletter import DEAD_LETTER_GROUP, DEAD_LETTER_TOPIC
+from callcast.envelope import Envelope
+from callcast.http import build_asgi
+from callcast.rpc import RpcClient, RpcServer
+from callcast.service import Service
+from callcast.transport import Broker
+
+log = logging.getLogger("callcast")
+
+DEFAULT_DATA_DIR = ".callcast"
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: the runtime decides when to stop."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Any:
+        yield
+
+
+class Runtime:
+    """Some or all services of an app, live in this process. Build with :meth:`App.start`."""
+
+    def __init__(
+        self,
+        app: App,
+        *,
+        services: Sequence[str] | None = None,
+        data_dir: str | Path | None = None,
+        service_urls: dict[str, str] | None = None,
+    ) -> None:
+        self.app = app
+        names = list(services) if services else list(app.services)
+        self.running_services: list[Service] = [app.service(name) for name in names]
+        self.data_dir = Path(data_dir or os.environ.get("CALLCAST_DATA") or DEFAULT_DATA_DIR)
+        self.service_urls = dict(service_urls or {})
+        self.instance_id = uuid.uuid4().hex[:12]
+        self.state: dict[str, SimpleNamespace] = {s.name: SimpleNamespace() for s in self.running_services}
+        self._broker: Broker | None = None
+        self._owns_broker = False
+        self._rpc: RpcClient | None = None
+        self._consumers: list[Consumer | RpcServer] = []
+        self._asgi: Starlette | None = None
+        self._server: _Server | None = None
+        self._server_task: asyncio.Task[None] | None = None
+        self._started_hooks: list[Service] = []
+
+    # -- accessors ----------------------------------------------------------------------------------
+
+    @property
+    def broker(self) -> Broker:
+        if self._broker is None:
+            raise RuntimeError("runtime is not started")
+        return self._broker
+
+    @property
+    def rpc(self) -> RpcClient:
+        if self._rpc is None:
+            raise RuntimeError("runtime is not started")
+        return self._rpc
+
+    @property
+    def asgi(self) -> Starlette:
+        """The ASGI app of the running services (for ``httpx.ASGITransport`` in tests)."""
+        if self._asgi is None:
+            self._asgi = build_asgi(self)
+        return self._asgi
+
+    def source(self, service: str) -> str:
+        """The CloudEvents ``source`` of what ``service`` publishes."""
+        return f"/{self.app.name}/{service}"
+
+    def context(
+        self, service: str, *, correlation_id: str | None = None, deadline: float | None = None
+    ) -> Context:
+        """A fresh context for new work of ``service`` (a request, a test, a script)."""
+        return Context(self, service, correlation_id=correlation_id, deadline=deadline)
+
+    def _delivery_context(self, service: str, envelope: Envelope, attempt: int) -> Context:
+        return Context(self, service, correlation_id=envelope.correlation_id, causation_id=envelope.id,
+                       envelope=envelope, attempt=attempt)
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+
+    async def start(self, broker: str | Broker | None = None) -> None:
+        if isinstance(broker, str) or broker is None:
+            self._broker = await connect(broker)
+            self._owns_broker = True
+        else:
+            self._broker = broker
+        try:
+            await self._start_services()
+        except BaseException:
+            await self.stop(grace=0)
+            raise
+
+    async def _start_services(self) -> None:
+        broker = self.broker
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        for service in self.running_services:
+            for hook in service.startup_hooks:
+                await hook(self.context(service.name))
+            self._started_hooks.append(service)
+        await broker.declare(DEAD_LETTER_TOPIC, DEAD_LETTER_GROUP)
+        for service in self.app.services.values():
+            for handler in service.handlers:
+                await broker.declare(handler.topic, handler.group)
+            for endpoint in service.endpoints.values():
+                await broker.declare(endpoint.topic, endpoint.topic)
+        self._rpc = RpcClient(broker, self.instance_id, self.service_urls, f"/{self.app.name}/{self.instance_id}")
+        await self._rpc.start()
+        for service in self.running_services:
+            for endpoint in service.endpoints.values():
+                server = RpcServer(
+                    broker, endpoint,
+                    lambda envelope, deadline, name=service.name: Context(
+                        self, name, correlation_id=envelope.correlation_id, causation_id=envelope.id,
+                        envelope=envelope, deadline=deadline),
+                    self.source(service.name),
+                )
+                await server.start()
+                self._consumers.append(server)
+            for handler in service.handlers:
+                consumer = Consumer(broker, handler, self._delivery_context)
+                await consumer.start()
+                self._consumers.append(consumer)
+
+    async def serve_http(self, host: str = "127.0.0.1", port: int = 8000) -> None:
+        """Start serving HTTP on ``host:port`` (returns once listening)."""
+        config = uvicorn.Config(
+            self.asgi, host=host, port=port, log_level="warning", access_log=False, lifespan="off",
+            timeout_graceful_shutdown=10,
+        )
+        server = _Server(config)
+        self._server = server
+        self._server_task = asyncio.create_task(server.serve(), name="http")
+        while not server.started:
+            if self._server_task.done():
+                self._server_task.result()  # raises the bind error
+                raise RuntimeError(f"HTTP server on {host}:{port} stopped before it started")
+            await asyncio.sleep(0.01)
+
+    @property
+    def http_port(self) -> int | None:
+        """The port HTTP is served on (useful with ``port=0``)."""
+        if self._server is None or not self._server.servers:
+            return None
+        sockets = self._server.servers[0].sockets
+        return int(sockets[0].getsockname()[1]) if sockets else None
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop serving; see the module docstring for the order. Idempotent."""
+        if self._server is not None and self._server_task is not None:
+            self._server.should_exit = True
+            with contextlib.suppress(Exception):
+                await self._server_task
+            self._server = None
+        for consumer in self._consumers:
+            await consumer.stop(grace)
+        self._consumers.clear()
+        if self._rpc is not None:
+            await self._rpc.stop()
+            self._rpc = None
+        for service in reversed(self._started_hooks):
+            for hook in service.shutdown_hooks:
+                try:
+                    await hook(self.context(service.name))
+                except Exception:
+                    log.exception("shutdown hook of %s failed", service.name)
+        self._started_hooks.clear()
+        if self._broker is not None and self._owns_broker:
+            await self._broker.close()
+        self._broker = None
+
+    async def __aenter__(self) -> Runtime:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()

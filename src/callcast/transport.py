@@ -1,0 +1,132 @@
+"""The transport seam: the only thing a broker adapter implements.
+
+Adapters move envelopes between topics and consumer groups and honour ack/nack; nothing else.
+Retries, dead letters, dedupe, ordering gates, request/reply and the rest are built once, above this
+seam, in terms of the four operations below, so they work the same on every broker.
+
+Vocabulary
+----------
+topic
+    A named stream of envelopes. For events it is the event type (``UserSignedUp``).
+group
+    A durable consumer group on a topic. Every group gets its own copy of each envelope published
+    after the group was declared (fan-out); the subscribers of one group share its envelopes
+    (competing consumers): each envelope goes to one of them at a time.
+
+Contract
+--------
+* ``publish(topic, envelopes)`` returns only once the broker has accepted every envelope *durably*
+  (where ``capabilities.durable``): a crash of any process after it returns loses nothing. If it
+  raises, any subset of the batch may have been stored: callers that retry must expect duplicates
+  (the inbox absorbs them). Envelopes of one call to one topic keep their order.
+* A group receives the envelopes published after ``declare(topic, group)`` (or the first
+  ``subscribe``) returned; declaring twice is harmless. ``capabilities.replays_history`` says whether a
+  new group also sees older ones.
+* Delivery is at least once. A delivery stays with its subscriber until it calls ``ack()`` (done:
+  never delivered to this group again) or ``nack(delay=...)`` (make it available again after
+  ``delay`` seconds, to any subscriber of the group). A subscriber that disappears without doing
+  either (closed, crashed, killed) loses its deliveries to the other subscribers of the group,
+  after the adapter's lease or heartbeat timeout.
+* ``Delivery.attempt`` counts deliveries of this envelope to this group, starting at 1, as counted
+  by the broker (a redelivery after a crash counts). It is never taken from a header alone.
+* A subscription hands out at most ``prefetch`` deliveries that are neither acked nor nacked;
+  iteration waits until one is settled. This is the consumer's memory bound.
+* ``Subscription.close()`` ends iteration (a consumer waiting in ``__anext__`` gets
+  ``StopAsyncIteration``) and hands deliveries that were not settled back to the group. Acks and
+  nacks after close are ignored. ``Broker.close()`` closes every subscription, then the connection.
+* Ephemeral subscriptions (``ephemeral=True``) exist only while subscribed: nothing is kept for them
+  while no one listens, and they vanish on close. Request/reply uses them for reply topics.
+* Adapters translate driver exceptions into :mod:`callcast.exceptions` (``TransportError`` tree).
+* All methods are safe to call from concurrent tasks of the event loop the broker was connected on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from callcast.envelope import Envelope
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What an adapter guarantees, as data: read by the framework, the conformance suite and docs."""
+
+    durable: bool
+    """An accepted publish survives a crash of every process (and a broker restart)."""
+    shared: bool
+    """Several processes can share the broker (competing consumers across processes)."""
+    delayed_nack: bool
+    """``nack(delay=...)`` is honoured by the broker itself; else the framework schedules retries."""
+    delivery_count: bool
+    """``Delivery.attempt`` is counted by the broker, including redeliveries after a crash."""
+    ordered_per_key: bool
+    """Within a group, an envelope is not handed out while an earlier one of its partition key is
+    still unsettled: per-key order holds even across competing subscribers."""
+    request_reply: bool
+    """The broker has native request/reply; else it is built on ephemeral reply topics."""
+    replays_history: bool
+    """A new group can read envelopes published before it was declared."""
+
+
+@runtime_checkable
+class Delivery(Protocol):
+    """One envelope handed to one subscriber, until it is settled by ``ack`` or ``nack``."""
+
+    @property
+    def envelope(self) -> Envelope: ...
+
+    @property
+    def attempt(self) -> int:
+        """1 for the first delivery to this group, counted by the broker."""
+        ...
+
+    async def ack(self) -> None:
+        """Settle for good: the group never receives this envelope again. Idempotent."""
+        ...
+
+    async def nack(self, *, delay: float = 0.0) -> None:
+        """Give the envelope back to the group, available again after ``delay`` seconds."""
+        ...
+
+
+class Subscription(Protocol):
+    """The deliveries of one subscriber in a group; iterate with ``async for``."""
+
+    def __aiter__(self) -> AsyncIterator[Delivery]: ...
+
+    async def __anext__(self) -> Delivery:
+        """The next delivery; waits while none is due or ``prefetch`` are unsettled."""
+        ...
+
+    async def close(self) -> None:
+        """Stop iterating; unsettled deliveries return to the group. Idempotent."""
+        ...
+
+
+@runtime_checkable
+class Broker(Protocol):
+    """A connection to one broker. Build with :func:`callcast.brokers.connect` from a URL."""
+
+    capabilities: Capabilities
+    url: str
+    """The broker's URL with any password redacted: safe to log."""
+
+    async def publish(self, topic: str, envelopes: Sequence[Envelope]) -> None:
+        """Store ``envelopes`` on ``topic`` for every declared group; return once durable."""
+        ...
+
+    async def declare(self, topic: str, group: str) -> None:
+        """Make sure ``group`` exists on ``topic``, so publishes from now on are kept for it."""
+        ...
+
+    async def subscribe(
+        self, topic: str, group: str, *, prefetch: int = 32, ephemeral: bool = False
+    ) -> Subscription:
+        """Join ``group`` on ``topic`` (declaring it) as one more competing subscriber."""
+        ...
+
+    async def close(self) -> None:
+        """Close every subscription of this connection, then the connection. Idempotent."""
+        ...
