@@ -9,8 +9,9 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-Email = Annotated[str, StringConstraints(strip_whitespace=True, max_length=254,
-                                         pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$")]
+Email = Annotated[
+    str, StringConstraints(strip_whitespace=True, max_length=254, pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+]
 Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
 Sku = Annotated[str, StringConstraints(min_length=1, max_length=40, pattern=r"^[a-z0-9-]+$")]
 
@@ -26,6 +27,7 @@ class Strict(BaseModel):
 
 
 # -- users ------------------------------------------------------------------------------------------
+
 
 class SignupRequest(Strict):
     name: Name
@@ -50,6 +52,7 @@ class UserSignedUp(BaseModel):
 
 # -- emails -----------------------------------------------------------------------------------------
 
+
 class SentEmail(BaseModel):
     to: str
     subject: str
@@ -60,6 +63,7 @@ class SentEmail(BaseModel):
 
 
 # -- orders and payments ----------------------------------------------------------------------------
+
 
 class OrderItem(Strict):
     sku: Sku
@@ -110,6 +114,7 @@ class StockShort(BaseModel):
 
 
 # -- inventory --------------------------------------------------------------------------------------
+
 
 class Stock(BaseModel):
     sku: str

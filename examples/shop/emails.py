@@ -42,8 +42,7 @@ async def send_welcome(event: UserSignedUp, ctx: Context) -> None:
     def send(conn):  # type: ignore[no-untyped-def]
         inserted = conn.execute(
             "INSERT OR IGNORE INTO emails VALUES (?, ?, ?, ?, ?)",
-            (cause, event.email, "Welcome to the shop",
-             f"Hello {event.name}, thanks for signing up!", now),
+            (cause, event.email, "Welcome to the shop", f"Hello {event.name}, thanks for signing up!", now),
         ).rowcount
         if not inserted:
             conn.execute("INSERT INTO duplicates VALUES (?, ?)", (cause, now))

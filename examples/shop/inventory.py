@@ -19,8 +19,11 @@ CREATE TABLE IF NOT EXISTS reservations (order_id TEXT PRIMARY KEY, outcome TEXT
 @inventory.on_startup
 async def open_store(ctx: Context) -> None:
     db = Database(ctx.data_dir / "inventory.db", SCHEMA)
-    await db.transaction(lambda conn: conn.executemany(
-        "INSERT OR IGNORE INTO stock VALUES (?, ?)", list(INITIAL_STOCK.items())))
+    await db.transaction(
+        lambda conn: conn.executemany(
+            "INSERT OR IGNORE INTO stock VALUES (?, ?)", list(INITIAL_STOCK.items())
+        )
+    )
     ctx.state.db = db
 
 
@@ -34,7 +37,9 @@ async def reserve(event: OrderPlaced, ctx: Context) -> None:
     """Reserve every item or none. Redelivery re-publishes the recorded outcome, never re-reserves."""
 
     def decide(conn: sqlite3.Connection) -> str:
-        done = conn.execute("SELECT outcome FROM reservations WHERE order_id = ?", (event.order_id,)).fetchone()
+        done = conn.execute(
+            "SELECT outcome FROM reservations WHERE order_id = ?", (event.order_id,)
+        ).fetchone()
         if done:
             return str(done[0])
         wanted: dict[str, int] = {}
@@ -47,8 +52,10 @@ async def reserve(event: OrderPlaced, ctx: Context) -> None:
                 short.append(f"{sku}: wanted {qty}, available {row[0] if row else 0}")
         outcome = "short:" + "; ".join(short) if short else "reserved"
         if not short:
-            conn.executemany("UPDATE stock SET available = available - ? WHERE sku = ?",
-                             [(qty, sku) for sku, qty in wanted.items()])
+            conn.executemany(
+                "UPDATE stock SET available = available - ? WHERE sku = ?",
+                [(qty, sku) for sku, qty in wanted.items()],
+            )
         conn.execute("INSERT INTO reservations VALUES (?, ?)", (event.order_id, outcome))
         return outcome
 
@@ -56,8 +63,9 @@ async def reserve(event: OrderPlaced, ctx: Context) -> None:
     if outcome == "reserved":
         await ctx.publish(StockReserved(order_id=event.order_id), key=event.order_id)
     else:
-        await ctx.publish(StockShort(order_id=event.order_id, reason=outcome.removeprefix("short:")),
-                          key=event.order_id)
+        await ctx.publish(
+            StockShort(order_id=event.order_id, reason=outcome.removeprefix("short:")), key=event.order_id
+        )
 
 
 @inventory.get("/inventory")

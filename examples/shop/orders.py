@@ -48,9 +48,12 @@ def _row_to_order(row: tuple[str, str, str, int, str, str | None]) -> Order:
 
 async def _save(ctx: Context, order: Order) -> None:
     items = "\n".join(item.model_dump_json() for item in order.items)
-    await ctx.state.db.transaction(lambda conn: conn.execute(
-        "INSERT INTO orders VALUES (?, ?, ?, ?, ?, ?)",
-        (order.id, order.user_id, items, order.amount_cents, order.status, order.reason)))
+    await ctx.state.db.transaction(
+        lambda conn: conn.execute(
+            "INSERT INTO orders VALUES (?, ?, ?, ?, ?, ?)",
+            (order.id, order.user_id, items, order.amount_cents, order.status, order.reason),
+        )
+    )
 
 
 @orders.post("/orders", status_code=201)
@@ -59,17 +62,18 @@ async def place_order(body: PlaceOrder, ctx: Context) -> Order:
     if unknown:
         raise HTTPError(422, f"unknown sku(s): {', '.join(unknown)}")
     try:
-        await ctx.call(lookup, LookupUser(
-            user_id=body.user_id), timeout=2.0)
+        await ctx.call(lookup, LookupUser(user_id=body.user_id), timeout=2.0)
     except RemoteError as error:
         if error.status == 404:
             raise HTTPError(404, f"unknown user {body.user_id!r}") from None
         raise
     amount = sum(PRICES_CENTS[item.sku] * item.qty for item in body.items)
-    order = Order(id=uuid.uuid4().hex, user_id=body.user_id, items=body.items, amount_cents=amount,
-                  status="pending")
-    auth = await ctx.call(authorize, Authorize(
-        order_id=order.id, user_id=order.user_id, amount_cents=amount), timeout=2.0)
+    order = Order(
+        id=uuid.uuid4().hex, user_id=body.user_id, items=body.items, amount_cents=amount, status="pending"
+    )
+    auth = await ctx.call(
+        authorize, Authorize(order_id=order.id, user_id=order.user_id, amount_cents=amount), timeout=2.0
+    )
     if not auth.approved:
         order = order.model_copy(update={"status": "rejected", "reason": f"payment declined: {auth.reason}"})
         await _save(ctx, order)
@@ -85,7 +89,8 @@ async def place_order(body: PlaceOrder, ctx: Context) -> Order:
 @orders.get("/orders/{order_id}")
 async def get_order(order_id: str, ctx: Context) -> Order:
     rows = await ctx.state.db.fetch(
-        "SELECT id, user_id, items, amount_cents, status, reason FROM orders WHERE id = ?", (order_id,))
+        "SELECT id, user_id, items, amount_cents, status, reason FROM orders WHERE id = ?", (order_id,)
+    )
     if not rows:
         raise HTTPError(404, f"no order {order_id!r}")
     return _row_to_order(rows[0])
@@ -93,8 +98,10 @@ async def get_order(order_id: str, ctx: Context) -> Order:
 
 async def _settle(ctx: Context, order_id: str, status: str, reason: str | None) -> None:
     def update(conn: sqlite3.Connection) -> None:
-        conn.execute("UPDATE orders SET status = ?, reason = ? WHERE id = ? AND status = 'pending'",
-                     (status, reason, order_id))
+        conn.execute(
+            "UPDATE orders SET status = ?, reason = ? WHERE id = ? AND status = 'pending'",
+            (status, reason, order_id),
+        )
 
     await ctx.state.db.transaction(update)
 

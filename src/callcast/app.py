@@ -58,8 +58,6 @@ class App:
         """Start ``services`` (default: all) in this process; stop with ``await runtime.stop()``."""
         from callcast.runtime import Runtime
 
-        runtime = Runtime(
-            self, services=services, data_dir=data_dir, service_urls=service_urls or {}
-        )
+        runtime = Runtime(self, services=services, data_dir=data_dir, service_urls=service_urls or {})
         await runtime.start(broker)
         return runtime

@@ -1,7 +1,7 @@
 """The ``callcast`` command.
 
-    callcast run MODULE:APP [--broker URL] [--service NAME ...] [--host H] [--port P] [--no-http]
-    callcast topology MODULE:APP [--json]
+callcast run MODULE:APP [--broker URL] [--service NAME ...] [--host H] [--port P] [--no-http]
+callcast topology MODULE:APP [--json]
 """
 
 from __future__ import annotations
@@ -81,9 +81,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "run":
-            logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+            logging.basicConfig(
+                level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+            )
             try:
-                import uvloop  # type: ignore[import-not-found]
+                import uvloop
 
                 uvloop.install()
             except ImportError:

@@ -79,7 +79,12 @@ class Consumer:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending)
-                log.warning("%s: %d handler(s) cut off after %.1fs; their messages go back", self.handler.group, len(pending), grace)
+                log.warning(
+                    "%s: %d handler(s) cut off after %.1fs; their messages go back",
+                    self.handler.group,
+                    len(pending),
+                    grace,
+                )
         if self._subscription is not None:
             await self._subscription.close()
 
@@ -87,7 +92,9 @@ class Consumer:
         try:
             await self._process(delivery)
         except TransportError as error:  # could not settle: the lease runs out, it comes back
-            log.warning("%s: could not settle message %s: %s", self.handler.group, delivery.envelope.id, error)
+            log.warning(
+                "%s: could not settle message %s: %s", self.handler.group, delivery.envelope.id, error
+            )
         except Exception:
             log.exception("%s: unexpected failure handling %s", self.handler.group, delivery.envelope.id)
             with contextlib.suppress(TransportError):
@@ -102,7 +109,8 @@ class Consumer:
             return
         if delivery.attempt > handler.max_attempts:
             await self._dead_letter(
-                delivery, "crashloop",
+                delivery,
+                "crashloop",
                 PermanentError(f"delivered {delivery.attempt} times without being settled"),
             )
             return
@@ -120,7 +128,9 @@ class Consumer:
             if delivery.attempt >= handler.max_attempts:
                 await self._dead_letter(delivery, "error", error)
             else:
-                log.info("%s: attempt %d of %s failed: %r", handler.group, delivery.attempt, envelope.id, error)
+                log.info(
+                    "%s: attempt %d of %s failed: %r", handler.group, delivery.attempt, envelope.id, error
+                )
                 await delivery.nack(delay=backoff(delivery.attempt))
         else:
             await delivery.ack()
@@ -128,7 +138,10 @@ class Consumer:
     async def _dead_letter(self, delivery: Delivery, reason: str, error: BaseException) -> None:
         log.warning("%s: dead-lettering %s (%s): %s", self.handler.group, delivery.envelope.id, reason, error)
         await dead_letter(
-            self.broker, delivery, subscriber=self.handler.group, topic=self.handler.topic,
-            reason=reason, error=error,
+            self.broker,
+            delivery,
+            subscriber=self.handler.group,
+            topic=self.handler.topic,
+            reason=reason,
+            error=error,
         )
-

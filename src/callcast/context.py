@@ -67,7 +67,9 @@ class Context:
         """Seconds left before ``deadline``, or ``None`` without one."""
         return None if self.deadline is None else self.deadline - time.time()
 
-    def envelope_for(self, event: BaseModel, *, key: str | None = None, sequence: int | None = None) -> Envelope:
+    def envelope_for(
+        self, event: BaseModel, *, key: str | None = None, sequence: int | None = None
+    ) -> Envelope:
         """The envelope ``publish`` would send for ``event`` (for outboxes and batch publishing)."""
         kind = event_type(type(event))
         if kind not in self._runtime.app.service(self.service).published_types:
@@ -84,7 +86,9 @@ class Context:
             extensions["partitionkey"] = str(key)
         if sequence is not None:
             extensions["sequence"] = str(sequence)
-        return Envelope(type=kind, source=self._runtime.source(self.service), data=data, extensions=extensions)
+        return Envelope(
+            type=kind, source=self._runtime.source(self.service), data=data, extensions=extensions
+        )
 
     async def publish(self, event: BaseModel, *, key: str | None = None, sequence: int | None = None) -> None:
         """Publish ``event`` to every subscribing handler; returns once the broker stored it.

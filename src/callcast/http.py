@@ -41,8 +41,8 @@ from callcast.exceptions import (
     ServiceUnavailableError,
 )
 from callcast.rpc import CORRELATION_HEADER, DEADLINE_HEADER, execute
-from callcast.service import RpcEndpoint
 from callcast.service import Route as ServiceRoute
+from callcast.service import RpcEndpoint
 
 if TYPE_CHECKING:
     from callcast.runtime import Runtime
@@ -134,7 +134,9 @@ def _make_endpoint(runtime: Runtime, route: ServiceRoute) -> Callable[[Request],
                 source = request.path_params if param.kind == "path" else request.query_params
                 if param.name not in source:
                     if param.default is inspect.Parameter.empty:
-                        errors.append({"loc": [param.kind, param.name], "msg": "Field required", "type": "missing"})
+                        errors.append(
+                            {"loc": [param.kind, param.name], "msg": "Field required", "type": "missing"}
+                        )
                     else:
                         kwargs[param.name] = param.default
                     continue
@@ -142,8 +144,10 @@ def _make_endpoint(runtime: Runtime, route: ServiceRoute) -> Callable[[Request],
                 try:
                     kwargs[param.name] = param.adapter.validate_python(source[param.name])
                 except ValidationError as error:
-                    errors.extend({**item, "loc": [param.kind, param.name, *item["loc"]]}
-                                  for item in field_errors(error))
+                    errors.extend(
+                        {**item, "loc": [param.kind, param.name, *item["loc"]]}
+                        for item in field_errors(error)
+                    )
         if errors:
             return error_response(422, errors)
         try:
@@ -151,8 +155,13 @@ def _make_endpoint(runtime: Runtime, route: ServiceRoute) -> Callable[[Request],
         except HTTPError as error:
             return error_response(error.status, error.detail)
         except CallError as error:
-            status = 504 if isinstance(error, CallTimeoutError) else 503 if isinstance(
-                error, ServiceUnavailableError) else 502
+            status = (
+                504
+                if isinstance(error, CallTimeoutError)
+                else 503
+                if isinstance(error, ServiceUnavailableError)
+                else 502
+            )
             return error_response(status, str(error))
         except Exception:
             log.exception("%s %s failed", route.method, route.path)
@@ -167,7 +176,9 @@ def _make_endpoint(runtime: Runtime, route: ServiceRoute) -> Callable[[Request],
     return endpoint
 
 
-def _make_rpc_endpoint(runtime: Runtime, rpc: RpcEndpoint[Any, Any]) -> Callable[[Request], Awaitable[Response]]:
+def _make_rpc_endpoint(
+    runtime: Runtime, rpc: RpcEndpoint[Any, Any]
+) -> Callable[[Request], Awaitable[Response]]:
     async def endpoint(request: Request) -> Response:
         deadline: float | None = None
         raw_deadline = request.headers.get(DEADLINE_HEADER)

@@ -110,7 +110,9 @@ class RpcServer:
         return self.endpoint.topic
 
     async def start(self, concurrency: int = 64) -> None:
-        self._subscription = await self.broker.subscribe(self.endpoint.topic, self.group, prefetch=concurrency)
+        self._subscription = await self.broker.subscribe(
+            self.endpoint.topic, self.group, prefetch=concurrency
+        )
         self._pump = asyncio.create_task(self._take(self._subscription), name=f"rpc:{self.group}")
 
     async def _take(self, subscription: Subscription) -> None:
@@ -231,11 +233,16 @@ class RpcClient:
             try:
                 return endpoint.response_adapter.validate_json(body)
             except ValueError as error:
-                raise RemoteError(f"{target} answered with an invalid response: {error}",
-                                  target=target, status=502, error_type="ValidationError") from None
+                raise RemoteError(
+                    f"{target} answered with an invalid response: {error}",
+                    target=target,
+                    status=502,
+                    error_type="ValidationError",
+                ) from None
         kind, detail = _parse_error(body)
-        raise RemoteError(f"{target} failed with {status} {kind}: {detail}",
-                          target=target, status=status, error_type=kind)
+        raise RemoteError(
+            f"{target} failed with {status} {kind}: {detail}", target=target, status=status, error_type=kind
+        )
 
     async def _over_broker(
         self, endpoint: RpcEndpoint[Any, Any], data: bytes, budget: float, caller: Context, target: str
@@ -254,10 +261,14 @@ class RpcClient:
             try:
                 await self.broker.publish(endpoint.topic, [envelope])
             except TransportError as error:
-                raise ServiceUnavailableError(f"call to {target}: broker failed: {error}", target=target) from None
+                raise ServiceUnavailableError(
+                    f"call to {target}: broker failed: {error}", target=target
+                ) from None
             return await asyncio.wait_for(future, budget)
         except TimeoutError:
-            raise CallTimeoutError(f"call to {target}: no answer within {budget:.3g}s", target=target) from None
+            raise CallTimeoutError(
+                f"call to {target}: no answer within {budget:.3g}s", target=target
+            ) from None
         finally:
             self._pending.pop(envelope.id, None)
 
@@ -274,9 +285,13 @@ class RpcClient:
         try:
             response = await self._http.post(url, content=data, headers=headers, timeout=budget)
         except httpx.TimeoutException:
-            raise CallTimeoutError(f"call to {target}: no answer within {budget:.3g}s", target=target) from None
+            raise CallTimeoutError(
+                f"call to {target}: no answer within {budget:.3g}s", target=target
+            ) from None
         except httpx.TransportError as error:
-            raise ServiceUnavailableError(f"call to {target}: {type(error).__name__}", target=target) from None
+            raise ServiceUnavailableError(
+                f"call to {target}: {type(error).__name__}", target=target
+            ) from None
         return response.status_code, response.content
 
 
@@ -287,5 +302,7 @@ def _parse_error(body: bytes) -> tuple[str, str]:
         return "Error", body[:200].decode("utf-8", "replace")
     if isinstance(parsed, dict):
         detail = parsed.get("detail", "")
-        return str(parsed.get("error", "Error")), detail if isinstance(detail, str) else orjson.dumps(detail).decode()
+        return str(parsed.get("error", "Error")), detail if isinstance(detail, str) else orjson.dumps(
+            detail
+        ).decode()
     return "Error", str(parsed)[:200]

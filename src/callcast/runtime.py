@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import uuid
@@ -107,8 +108,24 @@ class Runtime:
         return Context(self, service, correlation_id=correlation_id, deadline=deadline)
 
     def _delivery_context(self, service: str, envelope: Envelope, attempt: int) -> Context:
-        return Context(self, service, correlation_id=envelope.correlation_id, causation_id=envelope.id,
-                       envelope=envelope, attempt=attempt)
+        return Context(
+            self,
+            service,
+            correlation_id=envelope.correlation_id,
+            causation_id=envelope.id,
+            envelope=envelope,
+            attempt=attempt,
+        )
+
+    def _rpc_context(self, service: str, envelope: Envelope, deadline: float | None) -> Context:
+        return Context(
+            self,
+            service,
+            correlation_id=envelope.correlation_id,
+            causation_id=envelope.id,
+            envelope=envelope,
+            deadline=deadline,
+        )
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
@@ -137,15 +154,16 @@ class Runtime:
                 await broker.declare(handler.topic, handler.group)
             for endpoint in service.endpoints.values():
                 await broker.declare(endpoint.topic, endpoint.topic)
-        self._rpc = RpcClient(broker, self.instance_id, self.service_urls, f"/{self.app.name}/{self.instance_id}")
+        self._rpc = RpcClient(
+            broker, self.instance_id, self.service_urls, f"/{self.app.name}/{self.instance_id}"
+        )
         await self._rpc.start()
         for service in self.running_services:
             for endpoint in service.endpoints.values():
                 server = RpcServer(
-                    broker, endpoint,
-                    lambda envelope, deadline, name=service.name: Context(
-                        self, name, correlation_id=envelope.correlation_id, causation_id=envelope.id,
-                        envelope=envelope, deadline=deadline),
+                    broker,
+                    endpoint,
+                    functools.partial(self._rpc_context, service.name),
                     self.source(service.name),
                 )
                 await server.start()
@@ -158,7 +176,12 @@ class Runtime:
     async def serve_http(self, host: str = "127.0.0.1", port: int = 8000) -> None:
         """Start serving HTTP on ``host:port`` (returns once listening)."""
         config = uvicorn.Config(
-            self.asgi, host=host, port=port, log_level="warning", access_log=False, lifespan="off",
+            self.asgi,
+            host=host,
+            port=port,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
             timeout_graceful_shutdown=10,
         )
         server = _Server(config)

@@ -137,7 +137,7 @@ class Service:
 
     @property
     def published_types(self) -> dict[str, type[BaseModel]]:
-        return {event_type(model): model for model in self.publishes}  # type: ignore[union-attr]
+        return {event_type(model): model for model in self.publishes}
 
     # -- HTTP ---------------------------------------------------------------------------------------
 
@@ -180,7 +180,7 @@ class Service:
         self, *, name: str | None = None
     ) -> Callable[[Callable[[Req, Context], Awaitable[Resp]]], RpcEndpoint[Req, Resp]]: ...
 
-    def rpc(self, fn: Any = None, /, *, name: str | None = None) -> Any:
+    def rpc(self, fn: Any = None, /, *, name: str | None = None) -> Any:  # type: ignore[misc]
         """Declare an RPC endpoint ``fn(request: Model, ctx: Context) -> Response``."""
 
         def register(fn: Callable[[Any, Context], Awaitable[Any]]) -> RpcEndpoint[Any, Any]:
@@ -225,9 +225,7 @@ class Service:
             handler_name = name or fn.__name__
             if any(handler.name == handler_name for handler in self.handlers):
                 raise ConfigurationError(f"{self.name} already has a handler named {handler_name!r}")
-            self.handlers.append(
-                EventHandler(self.name, model, fn, handler_name, concurrency, max_attempts)
-            )
+            self.handlers.append(EventHandler(self.name, model, fn, handler_name, concurrency, max_attempts))
             return fn
 
         return register

@@ -18,7 +18,7 @@ def describe(app: App) -> dict[str, Any]:
             "rpc": [f"{endpoint.service}.{endpoint.name}" for endpoint in service.endpoints.values()],
             "publishes": sorted(service.published_types),
             "consumes": sorted({handler.topic for handler in service.handlers}),
-            "calls": sorted(service.calls),  # type: ignore[type-var]
+            "calls": sorted(service.calls),
         }
         for model in service.publishes:
             events.setdefault(event_type(model), {"publishers": [], "subscribers": []})["publishers"].append(
@@ -40,7 +40,9 @@ def render(app: App) -> str:
         for route in info["routes"]:
             lines.append(f"    route      {route}")
         for rpc in info["rpc"]:
-            lines.append(f"    rpc        {rpc}   (broker topic callcast.rpc.{rpc}, POST /rpc/{rpc.replace('.', '/')})")
+            lines.append(
+                f"    rpc        {rpc}   (broker topic callcast.rpc.{rpc}, POST /rpc/{rpc.replace('.', '/')})"
+            )
         for kind in ("publishes", "consumes", "calls"):
             if info[kind]:
                 lines.append(f"    {kind:<10} {', '.join(info[kind])}")

@@ -8,6 +8,7 @@ user services run on it unchanged. It is not a mock: the conformance suite runs 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -124,9 +125,7 @@ class MemoryBroker:
 
 
 class _MemorySubscription:
-    def __init__(
-        self, broker: MemoryBroker, topic: str, group: str, state: _Group, prefetch: int
-    ) -> None:
+    def __init__(self, broker: MemoryBroker, topic: str, group: str, state: _Group, prefetch: int) -> None:
         self.broker = broker
         self.topic = topic
         self.group = group
@@ -151,10 +150,8 @@ class _MemorySubscription:
                     return _MemoryDelivery(self, entry)
                 if next_due is not None:
                     timeout = max(0.0, next_due - loop.time())
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(state.changed.wait(), timeout)
-            except TimeoutError:
-                pass
         raise StopAsyncIteration
 
     def settle(self, entry: _Entry, *, remove: bool, delay: float) -> None:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import queue
@@ -193,7 +194,9 @@ class _Writer(threading.Thread):
                 conn.execute("ROLLBACK")
             failure = TransportError(f"sqlite broker: commit failed: {error}")
             results = [(future, None, failure) for _, future in batch]
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any, BaseException | None]]] = {}
+        by_loop: dict[
+            asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any, BaseException | None]]
+        ] = {}
         for item in results:
             by_loop.setdefault(item[0].get_loop(), []).append(item)
         for loop, items in by_loop.items():
@@ -221,7 +224,9 @@ class SqliteBroker:
         self.path, options = parse_url(url)
         synchronous = options.get("synchronous", "full").upper()
         if synchronous not in ("FULL", "NORMAL", "EXTRA"):
-            raise ConfigurationError(f"sqlite broker: synchronous must be full|normal|extra, got {synchronous!r}")
+            raise ConfigurationError(
+                f"sqlite broker: synchronous must be full|normal|extra, got {synchronous!r}"
+            )
         try:
             self.lease = float(options.get("lease", "10"))
         except ValueError:
@@ -393,38 +398,36 @@ class SqliteBroker:
         self._wake_group(group)
 
     async def _housekeeping(self) -> None:
-        """Renew this process's leases and heartbeats; drop garbage: settled messages, dead ephemerals."""
-        interval = self.lease / 3
+        """Every lease/3 seconds: renew this process's leases and heartbeats, collect garbage."""
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(self.lease / 3)
             owners = [(s.owner, s.group, s.topic, s.ephemeral) for s in self._subscriptions if not s.closed]
-            lease = self.lease
-
-            def renew_and_collect(conn: sqlite3.Connection) -> None:
-                now = time.time()
-                for owner, group, topic, ephemeral in owners:
-                    conn.execute(
-                        "UPDATE deliveries SET lease_until = ? WHERE owner = ?", (now + lease, owner)
-                    )
-                    if ephemeral:
-                        conn.execute(
-                            "UPDATE subscriptions SET heartbeat = ? WHERE topic = ? AND grp = ?",
-                            (now, topic, group),
-                        )
-                stale = conn.execute(
-                    "SELECT topic, grp FROM subscriptions WHERE ephemeral = 1 AND heartbeat < ?",
-                    (now - max(60.0, 6 * lease),),
-                ).fetchall()
-                for topic, group in stale:
-                    conn.execute("DELETE FROM subscriptions WHERE topic = ? AND grp = ?", (topic, group))
-                    conn.execute("DELETE FROM deliveries WHERE grp = ?", (group,))
-                conn.execute(
-                    "DELETE FROM messages WHERE seq IN (SELECT m.seq FROM messages AS m WHERE NOT EXISTS "
-                    "(SELECT 1 FROM deliveries AS d WHERE d.seq = m.seq) LIMIT 20000)"
-                )
-
             with contextlib.suppress(TransportError):
-                await self._run(renew_and_collect)
+                await self._run(functools.partial(_renew_and_collect, owners, self.lease))
+
+
+def _renew_and_collect(
+    owners: list[tuple[str, str, str, bool]], lease: float, conn: sqlite3.Connection
+) -> None:
+    """Extend the leases of live subscribers; drop dead ephemeral groups and settled messages."""
+    now = time.time()
+    for owner, group, topic, ephemeral in owners:
+        conn.execute("UPDATE deliveries SET lease_until = ? WHERE owner = ?", (now + lease, owner))
+        if ephemeral:
+            conn.execute(
+                "UPDATE subscriptions SET heartbeat = ? WHERE topic = ? AND grp = ?", (now, topic, group)
+            )
+    stale = conn.execute(
+        "SELECT topic, grp FROM subscriptions WHERE ephemeral = 1 AND heartbeat < ?",
+        (now - max(60.0, 6 * lease),),
+    ).fetchall()
+    for topic, group in stale:
+        conn.execute("DELETE FROM subscriptions WHERE topic = ? AND grp = ?", (topic, group))
+        conn.execute("DELETE FROM deliveries WHERE grp = ?", (group,))
+    conn.execute(
+        "DELETE FROM messages WHERE seq IN (SELECT m.seq FROM messages AS m WHERE NOT EXISTS "
+        "(SELECT 1 FROM deliveries AS d WHERE d.seq = m.seq) LIMIT 20000)"
+    )
 
 
 class _SqliteSubscription:
