@@ -24,6 +24,7 @@ from callcast.exceptions import (
     TransportError,
     UnknownEventError,
 )
+from callcast.retry import RetryPolicy
 from callcast.runtime import Runtime
 from callcast.service import EventHandler, Route, RpcEndpoint, Service
 from callcast.transport import Broker, Capabilities, Delivery, Subscription
@@ -48,6 +49,7 @@ __all__ = [
     "PermanentError",
     "PublishError",
     "RemoteError",
+    "RetryPolicy",
     "Route",
     "RpcEndpoint",
     "Runtime",

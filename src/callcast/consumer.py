@@ -3,8 +3,8 @@
 For each delivery: decode → validate → handler → settle.
 
 * The message is acknowledged only after the handler returned (at least once).
-* A handler that raises gets the message back after a backoff (``0.2 s × 2^(attempt-1)``, with
-  jitter, at most 30 s), until ``max_attempts`` deliveries; then it is dead-lettered.
+* A handler that raises gets the message back after the delay of its
+  :class:`~callcast.retry.RetryPolicy`, until ``max_attempts`` deliveries; then it is dead-lettered.
 * Undecodable or invalid payloads and :class:`~callcast.PermanentError` are dead-lettered at once.
 * A message delivered more than ``max_attempts`` times without being settled (its handler's
   process kept dying) is dead-lettered before the handler runs again: crash loops are bounded.
@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 from collections.abc import Callable
 
 from callcast.codec import decode
@@ -32,16 +31,8 @@ from callcast.transport import Broker, Delivery, Subscription
 
 log = logging.getLogger("callcast.consumer")
 
-MAX_BACKOFF = 30.0
-
 ContextFactory = Callable[[str, Envelope, int], Context]
 """Builds the context of one delivery: (service, envelope, attempt) -> Context."""
-
-
-def backoff(attempt: int, *, base: float = 0.2) -> float:
-    """Delay before redelivering after the ``attempt``-th failure: exponential, jittered."""
-    delay: float = min(MAX_BACKOFF, base * 2 ** (attempt - 1))
-    return delay * random.uniform(0.5, 1.0)
 
 
 class Consumer:
@@ -98,7 +89,7 @@ class Consumer:
         except Exception:
             log.exception("%s: unexpected failure handling %s", self.handler.group, delivery.envelope.id)
             with contextlib.suppress(TransportError):
-                await delivery.nack(delay=backoff(delivery.attempt))
+                await delivery.nack(delay=self.handler.retry.delay(delivery.attempt))
 
     async def _process(self, delivery: Delivery) -> None:
         handler = self.handler
@@ -107,7 +98,7 @@ class Consumer:
             reason = envelope.extensions.get("decodeerror", "not a CloudEvent")
             await self._dead_letter(delivery, "undecodable", DecodeError(reason))
             return
-        if delivery.attempt > handler.max_attempts:
+        if delivery.attempt > handler.retry.max_attempts:
             await self._dead_letter(
                 delivery,
                 "crashloop",
@@ -125,13 +116,13 @@ class Consumer:
         except PermanentError as error:
             await self._dead_letter(delivery, "permanent", error)
         except Exception as error:
-            if delivery.attempt >= handler.max_attempts:
+            if delivery.attempt >= handler.retry.max_attempts:
                 await self._dead_letter(delivery, "error", error)
             else:
                 log.info(
                     "%s: attempt %d of %s failed: %r", handler.group, delivery.attempt, envelope.id, error
                 )
-                await delivery.nack(delay=backoff(delivery.attempt))
+                await delivery.nack(delay=self.handler.retry.delay(delivery.attempt))
         else:
             await delivery.ack()
 

@@ -20,11 +20,10 @@ import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, get_type_hints
+from typing import TYPE_CHECKING, Any
 
 import orjson
-from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -32,11 +31,9 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from callcast.codec import MAX_MESSAGE_BYTES, field_errors
-from callcast.context import Context
 from callcast.exceptions import (
     CallError,
     CallTimeoutError,
-    ConfigurationError,
     HTTPError,
     ServiceUnavailableError,
 )
@@ -78,42 +75,8 @@ async def read_body(request: Request, limit: int = MAX_MESSAGE_BYTES) -> bytes:
     return b"".join(chunks)
 
 
-@dataclass(frozen=True)
-class _Param:
-    name: str
-    kind: str  # "body" | "context" | "path" | "query"
-    model: type[BaseModel] | None = None
-    adapter: TypeAdapter[Any] | None = None
-    default: Any = inspect.Parameter.empty
-
-
-def plan(route: ServiceRoute) -> tuple[list[_Param], TypeAdapter[Any] | None]:
-    """How to bind ``route``'s parameters and serialize its answer; ConfigurationError if impossible."""
-    hints = get_type_hints(route.fn)
-    path_names = {part[1:-1].split(":")[0] for part in route.path.split("/") if part.startswith("{")}
-    params: list[_Param] = []
-    for name, parameter in inspect.signature(route.fn).parameters.items():
-        annotation = hints.get(name, str)
-        if annotation is Context:
-            params.append(_Param(name, "context"))
-        elif isinstance(annotation, type) and issubclass(annotation, BaseModel) and name not in path_names:
-            if any(p.kind == "body" for p in params):
-                raise ConfigurationError(f"{route.fn.__qualname__}: only one parameter can be the body")
-            params.append(_Param(name, "body", model=annotation))
-        else:
-            kind = "path" if name in path_names else "query"
-            params.append(_Param(name, kind, adapter=TypeAdapter(annotation), default=parameter.default))
-    missing = path_names - {p.name for p in params if p.kind == "path"}
-    if missing:
-        raise ConfigurationError(f"{route.fn.__qualname__}: no parameter for path part(s) {sorted(missing)}")
-    returns = hints.get("return", inspect.Parameter.empty)
-    if returns is inspect.Parameter.empty or returns is type(None) or returns is None:
-        return params, None
-    return params, TypeAdapter(returns)
-
-
 def _make_endpoint(runtime: Runtime, route: ServiceRoute) -> Callable[[Request], Awaitable[Response]]:
-    params, returns = plan(route)
+    params, returns = route.binding
 
     async def endpoint(request: Request) -> Response:
         ctx = runtime.context(route.service, correlation_id=request.headers.get(CORRELATION_HEADER))

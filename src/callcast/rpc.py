@@ -240,6 +240,10 @@ class RpcClient:
                     error_type="ValidationError",
                 ) from None
         kind, detail = _parse_error(body)
+        if status == 504:  # the callee gave up at the deadline we sent: a timeout, seen from here
+            raise CallTimeoutError(
+                f"call to {target}: no answer within {budget:.3g}s ({detail})", target=target
+            )
         raise RemoteError(
             f"{target} failed with {status} {kind}: {detail}", target=target, status=status, error_type=kind
         )

@@ -32,8 +32,10 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar, get_type_hints, overloa
 
 from pydantic import BaseModel, TypeAdapter
 
+from callcast.binding import Binding, plan
 from callcast.codec import event_type
 from callcast.exceptions import ConfigurationError
+from callcast.retry import DEFAULT_RETRY, RetryPolicy
 
 if TYPE_CHECKING:
     from callcast.context import Context
@@ -57,6 +59,7 @@ class Route:
     path: str
     fn: Callable[..., Awaitable[Any]]
     status_code: int
+    binding: Binding
 
 
 @dataclass(frozen=True, eq=False)
@@ -90,7 +93,7 @@ class EventHandler:
     Delivery is at least once and the message is acknowledged only after ``fn`` returns. Up to
     ``concurrency`` messages are handled at once; messages with one partition key one at a time,
     in publish order. A handler that raises gets its message again (with backoff) up to
-    ``max_attempts`` deliveries; then, or at once for a :class:`~callcast.PermanentError` or an
+    ``retry.max_attempts`` deliveries; then, or at once for a :class:`~callcast.PermanentError` or an
     invalid payload, the message is dead-lettered.
     """
 
@@ -99,7 +102,7 @@ class EventHandler:
     fn: Callable[[Any, Context], Awaitable[None]]
     name: str
     concurrency: int
-    max_attempts: int
+    retry: RetryPolicy
 
     @property
     def topic(self) -> str:
@@ -150,7 +153,7 @@ class Service:
 
         def register(fn: F) -> F:
             _require_async(fn)
-            self.routes.append(Route(self.name, method, path, fn, status_code))
+            self.routes.append(Route(self.name, method, path, fn, status_code, plan(fn, path)))
             return fn
 
         return register
@@ -212,20 +215,25 @@ class Service:
     # -- events -------------------------------------------------------------------------------------
 
     def on(
-        self, model: type[E], *, name: str | None = None, concurrency: int = 16, max_attempts: int = 5
+        self,
+        model: type[E],
+        *,
+        name: str | None = None,
+        concurrency: int = 16,
+        retry: RetryPolicy = DEFAULT_RETRY,
     ) -> Callable[[Callable[[E, Context], Awaitable[None]]], Callable[[E, Context], Awaitable[None]]]:
         """Handle every ``model`` event published by anyone: ``fn(event, ctx)``."""
         if not (isinstance(model, type) and issubclass(model, BaseModel)):
             raise ConfigurationError(f"{self.name}.on() takes a pydantic model class, got {model!r}")
-        if concurrency < 1 or max_attempts < 1:
-            raise ConfigurationError("concurrency and max_attempts must be at least 1")
+        if concurrency < 1:
+            raise ConfigurationError("concurrency must be at least 1")
 
         def register(fn: Callable[[E, Context], Awaitable[None]]) -> Callable[[E, Context], Awaitable[None]]:
             _require_async(fn)
             handler_name = name or fn.__name__
             if any(handler.name == handler_name for handler in self.handlers):
                 raise ConfigurationError(f"{self.name} already has a handler named {handler_name!r}")
-            self.handlers.append(EventHandler(self.name, model, fn, handler_name, concurrency, max_attempts))
+            self.handlers.append(EventHandler(self.name, model, fn, handler_name, concurrency, retry))
             return fn
 
         return register

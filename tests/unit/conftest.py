@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from callcast import App, Runtime
+from callcast.brokers.memory import MemoryBroker
+
+
+async def wait_until(condition: Callable[[], bool | Awaitable[bool]], timeout: float = 5.0) -> None:
+    """Wait until ``condition()`` holds, polling; fail the test after ``timeout`` seconds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        result = condition()
+        if not isinstance(result, bool):
+            result = await result
+        if result:
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            pytest.fail(f"condition not met within {timeout}s")
+        await asyncio.sleep(0.005)
+
+
+@pytest.fixture
+async def broker() -> AsyncIterator[MemoryBroker]:
+    memory = MemoryBroker()
+    yield memory
+    await memory.close()
+
+
+StartApp = Callable[..., Awaitable[Runtime]]
+
+
+@pytest.fixture
+async def start(broker: MemoryBroker, tmp_path: Path) -> AsyncIterator[StartApp]:
+    """Start apps on the shared memory broker; everything started is stopped at the end."""
+    started: list[Runtime] = []
+
+    async def start_app(app: App, **options: object) -> Runtime:
+        runtime = await app.start(broker=broker, data_dir=tmp_path, **options)  # type: ignore[arg-type]
+        started.append(runtime)
+        return runtime
+
+    yield start_app
+    for runtime in reversed(started):
+        await runtime.stop(grace=1)
+
+
+def client(runtime: Runtime) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=runtime.asgi), base_url="http://test")

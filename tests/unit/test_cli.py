@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from callcast.brokers import redact
+from callcast.cli import main
+
+
+def test_topology_of_the_shop_lists_every_part(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["topology", "examples.shop:app"]) == 0
+    text = capsys.readouterr().out
+    for expected in [
+        "POST /users",
+        "GET /users/{user_id}",
+        "GET /emails",
+        "POST /orders",
+        "GET /orders/{order_id}",
+        "GET /inventory",
+        "users.lookup",
+        "payments.authorize",
+        "UserSignedUp: users -> emails.send_welcome",
+        "OrderPlaced: orders -> inventory.reserve",
+        "StockReserved: inventory -> orders.confirm",
+        "StockShort: inventory -> orders.reject",
+        "orders -> payments",
+        "orders -> users",
+    ]:
+        assert expected in text
+
+
+def test_topology_as_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["topology", "examples.shop:app", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert set(data["services"]) == {"users", "emails", "orders", "payments", "inventory"}
+
+
+def test_bad_app_spec_is_a_clear_error() -> None:
+    with pytest.raises(SystemExit, match="not a callcast App"):
+        main(["topology", "callcast:__version__"])
+
+
+def test_unknown_broker_scheme_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "examples.shop:app", "--broker", "kafka://u:hunter2@host/x", "--no-http"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown broker URL scheme" in err
+    assert "hunter2" not in err
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("amqp://guest:secret@127.0.0.1:5672/vh", "amqp://guest:***@127.0.0.1:5672/vh"),
+        ("redis://:pw@localhost/0", "redis://:***@localhost/0"),
+        ("sqlite:///.callcast/broker.db", "sqlite:///.callcast/broker.db"),
+    ],
+)
+def test_redact_hides_passwords(url: str, shown: str) -> None:
+    assert redact(url) == shown

@@ -1,0 +1,184 @@
+"""The consume pipeline: ack after the handler, retries with backoff, dead letters with reasons,
+crash loops bounded, graceful stop that loses nothing."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+from pydantic import BaseModel
+
+from callcast import App, Context, Envelope, PermanentError, RetryPolicy, Service
+from callcast.brokers.memory import MemoryBroker
+from callcast.deadletter import DEAD_LETTER_GROUP, DEAD_LETTER_TOPIC
+from tests.unit.conftest import StartApp, wait_until
+
+FAST = RetryPolicy(max_attempts=3, base_delay=0.01, max_delay=0.02)
+
+
+class Job(BaseModel):
+    n: int
+    fail_times: int = 0
+    permanent: bool = False
+    hold: float = 0.0
+
+
+calls: Counter[int] = Counter()
+done: list[int] = []
+attempts_seen: dict[int, list[int]] = {}
+
+producer = Service("producer", publishes=[Job])
+worker = Service("worker")
+
+
+@worker.on(Job, retry=FAST)
+async def work(job: Job, ctx: Context) -> None:
+    calls[job.n] += 1
+    attempts_seen.setdefault(job.n, []).append(ctx.attempt)
+    if job.permanent:
+        raise PermanentError("cannot ever work")
+    if calls[job.n] <= job.fail_times:
+        raise ValueError(f"transient failure {calls[job.n]}")
+    await asyncio.sleep(job.hold)
+    done.append(job.n)
+
+
+app = App([producer, worker])
+
+
+def reset() -> None:
+    calls.clear()
+    done.clear()
+    attempts_seen.clear()
+
+
+async def dead_letters(broker: MemoryBroker, count: int) -> list[Envelope]:
+    subscription = await broker.subscribe(DEAD_LETTER_TOPIC, DEAD_LETTER_GROUP, prefetch=count + 1)
+    letters = [(await asyncio.wait_for(subscription.__anext__(), 5)).envelope for _ in range(count)]
+    await subscription.close()
+    return letters
+
+
+async def publish(runtime_ctx: Context, *jobs: Job) -> None:
+    for job in jobs:
+        await runtime_ctx.publish(job, key=str(job.n))
+
+
+async def test_handled_once_and_acked(start: StartApp, broker: MemoryBroker) -> None:
+    reset()
+    runtime = await start(app)
+    await publish(runtime.context("producer"), Job(n=1), Job(n=2))
+    await wait_until(lambda: sorted(done) == [1, 2])
+    assert calls == Counter({1: 1, 2: 1})
+
+
+async def test_failures_are_retried_with_the_broker_counting_attempts(start: StartApp) -> None:
+    reset()
+    runtime = await start(app)
+    await publish(runtime.context("producer"), Job(n=1, fail_times=2))
+    await wait_until(lambda: done == [1])
+    assert attempts_seen[1] == [1, 2, 3]
+
+
+async def test_exhausted_retries_dead_letter_with_diagnostics(start: StartApp, broker: MemoryBroker) -> None:
+    reset()
+    runtime = await start(app)
+    await publish(runtime.context("producer"), Job(n=7, fail_times=99))
+    [letter] = await dead_letters(broker, 1)
+    assert calls[7] == FAST.max_attempts
+    assert letter.type == "Job"
+    assert letter.extensions["dlqreason"] == "error"
+    assert letter.extensions["dlqsubscriber"] == "worker.work"
+    assert letter.extensions["dlqtopic"] == "Job"
+    assert letter.extensions["dlqattempts"] == "3"
+    assert letter.extensions["dlqerror"] == "ValueError: transient failure 3"
+    assert "Traceback" in letter.extensions["dlqtraceback"]
+    assert letter.data == b'{"n":7,"fail_times":99,"permanent":false,"hold":0.0}'
+
+
+async def test_permanent_error_dead_letters_at_once(start: StartApp, broker: MemoryBroker) -> None:
+    reset()
+    runtime = await start(app)
+    await publish(runtime.context("producer"), Job(n=3, permanent=True))
+    [letter] = await dead_letters(broker, 1)
+    assert letter.extensions["dlqreason"] == "permanent"
+    assert calls[3] == 1
+
+
+async def test_invalid_and_undecodable_payloads_are_dead_lettered_not_crashing(
+    start: StartApp, broker: MemoryBroker
+) -> None:
+    reset()
+    runtime = await start(app)
+    await broker.publish("Job", [Envelope(type="Job", source="/test", data=b'{"n": "seven"}')])
+    await broker.publish(
+        "Job",
+        [
+            Envelope(
+                type="callcast.undecodable",
+                source="/x",
+                data=b"\x00",
+                extensions={"decodeerror": "not a CloudEvent: missing id"},
+            )
+        ],
+    )
+    letters = await dead_letters(broker, 2)
+    assert sorted(letter.extensions["dlqreason"] for letter in letters) == ["invalid", "undecodable"]
+    await publish(runtime.context("producer"), Job(n=4))
+    await wait_until(lambda: done == [4])
+
+
+async def test_crash_loop_is_dead_lettered_without_running_the_handler(
+    broker: MemoryBroker, start: StartApp
+) -> None:
+    """A message whose handler's process kept dying arrives with attempt > max_attempts."""
+    reset()
+    await broker.declare("Job", "worker.work")
+    await broker.publish("Job", [Envelope(type="Job", source="/test", data=b'{"n": 9}')])
+    crashing = await broker.subscribe("Job", "worker.work")
+    for _ in range(FAST.max_attempts):
+        delivery = await asyncio.wait_for(crashing.__anext__(), 5)
+        await delivery.nack()  # what a lease expiry after a crash amounts to
+    await crashing.close()
+    await start(app, services=["worker"])
+    [letter] = await dead_letters(broker, 1)
+    assert letter.extensions["dlqreason"] == "crashloop"
+    assert letter.extensions["dlqattempts"] == str(FAST.max_attempts + 1)
+    assert calls[9] == 0
+
+
+async def test_stop_lets_running_handlers_finish_and_loses_nothing(
+    start: StartApp, broker: MemoryBroker
+) -> None:
+    reset()
+    producer_runtime = await start(app, services=["producer"])
+    first = await start(app, services=["worker"])
+    await publish(producer_runtime.context("producer"), Job(n=1, hold=0.3))
+    await wait_until(lambda: calls[1] == 1)
+    await first.stop(grace=5)
+    assert done == [1]
+
+
+async def test_stop_past_grace_gives_the_message_back(start: StartApp, broker: MemoryBroker) -> None:
+    reset()
+    producer_runtime = await start(app, services=["producer"])
+    first = await start(app, services=["worker"])
+    await publish(producer_runtime.context("producer"), Job(n=5, hold=0.5))
+    await wait_until(lambda: calls[5] == 1)
+    await first.stop(grace=0.05)
+    assert done == []
+    await start(app, services=["worker"])
+    await wait_until(lambda: done == [5])
+    assert attempts_seen[5] == [1, 2]
+
+
+async def test_competing_runtimes_share_and_each_group_gets_a_copy(start: StartApp) -> None:
+    """Two processes of one service share its messages; every event is handled once by the group."""
+    reset()
+    producer_runtime = await start(app, services=["producer"])
+    await start(app, services=["worker"])
+    await start(app, services=["worker"])
+    await publish(producer_runtime.context("producer"), *(Job(n=n) for n in range(200)))
+    await wait_until(lambda: len(done) == 200)
+    assert sorted(done) == list(range(200))
+    assert max(calls.values()) == 1

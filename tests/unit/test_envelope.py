@@ -1,0 +1,78 @@
+"""The envelope is a CloudEvent in binary content mode: attributes as ce-* headers, data as body."""
+
+from __future__ import annotations
+
+import pytest
+from cloudevents.core.bindings.http import HTTPMessage, from_binary_event
+
+from callcast.envelope import UNDECODABLE_TYPE, Envelope, decode_or_quarantine
+from callcast.exceptions import DecodeError
+
+
+def make() -> Envelope:
+    return Envelope(
+        type="UserSignedUp",
+        source="/shop/users",
+        data=b'{"user_id":"u1"}',
+        extensions={"correlationid": "c1", "partitionkey": "u1"},
+    )
+
+
+def test_headers_round_trip_keeps_every_attribute() -> None:
+    envelope = make()
+    again = Envelope.from_headers(envelope.headers(), envelope.data)
+    assert again == envelope
+    assert again.correlation_id == "c1"
+    assert again.partition_key == "u1"
+
+
+def test_headers_are_binary_mode_cloudevents_readable_by_the_official_sdk() -> None:
+    envelope = make()
+    event = from_binary_event(HTTPMessage(headers=envelope.headers(), body=envelope.data))
+    assert event.get_id() == envelope.id
+    assert event.get_type() == "UserSignedUp"
+    assert event.get_source() == "/shop/users"
+    assert event.get_specversion() == "1.0"
+    assert event.get_extension("correlationid") == "c1"
+    assert event.get_data() == {"user_id": "u1"}
+
+
+def test_ids_are_unique_and_time_is_rfc3339_utc() -> None:
+    first, second = make(), make()
+    assert first.id != second.id
+    assert first.time.endswith("Z")
+    assert "T" in first.time
+
+
+@pytest.mark.parametrize("missing", ["ce-id", "ce-type", "ce-source", "ce-specversion"])
+def test_missing_required_attribute_is_a_decode_error(missing: str) -> None:
+    headers = make().headers()
+    del headers[missing]
+    with pytest.raises(DecodeError, match=missing.removeprefix("ce-")):
+        Envelope.from_headers(headers, b"{}")
+
+
+def test_wrong_specversion_is_refused() -> None:
+    headers = make().headers() | {"ce-specversion": "0.3"}
+    with pytest.raises(DecodeError, match="specversion"):
+        Envelope.from_headers(headers, b"{}")
+
+
+def test_header_names_are_case_insensitive() -> None:
+    headers = {name.upper(): value for name, value in make().headers().items()}
+    assert Envelope.from_headers(headers, b"{}").type == "UserSignedUp"
+
+
+def test_quarantine_keeps_raw_data_and_reason_instead_of_raising() -> None:
+    envelope = decode_or_quarantine({"ce-id": "x1"}, b"\x00not json")
+    assert envelope.type == UNDECODABLE_TYPE
+    assert envelope.id == "x1"
+    assert envelope.data == b"\x00not json"
+    assert "missing attribute" in envelope.extensions["decodeerror"]
+
+
+def test_with_extensions_adds_and_removes_without_touching_the_original() -> None:
+    envelope = make()
+    changed = envelope.with_extensions(extra="1", partitionkey=None)
+    assert changed.extensions == {"correlationid": "c1", "extra": "1"}
+    assert envelope.partition_key == "u1"

@@ -1,0 +1,142 @@
+"""HTTP routes: parameters bound from annotations, bad input answered with 4xx and the reason."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+from starlette.responses import PlainTextResponse, Response
+
+from callcast import App, Context, HTTPError, Service
+from callcast.codec import MAX_MESSAGE_BYTES
+from tests.unit.conftest import StartApp, client
+
+
+class Greeting(BaseModel):
+    name: str = Field(min_length=1)
+    times: int = 1
+
+
+class Answer(BaseModel):
+    text: str
+    item: int | None = None
+    correlation_id: str
+
+
+svc = Service("web")
+
+
+@svc.post("/greet/{item}", status_code=201)
+async def greet(item: int, body: Greeting, ctx: Context, loud: bool = False) -> Answer:
+    text = f"hello {body.name}" * body.times
+    return Answer(text=text.upper() if loud else text, item=item, correlation_id=ctx.correlation_id)
+
+
+@svc.get("/search")
+async def search(q: str, limit: int = 10) -> list[str]:
+    return [f"{q}-{n}" for n in range(limit)]
+
+
+@svc.delete("/things/{thing}")
+async def remove(thing: str) -> None:
+    if thing == "missing":
+        raise HTTPError(404, "no such thing")
+
+
+@svc.get("/boom")
+async def boom() -> Answer:
+    raise RuntimeError("secret internals")
+
+
+@svc.get("/raw")
+async def raw() -> Response:
+    return PlainTextResponse("as is", status_code=203)
+
+
+app = App([svc])
+
+
+async def test_path_body_query_and_context_are_bound(start: StartApp) -> None:
+    async with client(await start(app)) as http:
+        response = await http.post(
+            "/greet/7?loud=true", json={"name": "ann", "times": 2}, headers={"x-correlation-id": "c-1"}
+        )
+    assert response.status_code == 201
+    assert response.json() == {"text": "HELLO ANNHELLO ANN", "item": 7, "correlation_id": "c-1"}
+
+
+async def test_query_defaults_and_list_answers(start: StartApp) -> None:
+    async with client(await start(app)) as http:
+        response = await http.get("/search", params={"q": "x", "limit": 2})
+        default = await http.get("/search", params={"q": "y"})
+    assert response.json() == ["x-0", "x-1"]
+    assert len(default.json()) == 10
+
+
+async def test_invalid_fields_give_422_with_locations(start: StartApp) -> None:
+    async with client(await start(app)) as http:
+        response = await http.post("/greet/notanint", json={"name": "", "times": "many"})
+        missing = await http.get("/search")
+    assert response.status_code == 422
+    locations = {tuple(error["loc"]) for error in response.json()["detail"]}
+    assert ("path", "item") in locations
+    assert ("body", "name") in locations
+    assert ("body", "times") in locations
+    assert missing.status_code == 422
+    assert missing.json()["detail"][0]["loc"] == ["query", "q"]
+
+
+async def test_invalid_json_gives_422(start: StartApp) -> None:
+    async with client(await start(app)) as http:
+        response = await http.post(
+            "/greet/1", content=b"{not json", headers={"content-type": "application/json"}
+        )
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["type"] == "json_invalid"
+
+
+async def test_body_over_limit_gives_413_declared_or_streamed(start: StartApp) -> None:
+    big = b"x" * (MAX_MESSAGE_BYTES + 1)
+
+    async def chunks():  # type: ignore[no-untyped-def]
+        for start_at in range(0, len(big), 65536):
+            yield big[start_at : start_at + 65536]
+
+    async with client(await start(app)) as http:
+        declared = await http.post("/greet/1", content=big)
+        streamed = await http.post("/greet/1", content=chunks())
+        after = await http.get("/search", params={"q": "still"})
+    assert declared.status_code == 413
+    assert streamed.status_code == 413
+    assert after.status_code == 200
+
+
+async def test_none_is_204_and_http_error_is_its_status(start: StartApp) -> None:
+    async with client(await start(app)) as http:
+        done = await http.delete("/things/a")
+        missing = await http.delete("/things/missing")
+    assert done.status_code == 204
+    assert missing.status_code == 404
+    assert missing.json() == {"detail": "no such thing"}
+
+
+async def test_unexpected_exception_is_500_without_internals(start: StartApp) -> None:
+    async with client(await start(app)) as http:
+        response = await http.get("/boom")
+    assert response.status_code == 500
+    assert "secret" not in response.text
+
+
+async def test_response_objects_pass_through_and_unknown_paths_are_json_404(start: StartApp) -> None:
+    async with client(await start(app)) as http:
+        raw_response = await http.get("/raw")
+        unknown = await http.get("/nowhere")
+        wrong_method = await http.put("/search")
+    assert (raw_response.status_code, raw_response.text) == (203, "as is")
+    assert unknown.status_code == 404
+    assert unknown.json() == {"detail": "Not Found"}
+    assert wrong_method.status_code == 405
+
+
+async def test_health_lists_running_services(start: StartApp) -> None:
+    async with client(await start(app)) as http:
+        response = await http.get("/healthz")
+    assert response.json() == {"status": "ok", "services": ["web"]}
