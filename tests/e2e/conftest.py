@@ -1,0 +1,61 @@
+"""Fixtures for end-to-end tests: real ``callcast run`` processes on 127.0.0.1, temp files only."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from .procs import CallcastProcess, sqlite_url
+
+SHOP = "examples.shop:app"
+
+Launcher = Callable[..., CallcastProcess]
+
+
+@pytest.fixture
+def launch(tmp_path: Path) -> Iterator[Launcher]:
+    """Start ``callcast run`` processes for one test; every one still running is stopped after it.
+
+    ``launch(app, name=..., broker_url=..., data_dir=..., services=..., http=...)``: defaults to the
+    shop on a fresh broker file and data dir under ``tmp_path``.
+    """
+    started: list[CallcastProcess] = []
+
+    def start(app: str = SHOP, **options: Any) -> CallcastProcess:
+        options.setdefault("broker_url", sqlite_url(tmp_path / "broker.db"))
+        options.setdefault("data_dir", tmp_path / "data")
+        options.setdefault("log_dir", tmp_path / "logs")
+        process = CallcastProcess(app, **options)
+        started.append(process)
+        return process.start()
+
+    yield start
+    for process in reversed(started):
+        process.stop()
+
+
+@pytest.fixture(scope="module")
+def shop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CallcastProcess]:
+    """One shop server (all five services) shared by a module's functional tests."""
+    root = tmp_path_factory.mktemp("shop")
+    process = CallcastProcess(
+        SHOP,
+        name="shop",
+        broker_url=sqlite_url(root / "broker.db"),
+        data_dir=root / "data",
+        log_dir=root / "logs",
+    )
+    try:
+        yield process.start()
+    finally:
+        process.stop()
+
+
+@pytest.fixture(scope="module")
+def client(shop: CallcastProcess) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=shop.url, timeout=10.0) as http:
+        yield http
