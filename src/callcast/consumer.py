@@ -110,7 +110,8 @@ class Consumer:
         except DecodeError as error:
             await self._dead_letter(delivery, "invalid", error)
             return
-        ctx = self.make_context(handler.service, envelope, delivery.attempt)
+        stamped = envelope.with_extensions(attempt=str(delivery.attempt))
+        ctx = self.make_context(handler.service, stamped, delivery.attempt)
         try:
             await handler.fn(event, ctx)
         except PermanentError as error:

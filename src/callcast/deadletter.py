@@ -43,6 +43,7 @@ async def dead_letter(
 ) -> None:
     """Store ``delivery``'s envelope as a dead letter, then acknowledge the delivery."""
     extensions = {
+        "attempt": str(delivery.attempt),
         "dlqsubscriber": subscriber,
         "dlqtopic": topic,
         "dlqreason": reason,

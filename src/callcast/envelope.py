@@ -16,10 +16,12 @@ sequence       optional per-key sequence number, for out-of-order detection
 traceparent    W3C trace context
 replyto        RPC only: the topic the reply goes to
 deadline       RPC only: the caller gives up at this UNIX time (seconds, float)
+attempt        the delivery attempt (1, 2, …) as the broker counted it, stamped by callcast on
+               the envelope a handler sees (``ctx.envelope``) and on dead letters
 ============== ==========================================================================
 
-The delivery attempt is *not* trusted from a header: a :class:`~callcast.transport.Delivery`
-reports the attempt the broker counted.
+The attempt is never *read* from the wire: it is always taken from what the broker counted
+(:attr:`~callcast.transport.Delivery.attempt`), so a publisher cannot forge it.
 """
 
 from __future__ import annotations

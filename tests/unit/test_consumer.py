@@ -34,6 +34,8 @@ worker = Service("worker")
 @worker.on(Job, retry=FAST)
 async def work(job: Job, ctx: Context) -> None:
     calls[job.n] += 1
+    assert ctx.envelope is not None
+    assert ctx.envelope.extensions["attempt"] == str(ctx.attempt)
     attempts_seen.setdefault(job.n, []).append(ctx.attempt)
     if job.permanent:
         raise PermanentError("cannot ever work")
