@@ -16,7 +16,6 @@ For each delivery: decode → validate → handler → settle.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
@@ -24,10 +23,11 @@ from collections.abc import Callable
 from callcast.codec import decode
 from callcast.context import Context
 from callcast.deadletter import dead_letter
+from callcast.dispatch import Dispatcher
 from callcast.envelope import UNDECODABLE_TYPE, Envelope
 from callcast.exceptions import DecodeError, PermanentError, TransportError
 from callcast.service import EventHandler
-from callcast.transport import Broker, Delivery, Subscription
+from callcast.transport import Broker, Delivery
 
 log = logging.getLogger("callcast.consumer")
 
@@ -42,42 +42,16 @@ class Consumer:
         self.broker = broker
         self.handler = handler
         self.make_context = make_context
-        self._subscription: Subscription | None = None
-        self._pump: asyncio.Task[None] | None = None
-        self._running: set[asyncio.Task[None]] = set()
+        self._dispatcher: Dispatcher | None = None
 
     async def start(self) -> None:
         handler = self.handler
-        self._subscription = await self.broker.subscribe(
-            handler.topic, handler.group, prefetch=handler.concurrency
-        )
-        self._pump = asyncio.create_task(self._take(self._subscription), name=f"consume:{handler.group}")
-
-    async def _take(self, subscription: Subscription) -> None:
-        async for delivery in subscription:
-            task = asyncio.create_task(self._handle(delivery))
-            self._running.add(task)
-            task.add_done_callback(self._running.discard)
+        subscription = await self.broker.subscribe(handler.topic, handler.group, prefetch=handler.concurrency)
+        self._dispatcher = Dispatcher(subscription, self._handle, handler.group)
 
     async def stop(self, grace: float) -> None:
-        if self._pump is not None:
-            self._pump.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._pump
-        if self._running:
-            _, pending = await asyncio.wait(set(self._running), timeout=grace)
-            for task in pending:
-                task.cancel()
-            if pending:
-                await asyncio.wait(pending)
-                log.warning(
-                    "%s: %d handler(s) cut off after %.1fs; their messages go back",
-                    self.handler.group,
-                    len(pending),
-                    grace,
-                )
-        if self._subscription is not None:
-            await self._subscription.close()
+        if self._dispatcher is not None:
+            await self._dispatcher.stop(grace)
 
     async def _handle(self, delivery: Delivery) -> None:
         try:

@@ -31,6 +31,7 @@ import orjson
 from pydantic import BaseModel
 
 from callcast.codec import decode
+from callcast.dispatch import Dispatcher
 from callcast.envelope import Envelope
 from callcast.exceptions import (
     CallError,
@@ -101,25 +102,19 @@ class RpcServer:
         self.endpoint = endpoint
         self.make_context = make_context
         self.source = source
-        self._subscription: Subscription | None = None
-        self._pump: asyncio.Task[None] | None = None
-        self._running: set[asyncio.Task[None]] = set()
+        self._dispatcher: Dispatcher | None = None
 
     @property
     def group(self) -> str:
         return self.endpoint.topic
 
     async def start(self, concurrency: int = 64) -> None:
-        self._subscription = await self.broker.subscribe(
-            self.endpoint.topic, self.group, prefetch=concurrency
-        )
-        self._pump = asyncio.create_task(self._take(self._subscription), name=f"rpc:{self.group}")
+        subscription = await self.broker.subscribe(self.endpoint.topic, self.group, prefetch=concurrency)
+        self._dispatcher = Dispatcher(subscription, self._serve, self.group)
 
-    async def _take(self, subscription: Subscription) -> None:
-        async for delivery in subscription:
-            task = asyncio.create_task(self._serve(delivery))
-            self._running.add(task)
-            task.add_done_callback(self._running.discard)
+    async def stop(self, grace: float) -> None:
+        if self._dispatcher is not None:
+            await self._dispatcher.stop(grace)
 
     async def _serve(self, delivery: Delivery) -> None:
         envelope = delivery.envelope
@@ -151,16 +146,6 @@ class RpcServer:
         except TransportError as error:
             log.warning("RPC %s: reply to %s lost: %s", self.group, envelope.id, error)
         await _settle(delivery)
-
-    async def stop(self, grace: float) -> None:
-        if self._pump is not None:
-            self._pump.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._pump
-        if self._running:
-            await asyncio.wait(set(self._running), timeout=grace)
-        if self._subscription is not None:
-            await self._subscription.close()
 
 
 async def _settle(delivery: Delivery) -> None:
