@@ -43,7 +43,7 @@ from callcast.exceptions import (
     TransportError,
 )
 from callcast.service import RpcEndpoint
-from callcast.transport import Broker, Delivery, Subscription
+from callcast.transport import Broker, Delivery
 
 if TYPE_CHECKING:
     from callcast.context import Context
@@ -162,38 +162,31 @@ class RpcClient:
         self.service_urls = {name: url.rstrip("/") for name, url in service_urls.items()}
         self.source = source
         self._pending: dict[str, asyncio.Future[tuple[int, bytes]]] = {}
-        self._subscription: Subscription | None = None
-        self._pump: asyncio.Task[None] | None = None
+        self._dispatcher: Dispatcher | None = None
         self._http: httpx.AsyncClient | None = None
 
     async def start(self) -> None:
-        self._subscription = await self.broker.subscribe(
+        subscription = await self.broker.subscribe(
             self.reply_topic, self.reply_topic, prefetch=256, ephemeral=True
         )
-        self._pump = asyncio.create_task(self._take(self._subscription), name="rpc-replies")
+        self._dispatcher = Dispatcher(subscription, self._receive, "rpc-replies")
         if self.service_urls:
             self._http = httpx.AsyncClient()
 
-    async def _take(self, subscription: Subscription) -> None:
-        async for delivery in subscription:
-            envelope = delivery.envelope
-            future = self._pending.get(envelope.extensions.get("inreplyto", ""))
-            if future is not None and not future.done():
-                try:
-                    status = int(envelope.extensions.get("status", "500"))
-                except ValueError:
-                    status = 500
-                future.set_result((status, envelope.data))
-            with contextlib.suppress(TransportError):
-                await delivery.ack()
+    async def _receive(self, delivery: Delivery) -> None:
+        envelope = delivery.envelope
+        future = self._pending.get(envelope.extensions.get("inreplyto", ""))
+        if future is not None and not future.done():
+            try:
+                status = int(envelope.extensions.get("status", "500"))
+            except ValueError:
+                status = 500
+            future.set_result((status, envelope.data))
+        await _settle(delivery)
 
     async def stop(self) -> None:
-        if self._pump is not None:
-            self._pump.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._pump
-        if self._subscription is not None:
-            await self._subscription.close()
+        if self._dispatcher is not None:
+            await self._dispatcher.stop(grace=0)
         if self._http is not None:
             await self._http.aclose()
         for future in self._pending.values():
