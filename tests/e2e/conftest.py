@@ -57,5 +57,5 @@ def shop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CallcastProcess]:
 
 @pytest.fixture(scope="module")
 def client(shop: CallcastProcess) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=shop.url, timeout=10.0) as http:
+    with httpx.Client(base_url=shop.url, timeout=10.0, trust_env=False) as http:
         yield http

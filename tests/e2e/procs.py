@@ -157,7 +157,7 @@ class CallcastProcess:
     def wait_healthy(self, timeout: float) -> None:
         def healthy() -> bool:
             try:
-                return httpx.get(f"{self.url}/healthz", timeout=1.0).status_code == 200
+                return httpx.get(f"{self.url}/healthz", timeout=1.0, trust_env=False).status_code == 200
             except httpx.HTTPError:
                 return False
 

@@ -270,7 +270,7 @@ def test_topology_names_every_route_rpc_publisher_and_subscriber() -> None:
 
 def test_sigterm_stops_the_server_promptly_with_exit_code_0(launch: Launcher) -> None:
     server = launch(name="shop-sigterm")
-    with httpx.Client(base_url=server.url, timeout=10.0) as http:
+    with httpx.Client(base_url=server.url, timeout=10.0, trust_env=False) as http:
         user = sign_up(http)
         wait_until(
             lambda: http.get("/emails", params={"to": user["email"]}).json(),
@@ -292,6 +292,6 @@ def test_sigterm_stops_the_server_promptly_with_exit_code_0(launch: Launcher) ->
 
     # what was accepted before the stop is still there after a restart on the same files
     server.start()
-    with httpx.Client(base_url=server.url, timeout=10.0) as http:
+    with httpx.Client(base_url=server.url, timeout=10.0, trust_env=False) as http:
         assert http.get(f"/users/{user['id']}").json() == user
         assert len(http.get("/emails", params={"to": user["email"]}).json()) == 1

@@ -1,0 +1,132 @@
+"""Several processes on one SQLite broker file: a competing group, a fan-out group, a kill -9.
+
+Guarantees under test: every published event reaches every subscribing group (fan-out); within a
+group each event is handled by one of its processes (competing consumers) — at least once, so a
+process killed mid-handler may cause a redelivery (a duplicate, reported) but never a loss.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import pytest
+
+from .conftest import Launcher
+from .procs import sqlite_url, wait_until
+
+FANOUT = "tests.e2e.fanout_app:app"
+EVENTS = 2000
+BATCH = 50
+LEASE = 1
+TIME_LIMIT = 60.0
+
+
+def handled(path: Path) -> list[tuple[str, int, int, int, float]]:
+    """(event id, n, pid, attempt, at) rows a recording service committed so far."""
+    if not path.exists():
+        return []
+    conn = sqlite3.connect(path, timeout=10)
+    try:
+        return conn.execute("SELECT event_id, n, pid, attempt, at FROM handled").fetchall()
+    except sqlite3.OperationalError:  # the table is not created yet
+        return []
+    finally:
+        conn.close()
+
+
+def pending_deliveries(broker: Path, groups: list[str]) -> int:
+    conn = sqlite3.connect(broker, timeout=10)
+    try:
+        marks = ",".join("?" * len(groups))
+        return int(
+            conn.execute(f"SELECT count(*) FROM deliveries WHERE grp IN ({marks})", groups).fetchone()[0]
+        )
+    finally:
+        conn.close()
+
+
+@pytest.mark.slow
+def test_competing_workers_and_fan_out_lose_nothing_when_a_worker_is_killed(
+    launch: Launcher, tmp_path: Path
+) -> None:
+    started = time.monotonic()
+    common = {"broker_url": sqlite_url(tmp_path / "broker.db", lease=LEASE), "data_dir": tmp_path / "data"}
+    workers_db = tmp_path / "data" / "workers.db"
+    audit_db = tmp_path / "data" / "audit.db"
+    victim = launch(FANOUT, name="worker-a", services=["workers"], http=False, **common)
+    survivor = launch(FANOUT, name="worker-b", services=["workers"], http=False, **common)
+    launch(FANOUT, name="audit", services=["audit"], http=False, **common)
+    feed = launch(FANOUT, name="feed", services=["feed"], **common)
+
+    killed_at: float | None = None
+    shares_before_kill: Counter[int] = Counter()
+    with httpx.Client(base_url=feed.url, timeout=30.0, trust_env=False) as http:
+        for start in range(0, EVENTS, BATCH):
+            response = http.post("/ticks", json={"start": start, "count": BATCH})
+            assert response.status_code == 201, response.text
+            if killed_at is None and start >= EVENTS // 3:
+                # mid-stream: both competing workers have had a share, and the stream goes on
+                shares_before_kill = wait_until(
+                    lambda: (
+                        shares if len(shares := Counter(row[2] for row in handled(workers_db))) == 2 else None
+                    ),
+                    timeout=20.0,
+                    what="both workers to handle some events",
+                )
+                victim.kill9()
+                killed_at = time.time()
+    assert killed_at is not None
+
+    def everything_handled() -> bool:
+        return {row[1] for row in handled(workers_db)} == set(range(EVENTS)) and {
+            row[1] for row in handled(audit_db)
+        } == set(range(EVENTS))
+
+    wait_until(everything_handled, timeout=30.0, interval=0.1, what="every event to reach both groups")
+    wait_until(
+        lambda: pending_deliveries(tmp_path / "broker.db", ["workers.record", "audit.record"]) == 0,
+        timeout=10.0,
+        interval=0.05,
+        what="every delivery to be acknowledged",
+    )
+    elapsed = time.monotonic() - started
+
+    work = handled(workers_db)
+    audit = handled(audit_db)
+    ids_by_n = {n: event_id for event_id, n, *_ in audit}
+    per_event = Counter(event_id for event_id, *_ in work)
+    duplicates = sum(count - 1 for count in per_event.values())
+    audit_duplicates = len(audit) - len({row[0] for row in audit})
+    by_pid = Counter(row[2] for row in work)
+    redelivered = [row for row in work if row[3] > 1]
+    print(
+        f"\nmulti-process: {EVENTS} events, lease {LEASE}s, kill -9 of pid {victim.pid} after "
+        f"{sum(shares_before_kill.values())} handled (shares before the kill: {dict(shares_before_kill)})"
+        f"\n  workers group: {len(per_event)} distinct handled, {duplicates} duplicate(s) (handled twice), "
+        f"{len(redelivered)} redelivered handling(s), per pid {dict(by_pid)}"
+        f"\n  audit (fan-out): {len({row[0] for row in audit})} distinct handled, "
+        f"{audit_duplicates} duplicate(s)"
+        f"\n  lost: {EVENTS - len({row[1] for row in work})} (workers), "
+        f"{EVENTS - len({row[1] for row in audit})} (audit); took {elapsed:.1f}s"
+    )
+
+    # none lost, in either group; both groups saw the very same events (same ids)
+    assert {row[1] for row in work} == set(range(EVENTS))
+    assert len(ids_by_n) == EVENTS
+    assert {event_id: n for event_id, n, *_ in work} == {event_id: n for n, event_id in ids_by_n.items()}
+    # competing consumers: both had a share before the kill, the survivor took over after it
+    assert set(shares_before_kill) == {victim.pid, survivor.pid}
+    assert all(count > 0 for count in shares_before_kill.values())
+    assert set(by_pid) == {victim.pid, survivor.pid}
+    assert not [row for row in work if row[2] == victim.pid and row[4] > killed_at]
+    assert any(row[2] == survivor.pid and row[4] > killed_at for row in work)
+    # a duplicate is a redelivery after the kill, handled by the survivor; never more than twice
+    for event_id, count in per_event.items():
+        if count > 1:
+            assert count == 2, (event_id, count)
+            assert any(row[0] == event_id and row[2] == survivor.pid and row[3] > 1 for row in work)
+    assert elapsed < TIME_LIMIT
