@@ -7,7 +7,6 @@ signals a process it did not start.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import re
@@ -16,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -45,7 +44,9 @@ def sqlite_url(path: Path, **options: object) -> str:
     return f"sqlite:///{path.resolve()}" + (f"?{query}" if query else "")
 
 
-def wait_until(predicate: Callable[[], T], *, timeout: float, interval: float = 0.01, what: str = "") -> T:
+def wait_until(
+    predicate: Callable[[], T | None], *, timeout: float, interval: float = 0.01, what: str = ""
+) -> T:
     """Poll ``predicate`` until it returns something truthy; AssertionError after ``timeout`` s."""
     deadline = time.monotonic() + timeout
     while True:
@@ -55,19 +56,6 @@ def wait_until(predicate: Callable[[], T], *, timeout: float, interval: float = 
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout:.1f}s waiting for {what or predicate!r}")
         time.sleep(interval)
-
-
-async def wait_until_async(
-    predicate: Callable[[], Awaitable[T]], *, timeout: float, interval: float = 0.01, what: str = ""
-) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:.1f}s waiting for {what or predicate!r}")
-        await asyncio.sleep(interval)
 
 
 class CallcastProcess:

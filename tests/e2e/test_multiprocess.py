@@ -51,7 +51,7 @@ def pending_deliveries(broker: Path, groups: list[str]) -> int:
 
 @pytest.mark.slow
 def test_competing_workers_and_fan_out_lose_nothing_when_a_worker_is_killed(
-    launch: Launcher, tmp_path: Path
+    launch: Launcher, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     started = time.monotonic()
     common = {"broker_url": sqlite_url(tmp_path / "broker.db", lease=LEASE), "data_dir": tmp_path / "data"}
@@ -103,16 +103,17 @@ def test_competing_workers_and_fan_out_lose_nothing_when_a_worker_is_killed(
     audit_duplicates = len(audit) - len({row[0] for row in audit})
     by_pid = Counter(row[2] for row in work)
     redelivered = [row for row in work if row[3] > 1]
-    print(
-        f"\nmulti-process: {EVENTS} events, lease {LEASE}s, kill -9 of pid {victim.pid} after "
-        f"{sum(shares_before_kill.values())} handled (shares before the kill: {dict(shares_before_kill)})"
-        f"\n  workers group: {len(per_event)} distinct handled, {duplicates} duplicate(s) (handled twice), "
-        f"{len(redelivered)} redelivered handling(s), per pid {dict(by_pid)}"
-        f"\n  audit (fan-out): {len({row[0] for row in audit})} distinct handled, "
-        f"{audit_duplicates} duplicate(s)"
-        f"\n  lost: {EVENTS - len({row[1] for row in work})} (workers), "
-        f"{EVENTS - len({row[1] for row in audit})} (audit); took {elapsed:.1f}s"
-    )
+    with capsys.disabled():  # the figures belong in the test output, passed or not
+        print(
+            f"\nmulti-process: {EVENTS} events, lease {LEASE}s, kill -9 of pid {victim.pid} after "
+            f"{sum(shares_before_kill.values())} handled (shares before the kill: {dict(shares_before_kill)})"
+            f"\n  workers group: {len(per_event)} distinct handled, {duplicates} duplicate(s) "
+            f"(handled again), {len(redelivered)} redelivered handling(s), per pid {dict(by_pid)}"
+            f"\n  audit (fan-out): {len({row[0] for row in audit})} distinct handled, "
+            f"{audit_duplicates} duplicate(s)"
+            f"\n  lost: {EVENTS - len({row[1] for row in work})} (workers), "
+            f"{EVENTS - len({row[1] for row in audit})} (audit); took {elapsed:.1f}s"
+        )
 
     # none lost, in either group; both groups saw the very same events (same ids)
     assert {row[1] for row in work} == set(range(EVENTS))
@@ -124,9 +125,10 @@ def test_competing_workers_and_fan_out_lose_nothing_when_a_worker_is_killed(
     assert set(by_pid) == {victim.pid, survivor.pid}
     assert not [row for row in work if row[2] == victim.pid and row[4] > killed_at]
     assert any(row[2] == survivor.pid and row[4] > killed_at for row in work)
-    # a duplicate is a redelivery after the kill, handled by the survivor; never more than twice
-    for event_id, count in per_event.items():
-        if count > 1:
-            assert count == 2, (event_id, count)
-            assert any(row[0] == event_id and row[2] == survivor.pid and row[3] > 1 for row in work)
+    # every handling of one event is a delivery of its own, counted by the broker
+    attempts: dict[str, list[int]] = {}
+    for event_id, _, _, attempt, _ in work:
+        attempts.setdefault(event_id, []).append(attempt)
+    assert all(len(set(counts)) == len(counts) for counts in attempts.values())
+    assert all(max(counts) > 1 for counts in attempts.values() if len(counts) > 1)
     assert elapsed < TIME_LIMIT
