@@ -44,7 +44,10 @@ class _Group:
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def wake(self) -> None:
+        # Set the event the waiters hold and give later ones a fresh one: nobody clears an event
+        # another subscriber is about to wait on, so no wake-up is lost between them.
         self.changed.set()
+        self.changed = asyncio.Event()
 
     def take(self, holder: _MemorySubscription, now: float) -> tuple[_Entry | None, float | None]:
         """The first entry that is free, due, and the head of its key; else when to look again."""
@@ -141,7 +144,7 @@ class _MemorySubscription:
         loop = asyncio.get_running_loop()
         while not self.closed:
             state = self.group_state
-            state.changed.clear()
+            changed = state.changed  # taken before looking, so any change after this sets it
             timeout: float | None = None
             if len(self.outstanding) < self.prefetch:
                 entry, next_due = state.take(self, loop.time())
@@ -151,7 +154,7 @@ class _MemorySubscription:
                 if next_due is not None:
                     timeout = max(0.0, next_due - loop.time())
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(state.changed.wait(), timeout)
+                await asyncio.wait_for(changed.wait(), timeout)
         raise StopAsyncIteration
 
     def settle(self, entry: _Entry, *, remove: bool, delay: float) -> None:

@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import functools
 import json
+import math
 import os
 import queue
 import sqlite3
@@ -88,19 +89,26 @@ CREATE INDEX IF NOT EXISTS deliveries_by_owner ON deliveries (owner) WHERE owner
 CREATE INDEX IF NOT EXISTS deliveries_by_key ON deliveries (grp, pkey, seq) WHERE pkey IS NOT NULL;
 """
 
+# A group is a group on a topic, but ``deliveries`` rows carry only the group's name: the topic is
+# the message's, so every query of a group's rows also matches ``messages.topic``.
+_OF_TOPIC = "EXISTS (SELECT 1 FROM messages AS m WHERE m.seq = {row}.seq AND m.topic = {topic})"
+
 # The earliest unsettled delivery of each key is the only one of that key that may be claimed.
-_CLAIM = """
+_CLAIM = f"""
 UPDATE deliveries SET owner = :owner, lease_until = :lease_until, attempts = attempts + 1
 WHERE grp = :grp AND seq IN (
     SELECT d.seq FROM deliveries AS d
     WHERE d.grp = :grp AND d.available_at <= :now
       AND (d.owner IS NULL OR d.lease_until < :now)
+      AND {_OF_TOPIC.format(row="d", topic=":topic")}
       AND (d.pkey IS NULL OR NOT EXISTS (
             SELECT 1 FROM deliveries AS e
-            WHERE e.grp = d.grp AND e.pkey = d.pkey AND e.seq < d.seq))
+            WHERE e.grp = d.grp AND e.pkey = d.pkey AND e.seq < d.seq
+              AND {_OF_TOPIC.format(row="e", topic=":topic")}))
     ORDER BY d.seq LIMIT :limit)
 RETURNING seq, attempts
 """
+_DROP_GROUP = f"DELETE FROM deliveries WHERE grp = ? AND {_OF_TOPIC.format(row='deliveries', topic='?')}"
 
 T = TypeVar("T")
 _Op = Callable[[sqlite3.Connection], Any]
@@ -222,6 +230,12 @@ class SqliteBroker:
     def __init__(self, url: str = f"sqlite:///{DEFAULT_PATH}") -> None:
         self.url = url
         self.path, options = parse_url(url)
+        unknown = sorted(set(options) - {"lease", "synchronous"})
+        if unknown:
+            raise ConfigurationError(
+                f"sqlite broker: unknown option(s) {', '.join(unknown)} in {url!r}; "
+                "the options are lease and synchronous"
+            )
         synchronous = options.get("synchronous", "full").upper()
         if synchronous not in ("FULL", "NORMAL", "EXTRA"):
             raise ConfigurationError(
@@ -231,8 +245,8 @@ class SqliteBroker:
             self.lease = float(options.get("lease", "10"))
         except ValueError:
             raise ConfigurationError("sqlite broker: lease must be a number of seconds") from None
-        if self.lease <= 0:
-            raise ConfigurationError("sqlite broker: lease must be positive")
+        if not math.isfinite(self.lease) or self.lease <= 0:
+            raise ConfigurationError("sqlite broker: lease must be a positive, finite number of seconds")
         self._synchronous = synchronous
         self._writer: _Writer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -342,14 +356,21 @@ class SqliteBroker:
 
     # -- subscriber operations ------------------------------------------------------------------
 
-    async def _claim(self, group: str, owner: str, limit: int) -> list[tuple[Envelope, int, int]]:
+    async def _claim(self, topic: str, group: str, owner: str, limit: int) -> list[tuple[Envelope, int, int]]:
         lease = self.lease
 
         def claim(conn: sqlite3.Connection) -> list[tuple[int, int, str, bytes]]:
             now = time.time()
             claimed = conn.execute(
                 _CLAIM,
-                {"owner": owner, "lease_until": now + lease, "grp": group, "now": now, "limit": limit},
+                {
+                    "owner": owner,
+                    "lease_until": now + lease,
+                    "grp": group,
+                    "topic": topic,
+                    "now": now,
+                    "limit": limit,
+                },
             ).fetchall()
             if not claimed:
                 return []
@@ -388,7 +409,7 @@ class SqliteBroker:
         def release(conn: sqlite3.Connection) -> None:
             if ephemeral:
                 conn.execute("DELETE FROM subscriptions WHERE topic = ? AND grp = ?", (topic, group))
-                conn.execute("DELETE FROM deliveries WHERE grp = ?", (group,))
+                conn.execute(_DROP_GROUP, (group, topic))
             else:
                 conn.execute(
                     "UPDATE deliveries SET owner = NULL, lease_until = NULL WHERE owner = ?", (owner,)
@@ -423,7 +444,7 @@ def _renew_and_collect(
     ).fetchall()
     for topic, group in stale:
         conn.execute("DELETE FROM subscriptions WHERE topic = ? AND grp = ?", (topic, group))
-        conn.execute("DELETE FROM deliveries WHERE grp = ?", (group,))
+        conn.execute(_DROP_GROUP, (group, topic))
     conn.execute(
         "DELETE FROM messages WHERE seq IN (SELECT m.seq FROM messages AS m WHERE NOT EXISTS "
         "(SELECT 1 FROM deliveries AS d WHERE d.seq = m.seq) LIMIT 20000)"
@@ -441,6 +462,7 @@ class _SqliteSubscription:
         self.outstanding: set[int] = set()
         self.buffer: list[_SqliteDelivery] = []
         self.wake = asyncio.Event()
+        self.claiming: asyncio.Task[None] | None = None
         self.closed = False
         self.poll_interval = 0.25  # leases of dead subscribers and due retries of other processes
 
@@ -454,16 +476,31 @@ class _SqliteSubscription:
             room = self.prefetch - len(self.outstanding)
             if room > 0:
                 self.wake.clear()
-                for envelope, seq, attempt in await self.broker._claim(self.group, self.owner, room):
-                    if self.closed:
-                        break
-                    self.outstanding.add(seq)
-                    self.buffer.append(_SqliteDelivery(self, seq, attempt, envelope))
+                if self.claiming is None:
+                    self.claiming = asyncio.create_task(self._claim(room), name="callcast-sqlite-claim")
+                claiming = self.claiming
+                try:
+                    # Shielded: if our caller is cancelled (a timeout), the claim still lands in the
+                    # buffer for the next call, instead of leaving rows owned but never handed out.
+                    await asyncio.shield(claiming)
+                finally:
+                    if claiming.done() and self.claiming is claiming:
+                        self.claiming = None
                 if self.buffer:
                     continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), self.poll_interval)
         raise StopAsyncIteration
+
+    async def _claim(self, limit: int) -> None:
+        if self.closed:  # checked before queueing the claim, so close()'s release comes after it
+            return
+        claimed = await self.broker._claim(self.topic, self.group, self.owner, limit)
+        for envelope, seq, attempt in claimed:
+            if self.closed:
+                break
+            self.outstanding.add(seq)
+            self.buffer.append(_SqliteDelivery(self, seq, attempt, envelope))
 
     async def settle(self, seq: int, delay: float | None) -> None:
         if self.closed or seq not in self.outstanding:

@@ -1,0 +1,255 @@
+"""The embedded ``sqlite:///path.db`` broker against the shared conformance suite, plus what only
+this adapter has: its URL and options, sharing the file between real processes, and rows that
+were written into the file by something other than callcast."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from callcast.brokers import connect
+from callcast.brokers.sqlite import SqliteBroker, parse_url
+from callcast.envelope import UNDECODABLE_TYPE, Envelope
+from callcast.exceptions import BrokerUnavailableError, ConfigurationError
+from callcast.testing import BrokerConformance
+from callcast.transport import Broker, Capabilities
+
+LEASE = 1.0
+
+
+class TestSqliteBroker(BrokerConformance):
+    lease = LEASE
+
+    @pytest.fixture(autouse=True)
+    def _database(self, tmp_path: Path) -> None:
+        self.path = tmp_path / "broker.db"
+        self.url = f"sqlite:///{self.path}?lease={LEASE:g}"
+
+    async def make_broker(self) -> Broker:
+        return await connect(self.url)
+
+    def process_url(self) -> str:
+        return self.url
+
+    async def test_capabilities(self) -> None:
+        """The embedded broker is durable and shared by the processes of one machine."""
+        broker = await self.open()
+        assert isinstance(broker, SqliteBroker)
+        assert broker.capabilities == Capabilities(
+            durable=True,
+            shared=True,
+            delayed_nack=True,
+            delivery_count=True,
+            ordered_per_key=True,
+            request_reply=False,
+            replays_history=False,
+        )
+
+
+# -- the URL ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "path", "options"),
+    [
+        ("sqlite:///broker.db", Path("broker.db"), {}),
+        ("sqlite:///.callcast/broker.db", Path(".callcast/broker.db"), {}),
+        ("sqlite:////var/lib/app/broker.db", Path("/var/lib/app/broker.db"), {}),
+        (
+            "sqlite:////tmp/b.db?lease=2.5&synchronous=normal",
+            Path("/tmp/b.db"),
+            {"lease": "2.5", "synchronous": "normal"},
+        ),
+        ("sqlite:///b.db?lease=1&lease=3", Path("b.db"), {"lease": "3"}),
+        ("sqlite://", Path(".callcast/broker.db"), {}),
+    ],
+)
+def test_url_names_a_relative_or_absolute_path_and_options(
+    url: str, path: Path, options: dict[str, str]
+) -> None:
+    """Three slashes then a relative path, four for an absolute one; the query holds options;
+    no path at all means the default file."""
+    assert parse_url(url) == (path, options)
+
+
+@pytest.mark.parametrize(
+    ("url", "complaint"),
+    [
+        ("sqlite://somehost/broker.db", "takes no host"),
+        ("postgres:///broker.db", "not a sqlite URL"),
+        ("sqlite:///b.db?synchronous=sometimes", "synchronous must be"),
+        ("sqlite:///b.db?lease=soon", "lease must be"),
+        ("sqlite:///b.db?lease=0", "lease must be"),
+        ("sqlite:///b.db?lease=-1", "lease must be"),
+        ("sqlite:///b.db?lease=nan", "lease must be"),
+        ("sqlite:///b.db?lease=inf", "lease must be"),
+        ("sqlite:///b.db?leese=1", "unknown option(s) leese"),
+    ],
+)
+def test_a_bad_url_or_option_is_a_configuration_error(url: str, complaint: str) -> None:
+    """A URL the adapter cannot honour fails loudly before anything is opened, naming the
+    problem; a misspelt option is not silently ignored."""
+    with pytest.raises(ConfigurationError, match=complaint.replace("(", r"\(").replace(")", r"\)")):
+        SqliteBroker(url)
+
+
+async def test_options_are_read_and_an_unknown_scheme_is_refused(tmp_path: Path) -> None:
+    """``?lease=`` and ``?synchronous=`` reach the adapter; ``connect`` refuses schemes it does
+    not know."""
+    broker = await connect(f"sqlite:///{tmp_path / 'b.db'}?lease=2.5&synchronous=normal")
+    try:
+        assert isinstance(broker, SqliteBroker)
+        assert broker.lease == 2.5
+        topic, group = "t", "g"
+        subscription = await broker.subscribe(topic, group)
+        await broker.publish(topic, [Envelope(type="T", source="/s", data=b"{}")])
+        delivery = await asyncio.wait_for(subscription.__anext__(), 5)
+        await delivery.ack()
+    finally:
+        await broker.close()
+    with pytest.raises(ConfigurationError, match="unknown broker URL scheme"):
+        await connect("kafka://localhost:9092")
+
+
+async def test_a_file_that_cannot_be_opened_is_broker_unavailable(tmp_path: Path) -> None:
+    """When the database file cannot be created, ``connect`` raises
+    :class:`BrokerUnavailableError` (not a driver exception)."""
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("a file where a directory should be")
+    with pytest.raises(BrokerUnavailableError, match="cannot open"):
+        await connect(f"sqlite:///{blocker / 'broker.db'}")
+
+
+# -- sharing the file between processes ----------------------------------------------------------
+
+_PUBLISHER_SCRIPT = """
+import asyncio, sys
+from callcast.brokers import connect
+from callcast.envelope import Envelope
+
+async def main(url, topic, count):
+    broker = await connect(url)
+    await broker.publish(
+        topic, [Envelope(type="T", source="/child", data=f"child{n}".encode()) for n in range(count)]
+    )
+    await broker.close()
+
+asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
+"""
+
+
+@pytest.mark.slow
+async def test_a_publish_in_another_process_reaches_a_waiting_subscriber(tmp_path: Path) -> None:
+    """Processes that open the same file share the broker: a subscriber here, already waiting, is
+    woken by the commit of a publisher process and gets its batch in order."""
+    url = f"sqlite:///{tmp_path / 'broker.db'}?lease={LEASE:g}"
+    broker = await connect(url)
+    try:
+        subscription = await broker.subscribe("orders", "billing")
+        waiting = asyncio.create_task(subscription.__anext__())
+        child = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-c", _PUBLISHER_SCRIPT, url, "orders", "5"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert child.returncode == 0, child.stderr
+        received = [await asyncio.wait_for(waiting, 5)]
+        received += [await asyncio.wait_for(subscription.__anext__(), 5) for _ in range(4)]
+        assert [d.envelope.data for d in received] == [f"child{n}".encode() for n in range(5)]
+        assert [d.envelope.source for d in received] == ["/child"] * 5
+        for delivery in received:
+            await delivery.ack()
+    finally:
+        await broker.close()
+
+
+# -- what lives in the file -----------------------------------------------------------------------
+
+
+async def test_a_delayed_retry_survives_a_restart(tmp_path: Path) -> None:
+    """A ``nack(delay=...)`` is stored in the file: after every connection closed and a new one
+    opened, the envelope is still held back until its delay ran out, then delivered as attempt 2."""
+    url = f"sqlite:///{tmp_path / 'broker.db'}?lease={LEASE:g}"
+    broker = await connect(url)
+    subscription = await broker.subscribe("orders", "billing")
+    await broker.publish("orders", [Envelope(type="T", source="/s", data=b"later")])
+    delivery = await asyncio.wait_for(subscription.__anext__(), 5)
+    loop = asyncio.get_running_loop()
+    nacked_at = loop.time()
+    delay = 1.0
+    await delivery.nack(delay=delay)
+    await broker.close()
+
+    reopened = await connect(url)
+    try:
+        subscription = await reopened.subscribe("orders", "billing")
+        again = await asyncio.wait_for(subscription.__anext__(), delay + 5)
+        waited = loop.time() - nacked_at
+        assert again.envelope.data == b"later"
+        assert again.attempt == 2
+        assert waited >= delay - 0.02, f"redelivered {waited:.3f}s after the nack, before its delay"
+        await again.ack()
+    finally:
+        await reopened.close()
+
+
+def _inject(path: Path, group: str, topic: str, rows: list[tuple[str, bytes]]) -> None:
+    """Write messages (raw headers text, body) for ``group`` straight into the file, as a foreign
+    or older writer could have."""
+    with contextlib.closing(sqlite3.connect(path, timeout=10)) as conn, conn:
+        for headers, body in rows:
+            seq = conn.execute(
+                "INSERT INTO messages (topic, headers, body) VALUES (?, ?, ?)", (topic, headers, body)
+            ).lastrowid
+            conn.execute("INSERT INTO deliveries (grp, seq) VALUES (?, ?)", (group, seq))
+
+
+async def test_an_undecodable_row_is_delivered_quarantined(tmp_path: Path) -> None:
+    """A stored message whose headers are not a CloudEvent does not crash the subscription: it is
+    delivered as a ``callcast.undecodable`` envelope that keeps the body, the original id where
+    there is one, and the reason (extension ``decodeerror``); the next message follows normally."""
+    path = tmp_path / "broker.db"
+    broker = await connect(f"sqlite:///{path}?lease={LEASE:g}")
+    try:
+        subscription = await broker.subscribe("orders", "billing")
+        no_type = {"ce-id": "bad-2", "ce-source": "/x", "ce-specversion": "1.0"}
+        old_spec = {"ce-id": "bad-3", "ce-source": "/x", "ce-type": "T", "ce-specversion": "0.3"}
+        await asyncio.to_thread(
+            _inject,
+            path,
+            "billing",
+            "orders",
+            [
+                ("{not json", b"body-1"),
+                (json.dumps(no_type), b"body-2"),
+                (json.dumps(old_spec), b"body-3"),
+                (json.dumps(["a", "list"]), b"body-4"),
+            ],
+        )
+        good = Envelope(type="T", source="/s", data=b"good")
+        await broker.publish("orders", [good])
+        received = [await asyncio.wait_for(subscription.__anext__(), 5) for _ in range(5)]
+        quarantined, last = received[:4], received[4]
+        assert [d.envelope.type for d in quarantined] == [UNDECODABLE_TYPE] * 4
+        assert [d.envelope.data for d in quarantined] == [b"body-1", b"body-2", b"body-3", b"body-4"]
+        assert [d.envelope.id for d in quarantined][1:3] == ["bad-2", "bad-3"]
+        reasons = [d.envelope.extensions["decodeerror"] for d in quarantined]
+        assert "missing attribute" in reasons[0]
+        assert "type" in reasons[1]
+        assert "specversion" in reasons[2]
+        assert "missing attribute" in reasons[3]
+        assert last.envelope == good
+        for delivery in received:
+            await delivery.ack()
+    finally:
+        await broker.close()
