@@ -10,6 +10,7 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -132,3 +133,74 @@ def test_competing_workers_and_fan_out_lose_nothing_when_a_worker_is_killed(
     assert all(len(set(counts)) == len(counts) for counts in attempts.values())
     assert all(max(counts) > 1 for counts in attempts.values() if len(counts) > 1)
     assert elapsed < TIME_LIMIT
+
+
+def emails_sent(emails_db: Path) -> dict[str, int]:
+    """recipient → number of welcome emails in the emails service's own table."""
+    if not emails_db.exists():
+        return {}
+    conn = sqlite3.connect(emails_db, timeout=10)
+    try:
+        return dict(conn.execute("SELECT recipient, count(*) FROM emails GROUP BY recipient").fetchall())
+    except sqlite3.OperationalError:  # the table is not created yet
+        return {}
+    finally:
+        conn.close()
+
+
+@pytest.mark.slow
+def test_two_emails_workers_share_the_stream_and_send_each_welcome_once_across_a_kill(
+    launch: Launcher, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    started = time.monotonic()
+    signups = 400
+    common = {"broker_url": sqlite_url(tmp_path / "broker.db", lease=LEASE), "data_dir": tmp_path / "data"}
+    emails_db = tmp_path / "data" / "emails.db"
+    users = launch(name="users", services=["users"], **common)
+    victim = launch(name="emails-a", services=["emails"], http=False, **common)
+    launch(name="emails-b", services=["emails"], http=False, **common)
+
+    addresses = [f"mp-{i}@example.test" for i in range(signups)]
+    with (
+        httpx.Client(base_url=users.url, timeout=10.0, trust_env=False) as http,
+        ThreadPoolExecutor(max_workers=8) as pool,
+    ):
+        answers = [
+            pool.submit(http.post, "/users", json={"name": f"MP {i}", "email": email})
+            for i, email in enumerate(addresses)
+        ]
+        # mid-stream: some emails are out, sign-ups are still coming in
+        sent_at_kill = len(
+            wait_until(
+                lambda: sent if len(sent := emails_sent(emails_db)) >= signups // 4 else None,
+                timeout=20.0,
+                what="a quarter of the emails",
+            )
+        )
+        victim.kill9()
+        answered_at_kill = sum(answer.done() for answer in answers)
+        assert [answer.result().status_code for answer in answers] == [201] * signups
+
+    wait_until(
+        lambda: set(emails_sent(emails_db)) == set(addresses),
+        timeout=20.0,
+        interval=0.05,
+        what="a welcome email for every sign-up",
+    )
+    sent = emails_sent(emails_db)
+    conn = sqlite3.connect(emails_db, timeout=10)
+    try:
+        duplicates = conn.execute("SELECT count(*) FROM duplicates").fetchone()[0]
+    finally:
+        conn.close()
+    with capsys.disabled():
+        print(
+            f"\nemails workers: {signups} sign-ups, kill -9 of one of two emails workers with "
+            f"{answered_at_kill} sign-ups answered and {sent_at_kill} emails sent;"
+            f"\n  {len(sent)} addresses emailed, "
+            f"{sum(n > 1 for n in sent.values())} twice; {duplicates} redelivered event(s) recognised "
+            f"and not sent again; took {time.monotonic() - started:.1f}s"
+        )
+    assert sent == dict.fromkeys(addresses, 1)
+    assert victim.returncodes == [-9]
+    assert time.monotonic() - started < TIME_LIMIT
