@@ -26,6 +26,7 @@ The attempt is never *read* from the wire: it is always taken from what the brok
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -38,7 +39,10 @@ JSON = "application/json"
 HEADER_PREFIX = "ce-"
 UNDECODABLE_TYPE = "callcast.undecodable"
 _REQUIRED = ("id", "source", "specversion", "type")
-_CORE = ("id", "source", "specversion", "type", "time", "subject", "dataschema")
+_CORE = frozenset(
+    ("id", "source", "specversion", "type", "time", "subject", "dataschema", "datacontenttype", "data")
+)
+_EXTENSION_NAME = re.compile(r"[a-z0-9]{1,20}")
 
 
 def new_id() -> str:
@@ -62,6 +66,16 @@ class Envelope:
     time: str = field(default_factory=now_rfc3339)
     datacontenttype: str = JSON
     extensions: Mapping[str, str] = field(default_factory=dict)
+    subject: str | None = None
+    dataschema: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in self.extensions:
+            if name in _CORE or not _EXTENSION_NAME.fullmatch(name):
+                raise ValueError(
+                    f"invalid CloudEvents extension name {name!r}: 1-20 lower-case letters or digits, "
+                    "not a core attribute"
+                )
 
     @property
     def correlation_id(self) -> str | None:
@@ -95,6 +109,10 @@ class Envelope:
             "ce-time": self.time,
             "content-type": self.datacontenttype,
         }
+        if self.subject is not None:
+            headers["ce-subject"] = self.subject
+        if self.dataschema is not None:
+            headers["ce-dataschema"] = self.dataschema
         for name, value in self.extensions.items():
             headers[HEADER_PREFIX + name] = value
         return headers
@@ -113,8 +131,10 @@ class Envelope:
                 attribute = name[len(HEADER_PREFIX) :]
                 if attribute in _CORE:
                     attributes[attribute] = str(value)
-                else:
+                elif _EXTENSION_NAME.fullmatch(attribute):
                     extensions[attribute] = str(value)
+                else:
+                    raise DecodeError(f"invalid CloudEvents extension name {attribute!r}")
         missing = [name for name in _REQUIRED if not attributes.get(name)]
         if missing:
             raise DecodeError(f"not a CloudEvent: missing attribute(s) {', '.join(missing)}")
@@ -128,6 +148,8 @@ class Envelope:
             time=attributes.get("time", ""),
             datacontenttype=content_type,
             extensions=extensions,
+            subject=attributes.get("subject"),
+            dataschema=attributes.get("dataschema"),
         )
 
 

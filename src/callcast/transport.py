@@ -19,6 +19,9 @@ Contract
   (where ``capabilities.durable``): a crash of any process after it returns loses nothing. If it
   raises, any subset of the batch may have been stored: callers that retry must expect duplicates
   (the inbox absorbs them). Envelopes of one call to one topic keep their order.
+* ``publish(topic, envelopes, group=G)`` stores the envelopes for group ``G`` of the topic only (if
+  declared): how the framework sends a message back to one subscriber (dead-letter replay) without
+  the topic's other groups seeing it again.
 * A group receives the envelopes published after ``declare(topic, group)`` (or the first
   ``subscribe``) returned; declaring twice is harmless. ``capabilities.replays_history`` says whether a
   new group also sees older ones.
@@ -29,13 +32,15 @@ Contract
   after the adapter's lease or heartbeat timeout.
 * ``Delivery.attempt`` counts deliveries of this envelope to this group, starting at 1, as counted
   by the broker (a redelivery after a crash counts). It is never taken from a header alone.
-* A subscription hands out at most ``prefetch`` deliveries that are neither acked nor nacked;
-  iteration waits until one is settled. This is the consumer's memory bound.
+* A subscription hands out at most ``prefetch`` (at least 1) deliveries that are neither acked nor
+  nacked; iteration waits until one is settled. This is the consumer's memory bound. Envelopes an
+  adapter fetched ahead but never handed out do not count as delivery attempts.
 * ``Subscription.close()`` ends iteration (a consumer waiting in ``__anext__`` gets
   ``StopAsyncIteration``) and hands deliveries that were not settled back to the group. Acks and
   nacks after close are ignored. ``Broker.close()`` closes every subscription, then the connection.
 * Ephemeral subscriptions (``ephemeral=True``) exist only while subscribed: nothing is kept for them
-  while no one listens, and they vanish on close. Request/reply uses them for reply topics.
+  while no one listens, and they vanish on close. An ephemeral group has exactly one subscriber
+  (closing it ends the group). Request/reply uses them for per-process reply topics.
 * Adapters translate driver exceptions into :mod:`callcast.exceptions` (``TransportError`` tree).
 * All methods are safe to call from concurrent tasks of the event loop the broker was connected on.
 """
@@ -63,7 +68,8 @@ class Capabilities:
     """``Delivery.attempt`` is counted by the broker, including redeliveries after a crash."""
     ordered_per_key: bool
     """Within a group, an envelope is not handed out while an earlier one of its partition key is
-    still unsettled: per-key order holds even across competing subscribers."""
+    not yet acked (handed out, or nacked and waiting for its retry): per-key order holds even across
+    competing subscribers, and a retry holds back only the later envelopes of its own key."""
     request_reply: bool
     """The broker has native request/reply; else it is built on ephemeral reply topics."""
     replays_history: bool
@@ -91,6 +97,7 @@ class Delivery(Protocol):
         ...
 
 
+@runtime_checkable
 class Subscription(Protocol):
     """The deliveries of one subscriber in a group; iterate with ``async for``."""
 
@@ -113,8 +120,9 @@ class Broker(Protocol):
     url: str
     """The broker's URL with any password redacted: safe to log."""
 
-    async def publish(self, topic: str, envelopes: Sequence[Envelope]) -> None:
-        """Store ``envelopes`` on ``topic`` for every declared group; return once durable."""
+    async def publish(self, topic: str, envelopes: Sequence[Envelope], *, group: str | None = None) -> None:
+        """Store ``envelopes`` on ``topic`` for every declared group (or only ``group``); return once
+        durable."""
         ...
 
     async def declare(self, topic: str, group: str) -> None:

@@ -76,3 +76,16 @@ def test_with_extensions_adds_and_removes_without_touching_the_original() -> Non
     changed = envelope.with_extensions(extra="1", partitionkey=None)
     assert changed.extensions == {"correlationid": "c1", "extra": "1"}
     assert envelope.partition_key == "u1"
+
+
+@pytest.mark.parametrize("name", ["id", "type", "subject", "Region", "has-dash", "x" * 21, ""])
+def test_extension_names_must_be_cloudevents_legal_and_not_core(name: str) -> None:
+    with pytest.raises(ValueError, match="extension name"):
+        Envelope(type="T", source="/s", data=b"{}", extensions={name: "v"})
+
+
+def test_subject_and_dataschema_survive_the_round_trip() -> None:
+    envelope = Envelope(type="T", source="/s", data=b"{}", subject="order-1", dataschema="https://x/s.json")
+    again = Envelope.from_headers(envelope.headers(), envelope.data)
+    assert (again.subject, again.dataschema) == ("order-1", "https://x/s.json")
+    assert again.extensions == {}

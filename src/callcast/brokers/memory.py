@@ -85,15 +85,17 @@ class MemoryBroker:
         if self._closed:
             raise BrokerUnavailableError("memory broker is closed")
 
-    async def publish(self, topic: str, envelopes: Sequence[Envelope]) -> None:
+    async def publish(self, topic: str, envelopes: Sequence[Envelope], *, group: str | None = None) -> None:
         self._check_open()
         groups = self._topics.get(topic, {})
+        if group is not None:
+            groups = {group: groups[group]} if group in groups else {}
         for envelope in envelopes:
             seq = next(self._seq)
-            for group in groups.values():
-                group.entries[seq] = _Entry(seq, envelope)
-        for group in groups.values():
-            group.wake()
+            for state in groups.values():
+                state.entries[seq] = _Entry(seq, envelope)
+        for state in groups.values():
+            state.wake()
 
     def _group(self, topic: str, group: str, *, ephemeral: bool) -> _Group:
         groups = self._topics.setdefault(topic, {})

@@ -293,7 +293,7 @@ class SqliteBroker:
 
     # -- the seam -------------------------------------------------------------------------------
 
-    async def publish(self, topic: str, envelopes: Sequence[Envelope]) -> None:
+    async def publish(self, topic: str, envelopes: Sequence[Envelope], *, group: str | None = None) -> None:
         rows = [
             (json.dumps(envelope.headers(), separators=(",", ":")), envelope.data, envelope.partition_key)
             for envelope in envelopes
@@ -303,6 +303,8 @@ class SqliteBroker:
             groups = [
                 row[0] for row in conn.execute("SELECT grp FROM subscriptions WHERE topic = ?", (topic,))
             ]
+            if group is not None:
+                groups = [name for name in groups if name == group]
             if not groups:
                 return []
             for headers, body, key in rows:
@@ -405,12 +407,19 @@ class SqliteBroker:
         if delay and self._loop is not None:
             self._loop.call_later(delay, self._wake_group, group)
 
-    async def _release(self, owner: str, group: str, topic: str, ephemeral: bool) -> None:
+    async def _release(
+        self, owner: str, group: str, topic: str, ephemeral: bool, never_handed_out: list[int]
+    ) -> None:
         def release(conn: sqlite3.Connection) -> None:
             if ephemeral:
                 conn.execute("DELETE FROM subscriptions WHERE topic = ? AND grp = ?", (topic, group))
                 conn.execute(_DROP_GROUP, (group, topic))
             else:
+                # Claimed into the buffer but never handed out: that was no delivery attempt.
+                conn.executemany(
+                    "UPDATE deliveries SET attempts = attempts - 1 WHERE grp = ? AND seq = ? AND owner = ?",
+                    [(group, seq, owner) for seq in never_handed_out],
+                )
                 conn.execute(
                     "UPDATE deliveries SET owner = NULL, lease_until = NULL WHERE owner = ?", (owner,)
                 )
@@ -512,12 +521,13 @@ class _SqliteSubscription:
         if self.closed:
             return
         self.closed = True
+        never_handed_out = [delivery._seq for delivery in self.buffer]
         self.buffer.clear()
         self.outstanding.clear()
         self.wake.set()
         self.broker._subscriptions.discard(self)
         with contextlib.suppress(TransportError):
-            await self.broker._release(self.owner, self.group, self.topic, self.ephemeral)
+            await self.broker._release(self.owner, self.group, self.topic, self.ephemeral, never_handed_out)
 
 
 class _SqliteDelivery:

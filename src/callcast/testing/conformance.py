@@ -365,6 +365,23 @@ class BrokerConformance:
         assert labels(shipped) == expected
         assert [d.envelope.id for d in shipped] == [e.id for e in sent]
 
+    async def test_a_publish_to_one_group_reaches_only_that_group(self) -> None:
+        """``publish(topic, envelopes, group=G)``: only group ``G`` of the topic receives them (how a
+        dead letter is replayed to its one subscriber); the other groups see only what follows."""
+        broker = await self.open()
+        topic = unique("topic")
+        chosen, other = unique("chosen"), unique("other")
+        await broker.declare(topic, chosen)
+        await broker.declare(topic, other)
+        await broker.publish(topic, [envelope("only for chosen")], group=chosen)
+        await broker.publish(topic, [envelope("for everyone")])
+        chosen_sub = await broker.subscribe(topic, chosen)
+        other_sub = await broker.subscribe(topic, other)
+        got = await self.take(chosen_sub, 2)
+        assert labels(got) == ["only for chosen", "for everyone"]
+        first_for_other = await self.next(other_sub)
+        assert label_of(first_for_other) == "for everyone"
+
     async def test_subscribers_of_one_group_share_its_envelopes(self) -> None:
         """Competing consumers: while one subscriber holds its prefetch, the group hands the next
         envelope to another subscriber; all envelopes are delivered, none to both subscribers."""
@@ -510,6 +527,20 @@ class BrokerConformance:
         assert last.envelope == sent
         await last.ack()
         assert [*attempts, last.attempt] == [1, 2, 3, 4]
+
+    async def test_envelopes_fetched_ahead_but_never_handed_out_are_no_attempt(self) -> None:
+        """Prefetch is the adapter's business: closing a subscription that fetched envelopes ahead
+        but handed out only one counts an attempt for that one only."""
+        broker = await self.open()
+        topic, group = unique("topic"), unique("group")
+        first = await broker.subscribe(topic, group, prefetch=10)
+        await broker.publish(topic, [envelope(f"e{n}") for n in range(3)])
+        taken = await self.next(first)
+        assert taken.attempt == 1
+        await first.close()
+        second = await broker.subscribe(topic, group, prefetch=10)
+        again = await self.take(second, 3)
+        assert {label_of(d): d.attempt for d in again} == {"e0": 2, "e1": 1, "e2": 1}
 
     async def test_nack_with_delay_holds_the_envelope_back(self) -> None:
         """``nack(delay=d)`` makes the envelope available again only after ``d`` seconds; meanwhile
