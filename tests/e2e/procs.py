@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -56,6 +57,18 @@ def wait_until(
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout:.1f}s waiting for {what or predicate!r}")
         time.sleep(interval)
+
+
+def undelivered(broker_db: Path, groups: Sequence[str]) -> int:
+    """Deliveries of ``groups`` not yet acknowledged, read from the SQLite broker's file (its
+    ``deliveries`` table holds one row per group and message until the ack)."""
+    conn = sqlite3.connect(broker_db, timeout=10)
+    try:
+        marks = ",".join("?" * len(groups))
+        query = f"SELECT count(*) FROM deliveries WHERE grp IN ({marks})"
+        return int(conn.execute(query, list(groups)).fetchone()[0])
+    finally:
+        conn.close()
 
 
 class CallcastProcess:

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from .conftest import Launcher
-from .procs import sqlite_url, wait_until
+from .procs import sqlite_url, undelivered, wait_until
 
 FANOUT = "tests.e2e.fanout_app:app"
 EVENTS = 2000
@@ -35,17 +35,6 @@ def handled(path: Path) -> list[tuple[str, int, int, int, float]]:
         return conn.execute("SELECT event_id, n, pid, attempt, at FROM handled").fetchall()
     except sqlite3.OperationalError:  # the table is not created yet
         return []
-    finally:
-        conn.close()
-
-
-def pending_deliveries(broker: Path, groups: list[str]) -> int:
-    conn = sqlite3.connect(broker, timeout=10)
-    try:
-        marks = ",".join("?" * len(groups))
-        return int(
-            conn.execute(f"SELECT count(*) FROM deliveries WHERE grp IN ({marks})", groups).fetchone()[0]
-        )
     finally:
         conn.close()
 
@@ -89,7 +78,7 @@ def test_competing_workers_and_fan_out_lose_nothing_when_a_worker_is_killed(
 
     wait_until(everything_handled, timeout=30.0, interval=0.1, what="every event to reach both groups")
     wait_until(
-        lambda: pending_deliveries(tmp_path / "broker.db", ["workers.record", "audit.record"]) == 0,
+        lambda: undelivered(tmp_path / "broker.db", ["workers.record", "audit.record"]) == 0,
         timeout=10.0,
         interval=0.05,
         what="every delivery to be acknowledged",
