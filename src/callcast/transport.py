@@ -135,6 +135,10 @@ class Broker(Protocol):
         """Join ``group`` on ``topic`` (declaring it) as one more competing subscriber."""
         ...
 
+    async def connect(self) -> None:
+        """Open the connection (called once by :func:`callcast.brokers.connect`)."""
+        ...
+
     async def close(self) -> None:
         """Close every subscription of this connection, then the connection. Idempotent."""
         ...

@@ -1,13 +1,18 @@
 """Broker adapters, chosen by URL (``--broker`` or ``CALLCAST_BROKER``), never by code.
 
-===================== ==============================================================
-``memory://``         in-process (tests); :mod:`callcast.brokers.memory`
-``sqlite:///path.db`` embedded, durable, shared by the processes of one machine (default)
-===================== ==============================================================
+============================ ===========================================================
+``memory://``                in-process (tests); :mod:`callcast.brokers.memory`
+``sqlite:///path.db``        embedded, durable, shared by the processes of one machine (default)
+``amqp://user:pw@host/vh``   RabbitMQ (aio-pika); :mod:`callcast.brokers.rabbitmq`
+``nats://host:4222``         NATS JetStream (nats-py); :mod:`callcast.brokers.nats`
+``redis://host:6379/0``      Redis Streams (redis-py); :mod:`callcast.brokers.redis`
+``postgresql://user@host/db`` PostgreSQL as a broker (asyncpg); :mod:`callcast.brokers.postgres`
+============================ ===========================================================
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 from urllib.parse import urlsplit, urlunsplit
 
@@ -34,20 +39,40 @@ def redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
 
 
+_ADAPTERS = {
+    "memory": "callcast.brokers.memory:MemoryBroker",
+    "sqlite": "callcast.brokers.sqlite:SqliteBroker",
+    "amqp": "callcast.brokers.rabbitmq:RabbitBroker",
+    "amqps": "callcast.brokers.rabbitmq:RabbitBroker",
+    "nats": "callcast.brokers.nats:NatsBroker",
+    "redis": "callcast.brokers.redis:RedisBroker",
+    "rediss": "callcast.brokers.redis:RedisBroker",
+    "postgresql": "callcast.brokers.postgres:PostgresBroker",
+    "postgres": "callcast.brokers.postgres:PostgresBroker",
+}
+"""URL scheme → ``module:Class``. Every adapter class is built as ``Class(url)`` and opened with
+``await broker.connect()``; its module is imported only when its scheme is used, so a broker's
+client library is needed only by those who use that broker."""
+
+
 async def connect(url: str | None = None) -> Broker:
     """Open the broker named by ``url`` (default: :func:`default_url`)."""
     url = url or default_url()
     scheme = urlsplit(url).scheme
-    if scheme == "memory":
-        from callcast.brokers.memory import MemoryBroker
-
-        return MemoryBroker(redact(url))
-    if scheme == "sqlite":
-        from callcast.brokers.sqlite import SqliteBroker
-
-        broker = SqliteBroker(url)
-        await broker.connect()
-        return broker
-    raise ConfigurationError(
-        f"unknown broker URL scheme {scheme!r} in {redact(url)!r}; expected memory:// or sqlite:///path.db"
-    )
+    target = _ADAPTERS.get(scheme)
+    if target is None:
+        raise ConfigurationError(
+            f"unknown broker URL scheme {scheme!r} in {redact(url)!r}; "
+            f"expected one of {', '.join(sorted(_ADAPTERS))}"
+        )
+    module_name, _, class_name = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ConfigurationError(
+            f"the {scheme}:// broker needs a client library that is not installed ({error.name}); "
+            "install callcast with the matching extra, e.g. pip install 'callcast[all]'"
+        ) from None
+    broker: Broker = getattr(module, class_name)(url)
+    await broker.connect()
+    return broker

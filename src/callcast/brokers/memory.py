@@ -81,6 +81,9 @@ class MemoryBroker:
         self._subscriptions: set[_MemorySubscription] = set()
         self._closed = False
 
+    async def connect(self) -> None:
+        """Nothing to open: the broker lives in this object."""
+
     def _check_open(self) -> None:
         if self._closed:
             raise BrokerUnavailableError("memory broker is closed")

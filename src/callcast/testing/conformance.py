@@ -44,7 +44,7 @@ from collections.abc import AsyncIterator, Sequence
 import pytest
 
 from callcast.envelope import Envelope
-from callcast.exceptions import BrokerUnavailableError
+from callcast.exceptions import BrokerUnavailableError, TransportError
 from callcast.transport import Broker, Capabilities, Delivery, Subscription
 
 __all__ = ["BrokerConformance"]
@@ -198,6 +198,19 @@ class BrokerConformance:
         """A URL that :func:`callcast.brokers.connect` in *another process* opens to reach the
         store of :meth:`make_broker`, or ``None`` to skip the multi-process tests."""
         return None
+
+    can_restart: bool = False
+    """Whether :meth:`stop_server` and :meth:`start_server` work (else the restart test skips)."""
+
+    async def stop_server(self) -> None:
+        """Stop the broker *server* the brokers of :meth:`make_broker` talk to (one the test owns,
+        e.g. a private instance on a free port), so connections drop. Returns once it is down."""
+        raise NotImplementedError
+
+    async def start_server(self) -> None:
+        """Start the server stopped by :meth:`stop_server` again, with its data; returns once it
+        accepts connections."""
+        raise NotImplementedError
 
     # -- plumbing -------------------------------------------------------------------------------
 
@@ -941,3 +954,55 @@ class BrokerConformance:
         last = await self.next(there)
         assert label_of(last) == "three"
         await last.ack()
+
+    # -- a broker that restarts -----------------------------------------------------------------
+
+    async def test_a_restarted_server_loses_nothing_that_was_accepted(self) -> None:
+        """Reconnect: while the server is down, a publish either returns (and then its envelope is
+        delivered once the server is back) or raises a ``TransportError`` — it never returns and
+        vanishes. After the restart the same broker object publishes and delivers again, without
+        the application reconnecting, and durable envelopes accepted before the outage are there."""
+        if not self.can_restart:
+            pytest.skip("this adapter's test module cannot restart its server")
+        broker = await self.open()
+        self.require(broker, "durable", "only a durable broker keeps envelopes across a restart")
+        topic, group = unique("topic"), unique("group")
+        await broker.declare(topic, group)
+        accepted = [envelope("before")]
+        await broker.publish(topic, accepted)
+        await self.stop_server()
+        restarting: asyncio.Task[None] | None = None
+        try:
+            for n in range(3):
+                during = envelope(f"during{n}")
+                try:
+                    await asyncio.wait_for(broker.publish(topic, [during]), self.timeout)
+                except (TransportError, TimeoutError):
+                    continue  # refused loudly: allowed
+                accepted.append(during)
+                if restarting is None:
+                    restarting = asyncio.create_task(self.start_server())
+        finally:
+            if restarting is None:
+                await self.start_server()
+            else:
+                await restarting
+        after = envelope("after")
+        deadline = asyncio.get_running_loop().time() + 6 * self.timeout
+        while True:  # the adapter reconnects by itself; publishes may fail until it has
+            try:
+                await asyncio.wait_for(broker.publish(topic, [after]), self.timeout)
+                break
+            except (TransportError, TimeoutError):
+                if asyncio.get_running_loop().time() > deadline:
+                    pytest.fail("the broker object did not publish again after the server restarted")
+                await asyncio.sleep(0.2)
+        accepted.append(after)
+        subscription = await broker.subscribe(topic, group)
+        wanted = {label_of_envelope(e) for e in accepted}
+        received: set[str] = set()
+        while not wanted <= received:
+            delivery = await self.next(subscription, timeout=3 * self.timeout)
+            received.add(label_of(delivery))
+            await delivery.ack()
+        assert wanted <= received
