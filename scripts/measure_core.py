@@ -8,7 +8,11 @@ with its broker file and data dir in a temporary directory. Phases:
 a. sign-ups one after another: time from the 201 until ``GET /emails?to=`` lists the welcome email;
 b. orders: time from the 201 until the order is ``confirmed``; one short-stock order → ``rejected``;
 c. concurrent sign-ups while the server is ``kill -9``-ed once and restarted on the same port,
-   broker and data dir; then: 201s, failures, losses (201 without email), emails sent twice;
+   broker and data dir; a failed sign-up is retried (same address) once the server is back. Then,
+   once every 201 has its email and the emails group is drained: 201s, failures, losses (201
+   without email), addresses emailed twice, redeliveries the emails service recognised (its
+   ``duplicates`` table), and users stored without their event (the kill cut the sign-up between
+   its write to users.db and its publish: no 201 was given, but the user row exists);
 d. ``callcast topology examples.shop:app``.
 
 Every process it starts is stopped by its PID before it exits; every wait has a deadline.
@@ -23,6 +27,7 @@ import math
 import os
 import platform
 import re
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -527,8 +532,8 @@ def main() -> int:
             results = asyncio.run(measure(args, workdir))
         finally:
             if args.keep:
-                kept = Path(tempfile.mkdtemp(prefix="callcast-measure-kept-"))
-                subprocess.run(["cp", "-a", f"{tmp}/.", str(kept)], check=False)
+                kept = Path(tempfile.mkdtemp(prefix="callcast-measure-kept-")) / "run"
+                shutil.copytree(tmp, kept)
                 print(f"\nkept: {kept}")
     print(f"\nsummary ({time.monotonic() - began:.1f} s)")
     for name, ok in results.items():
