@@ -1,10 +1,14 @@
 """orders: takes orders. Synchronous where the user needs the answer (the user exists, payment is
-authorized: RPC), event-driven for the rest (``OrderPlaced`` → inventory → confirmed/rejected)."""
+authorized: RPC), event-driven for the rest (``OrderPlaced`` → inventory → confirmed/rejected).
+
+The order row and ``OrderPlaced`` commit together (the outbox); status updates are idempotent.
+"""
 
 from __future__ import annotations
 
-import sqlite3
 import uuid
+
+from sqlalchemy import text
 
 from callcast import Context, HTTPError, RemoteError, Service
 from examples.shop.contracts import (
@@ -19,26 +23,20 @@ from examples.shop.contracts import (
     StockShort,
 )
 from examples.shop.payments import authorize
-from examples.shop.store import Database
 from examples.shop.users import lookup
 
-orders = Service("orders", publishes=[OrderPlaced], calls=["users", "payments"])
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS orders (
-    id TEXT PRIMARY KEY, user_id TEXT NOT NULL, items TEXT NOT NULL, amount_cents INTEGER NOT NULL,
-    status TEXT NOT NULL, reason TEXT);
-"""
+orders = Service("orders", publishes=[OrderPlaced], calls=["users", "payments"], database=True)
 
 
 @orders.on_startup
-async def open_store(ctx: Context) -> None:
-    ctx.state.db = Database(ctx.data_dir / "orders.db", SCHEMA)
-
-
-@orders.on_shutdown
-async def close_store(ctx: Context) -> None:
-    ctx.state.db.close()
+async def create_tables(ctx: Context) -> None:
+    async with ctx.transaction() as db:
+        await db.execute(
+            text(
+                "CREATE TABLE IF NOT EXISTS orders (id TEXT PRIMARY KEY, user_id TEXT NOT NULL, "
+                "items TEXT NOT NULL, amount_cents INTEGER NOT NULL, status TEXT NOT NULL, reason TEXT)"
+            )
+        )
 
 
 def _row_to_order(row: tuple[str, str, str, int, str, str | None]) -> Order:
@@ -47,12 +45,16 @@ def _row_to_order(row: tuple[str, str, str, int, str, str | None]) -> Order:
 
 
 async def _save(ctx: Context, order: Order) -> None:
-    items = "\n".join(item.model_dump_json() for item in order.items)
-    await ctx.state.db.transaction(
-        lambda conn: conn.execute(
-            "INSERT INTO orders VALUES (?, ?, ?, ?, ?, ?)",
-            (order.id, order.user_id, items, order.amount_cents, order.status, order.reason),
-        )
+    await ctx.db.execute(
+        text("INSERT INTO orders VALUES (:id, :user_id, :items, :amount, :status, :reason)"),
+        {
+            "id": order.id,
+            "user_id": order.user_id,
+            "items": "\n".join(item.model_dump_json() for item in order.items),
+            "amount": order.amount_cents,
+            "status": order.status,
+            "reason": order.reason,
+        },
     )
 
 
@@ -74,43 +76,45 @@ async def place_order(body: PlaceOrder, ctx: Context) -> Order:
     auth = await ctx.call(
         authorize, Authorize(order_id=order.id, user_id=order.user_id, amount_cents=amount), timeout=2.0
     )
-    if not auth.approved:
-        order = order.model_copy(update={"status": "rejected", "reason": f"payment declined: {auth.reason}"})
+    async with ctx.transaction():
+        if not auth.approved:
+            order = order.model_copy(
+                update={"status": "rejected", "reason": f"payment declined: {auth.reason}"}
+            )
+            await _save(ctx, order)
+            return order
         await _save(ctx, order)
-        return order
-    await _save(ctx, order)
-    await ctx.publish(
-        OrderPlaced(order_id=order.id, user_id=order.user_id, items=order.items, amount_cents=amount),
-        key=order.id,
-    )
+        placed = OrderPlaced(order_id=order.id, user_id=order.user_id, items=order.items, amount_cents=amount)
+        await ctx.publish(placed, key=order.id)
     return order
 
 
 @orders.get("/orders/{order_id}")
 async def get_order(order_id: str, ctx: Context) -> Order:
-    rows = await ctx.state.db.fetch(
-        "SELECT id, user_id, items, amount_cents, status, reason FROM orders WHERE id = ?", (order_id,)
-    )
-    if not rows:
+    async with ctx.transaction() as db:
+        row = (
+            await db.execute(
+                text("SELECT id, user_id, items, amount_cents, status, reason FROM orders WHERE id = :id"),
+                {"id": order_id},
+            )
+        ).first()
+    if row is None:
         raise HTTPError(404, f"no order {order_id!r}")
-    return _row_to_order(rows[0])
+    return _row_to_order(tuple(row))  # type: ignore[arg-type]
 
 
 async def _settle(ctx: Context, order_id: str, status: str, reason: str | None) -> None:
-    def update(conn: sqlite3.Connection) -> None:
-        conn.execute(
-            "UPDATE orders SET status = ?, reason = ? WHERE id = ? AND status = 'pending'",
-            (status, reason, order_id),
-        )
-
-    await ctx.state.db.transaction(update)
+    await ctx.db.execute(
+        text("UPDATE orders SET status = :status, reason = :reason WHERE id = :id AND status = 'pending'"),
+        {"status": status, "reason": reason, "id": order_id},
+    )
 
 
-@orders.on(StockReserved)
+@orders.on(StockReserved, idempotent=True)
 async def confirm(event: StockReserved, ctx: Context) -> None:
     await _settle(ctx, event.order_id, "confirmed", None)
 
 
-@orders.on(StockShort)
+@orders.on(StockShort, idempotent=True)
 async def reject(event: StockShort, ctx: Context) -> None:
     await _settle(ctx, event.order_id, "rejected", f"stock short: {event.reason}")

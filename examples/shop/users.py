@@ -1,41 +1,50 @@
-"""users: sign-up (publishes ``UserSignedUp``) and look-up (HTTP and RPC)."""
+"""users: sign-up (publishes ``UserSignedUp``) and look-up (HTTP and RPC).
+
+The user row and its ``UserSignedUp`` event commit in one transaction (the outbox): a crash at any
+point leaves either both or neither.
+"""
 
 from __future__ import annotations
 
 import uuid
 
+from sqlalchemy import text
+
 from callcast import Context, HTTPError, Service
 from examples.shop.contracts import LookupUser, SignupRequest, User, UserSignedUp
-from examples.shop.store import Database
 
-users = Service("users", publishes=[UserSignedUp])
-
-SCHEMA = "CREATE TABLE IF NOT EXISTS users (id TEXT PRIMARY KEY, name TEXT NOT NULL, email TEXT NOT NULL)"
+users = Service("users", publishes=[UserSignedUp], database=True)
 
 
 @users.on_startup
-async def open_store(ctx: Context) -> None:
-    ctx.state.db = Database(ctx.data_dir / "users.db", SCHEMA)
-
-
-@users.on_shutdown
-async def close_store(ctx: Context) -> None:
-    ctx.state.db.close()
+async def create_tables(ctx: Context) -> None:
+    async with ctx.transaction() as db:
+        await db.execute(
+            text(
+                "CREATE TABLE IF NOT EXISTS users "
+                "(id TEXT PRIMARY KEY, name TEXT NOT NULL, email TEXT NOT NULL)"
+            )
+        )
 
 
 async def find(ctx: Context, user_id: str) -> User | None:
-    rows = await ctx.state.db.fetch("SELECT id, name, email FROM users WHERE id = ?", (user_id,))
-    return User(id=rows[0][0], name=rows[0][1], email=rows[0][2]) if rows else None
+    async with ctx.transaction() as db:
+        row = (
+            await db.execute(text("SELECT id, name, email FROM users WHERE id = :id"), {"id": user_id})
+        ).first()
+    return User(id=row[0], name=row[1], email=row[2]) if row else None
 
 
 @users.post("/users", status_code=201)
 async def signup(body: SignupRequest, ctx: Context) -> User:
-    """Store the user, then publish ``UserSignedUp``; 201 only once both are durable."""
+    """Store the user and publish ``UserSignedUp`` atomically; 201 once both are committed."""
     user = User(id=uuid.uuid4().hex, name=body.name, email=body.email)
-    await ctx.state.db.transaction(
-        lambda conn: conn.execute("INSERT INTO users VALUES (?, ?, ?)", (user.id, user.name, user.email))
-    )
-    await ctx.publish(UserSignedUp(user_id=user.id, name=user.name, email=user.email), key=user.id)
+    async with ctx.transaction() as db:
+        await db.execute(
+            text("INSERT INTO users VALUES (:id, :name, :email)"),
+            {"id": user.id, "name": user.name, "email": user.email},
+        )
+        await ctx.publish(UserSignedUp(user_id=user.id, name=user.name, email=user.email), key=user.id)
     return user
 
 

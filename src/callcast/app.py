@@ -54,10 +54,18 @@ class App:
         services: Sequence[str] | None = None,
         data_dir: str | Path | None = None,
         service_urls: dict[str, str] | None = None,
+        databases: dict[str, str] | None = None,
     ) -> Runtime:
-        """Start ``services`` (default: all) in this process; stop with ``await runtime.stop()``."""
+        """Start ``services`` (default: all) in this process; stop with ``await runtime.stop()``.
+
+        ``service_urls`` maps a service to the base URL ``ctx.call`` reaches it at over HTTP (default:
+        over the broker); ``databases`` maps a service to its database URL (see
+        :mod:`callcast.database`).
+        """
         from callcast.runtime import Runtime
 
-        runtime = Runtime(self, services=services, data_dir=data_dir, service_urls=service_urls or {})
+        runtime = Runtime(
+            self, services=services, data_dir=data_dir, service_urls=service_urls or {}, databases=databases
+        )
         await runtime.start(broker)
         return runtime

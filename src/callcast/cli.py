@@ -16,10 +16,12 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from callcast import dlq
 from callcast.app import App
-from callcast.brokers import default_url, redact
+from callcast.brokers import connect, default_url, redact
 from callcast.exceptions import CallcastError
 from callcast.topology import describe, render
+from callcast.transport import Broker
 
 log = logging.getLogger("callcast")
 
@@ -59,6 +61,70 @@ async def _run(args: argparse.Namespace) -> None:
     print("callcast: stopped", flush=True)
 
 
+async def _dlq(args: argparse.Namespace) -> int:
+    broker = await connect(args.broker or default_url())
+    try:
+        async with dlq.browse(broker) as letters:
+            chosen = [letter for letter in letters if letter.matches(args.service, args.event)]
+            if args.action in ("replay", "purge", "show"):
+                if args.ids:
+                    wanted = set(args.ids)
+                    chosen = [letter for letter in chosen if letter.id in wanted]
+                    missing = wanted - {letter.id for letter in chosen}
+                    if missing:
+                        print(
+                            f"callcast: no dead letter with id {', '.join(sorted(missing))}", file=sys.stderr
+                        )
+                        return 1
+                elif args.action == "show" or not args.all:
+                    print("callcast: name the dead letters by id, or use --all", file=sys.stderr)
+                    return 2
+            return await _dlq_act(args.action, chosen, broker, as_json=getattr(args, "json", False))
+    finally:
+        await broker.close()
+
+
+async def _dlq_act(action: str, letters: list[dlq.DeadLetterView], broker: Broker, *, as_json: bool) -> int:
+    if action == "list":
+        if as_json:
+            rows = [{"id": x.id, "type": x.envelope.type, **dict(x.envelope.extensions)} for x in letters]
+            print(json.dumps(rows, indent=2))
+            return 0
+        print(f"{len(letters)} dead letter(s)")
+        for (subscriber, error_type), count in dlq.summarize(letters).most_common():
+            print(f"  {count:>6}  {subscriber:<40} {error_type}")
+        if letters:
+            print()
+            print(f"  {'id':<36}  {'subscriber':<28} {'type':<22} {'reason':<11} {'tries':>5}  last failure")
+            for x in letters:
+                print(
+                    f"  {x.id:<36}  {x.subscriber:<28} {x.envelope.type:<22} {x.diagnostic('dlqreason'):<11} "
+                    f"{x.diagnostic('dlqattempts'):>5}  {x.diagnostic('dlqtime')}"
+                )
+        return 0
+    if action == "show":
+        for x in letters:
+            print(f"id        {x.id}\ntype      {x.envelope.type}\nsource    {x.envelope.source}")
+            print(f"time      {x.envelope.time}")
+            for name, value in sorted(x.envelope.extensions.items()):
+                if name != "dlqtraceback":
+                    print(f"{name:<16}{value}")
+            print("data")
+            print("  " + x.envelope.data.decode("utf-8", "replace"))
+            if x.diagnostic("dlqtraceback"):
+                print("traceback (end)")
+                print(x.diagnostic("dlqtraceback"))
+        return 0
+    for x in letters:
+        if action == "replay":
+            await dlq.replay(broker, x)
+        else:
+            await dlq.purge(x)
+    verb = "replayed" if action == "replay" else "purged"
+    print(f"{verb} {len(letters)} dead letter(s)")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="callcast", description="Services that talk both ways.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -78,7 +144,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     topology.add_argument("app", help="MODULE:APP")
     topology.add_argument("--json", action="store_true", help="print as JSON")
 
+    dead = commands.add_parser("dlq", help="list, show, replay or purge dead letters")
+    actions = dead.add_subparsers(dest="action", required=True)
+    for action, help_text in [
+        ("list", "list dead letters, grouped by subscriber and error"),
+        ("show", "show one dead letter with its diagnostics"),
+        ("replay", "send dead letters back to their subscriber (attempts start again)"),
+        ("purge", "delete dead letters"),
+    ]:
+        sub = actions.add_parser(action, help=help_text)
+        sub.add_argument("--broker", help="broker URL (default $CALLCAST_BROKER or the embedded broker)")
+        if action != "show":
+            sub.add_argument("--service", help="only dead letters of this service's handlers")
+            sub.add_argument("--event", help="only dead letters of this event type")
+        if action == "list":
+            sub.add_argument("--json", action="store_true", help="print as JSON")
+        else:
+            sub.add_argument("ids", nargs="*" if action != "show" else 1, metavar="ID")
+        if action in ("replay", "purge"):
+            sub.add_argument("--all", action="store_true", help="every (matching) dead letter")
+
     args = parser.parse_args(argv)
+    for name in ("service", "event", "ids", "all"):
+        if not hasattr(args, name):
+            setattr(args, name, None)
     try:
         if args.command == "run":
             logging.basicConfig(
@@ -91,6 +180,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             except ImportError:
                 pass
             asyncio.run(_run(args))
+        elif args.command == "dlq":
+            return asyncio.run(_dlq(args))
         else:
             app = load_app(args.app)
             print(json.dumps(describe(app), indent=2) if args.json else render(app))

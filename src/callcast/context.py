@@ -8,12 +8,16 @@ names the unit of work as its cause, so a chain of requests and events can be fo
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, TypeVar
 
 from pydantic import BaseModel
+from sqlalchemy.ext.asyncio import AsyncConnection
 
+from callcast import outbox
 from callcast.codec import MAX_MESSAGE_BYTES, encode, event_type
 from callcast.envelope import Envelope, new_id
 from callcast.exceptions import ConfigurationError, DecodeError
@@ -29,7 +33,17 @@ Resp = TypeVar("Resp")
 class Context:
     """What a unit of work of one service may do: publish events, call other services, read state."""
 
-    __slots__ = ("_runtime", "attempt", "causation_id", "correlation_id", "deadline", "envelope", "service")
+    __slots__ = (
+        "_runtime",
+        "_staged",
+        "_tx",
+        "attempt",
+        "causation_id",
+        "correlation_id",
+        "deadline",
+        "envelope",
+        "service",
+    )
 
     def __init__(
         self,
@@ -52,6 +66,8 @@ class Context:
         """Which delivery of ``envelope`` this is (1 = first), as counted by the broker."""
         self.deadline = deadline
         """UNIX time by which the caller gives up (RPC), or ``None``."""
+        self._tx: AsyncConnection | None = None
+        self._staged = False
 
     @property
     def state(self) -> SimpleNamespace:
@@ -91,12 +107,48 @@ class Context:
         )
 
     async def publish(self, event: BaseModel, *, key: str | None = None, sequence: int | None = None) -> None:
-        """Publish ``event`` to every subscribing handler; returns once the broker stored it.
+        """Publish ``event`` to every subscribing handler.
 
-        ``key`` is the partition key: handlers see events of one key one at a time, in this order.
+        Outside a transaction it returns once the broker stored the event. Inside
+        ``ctx.transaction()`` (or an idempotent handler) it goes to the service's outbox in that
+        transaction, and is sent after the commit — never if the transaction rolls back.
+        ``key`` is the partition key: handlers see events of one key one at a time, in this order;
+        ``sequence`` numbers the events of a key for sequenced handlers.
         """
         envelope = self.envelope_for(event, key=key, sequence=sequence)
-        await self._runtime.broker.publish(envelope.type, [envelope])
+        if self._tx is not None:
+            await outbox.stage(self._tx, envelope.type, envelope)
+            self._staged = True
+        else:
+            await self._runtime.broker.publish(envelope.type, [envelope])
+
+    @property
+    def db(self) -> AsyncConnection:
+        """The service database connection of the current transaction (SQLAlchemy ``AsyncConnection``)."""
+        if self._tx is None:
+            raise ConfigurationError(
+                "ctx.db is only available inside ctx.transaction() or an idempotent handler"
+            )
+        return self._tx
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[AsyncConnection]:
+        """A transaction of this service's database: what runs inside it, and the events published
+        inside it, commit together; an exception rolls all of it back. Nested use joins the
+        transaction already open."""
+        if self._tx is not None:
+            yield self._tx
+            return
+        database = self._runtime.database(self.service)
+        try:
+            async with database.transaction() as conn:
+                self._tx = conn
+                yield conn
+        finally:
+            self._tx = None
+            if self._staged:
+                self._staged = False
+                self._runtime.outbox_committed(self.service)
 
     async def call(
         self, endpoint: RpcEndpoint[Req, Resp], request: Req, *, timeout: float | None = None

@@ -1,19 +1,25 @@
 """Dead letters: messages a subscriber cannot handle, kept with the reason instead of lost.
 
 A dead letter is the original envelope, untouched (same id, type, data and extensions), published on
-the topic :data:`DEAD_LETTER_TOPIC` with diagnostics added as extensions:
+the topic :data:`DEAD_LETTER_TOPIC` — one topic for the whole system, kept for the group
+:data:`DEAD_LETTER_GROUP`, so ``callcast dlq`` can list, show, replay and purge them on any broker
+without knowing the app — with diagnostics added as extensions:
 
-============== ==============================================================
-dlqsubscriber  the consumer group that gave up (``<service>.<handler>``)
-dlqtopic       the topic the message came from
-dlqreason      ``error`` (handler kept failing), ``permanent`` (PermanentError),
-               ``invalid`` (payload failed validation), ``undecodable``,
-               ``crashloop`` (delivered too often without being settled)
-dlqerror       exception type and message, truncated
-dlqtraceback   the end of the traceback, truncated
-dlqattempts    deliveries counted by the broker
-dlqtime        when it was dead-lettered (RFC 3339)
-============== ==============================================================
+================ ==============================================================
+dlqsubscriber    the consumer group that gave up (``<service>.<handler>``)
+dlqtopic         the topic the message came from
+dlqreason        ``error`` (handler kept failing), ``permanent`` (PermanentError),
+                 ``invalid`` (payload failed validation), ``undecodable``, ``unknown-type``,
+                 ``crashloop`` (delivered too often without being settled), ``gap``
+                 (a sequenced message whose predecessor never came)
+dlqerror         exception type and message, truncated
+dlqtraceback     the end of the traceback, truncated
+dlqattempts      deliveries counted by the broker
+dlqfirstfailure  when the first failure was seen (by the process that dead-lettered it; absent
+                 when that process saw only the last one)
+dlqtime          when it was dead-lettered: the last failure (RFC 3339)
+dlqreplays       how often it was replayed before (``callcast dlq replay``)
+================ ==============================================================
 
 The dead letter is stored before the original delivery is acknowledged, so a crash in between
 leaves a duplicate dead letter, never none.
@@ -22,14 +28,48 @@ leaves a duplicate dead letter, never none.
 from __future__ import annotations
 
 import traceback
+from dataclasses import dataclass
 
-from callcast.envelope import now_rfc3339
+from callcast.envelope import Envelope, now_rfc3339
 from callcast.transport import Broker, Delivery
 
 DEAD_LETTER_TOPIC = "callcast.deadletter"
 DEAD_LETTER_GROUP = "callcast.deadletter"
 _MAX_ERROR = 1000
 _MAX_TRACEBACK = 4000
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    topic: str
+    envelope: Envelope
+
+
+def dead_letter_envelope(
+    envelope: Envelope,
+    *,
+    subscriber: str,
+    topic: str,
+    reason: str,
+    error: BaseException | None,
+    attempt: int,
+    first_failure: str | None = None,
+) -> DeadLetter:
+    """The dead letter for ``envelope``: the original plus the diagnostics."""
+    extensions: dict[str, str | None] = {
+        "attempt": str(attempt),
+        "dlqsubscriber": subscriber,
+        "dlqtopic": topic,
+        "dlqreason": reason,
+        "dlqattempts": str(attempt),
+        "dlqtime": now_rfc3339(),
+        "dlqfirstfailure": first_failure,
+    }
+    if error is not None:
+        extensions["dlqerror"] = f"{type(error).__name__}: {error}"[:_MAX_ERROR]
+        text = "".join(traceback.format_exception(error))
+        extensions["dlqtraceback"] = text[-_MAX_TRACEBACK:]
+    return DeadLetter(DEAD_LETTER_TOPIC, envelope.with_extensions(**extensions))
 
 
 async def dead_letter(
@@ -40,19 +80,17 @@ async def dead_letter(
     topic: str,
     reason: str,
     error: BaseException | None = None,
+    first_failure: str | None = None,
 ) -> None:
     """Store ``delivery``'s envelope as a dead letter, then acknowledge the delivery."""
-    extensions = {
-        "attempt": str(delivery.attempt),
-        "dlqsubscriber": subscriber,
-        "dlqtopic": topic,
-        "dlqreason": reason,
-        "dlqattempts": str(delivery.attempt),
-        "dlqtime": now_rfc3339(),
-    }
-    if error is not None:
-        extensions["dlqerror"] = f"{type(error).__name__}: {error}"[:_MAX_ERROR]
-        text = "".join(traceback.format_exception(error))
-        extensions["dlqtraceback"] = text[-_MAX_TRACEBACK:]
-    await broker.publish(DEAD_LETTER_TOPIC, [delivery.envelope.with_extensions(**extensions)])
+    letter = dead_letter_envelope(
+        delivery.envelope,
+        subscriber=subscriber,
+        topic=topic,
+        reason=reason,
+        error=error,
+        attempt=delivery.attempt,
+        first_failure=first_failure,
+    )
+    await broker.publish(letter.topic, [letter.envelope])
     await delivery.ack()

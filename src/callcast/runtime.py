@@ -29,9 +29,12 @@ from callcast.app import App
 from callcast.brokers import connect
 from callcast.consumer import Consumer
 from callcast.context import Context
+from callcast.database import Database, database_url
 from callcast.deadletter import DEAD_LETTER_GROUP, DEAD_LETTER_TOPIC
 from callcast.envelope import Envelope
+from callcast.exceptions import ConfigurationError
 from callcast.http import build_asgi
+from callcast.outbox import Relay
 from callcast.rpc import RpcClient, RpcServer
 from callcast.service import Service
 from callcast.transport import Broker
@@ -59,12 +62,16 @@ class Runtime:
         services: Sequence[str] | None = None,
         data_dir: str | Path | None = None,
         service_urls: dict[str, str] | None = None,
+        databases: dict[str, str] | None = None,
     ) -> None:
         self.app = app
         names = list(services) if services else list(app.services)
         self.running_services: list[Service] = [app.service(name) for name in names]
         self.data_dir = Path(data_dir or os.environ.get("CALLCAST_DATA") or DEFAULT_DATA_DIR)
         self.service_urls = dict(service_urls or {})
+        self.database_urls = dict(databases or {})
+        self._databases: dict[str, Database] = {}
+        self._relays: dict[str, Relay] = {}
         self.instance_id = uuid.uuid4().hex[:12]
         self.state: dict[str, SimpleNamespace] = {s.name: SimpleNamespace() for s in self.running_services}
         self._broker: Broker | None = None
@@ -96,6 +103,22 @@ class Runtime:
         if self._asgi is None:
             self._asgi = build_asgi(self)
         return self._asgi
+
+    def database(self, service: str) -> Database:
+        """``service``'s own database (it must be declared with ``database=True`` and run here)."""
+        try:
+            return self._databases[service]
+        except KeyError:
+            raise ConfigurationError(
+                f"service {service!r} has no database here: declare Service({service!r}, database=True) "
+                "and run it in this process"
+            ) from None
+
+    def outbox_committed(self, service: str) -> None:
+        """A transaction of ``service`` committed outbox rows: wake its relay."""
+        relay = self._relays.get(service)
+        if relay is not None:
+            relay.notify()
 
     def source(self, service: str) -> str:
         """The CloudEvents ``source`` of what ``service`` publishes."""
@@ -145,6 +168,15 @@ class Runtime:
         broker = self.broker
         self.data_dir.mkdir(parents=True, exist_ok=True)
         for service in self.running_services:
+            if service.database:
+                url = database_url(service.name, self.data_dir, self.database_urls)
+                database = Database(url)
+                self._databases[service.name] = database
+                await database.setup()
+                relay = Relay(database, broker)
+                relay.start()
+                self._relays[service.name] = relay
+        for service in self.running_services:
             for hook in service.startup_hooks:
                 await hook(self.context(service.name))
             self._started_hooks.append(service)
@@ -169,7 +201,9 @@ class Runtime:
                 await server.start()
                 self._consumers.append(server)
             for handler in service.handlers:
-                consumer = Consumer(broker, handler, self._delivery_context)
+                consumer = Consumer(
+                    broker, handler, self._delivery_context, self._databases.get(service.name)
+                )
                 await consumer.start()
                 self._consumers.append(consumer)
 
@@ -211,6 +245,11 @@ class Runtime:
         for consumer in self._consumers:
             await consumer.stop(grace)
         self._consumers.clear()
+        for relay in self._relays.values():
+            await relay.stop()
+            with contextlib.suppress(Exception):  # send what is committed now, if the broker lets us
+                await asyncio.wait_for(relay.drain(), timeout=min(grace, 5.0))
+        self._relays.clear()
         if self._rpc is not None:
             await self._rpc.stop()
             self._rpc = None
@@ -221,6 +260,9 @@ class Runtime:
                 except Exception:
                     log.exception("shutdown hook of %s failed", service.name)
         self._started_hooks.clear()
+        for database in self._databases.values():
+            await database.close()
+        self._databases.clear()
         if self._broker is not None and self._owns_broker:
             await self._broker.close()
         self._broker = None

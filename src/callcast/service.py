@@ -36,6 +36,7 @@ from callcast.binding import Binding, plan
 from callcast.codec import event_type
 from callcast.exceptions import ConfigurationError
 from callcast.retry import DEFAULT_RETRY, RetryPolicy
+from callcast.sequence import SequencePolicy
 
 if TYPE_CHECKING:
     from callcast.context import Context
@@ -103,6 +104,10 @@ class EventHandler:
     name: str
     concurrency: int
     retry: RetryPolicy
+    idempotent: bool = False
+    """Run in a transaction of the service's database that records the message id (the inbox)."""
+    sequencing: SequencePolicy | None = None
+    """Apply each key's messages in sequence order: stale ones skipped, early ones parked."""
 
     @property
     def topic(self) -> str:
@@ -123,6 +128,8 @@ class Service:
     name: str
     publishes: Iterable[type[BaseModel]] = ()
     calls: Iterable[str] = ()
+    database: bool = False
+    """The service has its own SQL database (``ctx.transaction()``, ``ctx.db``, inbox, outbox)."""
     routes: list[Route] = field(default_factory=list, init=False)
     endpoints: dict[str, RpcEndpoint[Any, Any]] = field(default_factory=dict, init=False)
     handlers: list[EventHandler] = field(default_factory=list, init=False)
@@ -221,8 +228,29 @@ class Service:
         name: str | None = None,
         concurrency: int = 16,
         retry: RetryPolicy = DEFAULT_RETRY,
+        idempotent: bool = False,
+        sequenced: SequencePolicy | bool = False,
     ) -> Callable[[Callable[[E, Context], Awaitable[None]]], Callable[[E, Context], Awaitable[None]]]:
-        """Handle every ``model`` event published by anyone: ``fn(event, ctx)``."""
+        """Handle every ``model`` event published by anyone: ``fn(event, ctx)``.
+
+        ``idempotent=True``: the handler runs in a transaction of the service's database (``ctx.db``)
+        that also records the message id, so a duplicate is acknowledged without running it again.
+        ``sequenced=True`` (or a :class:`~callcast.sequence.SequencePolicy`): messages of one
+        partition key are applied in their sequence order (``sequence=`` on publish, or a field of
+        the event); implies ``idempotent``.
+        """
+        sequencing = SequencePolicy() if sequenced is True else sequenced or None
+        if (idempotent or sequencing) and not self.database:
+            raise ConfigurationError(
+                f"{self.name}: idempotent/sequenced handlers need the service's database: "
+                f"Service({self.name!r}, database=True)"
+            )
+        if (
+            sequencing is not None
+            and sequencing.field is not None
+            and sequencing.field not in model.model_fields
+        ):
+            raise ConfigurationError(f"{model.__name__} has no field {sequencing.field!r} to sequence by")
         if not (isinstance(model, type) and issubclass(model, BaseModel)):
             raise ConfigurationError(f"{self.name}.on() takes a pydantic model class, got {model!r}")
         if concurrency < 1:
@@ -233,7 +261,18 @@ class Service:
             handler_name = name or fn.__name__
             if any(handler.name == handler_name for handler in self.handlers):
                 raise ConfigurationError(f"{self.name} already has a handler named {handler_name!r}")
-            self.handlers.append(EventHandler(self.name, model, fn, handler_name, concurrency, retry))
+            self.handlers.append(
+                EventHandler(
+                    self.name,
+                    model,
+                    fn,
+                    handler_name,
+                    concurrency,
+                    retry,
+                    idempotent=idempotent or sequencing is not None,
+                    sequencing=sequencing,
+                )
+            )
             return fn
 
         return register

@@ -1,0 +1,171 @@
+"""A service's own SQL database, where callcast keeps its inbox, outbox and sequence records next to
+the service's data, so they commit in the same transaction as the service's effects.
+
+Services that want it say so: ``Service("emails", database=True)``. Which database is configuration,
+never code: ``--database emails=URL`` (``callcast run``), ``App.start(databases={...})`` or
+``$CALLCAST_DATABASE_EMAILS``; the default is ``sqlite:///<data dir>/<service>.db``.
+
+URLs: ``sqlite:///path.db`` (through aiosqlite) and ``postgresql://user@host/db`` (through asyncpg),
+both with SQLAlchemy's async engine; the service gets an ``AsyncConnection`` inside a transaction
+(``ctx.db``) and writes with SQLAlchemy Core (``text(...)`` or table expressions).
+
+SQLite transactions start with ``BEGIN IMMEDIATE`` (the write lock is taken at the start, so two
+writers never deadlock upgrading a read); WAL mode; a 30 s busy timeout.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    Column,
+    Float,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    Text,
+    event,
+)
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from callcast.brokers import redact
+from callcast.exceptions import ConfigurationError, TransportError
+
+metadata = MetaData()
+
+inbox_table = Table(
+    "callcast_inbox",
+    metadata,
+    Column("subscriber", String(200), nullable=False),
+    Column("message_id", String(200), nullable=False),
+    Column("handled_at", Float, nullable=False),
+    Column("duplicates", Integer, nullable=False, server_default="0"),
+    PrimaryKeyConstraint("subscriber", "message_id"),
+)
+"""One row per (subscriber, message id) whose effects committed: the idempotent consumer's memory;
+``duplicates`` counts the copies of the message that were recognised and not applied again."""
+
+outbox_table = Table(
+    "callcast_outbox",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("topic", String(300), nullable=False),
+    Column("headers", Text, nullable=False),
+    Column("body", LargeBinary, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("claimed_by", String(64)),
+    Column("claimed_until", Float),
+)
+"""Envelopes published inside a transaction, waiting for the relay to hand them to the broker."""
+
+sequence_table = Table(
+    "callcast_sequences",
+    metadata,
+    Column("subscriber", String(200), nullable=False),
+    Column("key", String(200), nullable=False),
+    Column("last_sequence", Integer, nullable=False),
+    PrimaryKeyConstraint("subscriber", "key"),
+)
+"""The last sequence number applied per (subscriber, partition key)."""
+
+parked_table = Table(
+    "callcast_parked",
+    metadata,
+    Column("subscriber", String(200), nullable=False),
+    Column("key", String(200), nullable=False),
+    Column("sequence", Integer, nullable=False),
+    Column("headers", Text, nullable=False),
+    Column("body", LargeBinary, nullable=False),
+    Column("parked_at", Float, nullable=False),
+    PrimaryKeyConstraint("subscriber", "key", "sequence"),
+)
+"""Messages that arrived ahead of a gap in their key's sequence, waiting for the missing one."""
+
+Index("callcast_parked_by_age", parked_table.c.subscriber, parked_table.c.parked_at)
+
+
+def async_url(url: str) -> str:
+    """The SQLAlchemy async driver URL for a plain ``sqlite:``/``postgresql:`` URL."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        raise ConfigurationError(f"not a database URL: {redact(url)!r}")
+    driver = {
+        "sqlite": "sqlite+aiosqlite",
+        "sqlite+aiosqlite": "sqlite+aiosqlite",
+        "postgresql": "postgresql+asyncpg",
+        "postgres": "postgresql+asyncpg",
+        "postgresql+asyncpg": "postgresql+asyncpg",
+    }.get(scheme)
+    if driver is None:
+        raise ConfigurationError(f"unsupported database URL {redact(url)!r}: use sqlite:/// or postgresql://")
+    return f"{driver}://{rest}"
+
+
+def database_url(service: str, data_dir: Path, configured: dict[str, str]) -> str:
+    """Where ``service``'s database is: configured, else ``$CALLCAST_DATABASE_<SERVICE>``, else a
+    SQLite file in the data directory."""
+    if service in configured:
+        return configured[service]
+    from_env = os.environ.get(f"CALLCAST_DATABASE_{service.upper().replace('-', '_')}")
+    return from_env or f"sqlite:///{data_dir / (service + '.db')}"
+
+
+class Database:
+    """One service's database: an async engine, callcast's tables, and transactions."""
+
+    def __init__(self, url: str) -> None:
+        self.url = redact(url)
+        target = make_url(async_url(url))
+        self.dialect = target.get_backend_name()
+        options: dict[str, Any] = {}
+        if self.dialect == "sqlite":
+            if target.database and target.database != ":memory:":
+                Path(target.database).parent.mkdir(parents=True, exist_ok=True)
+            options["connect_args"] = {"timeout": 30}
+        self.engine: AsyncEngine = create_async_engine(target, **options)
+        if self.dialect == "sqlite":
+            _sqlite_immediate_transactions(self.engine)
+
+    async def setup(self) -> None:
+        """Create callcast's tables if missing (safe to run from several processes)."""
+        try:
+            async with self.engine.begin() as conn:
+                await conn.run_sync(metadata.create_all)
+        except SQLAlchemyError as error:
+            raise TransportError(
+                f"database {self.url}: cannot create callcast tables: {type(error).__name__}"
+            ) from None
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[AsyncConnection]:
+        """A connection in a transaction: committed when the block ends, rolled back if it raises."""
+        async with self.engine.begin() as conn:
+            yield conn
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+
+def _sqlite_immediate_transactions(engine: AsyncEngine) -> None:
+    @event.listens_for(engine.sync_engine, "connect")
+    def on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # we issue BEGIN ourselves
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute("PRAGMA synchronous = NORMAL")
+        cursor.execute("PRAGMA busy_timeout = 30000")
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def on_begin(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")

@@ -1,0 +1,165 @@
+"""Sequenced handlers: each partition key's messages applied in sequence order, whatever order the
+broker delivers them in.
+
+A message carries its sequence number in the ``sequence`` extension (``ctx.publish(e, key=k,
+sequence=n)``) or in a field of the event (``SequencePolicy(field="version")``). The handler
+declares ``@svc.on(Event, sequenced=True)``; per (subscriber, key) the service's database keeps the
+last sequence applied (``callcast_sequences``). For each message, in one transaction that holds that
+key's row lock:
+
+* ``sequence <= last``: stale or a duplicate — acknowledged and skipped (this is also what makes a
+  sequenced handler idempotent);
+* ``sequence == last + 1``: applied (the handler runs; ``ctx.db`` is the transaction), ``last``
+  moves on, and then any parked successors that are now next are applied, each in its own
+  transaction;
+* ``sequence > last + 1``: a gap — the message is parked in ``callcast_parked`` and acknowledged;
+  it is applied when the missing one arrives, or dead-lettered with reason ``gap`` after
+  ``gap_timeout`` seconds.
+
+Sequences start at ``first`` (default 1) for a key never seen.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from enum import Enum
+
+from pydantic import BaseModel
+from sqlalchemy import and_, select
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from callcast.database import parked_table, sequence_table
+from callcast.envelope import Envelope, decode_or_quarantine
+from callcast.exceptions import ConfigurationError, DecodeError
+
+
+@dataclass(frozen=True, slots=True)
+class SequencePolicy:
+    field: str | None = None
+    """The event field holding the sequence number; ``None``: the envelope's ``sequence`` extension."""
+    first: int = 1
+    """The sequence number a key starts at."""
+    gap_timeout: float = 60.0
+    """Seconds a message may wait parked for a missing predecessor before it is dead-lettered."""
+
+    def __post_init__(self) -> None:
+        if self.gap_timeout <= 0:
+            raise ConfigurationError("gap_timeout must be positive")
+
+    def sequence_of(self, envelope: Envelope, event: BaseModel) -> int:
+        """The message's sequence number; :class:`DecodeError` if it has none."""
+        raw = getattr(event, self.field, None) if self.field else envelope.extensions.get("sequence")
+        if raw is None or isinstance(raw, bool):
+            where = f"field {self.field!r}" if self.field else "extension 'sequence'"
+            raise DecodeError(f"a sequenced handler got a message without a sequence number ({where})")
+        try:
+            return int(raw)
+        except (TypeError, ValueError):
+            raise DecodeError(f"sequence number {raw!r} is not an integer") from None
+
+
+class Verdict(Enum):
+    APPLY = "apply"
+    STALE = "stale"
+    EARLY = "early"
+
+
+async def admit(conn: AsyncConnection, subscriber: str, key: str, sequence: int, first: int) -> Verdict:
+    """Lock the key's row (creating it) and say what to do with ``sequence``."""
+    insert = postgresql_insert if conn.dialect.name == "postgresql" else sqlite_insert
+    await conn.execute(
+        insert(sequence_table)
+        .values(subscriber=subscriber, key=key, last_sequence=first - 1)
+        .on_conflict_do_nothing(index_elements=["subscriber", "key"])
+    )
+    query = select(sequence_table.c.last_sequence).where(
+        sequence_table.c.subscriber == subscriber, sequence_table.c.key == key
+    )
+    if conn.dialect.name == "postgresql":
+        query = query.with_for_update()
+    last = (await conn.execute(query)).scalar_one()
+    if sequence <= last:
+        return Verdict.STALE
+    return Verdict.APPLY if sequence == last + 1 else Verdict.EARLY
+
+
+async def advance(conn: AsyncConnection, subscriber: str, key: str, sequence: int) -> None:
+    await conn.execute(
+        sequence_table.update()
+        .where(sequence_table.c.subscriber == subscriber, sequence_table.c.key == key)
+        .values(last_sequence=sequence)
+    )
+
+
+async def park(conn: AsyncConnection, subscriber: str, key: str, sequence: int, envelope: Envelope) -> None:
+    """Keep an early message until its predecessors are applied (a parked duplicate is ignored)."""
+    insert = postgresql_insert if conn.dialect.name == "postgresql" else sqlite_insert
+    await conn.execute(
+        insert(parked_table)
+        .values(
+            subscriber=subscriber,
+            key=key,
+            sequence=sequence,
+            headers=json.dumps(envelope.headers(), separators=(",", ":")),
+            body=envelope.data,
+            parked_at=time.time(),
+        )
+        .on_conflict_do_nothing(index_elements=["subscriber", "key", "sequence"])
+    )
+
+
+async def take_parked(conn: AsyncConnection, subscriber: str, key: str) -> tuple[int, Envelope] | None:
+    """Remove and return the parked message that is next for ``key`` (its row lock must be held)."""
+    last = (
+        await conn.execute(
+            select(sequence_table.c.last_sequence).where(
+                sequence_table.c.subscriber == subscriber, sequence_table.c.key == key
+            )
+        )
+    ).scalar_one_or_none()
+    if last is None:
+        return None
+    where = and_(parked_table.c.subscriber == subscriber, parked_table.c.key == key)
+    row = (
+        await conn.execute(
+            select(parked_table.c.headers, parked_table.c.body).where(
+                where, parked_table.c.sequence == last + 1
+            )
+        )
+    ).first()
+    if row is None:
+        return None
+    await conn.execute(parked_table.delete().where(where, parked_table.c.sequence == last + 1))
+    return last + 1, decode_or_quarantine(json.loads(row[0]), bytes(row[1]))
+
+
+async def parked_keys(conn: AsyncConnection, subscriber: str) -> list[str]:
+    """Keys that have parked messages."""
+    rows = await conn.execute(
+        select(parked_table.c.key).where(parked_table.c.subscriber == subscriber).distinct()
+    )
+    return [row[0] for row in rows]
+
+
+async def take_expired(
+    conn: AsyncConnection, subscriber: str, older_than: float
+) -> list[tuple[str, int, Envelope]]:
+    """Remove and return parked messages that waited longer than ``older_than`` seconds."""
+    cutoff = time.time() - older_than
+    where = and_(parked_table.c.subscriber == subscriber, parked_table.c.parked_at < cutoff)
+    rows = (
+        await conn.execute(
+            select(
+                parked_table.c.key, parked_table.c.sequence, parked_table.c.headers, parked_table.c.body
+            ).where(where)
+        )
+    ).all()
+    if rows:
+        await conn.execute(parked_table.delete().where(where))
+    return [
+        (key, seq, decode_or_quarantine(json.loads(headers), bytes(body))) for key, seq, headers, body in rows
+    ]
