@@ -1,0 +1,256 @@
+"""Inbox, outbox, sequenced handlers, the per-key gate and dead-letter tooling, on the memory broker
+with SQLite service databases."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import defaultdict
+
+import pytest
+from pydantic import BaseModel
+from sqlalchemy import text
+
+from callcast import App, ConfigurationError, Context, RetryPolicy, Service
+from callcast.brokers.memory import MemoryBroker
+from callcast.dlq import DeadLetterView, browse, original, replay
+from callcast.ordering import KeyGate
+from callcast.sequence import SequencePolicy
+from tests.unit.conftest import StartApp, wait_until
+
+
+class Credit(BaseModel):
+    account: str
+    amount: int
+    fail: bool = False
+
+
+class Versioned(BaseModel):
+    account: str
+    version: int
+    value: int
+
+
+bank = Service("bank", publishes=[Credit, Versioned], database=True)
+ledger = Service("ledger", database=True)
+applied: dict[str, list[int]] = defaultdict(list)
+
+
+@bank.on_startup
+async def bank_tables(ctx: Context) -> None:
+    async with ctx.transaction() as db:
+        await db.execute(text("CREATE TABLE IF NOT EXISTS notes (n INTEGER)"))
+
+
+@ledger.on_startup
+async def ledger_tables(ctx: Context) -> None:
+    async with ctx.transaction() as db:
+        await db.execute(text("CREATE TABLE IF NOT EXISTS balance (account TEXT PRIMARY KEY, total INTEGER)"))
+        await db.execute(text("CREATE TABLE IF NOT EXISTS state (account TEXT PRIMARY KEY, value INTEGER)"))
+
+
+@ledger.on(Credit, idempotent=True, retry=RetryPolicy(max_attempts=3, base_delay=0.01, max_delay=0.05))
+async def credit(event: Credit, ctx: Context) -> None:
+    await ctx.db.execute(
+        text("INSERT INTO balance VALUES (:a, :n) ON CONFLICT (account) DO UPDATE SET total = total + :n"),
+        {"a": event.account, "n": event.amount},
+    )
+    if event.fail:
+        raise RuntimeError("the effect above must roll back")
+
+
+@ledger.on(Versioned, sequenced=SequencePolicy(field="version", gap_timeout=0.5))
+async def track(event: Versioned, ctx: Context) -> None:
+    applied[event.account].append(event.version)
+    await ctx.db.execute(
+        text("INSERT INTO state VALUES (:a, :v) ON CONFLICT (account) DO UPDATE SET value = :v"),
+        {"a": event.account, "v": event.value},
+    )
+
+
+app = App([bank, ledger])
+
+
+async def balance(ctx: Context, account: str) -> int | None:
+    async with ctx.transaction() as db:
+        row = (await db.execute(text("SELECT total FROM balance WHERE account = :a"), {"a": account})).first()
+    return None if row is None else int(row[0])
+
+
+async def test_an_idempotent_handler_applies_a_duplicate_once(start: StartApp, broker: MemoryBroker) -> None:
+    runtime = await start(app)
+    envelope = runtime.context("bank").envelope_for(Credit(account="a", amount=5))
+    for _ in range(3):  # the same message id, three times: a redelivery or a re-publish
+        await broker.publish("Credit", [envelope])
+    ledger_ctx = runtime.context("ledger")
+    await wait_until(lambda: _stats(runtime)["duplicates"] == 2)
+    assert await balance(ledger_ctx, "a") == 5
+
+
+async def test_a_failed_idempotent_handler_rolls_back_its_effect_and_record(start: StartApp) -> None:
+    runtime = await start(app)
+    await runtime.context("bank").publish(Credit(account="b", amount=7, fail=True))
+    await wait_until(lambda: _stats(runtime)["dead_lettered"] == 1, timeout=10)
+    assert await balance(runtime.context("ledger"), "b") is None
+
+
+async def test_publish_in_a_transaction_is_sent_only_after_commit(
+    start: StartApp, broker: MemoryBroker
+) -> None:
+    runtime = await start(app)
+    ctx = runtime.context("bank")
+
+    async def write_then_fail() -> None:
+        async with ctx.transaction() as db:
+            await db.execute(text("INSERT INTO notes VALUES (1)"))
+            await ctx.publish(Credit(account="rolled-back", amount=1))
+            raise ZeroDivisionError
+
+    with pytest.raises(ZeroDivisionError):
+        await write_then_fail()
+    async with ctx.transaction() as db:
+        await db.execute(text("INSERT INTO notes VALUES (2)"))
+        await ctx.publish(Credit(account="committed", amount=2))
+        await asyncio.sleep(0.05)
+        assert await balance(runtime.context("ledger"), "committed") is None  # not before the commit
+    await wait_until(lambda: _stats(runtime)["handled"] >= 1)
+    assert await balance(runtime.context("ledger"), "committed") == 2
+    assert await balance(runtime.context("ledger"), "rolled-back") is None
+
+
+async def test_two_relays_never_publish_a_row_twice(start: StartApp, broker: MemoryBroker) -> None:
+    first = await start(app, services=["bank"])
+    second = await start(app, services=["bank"])
+    sink = await broker.subscribe("Credit", "sink", prefetch=1000)
+    ctx = first.context("bank")
+    for n in range(200):
+        async with ctx.transaction():
+            await ctx.publish(Credit(account=f"r{n}", amount=n))
+    seen: list[str] = []
+    while len(seen) < 200:
+        delivery = await asyncio.wait_for(sink.__anext__(), 5)
+        seen.append(delivery.envelope.id)
+        await delivery.ack()
+    assert len(set(seen)) == 200
+    extra = asyncio.ensure_future(sink.__anext__())
+    done, _ = await asyncio.wait({extra}, timeout=0.5)  # nothing more arrives
+    extra.cancel()
+    assert not done
+    assert first._relays["bank"].published + second._relays["bank"].published == 200
+
+
+async def test_sequenced_handler_applies_in_order_whatever_the_arrival_order(
+    start: StartApp, broker: MemoryBroker
+) -> None:
+    runtime = await start(app)
+    ctx = runtime.context("bank")
+    rng = random.Random(7)
+    sent = []
+    for account in ("x", "y", "z"):
+        for version in range(1, 21):
+            sent.append(
+                ctx.envelope_for(Versioned(account=account, version=version, value=version * 10), key=account)
+            )
+    window = [sent[i : i + 10] for i in range(0, len(sent), 10)]
+    for chunk in window:
+        rng.shuffle(chunk)
+        await broker.publish("Versioned", chunk)
+    await broker.publish("Versioned", [sent[0]])  # a stale duplicate
+    await wait_until(lambda: all(len(applied[a]) == 20 for a in ("x", "y", "z")), timeout=10)
+    assert all(applied[a] == list(range(1, 21)) for a in ("x", "y", "z"))
+    await wait_until(lambda: _stats(runtime)["stale"] >= 1)
+
+
+async def test_a_gap_that_never_closes_is_dead_lettered(start: StartApp, broker: MemoryBroker) -> None:
+    runtime = await start(app)
+    ctx = runtime.context("bank")
+    await ctx.publish(Versioned(account="gap", version=2, value=0), key="gap")
+    async with browse_when(broker, 1) as letters:
+        assert letters[0].diagnostic("dlqreason") == "gap"
+        assert "missing predecessor" in letters[0].diagnostic("dlqerror")
+
+
+async def test_dead_letters_replay_to_their_one_subscriber(start: StartApp, broker: MemoryBroker) -> None:
+    runtime = await start(app)
+    await broker.declare("Credit", "another.group")
+    await runtime.context("bank").publish(Credit(account="c", amount=3, fail=True))
+    async with browse_when(broker, 1) as letters:
+        letter = letters[0]
+        assert letter.subscriber == "ledger.credit"
+        assert letter.diagnostic("dlqattempts") == "3"
+        assert letter.diagnostic("dlqfirstfailure") <= letter.diagnostic("dlqtime")
+        again = original(letter.envelope)
+        assert not [name for name in again.extensions if name.startswith("dlq") and name != "dlqreplays"]
+        assert again.extensions["dlqreplays"] == "1"
+        await replay(broker, letter)
+    async with browse_when(broker, 1) as letters:  # it fails again: the replay was delivered to it
+        assert letters[0].diagnostic("dlqreplays") == "1"
+    other = await broker.subscribe("Credit", "another.group")
+    first = await asyncio.wait_for(other.__anext__(), 5)  # the original publish only, not the replay
+    await first.ack()
+    extra = asyncio.ensure_future(other.__anext__())
+    done, _ = await asyncio.wait({extra}, timeout=0.3)
+    extra.cancel()
+    assert not done
+
+
+async def test_key_gate_runs_one_key_in_order_and_holds_for_a_retry() -> None:
+    gate = KeyGate()
+    order: list[str] = []
+
+    async def run(key: str, name: str, hold: float = 0.0) -> None:
+        async with gate.turn(key, name):
+            order.append(f"{name}+")
+            await asyncio.sleep(hold)
+            order.append(f"{name}-")
+
+    await asyncio.gather(run("k", "a", 0.02), run("k", "b"), run("j", "c"))
+    assert order.index("a-") < order.index("b+")
+    assert order.index("c+") < order.index("a-")  # another key did not wait
+
+    order.clear()
+    gate.hold("k", "retried", 5.0)
+    later = asyncio.ensure_future(run("k", "later"))
+    await asyncio.sleep(0.05)
+    assert order == []  # held for the retried message
+    await run("k", "retried")
+    await asyncio.wait_for(later, 1)
+    assert order == ["retried+", "retried-", "later+", "later-"]
+
+
+def test_idempotent_handlers_need_a_database() -> None:
+    plain = Service("plain")
+    with pytest.raises(ConfigurationError, match="database=True"):
+
+        @plain.on(Credit, idempotent=True)
+        async def handler(event: Credit, ctx: Context) -> None:
+            return None
+
+
+def _stats(runtime: object) -> dict[str, int]:
+    total: dict[str, int] = defaultdict(int)
+    for consumer in runtime._consumers:  # type: ignore[attr-defined]
+        for name, count in getattr(consumer, "stats", {}).items():
+            total[name] += count
+    return total
+
+
+class browse_when:
+    """Browse the dead letters once at least ``count`` are there (with a deadline)."""
+
+    def __init__(self, broker: MemoryBroker, count: int) -> None:
+        self.broker, self.count = broker, count
+
+    async def __aenter__(self) -> list[DeadLetterView]:
+        deadline = asyncio.get_running_loop().time() + 10
+        while True:
+            self._browse = browse(self.broker)
+            letters = await self._browse.__aenter__()
+            if len(letters) >= self.count:
+                return letters
+            await self._browse.__aexit__(None, None, None)
+            if asyncio.get_running_loop().time() > deadline:
+                pytest.fail(f"fewer than {self.count} dead letters within 10 s")
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._browse.__aexit__(None, None, None)
