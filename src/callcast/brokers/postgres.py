@@ -1,0 +1,950 @@
+"""``postgresql://user@host:5432/db``: PostgreSQL as a broker, for teams whose only infrastructure is
+their database.
+
+Every process that connects to the same database and schema shares the broker. Traffic is plain rows
+in three tables of one schema (``?schema=``, default ``callcast``), created on connect if missing, so
+other tools (psql, a BI tool, a migration script) can read it:
+
+``messages`` -- one row per published envelope::
+
+    seq          bigint identity primary key   publish order
+    topic        text                          the topic it was published on
+    pkey         text                          the partition key (``ce-partitionkey``) or NULL
+    headers      json                          CloudEvents binary-mode headers: ``ce-id``,
+                                               ``ce-type``, ``ce-source``, ``ce-time``, ``content-type``,
+                                               ``ce-<extension>`` (read with ``headers->>'ce-type'``)
+    body         bytea                         the event data
+    published_at timestamptz
+
+``subscriptions`` -- the declared groups, primary key ``(topic, grp)``::
+
+    topic, grp   text
+    ephemeral    boolean                       exists only while its one subscriber lives
+    heartbeat    timestamptz                   refreshed by the subscriber of an ephemeral group
+    declared_at  timestamptz
+
+``deliveries`` -- one row per (group, envelope) still to be settled, primary key
+``(topic, grp, seq)``::
+
+    topic, grp, seq                            which group, which ``messages.seq``
+    pkey         text                          copied from the message, for per-key order
+    available_at timestamptz                   not handed out before (``-infinity``: at once)
+    attempts     integer                       deliveries to this group so far
+    owner        text                          the subscriber holding it, or NULL
+    lease_until  timestamptz                   the owner's hold runs out at this time
+
+How the transport contract is met:
+
+* **publish** is one statement, so one transaction and one round trip for the whole batch: it
+  key-share-locks the topic's groups, inserts the messages (``unnest`` of arrays, in batch order),
+  fans out one ``deliveries`` row per group (or only ``group=``), and sends ``NOTIFY`` on channel
+  ``<schema>.wake`` with payload ``["topic", "group", sender]`` for each group. It returns after
+  ``COMMIT``, which PostgreSQL makes durable (with the server's ``synchronous_commit``). Envelopes of
+  a topic nobody declared a group on are not stored. A batch with partition keys first takes a
+  transaction-level advisory lock per (topic, key), so two publishes of one key commit in the order
+  of their ``seq``: the later message of a key is never visible before the earlier one.
+* **claiming** (``UPDATE ... FROM (SELECT ... FOR UPDATE SKIP LOCKED)``): the earliest due rows of the
+  group that nobody holds (or whose lease ran out), skipping rows a competing claim has locked, so
+  competing subscribers never block one another. A keyed row is claimable only while no earlier
+  row of its key is in the table (handed out, or nacked and waiting): per-key order holds across
+  processes (``ordered_per_key``). A claim sets ``owner``, ``lease_until`` and ``attempts + 1``.
+* **wake-up**: a subscriber waiting for work sleeps until a local publish/settle, a ``NOTIFY`` from
+  another process (one dedicated ``LISTEN`` connection per broker object), the due time of one of
+  this process's delayed nacks, or a low-rate fallback poll (``?poll=``, default 1 s) that finds
+  retries delayed by other processes and leases that ran out.
+* **leases**: each broker renews the leases of the rows its live subscribers hold every
+  ``lease/3`` seconds (``?lease=``, default 10 s). A killed process stops renewing, and its rows
+  go to the group's other subscribers once ``lease_until`` passed; that claim counts an attempt.
+* **ack** deletes the row; **nack(delay)** clears the owner and sets ``available_at``, so delayed
+  retries live in the table (``delayed_nack``) and survive restarts. Both only touch a row still
+  owned by the settling subscriber, so a settle after close (or after the lease ran out and another
+  subscriber took the row) is ignored.
+* **prefetch** bounds the rows a subscription holds; rows claimed ahead but never handed out get
+  their attempt taken back when the subscription closes.
+* **ephemeral** groups are deleted with their rows on close; their subscriber refreshes
+  ``heartbeat`` with the leases, and a group whose heartbeat is older than ``max(60, 6 * lease)``
+  seconds (its process died) is collected.
+* **garbage**: messages no delivery refers to any more are deleted in batches by one broker at a
+  time (``pg_try_advisory_xact_lock``).
+* **reconnect**: the connection pool replaces connections the server dropped; the ``LISTEN``
+  connection is re-established (then every subscriber looks for work once, for notifications it
+  missed); subscribers keep waiting through an outage, retrying at the poll rate, instead of
+  ending. Leases that ran out during the outage are redelivered (at least once).
+* **schema**: created on connect when missing, under ``pg_advisory_xact_lock`` so processes that
+  connect at once do not collide; a user without ``CREATE`` rights can use tables made by another.
+
+Every driver error is translated at this boundary: a connection that cannot be made, or is lost,
+is :class:`~callcast.exceptions.BrokerUnavailableError`; a publish whose statement failed is
+:class:`~callcast.exceptions.PublishError` (it may or may not be stored); other failures are
+:class:`~callcast.exceptions.TransportError`. Messages and ``url`` never contain the password.
+
+URL: ``postgresql://user[:password]@host[:port]/database?option=value`` (also ``postgres://``); a
+missing part takes libpq's defaults (``PGHOST`` ..., as asyncpg reads them). Options:
+
+=================== ================================================================================
+``schema``          schema of the tables (default ``callcast``; letters, digits, ``_``; ≤ 58 chars)
+``lease``           seconds a killed subscriber keeps its deliveries (default 10)
+``poll``            seconds between fallback polls of a waiting subscriber (default 1)
+``pool_size``       most connections in the pool, besides the ``LISTEN`` one (default 10)
+``connect_timeout`` seconds to wait for a connection (default 5)
+``sslmode``         ``disable``, ``allow``, ``prefer``, ``require``, ``verify-ca`` or ``verify-full``
+``application_name`` shown in ``pg_stat_activity`` (default ``callcast``)
+=================== ================================================================================
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import uuid
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import asyncpg  # type: ignore[import-untyped, unused-ignore]
+
+from callcast.brokers import redact
+from callcast.envelope import Envelope, decode_or_quarantine
+from callcast.exceptions import BrokerUnavailableError, ConfigurationError, PublishError, TransportError
+from callcast.transport import Capabilities, Delivery
+
+CAPABILITIES = Capabilities(
+    durable=True,
+    shared=True,
+    delayed_nack=True,
+    delivery_count=True,
+    ordered_per_key=True,
+    request_reply=False,
+    replays_history=False,
+)
+
+DEFAULT_SCHEMA = "callcast"
+SCHEMES = ("postgresql", "postgres")
+OPTIONS = ("schema", "lease", "poll", "pool_size", "connect_timeout", "sslmode", "application_name")
+SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+_SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,57}")
+_COMMAND_TIMEOUT = 30.0
+_GC_INTERVAL = 2.0
+_GC_BATCH = 10_000
+_NOTIFY_LIMIT = 7900  # PostgreSQL refuses NOTIFY payloads of 8000 bytes and more
+
+log = logging.getLogger("callcast.brokers.postgres")
+
+# Errors asyncpg (and the sockets under it) raise; every one is translated at this module's boundary.
+_DRIVER_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
+    OSError,
+    EOFError,
+    TimeoutError,
+)
+# Of those, the ones that mean "the server cannot be reached or the connection is gone".
+_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,  # admin shutdown, starting up, crash shutdown
+    asyncpg.exceptions.InsufficientResourcesError,  # too many connections
+    asyncpg.InterfaceError,  # connection closed, pool closing
+    OSError,
+    EOFError,
+    TimeoutError,
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """A parsed ``postgresql://`` URL. ``connect_kwargs`` holds the password: never log it."""
+
+    schema: str = DEFAULT_SCHEMA
+    lease: float = 10.0
+    poll: float = 1.0
+    pool_size: int = 10
+    connect_timeout: float = 5.0
+    connect_kwargs: dict[str, Any] = field(default_factory=dict, repr=False)
+    password: str | None = field(default=None, repr=False)
+
+
+def _seconds(name: str, value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ConfigurationError(f"postgres broker: {name} must be a number of seconds") from None
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ConfigurationError(f"postgres broker: {name} must be a positive, finite number of seconds")
+    return seconds
+
+
+def parse_url(url: str) -> Settings:
+    """Read ``postgresql://user[:pw]@host[:port]/db?options``; :class:`ConfigurationError` if bad."""
+    safe = redact(url)
+    parts = urlsplit(url)
+    if parts.scheme not in SCHEMES:
+        raise ConfigurationError(f"not a postgresql:// URL: {safe!r}")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ConfigurationError(f"postgres broker: bad port in {safe!r}") from None
+    options: dict[str, str] = {}
+    for key, values in parse_qs(parts.query, keep_blank_values=True).items():
+        options[key] = values[-1]
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise ConfigurationError(
+            f"postgres broker: unknown option(s) {', '.join(unknown)} in {safe!r}; "
+            f"the options are {', '.join(OPTIONS)}"
+        )
+    schema = options.get("schema", DEFAULT_SCHEMA)
+    if not _SCHEMA_NAME.fullmatch(schema):
+        raise ConfigurationError(
+            f"postgres broker: schema must be 1-58 letters, digits or underscores "
+            f"(not starting with a digit), got {schema!r}"
+        )
+    pool_size_text = options.get("pool_size", "10")
+    if not pool_size_text.isdigit() or not 1 <= int(pool_size_text) <= 1000:
+        raise ConfigurationError(f"postgres broker: pool_size must be 1 to 1000, got {pool_size_text!r}")
+    sslmode = options.get("sslmode")
+    if sslmode is not None and sslmode not in SSL_MODES:
+        raise ConfigurationError(f"postgres broker: sslmode must be one of {', '.join(SSL_MODES)}")
+    password = unquote(parts.password) if parts.password is not None else None
+    database = unquote(parts.path[1:]) if parts.path.startswith("/") else unquote(parts.path)
+    connect_timeout = _seconds("connect_timeout", options.get("connect_timeout", "5"))
+    kwargs: dict[str, Any] = {
+        "host": parts.hostname or None,
+        "port": port,
+        "user": unquote(parts.username) if parts.username else None,
+        "password": password,
+        "database": database or None,
+        "timeout": connect_timeout,
+        "command_timeout": _COMMAND_TIMEOUT,
+        "server_settings": {"application_name": options.get("application_name", "callcast")},
+    }
+    if sslmode is not None:
+        kwargs["ssl"] = sslmode
+    return Settings(
+        schema=schema,
+        lease=_seconds("lease", options.get("lease", "10")),
+        poll=_seconds("poll", options.get("poll", "1")),
+        pool_size=int(pool_size_text),
+        connect_timeout=connect_timeout,
+        connect_kwargs={key: value for key, value in kwargs.items() if value is not None},
+        password=password,
+    )
+
+
+def _lock_id(*parts: str) -> int:
+    """A stable signed 32-bit id for an advisory lock (a collision only serializes needlessly)."""
+    digest = hashlib.blake2b("\x00".join(parts).encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+class _Sql:
+    """The statements of one schema (names quoted once, here)."""
+
+    def __init__(self, schema: str) -> None:
+        s = f'"{schema}"'
+        self.schema = s
+        self.marker = f"{s}.deliveries_by_seq"  # created last: when it exists, the whole DDL ran
+        self.ddl = f"""
+CREATE SCHEMA IF NOT EXISTS {s};
+CREATE TABLE IF NOT EXISTS {s}.messages (
+    seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    topic text NOT NULL,
+    pkey text,
+    headers json NOT NULL,
+    body bytea NOT NULL,
+    published_at timestamptz NOT NULL DEFAULT statement_timestamp()
+);
+CREATE TABLE IF NOT EXISTS {s}.subscriptions (
+    topic text NOT NULL,
+    grp text NOT NULL,
+    ephemeral boolean NOT NULL DEFAULT false,
+    heartbeat timestamptz NOT NULL DEFAULT statement_timestamp(),
+    declared_at timestamptz NOT NULL DEFAULT statement_timestamp(),
+    PRIMARY KEY (topic, grp)
+);
+CREATE TABLE IF NOT EXISTS {s}.deliveries (
+    topic text NOT NULL,
+    grp text NOT NULL,
+    seq bigint NOT NULL,
+    pkey text,
+    available_at timestamptz NOT NULL DEFAULT '-infinity',
+    attempts integer NOT NULL DEFAULT 0,
+    owner text,
+    lease_until timestamptz,
+    PRIMARY KEY (topic, grp, seq)
+);
+CREATE INDEX IF NOT EXISTS deliveries_by_key ON {s}.deliveries (topic, grp, pkey, seq)
+    WHERE pkey IS NOT NULL;
+CREATE INDEX IF NOT EXISTS deliveries_by_owner ON {s}.deliveries (owner) WHERE owner IS NOT NULL;
+CREATE INDEX IF NOT EXISTS deliveries_by_seq ON {s}.deliveries (seq);
+COMMENT ON SCHEMA {s} IS 'callcast broker: messages, subscriptions, deliveries (layout 1)';
+"""
+        # $1 topic, $2 group or NULL, $3 headers[], $4 bodies[], $5 keys[], $6 lock class, $7 locks[],
+        # $8 channel, $9 sender. Groups are key-share locked so that an ephemeral group's close (which
+        # deletes its row, then its deliveries) waits for this publish and then sees its rows.
+        self.publish = f"""
+WITH grps AS (
+    SELECT grp FROM {s}.subscriptions
+    WHERE topic = $1 AND ($2::text IS NULL OR grp = $2::text)
+    FOR KEY SHARE
+), locked AS (
+    SELECT count(pg_advisory_xact_lock($6::int4, k)) AS n FROM unnest($7::int4[]) AS k
+), msgs AS (
+    INSERT INTO {s}.messages (topic, pkey, headers, body)
+    SELECT $1, u.pkey, u.headers, u.body
+    FROM unnest($3::json[], $4::bytea[], $5::text[]) WITH ORDINALITY AS u(headers, body, pkey, n)
+    WHERE EXISTS (SELECT 1 FROM grps) AND (SELECT n FROM locked) >= 0
+    ORDER BY u.n
+    RETURNING seq, pkey
+), fanned AS (
+    INSERT INTO {s}.deliveries (topic, grp, seq, pkey)
+    SELECT $1, g.grp, m.seq, m.pkey FROM msgs AS m CROSS JOIN grps AS g
+)
+SELECT g.grp, pg_notify($8::text, CASE
+    WHEN octet_length(json_build_array($1::text, g.grp, $9::text)::text) < {_NOTIFY_LIMIT}
+    THEN json_build_array($1::text, g.grp, $9::text)::text
+    ELSE json_build_array(NULL, NULL, $9::text)::text END) AS notified
+FROM grps AS g
+"""
+        self.declare = f"""
+INSERT INTO {s}.subscriptions (topic, grp) VALUES ($1, $2) ON CONFLICT (topic, grp) DO NOTHING
+"""
+        self.declare_ephemeral = f"""
+INSERT INTO {s}.subscriptions (topic, grp, ephemeral) VALUES ($1, $2, true)
+ON CONFLICT (topic, grp) DO UPDATE SET heartbeat = statement_timestamp()
+"""
+        # $1 topic, $2 group, $3 limit, $4 owner, $5 lease seconds.
+        self.claim = f"""
+WITH picked AS (
+    SELECT d.seq FROM {s}.deliveries AS d
+    WHERE d.topic = $1 AND d.grp = $2
+      AND d.available_at <= statement_timestamp()
+      AND (d.owner IS NULL OR d.lease_until < statement_timestamp())
+      AND (d.pkey IS NULL OR NOT EXISTS (
+            SELECT 1 FROM {s}.deliveries AS e
+            WHERE e.topic = d.topic AND e.grp = d.grp AND e.pkey = d.pkey AND e.seq < d.seq))
+    ORDER BY d.seq
+    LIMIT $3
+    FOR UPDATE SKIP LOCKED
+), claimed AS (
+    UPDATE {s}.deliveries AS d
+    SET owner = $4, lease_until = statement_timestamp() + make_interval(secs => $5::float8),
+        attempts = d.attempts + 1
+    FROM picked AS p
+    WHERE d.topic = $1 AND d.grp = $2 AND d.seq = p.seq
+    RETURNING d.seq, d.attempts
+)
+SELECT c.seq, c.attempts, m.headers::text AS headers, m.body
+FROM claimed AS c LEFT JOIN {s}.messages AS m ON m.seq = c.seq
+ORDER BY c.seq
+"""
+        # $1 topic, $2 group, $3 seq, $4 owner, $5 channel, $6 payload.
+        self.ack = f"""
+WITH gone AS (
+    DELETE FROM {s}.deliveries WHERE topic = $1 AND grp = $2 AND seq = $3 AND owner = $4
+    RETURNING pkey
+)
+SELECT pg_notify($5, $6) FROM gone WHERE gone.pkey IS NOT NULL
+"""
+        # $1 topic, $2 group, $3 seq, $4 owner, $5 delay seconds, $6 channel, $7 payload.
+        self.nack = f"""
+WITH back AS (
+    UPDATE {s}.deliveries
+    SET owner = NULL, lease_until = NULL, available_at = CASE WHEN $5::float8 > 0
+        THEN statement_timestamp() + make_interval(secs => $5::float8) ELSE '-infinity' END
+    WHERE topic = $1 AND grp = $2 AND seq = $3 AND owner = $4
+    RETURNING 1
+)
+SELECT pg_notify($6, $7) FROM back WHERE $5::float8 <= 0
+"""
+        # $1 topic, $2 group, $3 owner, $4 seqs never handed out, $5 channel, $6 payload.
+        self.release = f"""
+WITH back AS (
+    UPDATE {s}.deliveries
+    SET owner = NULL, lease_until = NULL,
+        attempts = greatest(attempts - (seq = ANY($4::int8[]))::int, 0)
+    WHERE topic = $1 AND grp = $2 AND owner = $3
+    RETURNING 1
+)
+SELECT pg_notify($5, $6) WHERE EXISTS (SELECT 1 FROM back)
+"""
+        self.drop_group = f"DELETE FROM {s}.subscriptions WHERE topic = $1 AND grp = $2"
+        self.drop_group_rows = f"DELETE FROM {s}.deliveries WHERE topic = $1 AND grp = $2"
+        # $1 lease seconds, $2..$5 topic/group/seq/owner of every held row, $6/$7 ephemeral groups.
+        self.renew = f"""
+WITH renewed AS (
+    UPDATE {s}.deliveries AS d
+    SET lease_until = statement_timestamp() + make_interval(secs => $1::float8)
+    FROM unnest($2::text[], $3::text[], $4::int8[], $5::text[]) AS k(topic, grp, seq, owner)
+    WHERE d.topic = k.topic AND d.grp = k.grp AND d.seq = k.seq AND d.owner = k.owner
+    RETURNING 1
+), beats AS (
+    INSERT INTO {s}.subscriptions (topic, grp, ephemeral)
+    SELECT t, g, true FROM unnest($6::text[], $7::text[]) AS e(t, g)
+    ON CONFLICT (topic, grp) DO UPDATE SET heartbeat = statement_timestamp()
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM renewed) AS renewed, (SELECT count(*) FROM beats) AS beats
+"""
+        self.stale_groups = f"""
+DELETE FROM {s}.subscriptions
+WHERE ephemeral AND heartbeat < statement_timestamp() - make_interval(secs => $1::float8)
+RETURNING topic, grp
+"""
+        self.drop_rows_of = f"""
+DELETE FROM {s}.deliveries AS d USING unnest($1::text[], $2::text[]) AS g(topic, grp)
+WHERE d.topic = g.topic AND d.grp = g.grp
+"""
+        self.collect = f"""
+DELETE FROM {s}.messages WHERE seq IN (
+    SELECT m.seq FROM {s}.messages AS m
+    WHERE NOT EXISTS (SELECT 1 FROM {s}.deliveries AS d WHERE d.seq = m.seq)
+    LIMIT {_GC_BATCH})
+"""
+
+
+class PostgresBroker:
+    """PostgreSQL as a broker. Build with :func:`callcast.brokers.connect` (``postgresql://...``)."""
+
+    capabilities = CAPABILITIES
+
+    def __init__(self, url: str = "postgresql://localhost/postgres") -> None:
+        self.url = redact(url)
+        self.settings = parse_url(url)
+        self.schema = self.settings.schema
+        self.lease = self.settings.lease
+        self.poll = self.settings.poll
+        self.channel = f"{self.schema}.wake"
+        self._sql = _Sql(self.schema)
+        self._id = uuid.uuid4().hex  # the sender of this object's notifications, ignored on receipt
+        self._admin_lock = _lock_id("callcast-admin", self.schema)
+        self._key_lock = _lock_id("callcast-keys", self.schema)
+        self._pool: Any = None
+        self._listener: Any = None
+        self._listener_lost = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._subscriptions: set[_PostgresSubscription] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closing = False
+        self._pool_closed = False
+        self._close_task: asyncio.Future[None] | None = None
+
+    def __repr__(self) -> str:
+        return f"PostgresBroker({self.url!r})"
+
+    # -- errors ---------------------------------------------------------------------------------
+
+    def _describe(self, error: BaseException) -> str:
+        text = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+        password = self.settings.password
+        if password:
+            text = text.replace(password, "***")
+        return text
+
+    def _translate(self, error: BaseException, what: str, *, publish: bool = False) -> TransportError:
+        message = f"postgres broker {self.url}: {what}: {self._describe(error)}"
+        if publish:
+            return PublishError(message)
+        if isinstance(error, _CONNECTION_ERRORS):
+            return BrokerUnavailableError(message)
+        return TransportError(message)
+
+    def _check_open(self, *, public: bool = True) -> Any:
+        """The pool. Once ``close()`` began, only the closing subscriptions may still use it."""
+        if self._pool is None or self._pool_closed or (public and self._closing):
+            raise BrokerUnavailableError(f"postgres broker {self.url} is closed")
+        return self._pool
+
+    async def _call(
+        self, method: str, sql: str, *args: Any, what: str, publish: bool = False, public: bool = False
+    ) -> Any:
+        """Run one statement on a pooled connection (``execute``, ``fetch`` or ``fetchval``)."""
+        pool = self._check_open(public=public)
+        try:
+            conn = await pool.acquire()
+        except _DRIVER_ERRORS as error:
+            raise self._translate(error, f"{what}: cannot get a connection") from None
+        try:
+            return await getattr(conn, method)(sql, *args)
+        except _DRIVER_ERRORS as error:
+            raise self._translate(error, what, publish=publish) from None
+        finally:
+            with contextlib.suppress(*_DRIVER_ERRORS):
+                await pool.release(conn)
+
+    # -- plumbing -------------------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        """Open the pool and the ``LISTEN`` connection, creating the tables if missing."""
+        self._loop = asyncio.get_running_loop()
+        kwargs = self.settings.connect_kwargs
+        try:
+            self._pool = await asyncpg.create_pool(min_size=1, max_size=self.settings.pool_size, **kwargs)
+        except Exception as error:  # asyncpg raises many kinds while connecting; all mean the same
+            raise BrokerUnavailableError(
+                f"postgres broker {self.url}: cannot connect: {self._describe(error)}"
+            ) from None
+        try:
+            await self._ensure_schema()
+            await self._open_listener()
+        except BaseException:
+            await self._close_pool()
+            raise
+        self._tasks = [
+            asyncio.create_task(self._listen_forever(), name="callcast-postgres-listen"),
+            asyncio.create_task(self._housekeeping(), name="callcast-postgres-housekeeping"),
+        ]
+
+    async def _ensure_schema(self) -> None:
+        try:
+            async with self._pool.acquire() as conn:
+                if await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", self._sql.marker):
+                    return
+                async with conn.transaction():
+                    await conn.execute("SELECT pg_advisory_xact_lock($1, 0)", self._admin_lock)
+                    await conn.execute(self._sql.ddl)
+        except _DRIVER_ERRORS as error:
+            raise self._translate(error, f"cannot create the tables in schema {self.schema}") from None
+
+    async def _open_listener(self) -> None:
+        try:
+            conn = await asyncpg.connect(**self.settings.connect_kwargs)
+        except Exception as error:
+            raise BrokerUnavailableError(
+                f"postgres broker {self.url}: cannot connect: {self._describe(error)}"
+            ) from None
+        try:
+            await conn.add_listener(self.channel, self._on_notify)
+        except _DRIVER_ERRORS as error:
+            conn.terminate()
+            raise self._translate(error, f"cannot LISTEN on {self.channel}") from None
+        self._listener_lost.clear()
+        conn.add_termination_listener(self._on_listener_lost)
+        self._listener = conn
+
+    def _on_listener_lost(self, _conn: Any) -> None:
+        self._listener_lost.set()
+
+    def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        try:
+            topic, group, sender = json.loads(payload)
+        except (ValueError, TypeError):
+            self._wake_all()
+            return
+        if sender == self._id:
+            return  # woken locally already
+        if topic is None:
+            self._wake_all()
+            return
+        self._wake_group(str(topic), str(group))
+
+    async def _listen_forever(self) -> None:
+        """Keep the ``LISTEN`` connection up: re-open it when it drops, check it when quiet."""
+        backoff = 0.1
+        while True:
+            conn = self._listener
+            if conn is None or conn.is_closed():
+                self._listener = None
+                try:
+                    await self._open_listener()
+                except TransportError as error:
+                    log.debug("%s: LISTEN connection not back yet: %s", self.url, error)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 1.0)
+                    continue
+                backoff = 0.1
+                log.info("%s: LISTEN connection re-established", self.url)
+                self._wake_all()  # notifications sent while it was down are lost: look once
+                continue
+            try:
+                await asyncio.wait_for(self._listener_lost.wait(), max(self.poll, 5.0))
+            except TimeoutError:
+                try:  # a connection that died silently (no FIN) is found by using it
+                    await asyncio.wait_for(conn.execute("SELECT 1"), self.settings.connect_timeout)
+                except _DRIVER_ERRORS:
+                    conn.terminate()
+                continue
+            conn.terminate()  # lost: make sure it is closed, then open a new one
+
+    async def _housekeeping(self) -> None:
+        """Every lease/3 seconds: renew leases and heartbeats; now and then, collect garbage."""
+        loop = asyncio.get_running_loop()
+        last_gc = loop.time()
+        interval = self.lease / 3
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self._renew()
+            except TransportError as error:
+                log.debug("%s: renewing leases failed: %s", self.url, error)
+            if loop.time() - last_gc >= max(_GC_INTERVAL, interval):
+                last_gc = loop.time()
+                try:
+                    await self._collect_garbage()
+                except TransportError as error:
+                    log.debug("%s: garbage collection failed: %s", self.url, error)
+
+    async def _renew(self) -> None:
+        topics: list[str] = []
+        groups: list[str] = []
+        seqs: list[int] = []
+        owners: list[str] = []
+        ephemeral_topics: list[str] = []
+        ephemeral_groups: list[str] = []
+        for subscription in list(self._subscriptions):
+            if subscription.closed:
+                continue
+            if subscription.ephemeral:
+                ephemeral_topics.append(subscription.topic)
+                ephemeral_groups.append(subscription.group)
+            for seq in subscription.outstanding:
+                topics.append(subscription.topic)
+                groups.append(subscription.group)
+                seqs.append(seq)
+                owners.append(subscription.owner)
+        if seqs or ephemeral_topics:
+            await self._call(
+                "execute",
+                self._sql.renew,
+                self.lease,
+                topics,
+                groups,
+                seqs,
+                owners,
+                ephemeral_topics,
+                ephemeral_groups,
+                what="renewing leases",
+            )
+
+    async def _collect_garbage(self) -> None:
+        """Drop ephemeral groups whose subscriber died, then messages nobody refers to."""
+        pool = self._check_open(public=False)
+        stale_after = max(60.0, 6 * self.lease)
+        try:
+            async with pool.acquire() as conn, conn.transaction():
+                if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1, 1)", self._admin_lock):
+                    return  # another broker object is collecting
+                stale = await conn.fetch(self._sql.stale_groups, stale_after)
+                if stale:
+                    await conn.execute(
+                        self._sql.drop_rows_of, [r["topic"] for r in stale], [r["grp"] for r in stale]
+                    )
+                await conn.execute(self._sql.collect)
+        except _DRIVER_ERRORS as error:
+            raise self._translate(error, "collecting garbage") from None
+
+    def _wake_all(self) -> None:
+        for subscription in self._subscriptions:
+            subscription.wake.set()
+
+    def _wake_group(self, topic: str, group: str) -> None:
+        for subscription in self._subscriptions:
+            if subscription.group == group and subscription.topic == topic:
+                subscription.wake.set()
+
+    def _payload(self, topic: str, group: str) -> str:
+        payload = json.dumps([topic, group, self._id])
+        if len(payload.encode()) >= _NOTIFY_LIMIT:
+            payload = json.dumps([None, None, self._id])
+        return payload
+
+    # -- the seam -------------------------------------------------------------------------------
+
+    async def publish(self, topic: str, envelopes: Sequence[Envelope], *, group: str | None = None) -> None:
+        self._check_open()
+        if not envelopes:
+            return
+        headers = [json.dumps(e.headers(), separators=(",", ":"), ensure_ascii=False) for e in envelopes]
+        bodies = [e.data for e in envelopes]
+        keys = [e.partition_key for e in envelopes]
+        locks = sorted({_lock_id(topic, key) for key in keys if key is not None})
+        rows = await self._call(
+            "fetch",
+            self._sql.publish,
+            topic,
+            group,
+            headers,
+            bodies,
+            keys,
+            self._key_lock,
+            locks,
+            self.channel,
+            self._id,
+            what=f"publish to {topic!r}",
+            publish=True,
+            public=True,
+        )
+        for row in rows:
+            self._wake_group(topic, row["grp"])
+
+    async def declare(self, topic: str, group: str) -> None:
+        await self._declare(topic, group, ephemeral=False)
+
+    async def _declare(self, topic: str, group: str, *, ephemeral: bool) -> None:
+        sql = self._sql.declare_ephemeral if ephemeral else self._sql.declare
+        await self._call("execute", sql, topic, group, what=f"declare {group!r}", public=True)
+
+    async def subscribe(
+        self, topic: str, group: str, *, prefetch: int = 32, ephemeral: bool = False
+    ) -> _PostgresSubscription:
+        await self._declare(topic, group, ephemeral=ephemeral)
+        self._check_open()
+        subscription = _PostgresSubscription(self, topic, group, max(1, prefetch), ephemeral)
+        self._subscriptions.add(subscription)
+        return subscription
+
+    async def close(self) -> None:
+        if self._close_task is None:
+            self._closing = True
+            self._close_task = asyncio.ensure_future(self._shutdown())
+        await asyncio.shield(self._close_task)
+
+    async def _shutdown(self) -> None:
+        await asyncio.gather(*(s.close() for s in list(self._subscriptions)), return_exceptions=True)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            try:
+                await asyncio.wait_for(listener.close(), self.settings.connect_timeout)
+            except _DRIVER_ERRORS:
+                listener.terminate()
+        await self._close_pool()
+
+    async def _close_pool(self) -> None:
+        pool = self._pool
+        if pool is None or self._pool_closed:
+            return
+        self._pool_closed = True
+        try:
+            await asyncio.wait_for(pool.close(), self.settings.connect_timeout)
+        except _DRIVER_ERRORS:
+            pool.terminate()
+
+    # -- subscriber operations ------------------------------------------------------------------
+
+    async def _claim(
+        self, subscription: _PostgresSubscription, limit: int
+    ) -> list[tuple[int, int, Envelope]]:
+        rows = await self._call(
+            "fetch",
+            self._sql.claim,
+            subscription.topic,
+            subscription.group,
+            limit,
+            subscription.owner,
+            self.lease,
+            what=f"claim for {subscription.group!r}",
+        )
+        return [
+            (
+                row["seq"],
+                row["attempts"],
+                decode_or_quarantine(_load_headers(row["headers"]), row["body"] or b""),
+            )
+            for row in rows
+        ]
+
+    async def _settle(self, subscription: _PostgresSubscription, seq: int, delay: float | None) -> None:
+        topic, group = subscription.topic, subscription.group
+        payload = self._payload(topic, group)
+        if delay is None:
+            await self._call(
+                "execute",
+                self._sql.ack,
+                topic,
+                group,
+                seq,
+                subscription.owner,
+                self.channel,
+                payload,
+                what="ack",
+            )
+        else:
+            await self._call(
+                "execute",
+                self._sql.nack,
+                topic,
+                group,
+                seq,
+                subscription.owner,
+                delay,
+                self.channel,
+                payload,
+                what="nack",
+            )
+            if delay > 0 and self._loop is not None:
+                # Our own subscribers look again when it is due; others find it by their fallback poll.
+                self._loop.call_later(delay + 0.002, self._wake_group, topic, group)
+        self._wake_group(topic, group)
+
+    async def _release(self, subscription: _PostgresSubscription, never_handed_out: list[int]) -> None:
+        topic, group = subscription.topic, subscription.group
+        if subscription.ephemeral:
+            pool = self._check_open(public=False)
+            try:
+                async with pool.acquire() as conn, conn.transaction():
+                    # The group's row first: publishes that still fan out to it hold a key-share lock
+                    # on it, so this waits for them, and the next statement sees their rows.
+                    await conn.execute(self._sql.drop_group, topic, group)
+                    await conn.execute(self._sql.drop_group_rows, topic, group)
+            except _DRIVER_ERRORS as error:
+                raise self._translate(error, f"dropping ephemeral group {group!r}") from None
+            return
+        await self._call(
+            "execute",
+            self._sql.release,
+            topic,
+            group,
+            subscription.owner,
+            never_handed_out,
+            self.channel,
+            self._payload(topic, group),
+            what=f"hand back the deliveries of {group!r}",
+        )
+        self._wake_group(topic, group)
+
+
+class _PostgresSubscription:
+    def __init__(
+        self, broker: PostgresBroker, topic: str, group: str, prefetch: int, ephemeral: bool
+    ) -> None:
+        self.broker = broker
+        self.topic = topic
+        self.group = group
+        self.prefetch = prefetch
+        self.ephemeral = ephemeral
+        self.owner = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        self.outstanding: set[int] = set()  # claimed and not settled: handed out or in the buffer
+        self.buffer: deque[_PostgresDelivery] = deque()
+        self.wake = asyncio.Event()
+        self.claiming: asyncio.Task[None] | None = None
+        self.claim_error: TransportError | None = None
+        self.failing = False
+        self.closed = False
+
+    def __aiter__(self) -> _PostgresSubscription:
+        return self
+
+    async def __anext__(self) -> Delivery:
+        while not self.closed:
+            if self.buffer:
+                return self.buffer.popleft()
+            room = self.prefetch - len(self.outstanding)
+            if room > 0:
+                self.wake.clear()
+                if self.claiming is None:
+                    self.claiming = asyncio.create_task(self._claim(room), name="callcast-postgres-claim")
+                claiming = self.claiming
+                try:
+                    # Shielded: if our caller is cancelled (a timeout), the claim still lands in the
+                    # buffer for the next call, instead of leaving rows owned but never handed out.
+                    await asyncio.shield(claiming)
+                finally:
+                    if claiming.done() and self.claiming is claiming:
+                        self.claiming = None
+                if self.buffer:
+                    continue
+                self._check_claim_error()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), self.broker.poll)
+        raise StopAsyncIteration
+
+    def _check_claim_error(self) -> None:
+        error, self.claim_error = self.claim_error, None
+        if error is None or self.closed:
+            return
+        if isinstance(error, BrokerUnavailableError):
+            # The server is away (restarting, network): keep waiting and retry at the poll rate, so
+            # consumers carry on when it is back instead of ending.
+            if not self.failing:
+                log.warning("%s: %s; retrying every %gs", self.broker.url, error, self.broker.poll)
+            self.failing = True
+            return
+        raise error
+
+    async def _claim(self, limit: int) -> None:
+        if self.closed:
+            return
+        try:
+            claimed = await self.broker._claim(self, limit)
+        except TransportError as error:
+            self.claim_error = error
+            return
+        if self.failing:
+            self.failing = False
+            log.info("%s: %r takes deliveries again", self.broker.url, self.group)
+        # Kept even if the subscription closed meanwhile: close() waits for this claim and hands
+        # these rows back as never handed out.
+        for seq, attempt, envelope in claimed:
+            self.outstanding.add(seq)
+            self.buffer.append(_PostgresDelivery(self, seq, attempt, envelope))
+
+    async def settle(self, seq: int, delay: float | None) -> None:
+        if self.closed or seq not in self.outstanding:
+            return
+        # Forgotten first: if settling fails, the row is no longer renewed, so it returns to the
+        # group when its lease runs out.
+        self.outstanding.discard(seq)
+        await self.broker._settle(self, seq, delay)
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.wake.set()
+        claiming = self.claiming
+        if claiming is not None:
+            await asyncio.wait({claiming})
+        self.broker._subscriptions.discard(self)
+        never_handed_out = [delivery._seq for delivery in self.buffer]
+        self.buffer.clear()
+        self.outstanding.clear()
+        try:
+            await self.broker._release(self, never_handed_out)
+        except TransportError as error:
+            log.warning(
+                "%s: %r could not hand back its deliveries (they return after the lease): %s",
+                self.broker.url,
+                self.group,
+                error,
+            )
+
+
+class _PostgresDelivery:
+    __slots__ = ("_seq", "_subscription", "attempt", "envelope")
+
+    def __init__(
+        self, subscription: _PostgresSubscription, seq: int, attempt: int, envelope: Envelope
+    ) -> None:
+        self._subscription = subscription
+        self._seq = seq
+        self.attempt = attempt
+        self.envelope = envelope
+
+    async def ack(self) -> None:
+        await self._subscription.settle(self._seq, None)
+
+    async def nack(self, *, delay: float = 0.0) -> None:
+        await self._subscription.settle(self._seq, max(0.0, delay))
+
+
+def _load_headers(text: str | None) -> dict[str, str]:
+    if text is None:
+        return {}
+    try:
+        headers = json.loads(text)
+    except ValueError:
+        return {}
+    return {str(k): str(v) for k, v in headers.items()} if isinstance(headers, dict) else {}

@@ -1,0 +1,539 @@
+"""The ``postgresql://`` broker against the shared conformance suite, plus what only this adapter
+has: its URL and options, its tables (readable by other tools), its schema created by processes that
+connect at once, driver errors translated at its boundary, and ``LISTEN`` wake-ups that survive a
+server restart.
+
+Everything runs against real PostgreSQL servers on 127.0.0.1: the machine's server on port 5432 (each
+run in a schema of its own, dropped at teardown), and, for the restart tests, a private server this
+module starts (``initdb`` into a temporary directory, a free port) and stops by its data directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg  # type: ignore[import-untyped, unused-ignore]
+import pytest
+
+from callcast.brokers import connect
+from callcast.brokers.postgres import PostgresBroker, parse_url
+from callcast.envelope import UNDECODABLE_TYPE, Envelope
+from callcast.exceptions import BrokerUnavailableError, ConfigurationError, PublishError, TransportError
+from callcast.testing import BrokerConformance
+from callcast.transport import Broker, Capabilities
+
+from .conftest import require_server
+
+pytestmark = pytest.mark.postgres
+
+HOST = "127.0.0.1"
+PORT = 5432
+DATABASE = "test"
+LEASE = 1.0
+POLL = 0.5
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+# The servers trust 127.0.0.1, so any password does; one is given so that every test also checks it
+# is redacted (the suite's URL check also expects ``:***@`` wherever a URL names a user).
+PASSWORD = "not-a-secret"
+
+
+def server_url(schema: str, *, port: int = PORT, **options: object) -> str:
+    query = "&".join(f"{key}={value}" for key, value in {"schema": schema, **options}.items())
+    database = DATABASE if port == PORT else "postgres"
+    return f"postgresql://postgres:{PASSWORD}@{HOST}:{port}/{database}?{query}"
+
+
+def new_schema() -> str:
+    return f"cc_test_{uuid.uuid4().hex[:12]}"
+
+
+async def _drop_schemas(port: int, database: str, schemas: list[str]) -> None:
+    conn = await asyncpg.connect(host=HOST, port=port, user="postgres", database=database, timeout=10)
+    try:
+        for schema in schemas:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="module")
+def schemas() -> Iterator[list[str]]:
+    """Schemas created on the shared server by this module's run; all dropped at its end."""
+    created: list[str] = []
+    yield created
+    if created:
+        asyncio.run(_drop_schemas(PORT, DATABASE, created))
+
+
+@pytest.fixture
+def schema(schemas: list[str]) -> str:
+    """A fresh schema on the shared server (skips, or fails in CI, when the server is down)."""
+    require_server("postgresql", PORT)
+    name = new_schema()
+    schemas.append(name)
+    return name
+
+
+@pytest.fixture(scope="module")
+def suite_schema(schemas: list[str]) -> str:
+    """One schema for every conformance test of the shared server (the suite's names are unique)."""
+    require_server("postgresql", PORT)
+    name = new_schema()
+    schemas.append(name)
+    return name
+
+
+@contextlib.asynccontextmanager
+async def sql(port: int = PORT, database: str = DATABASE) -> AsyncIterator[Any]:
+    """A plain connection, as another tool reading callcast's tables would open."""
+    conn = await asyncpg.connect(host=HOST, port=port, user="postgres", database=database, timeout=10)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+async def wait_for_condition(check: Any, timeout: float = 5.0, what: str = "condition") -> None:
+    """Wait until ``await check()`` is true, looking every 50 ms; fail after ``timeout`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not await check():
+        if loop.time() > deadline:
+            pytest.fail(f"{what} not met within {timeout}s")
+        await asyncio.sleep(0.05)
+
+
+def event(data: bytes = b"{}", **extensions: str) -> Envelope:
+    return Envelope(type="T", source="/test", data=data, extensions=extensions)
+
+
+# -- the conformance suite on the shared server -------------------------------------------------------
+
+
+class TestPostgresBroker(BrokerConformance):
+    lease = LEASE
+
+    @pytest.fixture(autouse=True)
+    def _schema(self, suite_schema: str) -> None:
+        self.url = server_url(suite_schema, lease=f"{LEASE:g}", poll=f"{POLL:g}")
+
+    async def make_broker(self) -> Broker:
+        return await connect(self.url)
+
+    def process_url(self) -> str:
+        return self.url
+
+    async def test_capabilities(self) -> None:
+        """PostgreSQL as a broker: durable, shared by every process that reaches the database, with
+        retries delayed and attempts counted in the table, and per-key order across processes."""
+        broker = await self.open()
+        assert isinstance(broker, PostgresBroker)
+        assert broker.capabilities == Capabilities(
+            durable=True,
+            shared=True,
+            delayed_nack=True,
+            delivery_count=True,
+            ordered_per_key=True,
+            request_reply=False,
+            replays_history=False,
+        )
+
+
+# -- a private server, for the restart tests ----------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind((HOST, 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+class PrivateServer:
+    """A PostgreSQL server of this test module's own: a temporary data directory and a free port.
+    PostgreSQL refuses to run as root, so as root it runs as the ``postgres`` user. Only this
+    directory's server is ever stopped (``pg_ctl -D <dir>``)."""
+
+    def __init__(self) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="callcast-pg-"))
+        self.data = self.root / "data"
+        self.port = free_port()
+        self.running = False
+        self._as_postgres: list[str] = []
+        if os.geteuid() == 0:
+            account = pwd.getpwnam("postgres")
+            os.chown(self.root, account.pw_uid, account.pw_gid)
+            self._as_postgres = ["runuser", "-u", "postgres", "--"]
+
+    def _run(self, *command: str) -> None:
+        result = subprocess.run(
+            [*self._as_postgres, *command], capture_output=True, text=True, timeout=60, check=False
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed: {result.stdout}{result.stderr}")
+
+    def init(self) -> None:
+        self._run(str(PG_BIN / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres", "-N")
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.root} -c listen_addresses={HOST}"
+        log = str(self.root / "server.log")
+        self._run(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-o", options, "-l", log, "-w", "start")
+        self.running = True
+
+    def stop(self) -> None:
+        self._run(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
+        self.running = False
+
+    def destroy(self) -> None:
+        try:
+            if self.running:
+                self.stop()
+        finally:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def private_server() -> Iterator[PrivateServer]:
+    if not (PG_BIN / "initdb").exists() or (os.geteuid() == 0 and shutil.which("runuser") is None):
+        pytest.skip(f"no PostgreSQL server binaries in {PG_BIN} to start a private server")
+    server = PrivateServer()
+    try:
+        server.init()
+        server.start()
+        yield server
+    finally:
+        server.destroy()
+
+
+class TestPostgresBrokerRestart(BrokerConformance):
+    """The suite's restart test (and this adapter's own) against the private server: the shared one
+    is never stopped. The rest of the suite runs against the shared server above."""
+
+    lease = LEASE
+    can_restart = True
+
+    @pytest.fixture(autouse=True)
+    def _private(self, private_server: PrivateServer) -> None:
+        self.server = private_server
+        self.schema = new_schema()  # the whole server is dropped at the end: no cleanup needed
+        self.url = server_url(self.schema, port=private_server.port, lease=f"{LEASE:g}", poll=f"{POLL:g}")
+
+    async def make_broker(self) -> Broker:
+        return await connect(self.url)
+
+    def process_url(self) -> str:
+        return self.url
+
+    async def stop_server(self) -> None:
+        await asyncio.to_thread(self.server.stop)
+
+    async def start_server(self) -> None:
+        await asyncio.to_thread(self.server.start)
+
+    async def test_waiting_subscribers_and_listen_survive_a_restart(self) -> None:
+        """Subscribers waiting in ``__anext__`` while the server restarts neither end nor raise (one
+        retries at its poll rate through the outage); afterwards the broker's ``LISTEN`` connection is
+        back, so a publish from another connection wakes a subscriber whose fallback poll is set to a
+        minute (only a notification can wake it within the deadline)."""
+        polling = await self.open()
+        listening = await connect(self.url.replace(f"poll={POLL:g}", "poll=60"))
+        self._brokers.append(listening)
+        assert isinstance(listening, PostgresBroker)
+        topic = f"t.{uuid.uuid4().hex}"
+        waiting = {
+            asyncio.create_task((await polling.subscribe(topic, "polling")).__anext__()),
+            asyncio.create_task((await listening.subscribe(topic, "listening")).__anext__()),
+        }
+        await self.stop_server()
+        try:
+            done, _ = await asyncio.wait(waiting, timeout=3 * POLL)
+            assert not done, "a subscriber ended (or got something) while the server was down"
+        finally:
+            await self.start_server()
+
+        async def listen_is_back() -> bool:
+            conn = listening._listener
+            return conn is not None and not conn.is_closed()
+
+        await wait_for_condition(listen_is_back, 10, "the LISTEN connection is re-established")
+        publisher = await self.open()
+        deadline = asyncio.get_running_loop().time() + 10
+        while True:  # the publisher's pool replaces its dropped connection
+            try:
+                await publisher.publish(topic, [event(b"after")])
+                break
+            except TransportError:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise
+                await asyncio.sleep(0.1)
+        delivered = await asyncio.wait_for(asyncio.gather(*waiting), 5)
+        assert [d.envelope.data for d in delivered] == [b"after", b"after"]
+        for delivery in delivered:
+            await delivery.ack()
+
+
+# -- the URL --------------------------------------------------------------------------------------------
+
+
+def test_url_names_server_database_and_options() -> None:
+    """Host, port, user, password and database go to the driver (percent-decoded); the query holds
+    callcast's options; missing parts are left to libpq's defaults."""
+    settings = parse_url(
+        "postgresql://app:s%40cret@db.example:6543/orders?schema=bus&lease=2.5&poll=0.25"
+        "&pool_size=4&connect_timeout=3&sslmode=require&application_name=shop"
+    )
+    assert (settings.schema, settings.lease, settings.poll) == ("bus", 2.5, 0.25)
+    assert (settings.pool_size, settings.connect_timeout) == (4, 3.0)
+    kwargs = settings.connect_kwargs
+    assert (kwargs["host"], kwargs["port"], kwargs["user"]) == ("db.example", 6543, "app")
+    assert (kwargs["password"], kwargs["database"], kwargs["ssl"]) == ("s@cret", "orders", "require")
+    assert kwargs["server_settings"] == {"application_name": "shop"}
+    defaults = parse_url("postgres://")
+    assert (defaults.schema, defaults.lease, defaults.poll, defaults.pool_size) == ("callcast", 10.0, 1.0, 10)
+    assert "host" not in defaults.connect_kwargs
+    assert "password" not in defaults.connect_kwargs
+    assert "s@cret" not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    ("url", "complaint"),
+    [
+        ("mysql://u@h/db", "not a postgresql:// URL"),
+        ("postgresql://u@h:port/db", "bad port"),
+        ("postgresql://u@h/db?lease=soon", "lease must be"),
+        ("postgresql://u@h/db?lease=0", "lease must be"),
+        ("postgresql://u@h/db?lease=nan", "lease must be"),
+        ("postgresql://u@h/db?poll=-1", "poll must be"),
+        ("postgresql://u@h/db?connect_timeout=inf", "connect_timeout must be"),
+        ("postgresql://u@h/db?pool_size=0", "pool_size must be"),
+        ("postgresql://u@h/db?schema=1abc", "schema must be"),
+        ("postgresql://u@h/db?schema=a;drop", "schema must be"),
+        ("postgresql://u@h/db?schema=" + "s" * 59, "schema must be"),
+        ("postgresql://u@h/db?sslmode=sometimes", "sslmode must be"),
+        ("postgresql://u:pw@h/db?leese=1", r"unknown option\(s\) leese"),
+    ],
+)
+def test_a_bad_url_or_option_is_a_configuration_error(url: str, complaint: str) -> None:
+    """A URL the adapter cannot honour fails before anything is opened, naming the problem (and
+    never the password); a misspelt option is not silently ignored."""
+    with pytest.raises(ConfigurationError, match=complaint) as raised:
+        PostgresBroker(url)
+    assert "pw@" not in str(raised.value)
+
+
+async def test_the_password_never_shows(schemas: list[str]) -> None:
+    """``url`` is redacted, and a connection failure names the server, never the password."""
+    port = free_port()  # nothing listens there
+    broker = PostgresBroker(f"postgresql://postgres:hunter2@{HOST}:{port}/test?connect_timeout=2")
+    assert broker.url == f"postgresql://postgres:***@{HOST}:{port}/test?connect_timeout=2"
+    assert "hunter2" not in repr(broker)
+    with pytest.raises(BrokerUnavailableError) as raised:
+        await broker.connect()
+    assert "hunter2" not in str(raised.value)
+    assert f"{HOST}:{port}" in str(raised.value)
+    await broker.close()
+
+
+# -- driver errors are callcast errors -------------------------------------------------------------------
+
+
+async def test_a_missing_database_is_broker_unavailable() -> None:
+    """A database that does not exist is :class:`BrokerUnavailableError` from ``connect``, not the
+    driver's exception."""
+    require_server("postgresql", PORT)
+    missing = f"nodb_{uuid.uuid4().hex[:8]}"
+    with pytest.raises(BrokerUnavailableError, match="cannot connect"):
+        await connect(f"postgresql://postgres@{HOST}:{PORT}/{missing}")
+
+
+async def test_statement_failures_are_transport_errors(schema: str) -> None:
+    """What the server refuses surfaces as callcast's errors: a publish as :class:`PublishError`,
+    declare and subscribe as :class:`TransportError`, and a subscription whose tables were dropped
+    under it raises :class:`TransportError` from ``__anext__`` (so the dispatcher retries)."""
+    broker = await connect(server_url(schema, lease=f"{LEASE:g}", poll=f"{POLL:g}"))
+    try:
+        await broker.declare("orders", "billing")
+        with pytest.raises(PublishError, match="publish to"):
+            await broker.publish("bad\x00topic", [event()])  # text cannot hold NUL
+        subscription = await broker.subscribe("orders", "billing")
+        async with sql() as conn:
+            await conn.execute(
+                f'DROP TABLE "{schema}".deliveries, "{schema}".messages, "{schema}".subscriptions'
+            )
+        with pytest.raises(PublishError) as raised:
+            await broker.publish("orders", [event()])
+        assert not isinstance(raised.value, asyncpg.PostgresError)
+        with pytest.raises(TransportError):
+            await broker.declare("orders", "shipping")
+        with pytest.raises(TransportError) as taking:
+            await asyncio.wait_for(subscription.__anext__(), 5)
+        assert type(taking.value) is TransportError
+    finally:
+        await broker.close()
+
+
+# -- the schema ---------------------------------------------------------------------------------------------
+
+
+async def test_processes_connecting_at_once_create_the_schema_once(schema: str) -> None:
+    """The tables are created on connect when missing; brokers connecting at the same moment (each
+    with its own connections, as separate processes would) do not trip over each other's DDL, and a
+    later connect finds the tables and creates nothing."""
+    url = server_url(schema, lease=f"{LEASE:g}")
+    brokers = await asyncio.gather(*(connect(url) for _ in range(6)), return_exceptions=True)
+    try:
+        failures = [b for b in brokers if isinstance(b, BaseException)]
+        assert failures == []
+        async with sql() as conn:
+            tables = await conn.fetch(
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = $1 ORDER BY 1", schema
+            )
+        assert [row["table_name"] for row in tables] == ["deliveries", "messages", "subscriptions"]
+        first = brokers[0]
+        assert isinstance(first, PostgresBroker)
+        subscription = await first.subscribe("orders", "billing")
+        other = brokers[1]
+        assert isinstance(other, PostgresBroker)
+        await other.publish("orders", [event(b"shared")])
+        delivery = await asyncio.wait_for(subscription.__anext__(), 5)
+        assert delivery.envelope.data == b"shared"
+        await delivery.ack()
+    finally:
+        for broker in brokers:
+            if isinstance(broker, PostgresBroker):
+                await broker.close()
+
+
+# -- what lives in the tables --------------------------------------------------------------------------------
+
+
+async def test_the_tables_are_readable_by_other_tools(schema: str) -> None:
+    """A published envelope is a ``messages`` row (headers as JSON, data as bytea) with one
+    ``deliveries`` row per group; a claim marks the owner and counts the attempt; an ack deletes
+    the delivery, and the message is collected once no group needs it."""
+    broker = await connect(server_url(schema, lease=f"{LEASE:g}", poll=f"{POLL:g}"))
+    try:
+        await broker.declare("orders", "billing")
+        await broker.declare("orders", "shipping")
+        sent = event(b"\x00\x01binary", partitionkey="order-7")
+        await broker.publish("orders", [sent])
+        async with sql() as conn:
+            message = await conn.fetchrow(
+                f"SELECT seq, topic, pkey, headers->>'ce-type' AS type, headers->>'ce-id' AS id, body "
+                f'FROM "{schema}".messages'
+            )
+            assert (message["topic"], message["pkey"], message["type"]) == ("orders", "order-7", "T")
+            assert (message["id"], message["body"]) == (sent.id, b"\x00\x01binary")
+            rows = await conn.fetch(
+                f'SELECT grp, seq, pkey, attempts, owner FROM "{schema}".deliveries ORDER BY grp'
+            )
+            assert [tuple(row) for row in rows] == [
+                ("billing", message["seq"], "order-7", 0, None),
+                ("shipping", message["seq"], "order-7", 0, None),
+            ]
+            billing = await broker.subscribe("orders", "billing")
+            delivery = await asyncio.wait_for(billing.__anext__(), 5)
+            claimed = await conn.fetchrow(
+                f'SELECT attempts, owner, lease_until > now() AS leased FROM "{schema}".deliveries '
+                "WHERE grp = 'billing'"
+            )
+            assert (claimed["attempts"], claimed["leased"]) == (1, True)
+            assert claimed["owner"] is not None
+            await delivery.ack()
+            shipping = await broker.subscribe("orders", "shipping")
+            shipped = await asyncio.wait_for(shipping.__anext__(), 5)
+            await shipped.ack()
+
+            async def collected() -> bool:
+                count: int = await conn.fetchval(f'SELECT count(*) FROM "{schema}".messages')
+                return count == 0
+
+            assert await conn.fetchval(f'SELECT count(*) FROM "{schema}".deliveries') == 0
+            await wait_for_condition(collected, 10, "the settled message is collected")
+    finally:
+        await broker.close()
+
+
+async def test_an_undecodable_row_is_delivered_quarantined(schema: str) -> None:
+    """A row written by another tool whose headers are not a CloudEvent does not crash the
+    subscription: it is delivered as ``callcast.undecodable`` with its body and the reason, and the
+    next message follows normally."""
+    broker = await connect(server_url(schema, lease=f"{LEASE:g}", poll=f"{POLL:g}"))
+    try:
+        subscription = await broker.subscribe("orders", "billing")
+        no_type = {"ce-id": "bad-1", "ce-source": "/x", "ce-specversion": "1.0"}
+        async with sql() as conn:
+            for headers, body in ((json.dumps(no_type), b"body-1"), (json.dumps(["a", "list"]), b"body-2")):
+                seq = await conn.fetchval(
+                    f'INSERT INTO "{schema}".messages (topic, headers, body) '
+                    "VALUES ($1, $2, $3) RETURNING seq",
+                    "orders",
+                    headers,
+                    body,
+                )
+                await conn.execute(
+                    f'INSERT INTO "{schema}".deliveries (topic, grp, seq) VALUES ($1, $2, $3)',
+                    "orders",
+                    "billing",
+                    seq,
+                )
+        good = event(b"good")
+        await broker.publish("orders", [good])
+        received = [await asyncio.wait_for(subscription.__anext__(), 5) for _ in range(3)]
+        assert [d.envelope.type for d in received[:2]] == [UNDECODABLE_TYPE] * 2
+        assert [d.envelope.data for d in received[:2]] == [b"body-1", b"body-2"]
+        assert received[0].envelope.id == "bad-1"
+        assert "type" in received[0].envelope.extensions["decodeerror"]
+        assert received[2].envelope == good
+        for delivery in received:
+            await delivery.ack()
+    finally:
+        await broker.close()
+
+
+# -- waking across connections ------------------------------------------------------------------------
+
+
+async def test_a_publish_elsewhere_wakes_a_waiter_by_notify(schema: str) -> None:
+    """A subscriber waiting on one broker object is woken by ``NOTIFY`` when another (as another
+    process would) publishes or hands back work: with the fallback poll set to a minute, only a
+    notification can wake it within the deadline."""
+    waiter = await connect(server_url(schema, lease=f"{LEASE:g}", poll="60"))
+    other = await connect(server_url(schema, lease=f"{LEASE:g}", poll="60"))
+    try:
+        subscription = await waiter.subscribe("orders", "billing", prefetch=1)
+        waiting = asyncio.create_task(subscription.__anext__())
+        await asyncio.sleep(0)
+        await other.publish("orders", [event(b"one")])
+        first = await asyncio.wait_for(waiting, 3)
+        assert first.envelope.data == b"one"
+        await first.ack()
+
+        held_by_other = await other.subscribe("orders", "billing", prefetch=1)
+        await other.publish("orders", [event(b"two")])
+        two = await asyncio.wait_for(held_by_other.__anext__(), 3)
+        waiting = asyncio.create_task(subscription.__anext__())
+        await asyncio.sleep(0.2)
+        assert not waiting.done()
+        await two.nack()  # handed back elsewhere: the waiter hears of it
+        again = await asyncio.wait_for(waiting, 3)
+        assert (again.envelope.data, again.attempt) == (b"two", 2)
+        await again.ack()
+    finally:
+        await waiter.close()
+        await other.close()
