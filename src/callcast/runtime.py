@@ -25,6 +25,7 @@ from typing import Any
 import uvicorn
 from starlette.applications import Starlette
 
+from callcast import inbox
 from callcast.app import App
 from callcast.brokers import connect
 from callcast.consumer import Consumer
@@ -42,6 +43,8 @@ from callcast.transport import Broker
 log = logging.getLogger("callcast")
 
 DEFAULT_DATA_DIR = ".callcast"
+INBOX_RETENTION = 7 * 24 * 3600.0
+"""Seconds an inbox record is kept: the window in which a duplicate is recognised."""
 
 
 class _Server(uvicorn.Server):
@@ -72,6 +75,7 @@ class Runtime:
         self.database_urls = dict(databases or {})
         self._databases: dict[str, Database] = {}
         self._relays: dict[str, Relay] = {}
+        self._housekeeping: asyncio.Task[None] | None = None
         self.instance_id = uuid.uuid4().hex[:12]
         self.state: dict[str, SimpleNamespace] = {s.name: SimpleNamespace() for s in self.running_services}
         self._broker: Broker | None = None
@@ -176,6 +180,8 @@ class Runtime:
                 relay = Relay(database, broker)
                 relay.start()
                 self._relays[service.name] = relay
+        if self._databases:
+            self._housekeeping = asyncio.create_task(self._forget_old_inbox_records(), name="inbox-retention")
         for service in self.running_services:
             for hook in service.startup_hooks:
                 await hook(self.context(service.name))
@@ -206,6 +212,18 @@ class Runtime:
                 )
                 await consumer.start()
                 self._consumers.append(consumer)
+
+    async def _forget_old_inbox_records(self) -> None:
+        """Hourly: drop inbox records older than :data:`INBOX_RETENTION` (a duplicate arriving later
+        than that would be applied again)."""
+        while True:
+            for name, database in self._databases.items():
+                try:
+                    async with database.transaction() as conn:
+                        await inbox.forget_older_than(conn, INBOX_RETENTION)
+                except Exception as error:
+                    log.warning("inbox retention of %s failed: %s", name, type(error).__name__)
+            await asyncio.sleep(3600)
 
     async def serve_http(self, host: str = "127.0.0.1", port: int = 8000) -> None:
         """Start serving HTTP on ``host:port`` (returns once listening)."""
@@ -245,6 +263,11 @@ class Runtime:
         for consumer in self._consumers:
             await consumer.stop(grace)
         self._consumers.clear()
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._housekeeping
+            self._housekeeping = None
         for relay in self._relays.values():
             await relay.stop()
             with contextlib.suppress(Exception):  # send what is committed now, if the broker lets us
