@@ -43,7 +43,15 @@ def load_app(spec: str) -> App:
 async def _run(args: argparse.Namespace) -> None:
     app = load_app(args.app)
     broker_url = args.broker or default_url()
-    runtime = await app.start(broker=broker_url, services=args.service or None, data_dir=args.data_dir)
+    databases: dict[str, str] = {}
+    for item in args.database or []:
+        name, sep, url = item.partition("=")
+        if not sep or not name or not url:
+            raise SystemExit(f"callcast: --database takes SERVICE=URL, got {item!r}")
+        databases[name] = url
+    runtime = await app.start(
+        broker=broker_url, services=args.service or None, data_dir=args.data_dir, databases=databases
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -137,6 +145,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     run.add_argument("--no-http", action="store_true", help="do not serve HTTP (event/RPC workers)")
     run.add_argument("--data-dir", help="where services keep their files (default .callcast)")
+    run.add_argument(
+        "--database",
+        action="append",
+        metavar="SERVICE=URL",
+        help="a service's database (sqlite:///path.db or postgresql://...; default a file in --data-dir)",
+    )
     run.add_argument("--grace", type=float, default=10.0, help="seconds in-flight work gets on stop")
     run.add_argument("--log-level", default="WARNING")
 
