@@ -132,7 +132,9 @@ class Database:
             if target.database and target.database != ":memory:":
                 Path(target.database).parent.mkdir(parents=True, exist_ok=True)
             options["connect_args"] = {"timeout": 30}
-        self.engine: AsyncEngine = create_async_engine(target, **options)
+        # Every checkout is an engine.begin() block that commits or rolls back before the connection
+        # returns, so the pool's extra reset round trip (a ROLLBACK) is skipped.
+        self.engine: AsyncEngine = create_async_engine(target, pool_reset_on_return=None, **options)
         if self.dialect == "sqlite":
             _sqlite_immediate_transactions(self.engine)
 
