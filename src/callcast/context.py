@@ -67,7 +67,7 @@ class Context:
         self.deadline = deadline
         """UNIX time by which the caller gives up (RPC), or ``None``."""
         self._tx: AsyncConnection | None = None
-        self._staged = False
+        self._staged: list[outbox.Staged] = []
 
     @property
     def state(self) -> SimpleNamespace:
@@ -117,8 +117,9 @@ class Context:
         """
         envelope = self.envelope_for(event, key=key, sequence=sequence)
         if self._tx is not None:
-            await outbox.stage(self._tx, envelope.type, envelope)
-            self._staged = True
+            relay = self._runtime.relay(self.service)
+            row_id = await outbox.stage(self._tx, envelope.type, envelope, relay)
+            self._staged.append((row_id, envelope.type, envelope))
         else:
             await self._runtime.broker.publish(envelope.type, [envelope])
 
@@ -144,11 +145,14 @@ class Context:
             async with database.transaction() as conn:
                 self._tx = conn
                 yield conn
+        except BaseException:
+            self._staged = []  # rolled back: those rows are gone
+            raise
         finally:
             self._tx = None
-            if self._staged:
-                self._staged = False
-                self._runtime.outbox_committed(self.service)
+        if self._staged:
+            staged, self._staged = self._staged, []
+            self._runtime.relay(self.service).committed(staged)
 
     async def call(
         self, endpoint: RpcEndpoint[Req, Resp], request: Req, *, timeout: float | None = None

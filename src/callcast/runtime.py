@@ -118,11 +118,10 @@ class Runtime:
                 "and run it in this process"
             ) from None
 
-    def outbox_committed(self, service: str) -> None:
-        """A transaction of ``service`` committed outbox rows: wake its relay."""
-        relay = self._relays.get(service)
-        if relay is not None:
-            relay.notify()
+    def relay(self, service: str) -> Relay:
+        """The outbox relay of ``service``'s database in this process."""
+        self.database(service)  # a clear error for a service without a database
+        return self._relays[service]
 
     def source(self, service: str) -> str:
         """The CloudEvents ``source`` of what ``service`` publishes."""
