@@ -1,0 +1,597 @@
+"""RabbitMQ (``amqp://``) against the shared conformance suite, plus what only this adapter has: its
+URL and options, its topology names, the CloudEvents AMQP binding on the wire (read back with the
+CloudEvents SDK), the retry buckets, reconnecting, and driver errors translated.
+
+Everything runs against the real server on 127.0.0.1:5672. Every name this module creates lives under
+one per-run prefix (``callcast-test-<run>``: the exchange option of every URL), and the module deletes
+every queue and exchange under it when it ends. The restart test stops and starts the RabbitMQ
+*application* of the node (``rabbitmqctl stop_app`` / ``start_app``): connections drop as in a
+restart while the node and its quorum queues stay; it is the only test that does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import shutil
+import subprocess
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
+
+import aio_pika
+import aio_pika.abc
+import aiormq.exceptions
+import pytest
+from cloudevents.core.bindings import amqp as ce_amqp
+from cloudevents.core.formats.json import JSONFormat
+from cloudevents.core.v1.event import CloudEvent
+
+from callcast.brokers import connect
+from callcast.brokers.rabbitmq import (
+    ATTEMPTS_HEADER,
+    RabbitBroker,
+    parse_url,
+    queue_name,
+    retry_bucket,
+    retry_queue_name,
+)
+from callcast.envelope import UNDECODABLE_TYPE, Envelope
+from callcast.exceptions import BrokerUnavailableError, ConfigurationError, TransportError
+from callcast.testing import BrokerConformance
+from callcast.transport import Broker, Capabilities
+from tests.brokers.conftest import require_server, server_is_up
+
+pytestmark = pytest.mark.rabbitmq
+
+HOST, PORT = "127.0.0.1", 5672
+RUN = f"callcast-test-{uuid.uuid4().hex[:12]}"
+"""Prefix of every exchange and queue this module creates; deleted when the module ends."""
+RAW_URL = f"amqp://guest:guest@{HOST}:{PORT}/"
+HEARTBEAT = 1
+LEASE = 2.0
+URL = f"{RAW_URL}?exchange={RUN}&heartbeat={HEARTBEAT}&timeout=2"
+RABBITMQCTL = shutil.which("rabbitmqctl")
+_app_stopped = False
+
+
+def _ctl(*args: str, timeout: float = 60) -> str:
+    """Run ``rabbitmqctl`` on the local node; its output."""
+    assert RABBITMQCTL is not None
+    result = subprocess.run(
+        [RABBITMQCTL, *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"rabbitmqctl {' '.join(args)} failed: {result.stderr.strip()}")
+    return result.stdout
+
+
+def _start_app() -> None:
+    global _app_stopped
+    _ctl("start_app", timeout=120)
+    _ctl("await_startup", timeout=120)
+    _app_stopped = False
+
+
+async def _wait_for_port(up: bool, timeout: float) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while server_is_up(HOST, PORT, timeout=0.5) != up:
+        if loop.time() > deadline:
+            raise TimeoutError(f"RabbitMQ port {PORT} still {'down' if up else 'up'} after {timeout}s")
+        await asyncio.sleep(0.05)
+
+
+def _names(kind: str) -> list[str]:
+    return [
+        line.split("\t")[0]
+        for line in _ctl(f"list_{kind}", "--quiet", "--no-table-headers", "name").splitlines()
+    ]
+
+
+async def _delete_run_topology() -> None:
+    """Delete every queue and exchange whose name starts with this run's prefix."""
+    queues = [name for name in await asyncio.to_thread(_names, "queues") if name.startswith(RUN)]
+    exchanges = [name for name in await asyncio.to_thread(_names, "exchanges") if name.startswith(RUN)]
+    connection = await aio_pika.connect(RAW_URL)
+    try:
+        for name in queues:
+            channel = await connection.channel()
+            with contextlib.suppress(aiormq.exceptions.AMQPError):
+                await channel.queue_delete(name)
+            with contextlib.suppress(aiormq.exceptions.AMQPError, RuntimeError):
+                await channel.close()
+        channel = await connection.channel()
+        for name in exchanges:
+            await channel.exchange_delete(name)
+    finally:
+        await connection.close()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _run_namespace() -> Iterator[None]:
+    """The server must be up; when the module ends, the app runs again and this run's names are gone."""
+    require_server("RabbitMQ", PORT, HOST)
+    yield
+    if _app_stopped:
+        _start_app()
+    if RABBITMQCTL is not None:
+        asyncio.run(_delete_run_topology())
+
+
+@pytest.fixture
+async def raw() -> AsyncIterator[aio_pika.abc.AbstractChannel]:
+    """A plain aio-pika channel, as another tool reading callcast's traffic would open."""
+    connection = await aio_pika.connect(RAW_URL)
+    try:
+        yield await connection.channel()
+    finally:
+        await connection.close()
+
+
+def unique(label: str) -> str:
+    return f"rabbit.{label}.{uuid.uuid4().hex[:12]}"
+
+
+class TestRabbitBroker(BrokerConformance):
+    lease = LEASE  # a silent peer is dropped after 2-3 heartbeats; a killed one at once
+    can_restart = RABBITMQCTL is not None
+
+    async def make_broker(self) -> Broker:
+        return await connect(URL)
+
+    def process_url(self) -> str:
+        return URL
+
+    async def stop_server(self) -> None:
+        global _app_stopped
+        _app_stopped = True
+        try:
+            await asyncio.to_thread(_ctl, "stop_app", timeout=120)
+            await _wait_for_port(up=False, timeout=30)
+        except BaseException:
+            await asyncio.to_thread(_start_app)
+            raise
+
+    async def start_server(self) -> None:
+        await asyncio.to_thread(_start_app)
+        await _wait_for_port(up=True, timeout=30)
+
+    async def test_capabilities(self) -> None:
+        """Durable quorum queues shared by every process; delayed retries and the attempt count are
+        the broker's; per-key order is not guaranteed across competing consumers."""
+        broker = await self.open()
+        assert isinstance(broker, RabbitBroker)
+        assert broker.capabilities == Capabilities(
+            durable=True,
+            shared=True,
+            delayed_nack=True,
+            delivery_count=True,
+            ordered_per_key=False,
+            request_reply=False,
+            replays_history=False,
+        )
+
+
+# -- the URL ------------------------------------------------------------------------------------
+
+
+def test_url_options_are_read_and_the_rest_goes_to_the_client() -> None:
+    """``exchange`` and ``timeout`` are callcast's, ``heartbeat``, ``name`` and TLS options the
+    client's; the vhost stays in the path; the password is only in the client's URL."""
+    settings = parse_url("amqp://ann:s3cret@rabbit:5673/prod?exchange=shop&timeout=2.5&heartbeat=5")
+    assert settings.exchange == "shop"
+    assert settings.timeout == 2.5
+    assert settings.heartbeat == 5
+    assert settings.client_url == "amqp://ann:s3cret@rabbit:5673/prod?heartbeat=5&name=callcast"
+    assert "s3cret" not in repr(settings)
+    defaults = parse_url("amqps://rabbit/")
+    assert (defaults.exchange, defaults.timeout, defaults.heartbeat) == ("callcast", 10.0, None)
+
+
+@pytest.mark.parametrize(
+    ("url", "complaint"),
+    [
+        ("redis://localhost:6379", "not an amqp"),
+        ("amqp:///vhost", "names no host"),
+        ("amqp://localhost:notaport/", "invalid port"),
+        ("amqp://localhost/?exchange=", "exchange must be"),
+        ("amqp://localhost/?exchange=amq.topic", "exchange must be"),
+        ("amqp://localhost/?exchange=a/b", "exchange must be"),
+        ("amqp://localhost/?timeout=0", "timeout must be"),
+        ("amqp://localhost/?timeout=soon", "timeout must be"),
+        ("amqp://localhost/?timeout=inf", "timeout must be"),
+        ("amqp://localhost/?heartbeat=-1", "heartbeat must be"),
+        ("amqp://localhost/?heartbeat=fast", "heartbeat must be"),
+        ("amqp://localhost/?exchnage=x", "unknown option(s) exchnage"),
+    ],
+)
+def test_a_bad_url_or_option_is_a_configuration_error(url: str, complaint: str) -> None:
+    """A URL the adapter cannot honour fails before anything is opened, naming the problem."""
+    with pytest.raises(ConfigurationError, match=re.escape(complaint)):
+        RabbitBroker(url)
+
+
+def test_the_url_attribute_hides_the_password() -> None:
+    broker = RabbitBroker("amqp://ann:s3cret@rabbit:5672/prod?exchange=shop")
+    assert broker.url == "amqp://ann:***@rabbit:5672/prod?exchange=shop"
+
+
+# -- names --------------------------------------------------------------------------------------
+
+
+def test_queue_names_are_readable_and_never_collide() -> None:
+    """``<exchange>/<topic>/<group>``, with ``/`` and ``%`` escaped inside the parts; a name too long
+    for AMQP is cut and made unique by a hash."""
+    assert queue_name("callcast", "UserSignedUp", "emails.welcome") == "callcast/UserSignedUp/emails.welcome"
+    assert queue_name("cc", "a/b", "c") != queue_name("cc", "a", "b/c")
+    assert queue_name("cc", "a/b", "c") == "cc/a%2Fb/c"
+    assert queue_name("cc", "a%2Fb", "c") == "cc/a%252Fb/c"
+    long_a, long_b = queue_name("cc", "t" * 300, "g1"), queue_name("cc", "t" * 300, "g2")
+    assert long_a != long_b
+    assert len(long_a.encode()) <= 200
+    assert retry_queue_name("cc/t/g", 1300) == "cc/t/g/retry/1300ms"
+
+
+@pytest.mark.parametrize(
+    ("delay", "bucket"),
+    [(0.0001, 1), (0.001, 1), (0.05, 50), (0.099, 99), (0.1, 100), (0.3, 300), (1.0, 1000), (1.234, 1300)],
+)
+def test_a_delay_is_rounded_up_to_two_significant_digits(delay: float, bucket: int) -> None:
+    """A retry is never early, and at most 10% late; few distinct buckets are made."""
+    assert retry_bucket(delay) == bucket
+    assert retry_bucket(delay) >= delay * 1000 - 1e-9
+
+
+# -- against the server --------------------------------------------------------------------------
+
+
+async def test_a_published_envelope_is_a_cloudevent_for_the_sdk(raw: aio_pika.abc.AbstractChannel) -> None:
+    """On the wire, an envelope is a CloudEvent in the binary mode of the AMQP binding: the official
+    CloudEvents SDK reads a message taken with a plain aio-pika consumer from the group's queue (by
+    its documented name) into the same event."""
+    broker = await connect(URL)
+    try:
+        topic, group = unique("UserSignedUp"), unique("emails")
+        await broker.declare(topic, group)
+        sent = Envelope(
+            type="UserSignedUp",
+            source="/shop/users",
+            data=b'{"user_id":"u1","email":"ann@example.com"}',
+            subject="u1",
+            extensions={"correlationid": "corr-9", "partitionkey": "u1"},
+        )
+        await broker.publish(topic, [sent])
+        queue = await raw.declare_queue(queue_name(RUN, topic, group), passive=True)
+        message = await _get(queue)
+        await message.ack()
+    finally:
+        await broker.close()
+    assert message.content_type == "application/json"
+    assert message.headers["cloudEvents_type"] == "UserSignedUp"
+    event = ce_amqp.from_binary(
+        ce_amqp.AMQPMessage(
+            properties={"content-type": message.content_type},
+            application_properties=dict(message.headers),
+            application_data=message.body,
+        ),
+        JSONFormat(),
+        CloudEvent,
+    )
+    assert event.get_type() == "UserSignedUp"
+    assert event.get_source() == "/shop/users"
+    assert event.get_id() == sent.id
+    assert event.get_specversion() == "1.0"
+    assert event.get_subject() == "u1"
+    assert event.get_data() == {"user_id": "u1", "email": "ann@example.com"}
+    assert event.get_extension("correlationid") == "corr-9"
+
+
+async def test_an_event_sent_by_the_sdk_is_an_envelope(raw: aio_pika.abc.AbstractChannel) -> None:
+    """The other way round: a CloudEvent the SDK put in an AMQP message (``cloudEvents_`` headers,
+    an AMQP timestamp for ``time``) and a plain client published reaches a subscriber intact."""
+    broker = await connect(URL)
+    try:
+        topic, group = unique("OrderPlaced"), unique("billing")
+        subscription = await broker.subscribe(topic, group)
+        event = CloudEvent(
+            attributes={
+                "type": "OrderPlaced",
+                "source": "/sdk",
+                "id": "sdk-1",
+                "time": datetime(2024, 2, 29, 12, 0, 0, 250000, tzinfo=UTC),
+                "datacontenttype": "application/json",
+                "orderid": "o-7",
+            },
+            data={"total": 12},
+        )
+        message = ce_amqp.to_binary(event, JSONFormat())
+        await (await raw.get_exchange(RUN, ensure=False)).publish(
+            aio_pika.Message(
+                message.application_data,
+                headers=message.application_properties,
+                content_type=message.properties["content-type"],
+            ),
+            routing_key=topic,
+        )
+        delivery = await asyncio.wait_for(subscription.__anext__(), 5)
+        await delivery.ack()
+    finally:
+        await broker.close()
+    envelope = delivery.envelope
+    assert (envelope.type, envelope.source, envelope.id) == ("OrderPlaced", "/sdk", "sdk-1")
+    assert envelope.extensions == {"orderid": "o-7"}
+    assert json.loads(envelope.data) == {"total": 12}
+    assert envelope.time == "2024-02-29T12:00:00.250Z"
+    assert envelope.datacontenttype == "application/json"
+
+
+async def test_the_group_queue_is_a_quorum_queue_bound_to_a_topic_exchange(
+    raw: aio_pika.abc.AbstractChannel,
+) -> None:
+    """The documented topology: a durable topic exchange, one durable quorum queue per (topic,
+    group) bound with the topic; a delayed retry goes through the group's retry bucket."""
+    broker = await connect(URL)
+    try:
+        topic, group = unique("topic"), unique("group")
+        subscription = await broker.subscribe(topic, group)
+        await broker.publish(topic, [Envelope(type="T", source="/s", data=b"x")])
+        delivery = await asyncio.wait_for(subscription.__anext__(), 5)
+        await delivery.nack(delay=30)
+        queues = {
+            name: kind
+            for name, kind in (
+                line.split("\t")
+                for line in (
+                    await asyncio.to_thread(
+                        _ctl, "list_queues", "--quiet", "--no-table-headers", "name", "type"
+                    )
+                ).splitlines()
+            )
+        }
+        exchanges = dict(
+            line.split("\t")
+            for line in (
+                await asyncio.to_thread(
+                    _ctl, "list_exchanges", "--quiet", "--no-table-headers", "name", "type"
+                )
+            ).splitlines()
+        )
+    finally:
+        await broker.close()
+    group_queue = queue_name(RUN, topic, group)
+    assert queues[group_queue] == "quorum"
+    assert queues[retry_queue_name(group_queue, 30000)] == "quorum"
+    assert exchanges[RUN] == "topic"
+    # The binding: publishing to the exchange with the topic as routing key reaches the queue.
+    await (await raw.get_exchange(RUN, ensure=False)).publish(aio_pika.Message(b"probe"), routing_key=topic)
+    queue = await raw.declare_queue(group_queue, passive=True)
+    assert (await _get(queue)).body == b"probe"
+
+
+async def test_a_delayed_retry_reaches_only_its_group_and_counts_as_the_next_attempt() -> None:
+    """``nack(delay)`` goes through the group's own retry bucket: the other group of the topic never
+    sees the retry, the group gets it after the delay as attempt 2, and a second delayed nack makes
+    attempt 3 (the count survives the copies)."""
+    broker = await connect(URL)
+    try:
+        topic, retrying, other = unique("topic"), unique("retrying"), unique("other")
+        retrying_sub = await broker.subscribe(topic, retrying)
+        other_sub = await broker.subscribe(topic, other)
+        await broker.publish(topic, [Envelope(type="T", source="/s", data=b"flaky")])
+        seen = await asyncio.wait_for(other_sub.__anext__(), 5)
+        await seen.ack()
+        attempts = []
+        for _ in range(2):
+            delivery = await asyncio.wait_for(retrying_sub.__anext__(), 5)
+            attempts.append(delivery.attempt)
+            await delivery.nack(delay=0.2)
+        last = await asyncio.wait_for(retrying_sub.__anext__(), 5)
+        attempts.append(last.attempt)
+        await last.ack()
+        assert attempts == [1, 2, 3]
+        marker = Envelope(type="T", source="/s", data=b"marker")
+        await broker.publish(topic, [marker])
+        following = await asyncio.wait_for(other_sub.__anext__(), 5)
+        assert following.envelope.data == b"marker", "the retry reached another group"
+        await following.ack()
+    finally:
+        await broker.close()
+
+
+async def test_a_forged_attempts_header_is_not_believed(raw: aio_pika.abc.AbstractChannel) -> None:
+    """The attempts stamp counts only on a message RabbitMQ dead-lettered out of the group's own
+    retry bucket; a publisher that sets it (and even a fake ``x-death``) gets attempt 1."""
+    broker = await connect(URL)
+    try:
+        topic, group = unique("topic"), unique("group")
+        subscription = await broker.subscribe(topic, group)
+        headers = {
+            "cloudEvents_specversion": "1.0",
+            "cloudEvents_id": "forged",
+            "cloudEvents_type": "T",
+            "cloudEvents_source": "/s",
+            ATTEMPTS_HEADER: 7,
+        }
+        exchange = await raw.get_exchange(RUN, ensure=False)
+        await exchange.publish(aio_pika.Message(b"a", headers=headers), routing_key=topic)
+        fake_death = [{"queue": "elsewhere/retry/5ms", "reason": "expired", "count": 1}]
+        await exchange.publish(
+            aio_pika.Message(b"b", headers={**headers, "x-death": fake_death}), routing_key=topic
+        )
+        got = [await asyncio.wait_for(subscription.__anext__(), 5) for _ in range(2)]
+        assert [(d.envelope.data, d.attempt) for d in got] == [(b"a", 1), (b"b", 1)]
+        for delivery in got:
+            await delivery.ack()
+    finally:
+        await broker.close()
+
+
+async def test_a_foreign_message_is_delivered_quarantined(raw: aio_pika.abc.AbstractChannel) -> None:
+    """A message on the exchange that is not a CloudEvent does not break the subscription: it is a
+    ``callcast.undecodable`` envelope with the body and the reason, and the next one follows."""
+    broker = await connect(URL)
+    try:
+        topic, group = unique("topic"), unique("group")
+        subscription = await broker.subscribe(topic, group)
+        exchange = await raw.get_exchange(RUN, ensure=False)
+        await exchange.publish(aio_pika.Message(b"just bytes", headers={"x": 1}), routing_key=topic)
+        await exchange.publish(
+            aio_pika.Message(b"old", headers={"cloudEvents_id": "i", "cloudEvents_specversion": "0.3"}),
+            routing_key=topic,
+        )
+        good = Envelope(type="T", source="/s", data=b"good")
+        await broker.publish(topic, [good])
+        got = [await asyncio.wait_for(subscription.__anext__(), 5) for _ in range(3)]
+        for delivery in got:
+            await delivery.ack()
+    finally:
+        await broker.close()
+    assert [d.envelope.type for d in got[:2]] == [UNDECODABLE_TYPE] * 2
+    assert [d.envelope.data for d in got[:2]] == [b"just bytes", b"old"]
+    assert "missing attribute" in got[0].envelope.extensions["decodeerror"]
+    assert got[1].envelope.id == "i"
+    assert got[2].envelope == good
+
+
+async def test_an_ephemeral_queue_is_exclusive_and_deleted_on_close(
+    raw: aio_pika.abc.AbstractChannel,
+) -> None:
+    """An ephemeral subscription is an exclusive queue of its connection, deleted when it closes."""
+    broker = await connect(URL)
+    try:
+        topic, group = unique("replies"), unique("replies")
+        subscription = await broker.subscribe(topic, group, ephemeral=True)
+        name = queue_name(RUN, topic, group)
+        with pytest.raises(aiormq.exceptions.ChannelLockedResource):
+            await raw.declare_queue(name, passive=True)
+        await subscription.close()
+    finally:
+        await broker.close()
+    connection = await aio_pika.connect(RAW_URL)
+    try:
+        probe = await connection.channel()
+        with pytest.raises(aiormq.exceptions.ChannelNotFoundEntity):
+            await probe.declare_queue(name, passive=True)
+    finally:
+        await connection.close()
+
+
+async def test_a_subscription_resumes_after_the_server_drops_its_connection() -> None:
+    """Reconnect without restarting the node: RabbitMQ closes this broker's connection (as in a
+    restart); the held delivery is requeued (its ack raises BrokerUnavailableError, nothing else
+    breaks), the same subscription gets it again as attempt 2, and publishing works again."""
+    name = f"{RUN}-drop-{uuid.uuid4().hex[:8]}"
+    broker = await connect(f"{URL}&name={name}")
+    try:
+        topic, group = unique("topic"), unique("group")
+        subscription = await broker.subscribe(topic, group)
+        await broker.publish(topic, [Envelope(type="T", source="/s", data=b"held")])
+        held = await asyncio.wait_for(subscription.__anext__(), 5)
+        await asyncio.to_thread(_close_connection_named, name)
+        again = await asyncio.wait_for(subscription.__anext__(), 15)
+        assert (again.envelope.data, again.attempt) == (b"held", 2)
+        with pytest.raises(BrokerUnavailableError):
+            await held.ack()
+        await again.ack()
+        await broker.publish(topic, [Envelope(type="T", source="/s", data=b"after")])
+        after = await asyncio.wait_for(subscription.__anext__(), 5)
+        assert after.envelope.data == b"after"
+        await after.ack()
+    finally:
+        await broker.close()
+
+
+async def test_a_subscription_outlives_its_queue_being_deleted(raw: aio_pika.abc.AbstractChannel) -> None:
+    """When someone deletes a group's queue, RabbitMQ cancels its consumers; the subscription
+    declares the queue again and goes on receiving what is published afterwards."""
+    broker = await connect(URL)
+    try:
+        topic, group = unique("topic"), unique("group")
+        subscription = await broker.subscribe(topic, group)
+        waiting = asyncio.create_task(subscription.__anext__())
+        name = queue_name(RUN, topic, group)
+        await raw.queue_delete(name)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while name not in await asyncio.to_thread(_names, "queues"):
+            assert loop.time() < deadline, "the queue was not declared again"
+            await asyncio.sleep(0.1)
+        await broker.publish(topic, [Envelope(type="T", source="/s", data=b"after")])
+        delivery = await asyncio.wait_for(waiting, 10)
+        assert (delivery.envelope.data, delivery.attempt) == (b"after", 1)
+        await delivery.ack()
+    finally:
+        await broker.close()
+
+
+async def test_driver_errors_surface_as_transport_errors(raw: aio_pika.abc.AbstractChannel) -> None:
+    """Connection trouble is BrokerUnavailableError without the password in it; a name RabbitMQ
+    refuses (a queue or exchange that exists with other arguments) is a TransportError naming it;
+    a topic that would be a binding wildcard is a configuration error."""
+    with pytest.raises(BrokerUnavailableError, match="cannot connect") as refused:
+        await connect(f"amqp://guest:s3cret-pw@{HOST}:1/?exchange={RUN}&timeout=2")
+    assert "s3cret-pw" not in str(refused.value)
+    with pytest.raises(BrokerUnavailableError) as denied:
+        await connect(f"amqp://guest:wrong-s3cret@{HOST}:{PORT}/?exchange={RUN}&timeout=2")
+    assert "wrong-s3cret" not in str(denied.value)
+    assert denied.value.__cause__ is None
+
+    taken = f"{RUN}-direct"
+    await raw.declare_exchange(taken, aio_pika.ExchangeType.DIRECT)
+    with pytest.raises(TransportError, match=re.escape(taken)) as clash:
+        await connect(f"{RAW_URL}?exchange={taken}&timeout=2")
+    assert not isinstance(clash.value, aiormq.exceptions.AMQPError)
+
+    broker = await connect(URL)
+    try:
+        topic, group = unique("topic"), unique("group")
+        await raw.declare_queue(queue_name(RUN, topic, group), durable=True)  # classic, not quorum
+        with pytest.raises(TransportError, match="cannot declare queue") as mismatch:
+            await broker.subscribe(topic, group)
+        assert not isinstance(mismatch.value, aiormq.exceptions.AMQPError)
+        with pytest.raises(ConfigurationError, match="may not contain"):
+            await broker.publish("orders.*", [Envelope(type="T", source="/s", data=b"")])
+        # The broker still works after the refused declaration.
+        other = unique("group")
+        subscription = await broker.subscribe(topic, other)
+        await broker.publish(topic, [Envelope(type="T", source="/s", data=b"fine")])
+        delivery = await asyncio.wait_for(subscription.__anext__(), 5)
+        await delivery.ack()
+    finally:
+        await broker.close()
+
+
+async def test_a_publish_to_an_undeclared_group_stores_nothing() -> None:
+    """``publish(group=G)`` for a group that was never declared is accepted and kept nowhere."""
+    broker = await connect(URL)
+    try:
+        topic = unique("topic")
+        await broker.publish(topic, [Envelope(type="T", source="/s", data=b"x")], group=unique("nobody"))
+    finally:
+        await broker.close()
+
+
+# -- helpers --------------------------------------------------------------------------------------
+
+
+async def _get(queue: aio_pika.abc.AbstractQueue, timeout: float = 5) -> aio_pika.abc.AbstractIncomingMessage:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        message = await queue.get(fail=False)
+        if message is not None:
+            return message
+        if loop.time() > deadline:
+            pytest.fail(f"no message in {queue.name} within {timeout}s")
+        await asyncio.sleep(0.02)
+
+
+def _close_connection_named(name: str) -> None:
+    """Have RabbitMQ close the one connection whose client named itself ``name``."""
+    listing = _ctl("list_connections", "--quiet", "--no-table-headers", "pid", "client_properties")
+    pids = [line.split("\t")[0] for line in listing.splitlines() if f'{{"connection_name","{name}"}}' in line]
+    assert len(pids) == 1, f"expected one connection named {name}, found {len(pids)}"
+    _ctl("close_connection", pids[0], "callcast test: dropped on purpose")
