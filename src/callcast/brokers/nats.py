@@ -1,0 +1,1002 @@
+"""``nats://[user:pass@]host:4222``: NATS JetStream (nats-py) as callcast's broker.
+
+Topology (what other tools see)
+-------------------------------
+Names are made from topics and groups by :func:`encode_name`, which maps a name to one *token*
+that is legal as a NATS subject token, a consumer name and a file name: ASCII letters, digits and
+``-`` stay, ``.`` becomes ``_``, every other byte of the UTF-8 name becomes ``=XX`` (two upper-case
+hex digits). ``orders.v2`` → ``orders_v2``, ``emails.send_welcome`` → ``emails_send=5Fwelcome``.
+A token longer than 120 characters is cut (at an escape boundary) and ends with ``=h`` plus 32 hex
+digits of the name's SHA-256. The encoding is injective, so distinct names never share a token.
+
+* **Stream** ``CALLCAST`` (``?stream=``) holds every envelope, on subjects ``callcast.>``
+  (``?prefix=``), file storage, ``?replicas=`` (default 1), *interest* retention: an envelope is
+  kept while a group that has not acked it exists, and an envelope published to a topic with no
+  group is not kept at all.
+* **Subject** ``<prefix>.<token(topic)>``: one per topic, e.g. ``callcast.UserSignedUp``. A tool
+  reads a topic's traffic by subscribing to it.
+* **Group** = a durable *pull* consumer named ``<token(topic)>==<token(group)>`` filtered on the
+  topic's subject, deliver policy ``new`` (a group gets what is published after it was declared;
+  ``replays_history`` is False), explicit acks, ``ack_wait`` = the lease (``?ack_wait=``, default
+  30 s), unlimited ``max_deliver`` (dead letters are the framework's), ``max_ack_pending``
+  (``?max_ack_pending=``, default 10000) as the group's overall bound. Its description names the
+  topic and group in clear.
+* **Messages**: the CloudEvents binary mode of :mod:`callcast.envelope`: the data is the body, the
+  attributes are ``ce-*`` headers plus ``content-type``. Header values are percent-encoded as the
+  CloudEvents HTTP binding prescribes (bytes outside printable ASCII, space, ``"`` and ``%``), since
+  NATS headers cannot carry line breaks and lose surrounding blanks. A message published with
+  ``publish(group=G)`` also carries ``callcast-group: G`` (see below).
+* **Bucket** ``KV_<stream>_uncounted`` (a JetStream key/value bucket, 7-day TTL): see attempts.
+
+How the contract is met
+-----------------------
+durability
+    ``publish`` returns once JetStream acknowledged every envelope (a JetStream publish ack is sent
+    after the message is in the stream's file store). The batch is written back to back and the
+    acks are awaited together: one round trip per call, not per envelope. A crash of any process,
+    the server included, loses nothing acknowledged; a power cut can lose what the server had not
+    yet synced (its ``sync_interval``) unless the stream is replicated (``?replicas=3``).
+fan-out / competing consumers
+    Every group is its own consumer on the topic's subject, so each gets every envelope; the
+    subscribers of a group pull from the same consumer, so they share its envelopes.
+publish(group=G)
+    NATS 2.9 has one filter subject per consumer, so a per-group subject would need a second
+    consumer per group whose deliveries cannot be merged in order with the first. Instead such an
+    envelope goes to the topic's subject with the header ``callcast-group: G``; the subscriptions of
+    every other group ack it on arrival and never hand it out (so it is no attempt for them, and a
+    group that was never declared keeps nothing). Tools reading a topic should honour the header.
+ack / nack / delayed nack
+    ``ack`` sends ``+ACK``; ``nack(delay=d)`` sends ``-NAK {"delay": d}``, so the *server* holds
+    the envelope back for ``d`` seconds and then redelivers it to any subscriber of the group.
+attempts
+    ``Delivery.attempt`` is the server's ``num_delivered`` (from the message's ack subject), so
+    redeliveries after crashes count. A subscription pulls envelopes in batches of up to its free
+    prefetch; one that closes while it still buffers envelopes it never handed out records, for
+    each, one *uncounted* delivery in the bucket (key ``<consumer>.<stream sequence>``) before it
+    gives them back; a redelivery (``num_delivered > 1``) subtracts what is recorded there. So a
+    fetched-ahead envelope is no attempt, across processes. (A subscriber that is *killed* with
+    envelopes in its buffer records nothing: those count, as a crash does.)
+prefetch
+    A subscription hands out at most ``prefetch`` unsettled deliveries, and pulls only when a
+    consumer waits in ``__anext__`` and its buffer is empty, asking for as many as it has room
+    for, so it never holds more than ``prefetch`` envelopes of the group at once.
+lease / killed subscribers
+    While a subscription lives it sends ``+WPI`` (in progress) for everything it holds every
+    ``ack_wait / 3``, so it keeps its deliveries past the lease; a killed one stops, and the server
+    redelivers after ``ack_wait``.
+close
+    ``Subscription.close()`` unsubscribes its inbox (draining what was already on the way; the
+    server drops pull requests nobody listens to), then naks every delivery it held, in stream
+    order: they go back to the group at once.
+per-key order
+    Not guaranteed (``ordered_per_key=False``): competing subscribers of a group get a key's
+    envelopes in parallel and a nack does not hold back the rest of its key. The framework's
+    ordering gate provides per-key order on top.
+ephemeral subscriptions
+    The group's consumer is created like a durable one but with an inactivity threshold
+    (``?ephemeral_ttl=``, default 30 s). ``publish`` needs to know nothing: the consumer reads the
+    topic's subject like any group. The subscription always keeps a pull request open (which keeps
+    the consumer active), deletes the consumer on close, and the server deletes it after the
+    threshold if the process died. Nothing is kept while no one listens (interest retention).
+reconnect
+    nats-py reconnects by itself, forever, every ``?reconnect_wait=`` seconds (default 2). While it
+    is disconnected ``publish`` raises :class:`BrokerUnavailableError` at once (nothing was sent);
+    a publish whose ack does not come within ``?timeout=`` seconds (default 5) raises
+    :class:`PublishError`. Subscriptions wait through the outage: on reconnect they renew their
+    leases and pull again, and a pull request that went unanswered (lost with a restarted server)
+    is replaced after it expires, the consumer re-declared if it has gone.
+
+URL options (query string): ``stream``, ``prefix``, ``ack_wait``, ``max_ack_pending`` (``-1``:
+unlimited), ``replicas``, ``timeout``, ``reconnect_wait``, ``ephemeral_ttl``. A user without a
+password is sent as a token. The password (or token) never appears in ``url``, logs or errors.
+
+Limits: the server's ``max_payload`` (1 MB by default) bounds one envelope, headers included; a
+larger one is refused by ``publish`` before anything is sent. Declaring a group again with other
+options (``ack_wait``, ``max_ack_pending``) updates its consumer: the last declaration wins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import re
+from collections import deque
+from collections.abc import Iterable, Sequence
+from typing import Any
+from urllib.parse import parse_qs, quote, unquote, urlsplit, urlunsplit
+
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription as NatsSubscription
+from nats.js import JetStreamContext, api
+from nats.js.kv import KeyValue
+
+from callcast.brokers import redact
+from callcast.envelope import Envelope, decode_or_quarantine
+from callcast.exceptions import (
+    BrokerUnavailableError,
+    ConfigurationError,
+    PublishError,
+    TransportError,
+)
+from callcast.transport import Capabilities, Delivery
+
+log = logging.getLogger("callcast.brokers.nats")
+
+CAPABILITIES = Capabilities(
+    durable=True,
+    shared=True,
+    delayed_nack=True,
+    delivery_count=True,
+    ordered_per_key=False,
+    request_reply=False,
+    replays_history=False,
+)
+
+DEFAULT_PORT = 4222
+GROUP_HEADER = "callcast-group"
+"""Header of an envelope published with ``publish(group=...)``: the one group that may handle it."""
+UNCOUNTED_TTL = 7 * 24 * 3600.0
+"""How long the bucket keeps a record of deliveries that were fetched ahead and never handed out."""
+
+_OPTIONS = (
+    "stream",
+    "prefix",
+    "ack_wait",
+    "max_ack_pending",
+    "replicas",
+    "timeout",
+    "reconnect_wait",
+    "ephemeral_ttl",
+)
+_STREAM_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_PREFIX = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
+_PLAIN = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-")
+_MAX_TOKEN = 120
+_HEADER_SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in '"%')
+_PULL_EXPIRES = 1.0
+"""Seconds a pull request waits on the server for envelopes before it is renewed. Short, because a
+closing subscription hands its deliveries back only once its open request has expired (see
+``_NatsSubscription.close``)."""
+_PULL_GRACE = 1.0
+"""Seconds past a pull request's expiry after which an unanswered request counts as lost."""
+_HANDBACK_MARGIN = 0.25
+"""Seconds past the server-side expiry of a closed subscription's last pull request after which its
+deliveries are available to the group again."""
+_CLOSE_WAIT = 1.0
+"""Seconds ``close`` waits for the server (flushing naks, deleting a consumer) before giving up."""
+_ACK = b"+ACK"
+_NAK = b"-NAK"
+_IN_PROGRESS = b"+WPI"
+_MAX_DELAY = 365 * 24 * 3600.0
+
+
+# -- names ----------------------------------------------------------------------------------------
+
+
+def encode_name(name: str) -> str:
+    """One subject token / consumer-name part for a topic or group (see the module docstring)."""
+    if not name:
+        raise ConfigurationError("nats broker: topic and group names must not be empty")
+    raw = name.encode("utf-8")
+    token = "".join(chr(byte) if byte in _PLAIN else "_" if byte == 0x2E else f"={byte:02X}" for byte in raw)
+    if len(token) <= _MAX_TOKEN:
+        return token
+    cut = token[:80]
+    partial = cut.rfind("=", len(cut) - 2)
+    if partial != -1:
+        cut = cut[:partial]
+    return f"{cut}=h{hashlib.sha256(raw).hexdigest()[:32]}"
+
+
+def _header_value(value: str) -> str:
+    return quote(value, safe=_HEADER_SAFE)
+
+
+# -- the URL --------------------------------------------------------------------------------------
+
+
+class _Settings:
+    """What ``nats://[user:pass@]host:port?options`` asks for, checked before anything is opened."""
+
+    def __init__(self, url: str) -> None:
+        shown = _redact(url)
+        try:
+            parts = urlsplit(url)
+            port = parts.port or DEFAULT_PORT
+        except ValueError as error:
+            raise ConfigurationError(f"nats broker: bad URL {shown!r}: {error}") from None
+        if parts.scheme != "nats":
+            raise ConfigurationError(f"nats broker: not a nats:// URL: {shown!r}")
+        if parts.path not in ("", "/"):
+            raise ConfigurationError(f"nats broker: the URL takes no path, got {shown!r}")
+        host = parts.hostname or "127.0.0.1"
+        self.server = f"nats://{f'[{host}]' if ':' in host else host}:{port}"
+        self.user = unquote(parts.username) if parts.username else None
+        self.password = unquote(parts.password) if parts.password is not None else None
+        options = {key: values[-1] for key, values in parse_qs(parts.query, keep_blank_values=True).items()}
+        unknown = sorted(set(options) - set(_OPTIONS))
+        if unknown:
+            raise ConfigurationError(
+                f"nats broker: unknown option(s) {', '.join(unknown)} in {shown!r}; "
+                f"the options are {', '.join(_OPTIONS)}"
+            )
+        self.stream = options.get("stream", "CALLCAST")
+        if not _STREAM_NAME.fullmatch(self.stream):
+            raise ConfigurationError(
+                f"nats broker: stream must be 1-64 letters, digits, '_' or '-', got {self.stream!r}"
+            )
+        self.prefix = options.get("prefix", "callcast")
+        if not _PREFIX.fullmatch(self.prefix):
+            raise ConfigurationError(
+                "nats broker: prefix must be dot-separated tokens of letters, digits, '_' or '-', "
+                f"got {self.prefix!r}"
+            )
+        self.ack_wait = _seconds(options, "ack_wait", 30.0)
+        self.timeout = _seconds(options, "timeout", 5.0)
+        self.reconnect_wait = _seconds(options, "reconnect_wait", 2.0)
+        self.ephemeral_ttl = _seconds(options, "ephemeral_ttl", 30.0)
+        self.max_ack_pending = _integer(options, "max_ack_pending", 10000)
+        if self.max_ack_pending == 0 or self.max_ack_pending < -1:
+            raise ConfigurationError("nats broker: max_ack_pending must be a positive integer or -1")
+        self.replicas = _integer(options, "replicas", 1)
+        if not 1 <= self.replicas <= 5:
+            raise ConfigurationError("nats broker: replicas must be an integer from 1 to 5")
+
+
+def _seconds(options: dict[str, str], name: str, default: float) -> float:
+    try:
+        value = float(options.get(name, default))
+    except ValueError:
+        raise ConfigurationError(f"nats broker: {name} must be a number of seconds") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigurationError(f"nats broker: {name} must be a positive, finite number of seconds")
+    return value
+
+
+def _integer(options: dict[str, str], name: str, default: int) -> int:
+    try:
+        return int(options.get(name, default))
+    except ValueError:
+        raise ConfigurationError(f"nats broker: {name} must be an integer") from None
+
+
+def _redact(url: str) -> str:
+    """:func:`callcast.brokers.redact`, and a token (a user with no password) hidden as well."""
+    try:
+        parts = urlsplit(url)
+        if parts.username is not None and parts.password is None:
+            host = parts.netloc.rpartition("@")[2]
+            return urlunsplit(parts._replace(netloc=f":***@{host}"))
+        return redact(url)
+    except ValueError:
+        return "nats://(unparsable URL)"
+
+
+# -- driver errors --------------------------------------------------------------------------------
+
+_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    nats.errors.ConnectionClosedError,
+    nats.errors.NoServersError,
+    nats.errors.StaleConnectionError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.ConnectionDrainingError,
+    nats.errors.NoRespondersError,
+    nats.errors.AuthorizationError,
+    nats.js.errors.ServiceUnavailableError,
+    OSError,
+)
+_DRIVER_ERRORS: tuple[type[BaseException], ...] = (nats.errors.Error, OSError, TimeoutError)
+_READ_ERRORS: tuple[type[BaseException], ...] = (*_DRIVER_ERRORS, ValueError)
+_PULL_ERRORS: tuple[type[BaseException], ...] = (*_DRIVER_ERRORS, TransportError)
+
+
+class NatsBroker:
+    """NATS JetStream. Build with :func:`callcast.brokers.connect` (``nats://host:4222``)."""
+
+    capabilities = CAPABILITIES
+
+    def __init__(self, url: str = f"nats://127.0.0.1:{DEFAULT_PORT}") -> None:
+        self.url = _redact(url)
+        settings = _Settings(url)
+        self.stream = settings.stream
+        self.prefix = settings.prefix
+        self.ack_wait = settings.ack_wait
+        self.timeout = settings.timeout
+        self.reconnect_wait = settings.reconnect_wait
+        self.ephemeral_ttl = settings.ephemeral_ttl
+        self.max_ack_pending = settings.max_ack_pending
+        self.replicas = settings.replicas
+        self.bucket = f"{self.stream}_uncounted"
+        self._server = settings.server
+        self._user = settings.user
+        self._password = settings.password
+        self._nc: Client | None = None
+        self._js: JetStreamContext | None = None
+        self._kv: KeyValue | None = None
+        self._subscriptions: set[_NatsSubscription] = set()
+        self._housekeeping: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+        self._closed = False
+
+    # -- errors ---------------------------------------------------------------------------------
+
+    def _scrub(self, text: str) -> str:
+        for secret in (self._password, self._user if self._password is None else None):
+            if secret:
+                text = text.replace(secret, "***")
+        return text
+
+    def _describe(self, error: BaseException) -> str:
+        if isinstance(error, nats.js.errors.APIError):
+            text = f"{error.description or 'JetStream API error'} (code {error.code}, error {error.err_code})"
+        elif isinstance(error, TimeoutError):
+            text = f"no answer within {self.timeout:g}s"
+        else:
+            text = str(error) or type(error).__name__
+        return self._scrub(text)
+
+    def _error(self, error: BaseException, doing: str, *, publishing: bool = False) -> TransportError:
+        """The callcast exception for a driver exception; the driver's never leaves the adapter."""
+        text = f"nats broker {self.url}: {doing}: {self._describe(error)}"
+        if isinstance(error, _UNAVAILABLE) and not isinstance(error, TimeoutError):
+            return BrokerUnavailableError(text)
+        if publishing:
+            return PublishError(text)
+        return TransportError(text)
+
+    # -- plumbing -------------------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        """Connect, and create the stream and the bucket unless they exist."""
+        nc = Client()
+        auth: dict[str, str] = {}
+        if self._user is not None and self._password is not None:
+            auth = {"user": self._user, "password": self._password}
+        elif self._user is not None:
+            auth = {"token": self._user}
+        try:
+            # Two tries at first (an outage at start-up is reported, not waited out); once connected,
+            # the client reconnects forever (set below).
+            await asyncio.wait_for(
+                nc.connect(
+                    servers=[self._server],
+                    name="callcast",
+                    allow_reconnect=True,
+                    max_reconnect_attempts=1,
+                    reconnect_time_wait=self.reconnect_wait,  # type: ignore[arg-type]
+                    connect_timeout=self.timeout,  # type: ignore[arg-type]
+                    ping_interval=10,
+                    max_outstanding_pings=3,
+                    error_cb=self._on_error,
+                    disconnected_cb=self._on_disconnected,
+                    reconnected_cb=self._on_reconnected,
+                    **auth,  # type: ignore[arg-type]
+                ),
+                2 * self.timeout + self.reconnect_wait + 1,
+            )
+        except _DRIVER_ERRORS as error:
+            cause = (
+                nc.last_error if isinstance(error, nats.errors.NoServersError) and nc.last_error else error
+            )
+            with contextlib.suppress(*_DRIVER_ERRORS):
+                await nc.close()
+            raise BrokerUnavailableError(
+                f"nats broker {self.url}: cannot connect: {self._describe(cause)}"
+            ) from None
+        nc.options["max_reconnect_attempts"] = -1  # from now on: reconnect forever
+        self._nc = nc
+        self._js = nc.jetstream(timeout=self.timeout)
+        try:
+            await self._ensure_stream()
+            self._kv = await self._ensure_bucket()
+        except BaseException:
+            with contextlib.suppress(*_DRIVER_ERRORS):
+                await nc.close()
+            raise
+        self._housekeeping = asyncio.create_task(self._renew_leases(), name="callcast-nats-leases")
+
+    async def _ensure_stream(self) -> None:
+        js = self._jetstream()
+        config = api.StreamConfig(
+            name=self.stream,
+            description=(
+                "callcast envelopes: subject <prefix>.<topic token>, one pull consumer "
+                "<topic token>==<group token> per group (see callcast.brokers.nats)"
+            ),
+            subjects=[f"{self.prefix}.>"],
+            retention=api.RetentionPolicy.INTEREST,
+            storage=api.StorageType.FILE,
+            discard=api.DiscardPolicy.OLD,
+            num_replicas=self.replicas,
+        )
+        try:
+            try:
+                info = await js.stream_info(self.stream)
+            except nats.js.errors.NotFoundError:
+                try:
+                    info = await js.add_stream(config)
+                except nats.js.errors.BadRequestError as error:
+                    # Created meanwhile by another process, or the subjects are another stream's.
+                    try:
+                        info = await js.stream_info(self.stream)
+                    except nats.js.errors.NotFoundError:
+                        raise ConfigurationError(
+                            f"nats broker {self.url}: cannot create stream {self.stream!r} on "
+                            f"{self.prefix}.>: {self._describe(error)}"
+                        ) from None
+        except nats.js.errors.ServiceUnavailableError:
+            raise BrokerUnavailableError(
+                f"nats broker {self.url}: JetStream is not enabled on the server (start it with -js)"
+            ) from None
+        except _DRIVER_ERRORS as error:
+            raise self._error(error, f"looking up stream {self.stream!r}") from None
+        subjects = info.config.subjects or []
+        if not any(_covers(pattern, self.prefix) for pattern in subjects):
+            raise ConfigurationError(
+                f"nats broker {self.url}: stream {self.stream!r} exists but does not take "
+                f"{self.prefix}.> (its subjects: {', '.join(subjects) or 'none'})"
+            )
+        if info.config.retention == api.RetentionPolicy.WORK_QUEUE:
+            raise ConfigurationError(
+                f"nats broker {self.url}: stream {self.stream!r} has work-queue retention, which "
+                "cannot give every group its copy; use interest (or limits) retention"
+            )
+
+    async def _ensure_bucket(self) -> KeyValue:
+        js = self._jetstream()
+        config = api.KeyValueConfig(
+            bucket=self.bucket,
+            description="callcast: deliveries fetched ahead and handed back unseen (no attempt)",
+            history=1,
+            ttl=UNCOUNTED_TTL,
+            storage=api.StorageType.FILE,
+            replicas=self.replicas,
+        )
+        try:
+            try:
+                return await js.create_key_value(config)
+            except nats.js.errors.BadRequestError:
+                return await js.key_value(self.bucket)  # it exists with other settings: use it
+        except _DRIVER_ERRORS as error:
+            raise self._error(error, f"opening bucket {self.bucket!r}") from None
+
+    def _jetstream(self) -> JetStreamContext:
+        if self._closed or self._js is None:
+            raise BrokerUnavailableError(f"nats broker {self.url} is closed")
+        return self._js
+
+    def _client(self) -> Client:
+        if self._closed or self._nc is None:
+            raise BrokerUnavailableError(f"nats broker {self.url} is closed")
+        return self._nc
+
+    def _spawn(self, coroutine: Any, name: str) -> None:
+        task = asyncio.create_task(coroutine, name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _on_error(self, error: Exception) -> None:
+        log.debug("nats broker %s: %s", self.url, self._describe(error))
+
+    async def _on_disconnected(self) -> None:
+        if not self._closed:
+            log.warning("nats broker %s: disconnected; reconnecting", self.url)
+
+    async def _on_reconnected(self) -> None:
+        log.warning("nats broker %s: reconnected", self.url)
+        # Leases first: a restarted server must learn that what this process holds is in work
+        # before the next pull request could get it redelivered.
+        for subscription in list(self._subscriptions):
+            await subscription.renew_leases()
+        for subscription in list(self._subscriptions):
+            subscription.reconnected()
+        self._spawn(self._after_reconnect(), "callcast-nats-reconnected")
+
+    async def _after_reconnect(self) -> None:
+        with contextlib.suppress(TransportError, ConfigurationError):
+            await self._ensure_stream()  # a server that lost its store gets the stream back
+
+    async def _renew_leases(self) -> None:
+        """Every ``ack_wait / 3``: tell the server the deliveries this process holds are in work."""
+        while True:
+            await asyncio.sleep(self.ack_wait / 3)
+            if self._nc is not None and self._nc.is_connected:
+                for subscription in list(self._subscriptions):
+                    await subscription.renew_leases()
+
+    # -- the seam -------------------------------------------------------------------------------
+
+    def subject(self, topic: str) -> str:
+        """The subject a topic's envelopes are published on."""
+        return f"{self.prefix}.{encode_name(topic)}"
+
+    @staticmethod
+    def consumer_name(topic: str, group: str) -> str:
+        """The name of the JetStream consumer of ``group`` on ``topic``."""
+        return f"{encode_name(topic)}=={encode_name(group)}"
+
+    async def publish(self, topic: str, envelopes: Sequence[Envelope], *, group: str | None = None) -> None:
+        js = self._jetstream()
+        nc = self._client()
+        if not envelopes:
+            return
+        subject = self.subject(topic)
+        if group is not None:
+            encode_name(group)  # the same names are refused as by declare
+        messages: list[tuple[dict[str, str], bytes]] = []
+        for envelope in envelopes:
+            headers = {name: _header_value(value) for name, value in envelope.headers().items()}
+            if group is not None:
+                headers[GROUP_HEADER] = _header_value(group)
+            size = len(envelope.data) + sum(len(k) + len(v) + 4 for k, v in headers.items()) + 64
+            if size > nc.max_payload:
+                raise PublishError(
+                    f"nats broker {self.url}: envelope {envelope.id} is {size} bytes with its headers, "
+                    f"over the server's max_payload of {nc.max_payload}; nothing was published"
+                )
+            messages.append((headers, envelope.data))
+        if not nc.is_connected:
+            raise BrokerUnavailableError(
+                f"nats broker {self.url}: not connected (reconnecting); nothing was published"
+            )
+        futures: list[asyncio.Future[api.PubAck]] = []
+        try:
+            for headers, data in messages:
+                futures.append(
+                    await js.publish_async(
+                        subject, data, wait_stall=self.timeout, stream=self.stream, headers=headers
+                    )
+                )
+            await asyncio.wait_for(asyncio.gather(*futures), self.timeout)
+        except TimeoutError:
+            raise PublishError(
+                f"nats broker {self.url}: publishing to {subject}: not confirmed within {self.timeout:g}s; "
+                "some envelopes may be stored"
+            ) from None
+        except nats.js.errors.NoStreamResponseError:
+            raise PublishError(
+                f"nats broker {self.url}: publishing to {subject}: no stream answered "
+                f"(is stream {self.stream!r} gone?)"
+            ) from None
+        except _DRIVER_ERRORS as error:
+            raise self._error(error, f"publishing to {subject}", publishing=True) from None
+        finally:
+            for future in futures:
+                if not future.done():
+                    future.cancel()
+
+    async def declare(self, topic: str, group: str) -> None:
+        self._jetstream()
+        await self._declare(topic, group, ephemeral=False)
+
+    async def _declare(self, topic: str, group: str, *, ephemeral: bool) -> str:
+        js = self._jetstream()
+        name = self.consumer_name(topic, group)
+        kind = "ephemeral group" if ephemeral else "group"
+        config = api.ConsumerConfig(
+            name=name,
+            durable_name=name,
+            description=f"callcast {kind} {group!r} on topic {topic!r}"[:1000],
+            deliver_policy=api.DeliverPolicy.NEW,
+            ack_policy=api.AckPolicy.EXPLICIT,
+            ack_wait=self.ack_wait,
+            max_deliver=-1,
+            max_ack_pending=self.max_ack_pending,
+            filter_subject=self.subject(topic),
+            inactive_threshold=self.ephemeral_ttl if ephemeral else None,
+        )
+        try:
+            await js.add_consumer(self.stream, config)
+        except _DRIVER_ERRORS as error:
+            raise self._error(error, f"declaring group {group!r} on topic {topic!r}") from None
+        return name
+
+    async def subscribe(
+        self, topic: str, group: str, *, prefetch: int = 32, ephemeral: bool = False
+    ) -> _NatsSubscription:
+        nc = self._client()
+        consumer = await self._declare(topic, group, ephemeral=ephemeral)
+        subscription = _NatsSubscription(self, nc, topic, group, consumer, max(1, prefetch), ephemeral)
+        try:
+            await subscription.start()
+        except _DRIVER_ERRORS as error:
+            raise self._error(error, f"subscribing to group {group!r} on topic {topic!r}") from None
+        self._subscriptions.add(subscription)
+        return subscription
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        for subscription in list(self._subscriptions):
+            await subscription.close()
+        self._closed = True
+        tasks = [task for task in (self._housekeeping, *self._background) if task is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, TransportError):
+                await task
+        nc = self._nc
+        if nc is not None and not nc.is_closed:
+            with contextlib.suppress(*_DRIVER_ERRORS):
+                if nc.is_connected:
+                    await asyncio.wait_for(nc.flush(), _CLOSE_WAIT)  # the last acks and naks
+            with contextlib.suppress(*_DRIVER_ERRORS):
+                await nc.close()
+
+    # -- deliveries the server counted but callcast does not ------------------------------------
+
+    async def _uncounted(self, consumer: str, seq: int) -> int:
+        """How many deliveries of envelope ``seq`` to ``consumer`` were fetched ahead, never handed
+        out and handed back (recorded in the bucket)."""
+        kv = self._kv
+        if kv is None:
+            return 0
+        try:
+            entry = await asyncio.wait_for(kv.get(f"{consumer}.{seq}"), self.timeout)
+            return int(entry.value or b"0")
+        except nats.js.errors.KeyNotFoundError:
+            return 0
+        except _READ_ERRORS as error:
+            log.warning(
+                "nats broker %s: cannot read uncounted deliveries of %s.%d, attempt may count them: %s",
+                self.url,
+                consumer,
+                seq,
+                self._describe(error),
+            )
+            return 0
+
+    async def _record_uncounted(self, deliveries: Iterable[_NatsDelivery]) -> None:
+        kv = self._kv
+        if kv is None:
+            return
+        puts = [
+            kv.put(f"{delivery.consumer}.{delivery.seq}", str(delivery.uncounted + 1).encode())
+            for delivery in deliveries
+        ]
+        try:
+            await asyncio.wait_for(asyncio.gather(*puts), self.timeout)
+        except _DRIVER_ERRORS as error:
+            log.warning(
+                "nats broker %s: cannot record envelopes handed back unseen; their next attempt "
+                "will count one more: %s",
+                self.url,
+                self._describe(error),
+            )
+
+    def _forget_uncounted(self, delivery: _NatsDelivery) -> None:
+        kv = self._kv
+        if kv is None:
+            return
+
+        async def forget() -> None:
+            with contextlib.suppress(*_DRIVER_ERRORS):
+                await asyncio.wait_for(kv.purge(f"{delivery.consumer}.{delivery.seq}"), self.timeout)
+
+        self._spawn(forget(), "callcast-nats-forget")
+
+
+def _covers(pattern: str, prefix: str) -> bool:
+    """Whether a stream subject ``pattern`` takes every subject ``<prefix>.<token>``."""
+    wanted = [*prefix.split("."), "*"]
+    for position, token in enumerate(pattern.split(".")):
+        if token == ">":
+            return True
+        if position >= len(wanted) or (token != "*" and token != wanted[position]):
+            return False
+    return pattern.split(".")[-1] == "*" and len(pattern.split(".")) == len(wanted)
+
+
+class _NatsSubscription:
+    """One subscriber of a group: pulls from the group's consumer into a buffer, hands out."""
+
+    def __init__(
+        self,
+        broker: NatsBroker,
+        nc: Client,
+        topic: str,
+        group: str,
+        consumer: str,
+        prefetch: int,
+        ephemeral: bool,
+    ) -> None:
+        self.broker = broker
+        self.nc = nc
+        self.topic = topic
+        self.group = group
+        self.consumer = consumer
+        self.prefetch = prefetch
+        self.ephemeral = ephemeral
+        self.buffer: deque[_NatsDelivery] = deque()
+        self.outstanding: dict[_NatsDelivery, None] = {}  # handed out, not settled; in order
+        self.waiters = 0
+        self.closed = False
+        self.pull_subject = f"$JS.API.CONSUMER.MSG.NEXT.{broker.stream}.{consumer}"
+        self.inbox = nc.new_inbox()
+        self.pull_expires = min(_PULL_EXPIRES, broker.ephemeral_ttl / 3) if ephemeral else _PULL_EXPIRES
+        self._inbox_sub: NatsSubscription | None = None
+        self._in_flight = 0  # envelopes asked for by the live pull request and not yet received
+        self._expires_at = 0.0  # when the server expires the live pull request
+        self._deadline = 0.0  # when the live pull request counts as lost
+        self._handback_at = 0.0  # after close: when deliveries handed back become available
+        self._answered = False  # the live pull request got any answer
+        self._suspect = False  # the consumer may be gone: declare it again before pulling
+        self._paused_until = 0.0
+        self._changed = asyncio.Event()  # for consumers waiting in __anext__
+        self._kick = asyncio.Event()  # for the puller
+        self._puller: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._inbox_sub = await self.nc.subscribe(self.inbox, cb=self._on_message)
+        self._puller = asyncio.create_task(self._pull_loop(), name=f"callcast-nats-pull:{self.consumer}")
+
+    # -- handing out ----------------------------------------------------------------------------
+
+    def __aiter__(self) -> _NatsSubscription:
+        return self
+
+    async def __anext__(self) -> Delivery:
+        self.waiters += 1
+        try:
+            while not self.closed:
+                if self.buffer and len(self.outstanding) < self.prefetch:
+                    delivery = self.buffer.popleft()
+                    self.outstanding[delivery] = None
+                    return delivery
+                changed = self._changed
+                self._kick.set()
+                await changed.wait()
+        finally:
+            self.waiters -= 1
+        raise StopAsyncIteration
+
+    def _wake(self) -> None:
+        # Set the event the waiters hold and give later ones a fresh one, so no wake-up is lost.
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    # -- pulling --------------------------------------------------------------------------------
+
+    async def _pull_loop(self) -> None:
+        while not self.closed:
+            self._kick.clear()
+            try:
+                timeout = await self._pull()
+            except _PULL_ERRORS as error:
+                log.warning(
+                    "nats broker %s: pulling for group %r on topic %r failed, retrying: %s",
+                    self.broker.url,
+                    self.group,
+                    self.topic,
+                    self.broker._describe(error),
+                )
+                self._in_flight = 0
+                timeout = 1.0
+            if self.closed:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._kick.wait(), timeout)
+
+    async def _pull(self) -> float | None:
+        """Ask the server for envelopes if a consumer waits and there is room; return how long
+        until the live request must be looked at again (``None``: when something changes)."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if not self.nc.is_connected:
+            return None  # reconnected() kicks
+        if self._in_flight and now >= self._deadline:
+            self._in_flight = 0  # lost (a restarted server forgets pull requests)
+            if not self._answered:
+                self._suspect = True
+        if self._in_flight:
+            return self._deadline - now
+        if now < self._paused_until:
+            return self._paused_until - now
+        room = self.prefetch - len(self.outstanding) - len(self.buffer)
+        if self.ephemeral:
+            # Always keep a request open: it is what keeps an ephemeral consumer alive.
+            batch = max(1, room) if len(self.buffer) < self.prefetch else 0
+        else:
+            batch = room if self.waiters and not self.buffer else 0
+        if batch <= 0:
+            return None
+        if self._suspect:
+            await self.broker._declare(self.topic, self.group, ephemeral=self.ephemeral)
+            self._suspect = False
+        request = {"batch": batch, "expires": int(self.pull_expires * 1e9)}
+        self._in_flight = batch
+        self._answered = False
+        self._expires_at = now + self.pull_expires
+        self._deadline = self._expires_at + _PULL_GRACE
+        await self.nc.publish(self.pull_subject, json.dumps(request).encode(), reply=self.inbox)
+        return self._deadline - now
+
+    async def _on_message(self, msg: Msg) -> None:
+        reply = msg.reply
+        if not reply or not reply.startswith("$JS.ACK."):
+            self._on_status(msg)
+            return
+        self._answered = True
+        self._in_flight = max(0, self._in_flight - 1)
+        if self._in_flight == 0:
+            self._kick.set()
+        if self.closed:
+            await self._hand_back_late(msg, reply)
+            return
+        try:
+            metadata = msg.metadata
+            delivered = metadata.num_delivered or 1
+            seq = metadata.sequence.stream if metadata.sequence else 0
+        except (nats.errors.Error, ValueError, IndexError):
+            log.warning("nats broker %s: dropped a message with a malformed ack subject", self.broker.url)
+            return
+        headers = {name: unquote(value) for name, value in (msg.headers or {}).items()}
+        addressee = headers.get(GROUP_HEADER)
+        if addressee is not None and addressee != self.group:
+            # publish(group=...) for another group: settled here, never handed out.
+            with contextlib.suppress(*_DRIVER_ERRORS):
+                await self.nc.publish(reply, _ACK)
+            return
+        uncounted = 0
+        if delivered > 1 and not self.ephemeral:
+            uncounted = await self.broker._uncounted(self.consumer, seq)
+        envelope = decode_or_quarantine(headers, msg.data)
+        attempt = max(1, delivered - uncounted)
+        self.buffer.append(_NatsDelivery(self, reply, seq, envelope, attempt, uncounted))
+        self._wake()
+
+    async def _hand_back_late(self, msg: Msg, reply: str) -> None:
+        """A delivery to the pull request of this closed subscription: never handed out, so it is
+        recorded as uncounted and given back for when the request has expired."""
+        with contextlib.suppress(*_DRIVER_ERRORS, ValueError, IndexError):
+            metadata = msg.metadata
+            seq = metadata.sequence.stream if metadata.sequence else 0
+            if not self.ephemeral:
+                delivered = metadata.num_delivered or 1
+                uncounted = await self.broker._uncounted(self.consumer, seq) if delivered > 1 else 0
+                late = _NatsDelivery(self, reply, seq, Envelope(type="", source="", data=b""), 1, uncounted)
+                await self.broker._record_uncounted([late])
+            await self.nc.publish(reply, self._handback())
+
+    def _handback(self) -> bytes:
+        """The nak that gives a delivery of this closed subscription back to the group."""
+        delay = self._handback_at - asyncio.get_running_loop().time()
+        return _NAK if delay <= 0 else _NAK + b" " + json.dumps({"delay": int(delay * 1e9)}).encode()
+
+    def _on_status(self, msg: Msg) -> None:
+        headers = msg.headers or {}
+        status = headers.get("Status")
+        self._answered = True
+        if status == "100":  # idle heartbeat
+            return
+        self._in_flight = 0  # 404/408: expired or nothing; 409: refused or consumer deleted
+        description = str(headers.get("Description", "")).lower()
+        if status == "409":
+            if "deleted" in description:
+                self._suspect = True
+            else:
+                self._paused_until = asyncio.get_running_loop().time() + 0.25
+        elif status == "503":
+            self._suspect = True
+        self._kick.set()
+
+    def reconnected(self) -> None:
+        self._in_flight = 0  # the request may not have survived: ask again
+        self._kick.set()
+
+    # -- settling -------------------------------------------------------------------------------
+
+    async def settle(self, delivery: _NatsDelivery, payload: bytes) -> None:
+        if self.closed or delivery not in self.outstanding:
+            return
+        del self.outstanding[delivery]
+        self._wake()
+        self._kick.set()
+        try:
+            await self.nc.publish(delivery.reply, payload)
+        except _DRIVER_ERRORS as error:
+            raise self.broker._error(error, f"settling a delivery of group {self.group!r}") from None
+        if payload == _ACK and delivery.uncounted:
+            self.broker._forget_uncounted(delivery)
+
+    async def renew_leases(self) -> None:
+        if self.closed:
+            return
+        with contextlib.suppress(*_DRIVER_ERRORS):
+            for delivery in [*self.outstanding, *self.buffer]:
+                await self.nc.publish(delivery.reply, _IN_PROGRESS)
+
+    async def close(self) -> None:
+        """Stop handing out and give back what this subscription holds.
+
+        NATS 2.9 mishandles a *redelivery* that meets a pull request whose inbox has no interest
+        (it is lost until ``ack_wait`` and another envelope is delivered again with a delivery
+        count of 1; fixed in later servers). So a pull request of this subscription that is still
+        open on the server keeps its inbox until it expires (what arrives meanwhile is handed back
+        at once), and the deliveries are handed back with a nak delayed until just after that.
+        """
+        if self.closed:
+            return
+        self.closed = True
+        self._wake()
+        self._kick.set()
+        self.broker._subscriptions.discard(self)
+        if self._puller is not None:
+            self._puller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._puller
+        loop = asyncio.get_running_loop()
+        request_open = self._in_flight > 0 and loop.time() < self._expires_at
+        self._handback_at = self._expires_at + _HANDBACK_MARGIN if request_open else 0.0
+        held = list(self.outstanding)
+        never_handed_out = list(self.buffer)
+        self.outstanding.clear()
+        self.buffer.clear()
+        if self.ephemeral:
+            with contextlib.suppress(*_DRIVER_ERRORS, TransportError):
+                await asyncio.wait_for(
+                    self.broker._jetstream().delete_consumer(self.broker.stream, self.consumer), _CLOSE_WAIT
+                )
+            await self._unsubscribe()
+            return
+        if never_handed_out and self.nc.is_connected:
+            await self.broker._record_uncounted(never_handed_out)
+        with contextlib.suppress(*_DRIVER_ERRORS):
+            for delivery in sorted([*held, *never_handed_out], key=lambda d: d.seq):
+                await self.nc.publish(delivery.reply, self._handback())
+            if self.nc.is_connected:
+                await asyncio.wait_for(self.nc.flush(), _CLOSE_WAIT)
+        if request_open:
+            self.broker._spawn(self._unsubscribe(at=self._handback_at), "callcast-nats-unsubscribe")
+        else:
+            await self._unsubscribe()
+
+    async def _unsubscribe(self, at: float | None = None) -> None:
+        if at is not None:
+            await asyncio.sleep(max(0.0, at - asyncio.get_running_loop().time()))
+        if self._inbox_sub is not None:
+            with contextlib.suppress(*_DRIVER_ERRORS):
+                await self._inbox_sub.unsubscribe()
+            self._inbox_sub = None
+
+
+class _NatsDelivery:
+    __slots__ = ("attempt", "envelope", "reply", "seq", "subscription", "uncounted")
+
+    def __init__(
+        self,
+        subscription: _NatsSubscription,
+        reply: str,
+        seq: int,
+        envelope: Envelope,
+        attempt: int,
+        uncounted: int,
+    ) -> None:
+        self.subscription = subscription
+        self.reply = reply
+        self.seq = seq
+        self.envelope = envelope
+        self.attempt = attempt
+        self.uncounted = uncounted
+
+    @property
+    def consumer(self) -> str:
+        return self.subscription.consumer
+
+    async def ack(self) -> None:
+        await self.subscription.settle(self, _ACK)
+
+    async def nack(self, *, delay: float = 0.0) -> None:
+        if not math.isfinite(delay):
+            delay = _MAX_DELAY if delay > 0 else 0.0
+        delay = min(max(0.0, delay), _MAX_DELAY)
+        payload = _NAK if delay == 0 else _NAK + b" " + json.dumps({"delay": int(delay * 1e9)}).encode()
+        await self.subscription.settle(self, payload)
