@@ -222,7 +222,7 @@ def private_server() -> Iterator[PrivateServer]:
 
 class TestPostgresBrokerRestart(BrokerConformance):
     """The suite's restart test (and this adapter's own) against the private server: the shared one
-    is never stopped. The rest of the suite runs against the shared server above."""
+    is never stopped. The rest of the suite runs against the shared server above (see below)."""
 
     lease = LEASE
     can_restart = True
@@ -285,6 +285,15 @@ class TestPostgresBrokerRestart(BrokerConformance):
         assert [d.envelope.data for d in delivered] == [b"after", b"after"]
         for delivery in delivered:
             await delivery.ack()
+
+
+# Each test of the suite runs once: the restart test against the private server (the only one this
+# module may stop), the rest against the shared server. A ``None`` attribute is not collected.
+_RUN_ON_THE_PRIVATE_SERVER = {"test_a_restarted_server_loses_nothing_that_was_accepted"}
+for _name in dir(BrokerConformance):
+    if _name.startswith("test_"):
+        on_private = _name in _RUN_ON_THE_PRIVATE_SERVER
+        setattr(TestPostgresBroker if on_private else TestPostgresBrokerRestart, _name, None)
 
 
 # -- the URL --------------------------------------------------------------------------------------------
@@ -537,3 +546,73 @@ async def test_a_publish_elsewhere_wakes_a_waiter_by_notify(schema: str) -> None
     finally:
         await waiter.close()
         await other.close()
+
+
+# -- per-key order, kept by the tables -----------------------------------------------------------------
+
+
+async def test_per_key_order_holds_while_publishes_and_acks_race(schema: str) -> None:
+    """Which row of a key may be claimed is kept in the table (``head``), updated by publishes and
+    acks under a per-key lock. Three connections publishing the same keys while two others consume
+    and ack: a key is handed out one envelope at a time, each publisher's envelopes of a key in
+    its order, and no key is left stuck (the fallback poll is set to a minute, so nothing but
+    publishes, acks and their notifications moves the envelopes)."""
+    url = server_url(schema, lease="5", poll="60")
+    publishers = [await connect(url) for _ in range(3)]
+    consumers = [await connect(url) for _ in range(2)]
+    try:
+        topic, group = "orders", "billing"
+        subscriptions = [await consumer.subscribe(topic, group, prefetch=8) for consumer in consumers]
+        keys = [f"k{n}" for n in range(5)]
+        per_publisher = 60
+        expected = len(publishers) * per_publisher
+        handled: dict[str, list[tuple[int, int]]] = {key: [] for key in keys}
+        busy: set[str] = set()
+        violations: list[str] = []
+        all_handled = asyncio.Event()
+        count = 0
+
+        async def consume(subscription: Any) -> None:
+            nonlocal count
+            async for delivery in subscription:
+                key = delivery.envelope.partition_key
+                if key in busy:
+                    violations.append(f"{delivery.envelope.data!r} handed out while {key} was busy")
+                busy.add(key)
+                await asyncio.sleep(0)
+                publisher, n = map(int, delivery.envelope.data.split(b"-"))
+                handled[key].append((publisher, n))
+                busy.discard(key)
+                await delivery.ack()
+                count += 1
+                if count == expected:
+                    all_handled.set()
+
+        async def publish(index: int, broker: Broker) -> None:
+            n = 0
+            while n < per_publisher:
+                size = 1 + (n + index) % 3
+                batch = [
+                    event(f"{index}-{m}".encode(), partitionkey=keys[(m * 7 + index) % len(keys)])
+                    for m in range(n, min(n + size, per_publisher))
+                ]
+                await broker.publish(topic, batch)
+                n += len(batch)
+
+        consuming = [asyncio.create_task(consume(s)) for s in subscriptions]
+        await asyncio.gather(*(publish(i, b) for i, b in enumerate(publishers)))
+        try:
+            await asyncio.wait_for(all_handled.wait(), 15)
+        finally:
+            for subscription in subscriptions:
+                await subscription.close()
+            await asyncio.gather(*consuming)
+        assert violations == []
+        for key, seen in handled.items():
+            for index in range(len(publishers)):
+                mine = [n for publisher, n in seen if publisher == index]
+                assert mine == sorted(mine), f"{key}: publisher {index}'s envelopes out of order"
+        assert sum(map(len, handled.values())) == expected
+    finally:
+        for broker in (*publishers, *consumers):
+            await broker.close()

@@ -5,7 +5,7 @@ Every process that connects to the same database and schema shares the broker. T
 in three tables of one schema (``?schema=``, default ``callcast``), created on connect if missing, so
 other tools (psql, a BI tool, a migration script) can read it:
 
-``messages`` -- one row per published envelope::
+``messages`` -- one row per published envelope, until every group settled it::
 
     seq          bigint identity primary key   publish order
     topic        text                          the topic it was published on
@@ -28,26 +28,33 @@ other tools (psql, a BI tool, a migration script) can read it:
 
     topic, grp, seq                            which group, which ``messages.seq``
     pkey         text                          copied from the message, for per-key order
+    head         boolean                       the key's earliest row in the group (always true
+                                               without a key): only these may be handed out
     available_at timestamptz                   not handed out before (``-infinity``: at once)
     attempts     integer                       deliveries to this group so far
     owner        text                          the subscriber holding it, or NULL
     lease_until  timestamptz                   the owner's hold runs out at this time
 
+Two functions of the schema, ``publish(...)`` and ``ack(...)``, do the writes that must see each
+other's commits (each of their statements takes a fresh snapshot), in one round trip each.
+
 How the transport contract is met:
 
-* **publish** is one statement, so one transaction and one round trip for the whole batch: it
-  key-share-locks the topic's groups, inserts the messages (``unnest`` of arrays, in batch order),
-  fans out one ``deliveries`` row per group (or only ``group=``), and sends ``NOTIFY`` on channel
+* **publish** is one call, so one transaction and one round trip for the whole batch: it
+  key-share-locks the topic's groups, takes a transaction-level advisory lock per (topic, key) of
+  the batch (in a fixed order), inserts the messages (``unnest`` of arrays, in batch order), fans
+  out one ``deliveries`` row per group (or only ``group=``), and sends ``NOTIFY`` on channel
   ``<schema>.wake`` with payload ``["topic", "group", sender]`` for each group. It returns after
-  ``COMMIT``, which PostgreSQL makes durable (with the server's ``synchronous_commit``). Envelopes of
-  a topic nobody declared a group on are not stored. A batch with partition keys first takes a
-  transaction-level advisory lock per (topic, key), so two publishes of one key commit in the order
-  of their ``seq``: the later message of a key is never visible before the earlier one.
+  ``COMMIT``, which PostgreSQL makes durable (as the server's ``synchronous_commit`` says).
+  Envelopes of a topic nobody declared a group on are not stored. The key locks make a key's
+  ``seq`` order its commit order, and a new row is ``head`` when no row of its key is left.
 * **claiming** (``UPDATE ... FROM (SELECT ... FOR UPDATE SKIP LOCKED)``): the earliest due rows of the
-  group that nobody holds (or whose lease ran out), skipping rows a competing claim has locked, so
-  competing subscribers never block one another. A keyed row is claimable only while no earlier
-  row of its key is in the table (handed out, or nacked and waiting): per-key order holds across
-  processes (``ordered_per_key``). A claim sets ``owner``, ``lease_until`` and ``attempts + 1``.
+  group that are ``head`` and nobody holds (or whose lease ran out), skipping rows a competing
+  claim has locked, so competing subscribers never block one another. A keyed row is claimable only
+  while no earlier row of its key is in the table (handed out, or nacked and waiting): per-key
+  order holds across processes (``ordered_per_key``). Rows waiting behind their key's head are not
+  in the index claims scan, so a long backlog of one busy key costs nothing per claim.
+  A claim sets ``owner``, ``lease_until`` and ``attempts + 1``.
 * **wake-up**: a subscriber waiting for work sleeps until a local publish/settle, a ``NOTIFY`` from
   another process (one dedicated ``LISTEN`` connection per broker object), the due time of one of
   this process's delayed nacks, or a low-rate fallback poll (``?poll=``, default 1 s) that finds
@@ -55,23 +62,29 @@ How the transport contract is met:
 * **leases**: each broker renews the leases of the rows its live subscribers hold every
   ``lease/3`` seconds (``?lease=``, default 10 s). A killed process stops renewing, and its rows
   go to the group's other subscribers once ``lease_until`` passed; that claim counts an attempt.
-* **ack** deletes the row; **nack(delay)** clears the owner and sets ``available_at``, so delayed
-  retries live in the table (``delayed_nack``) and survive restarts. Both only touch a row still
-  owned by the settling subscriber, so a settle after close (or after the lease ran out and another
-  subscriber took the row) is ignored.
+* **ack** deletes the row (and the message, once no group needs it) and, under the key's lock,
+  makes the key's next row its ``head``; **nack(delay)** clears the owner and sets
+  ``available_at``, so delayed retries live in the table (``delayed_nack``) and survive restarts.
+  Both only touch a row still owned by the settling subscriber, so a settle after close (or after
+  the lease ran out and another subscriber took the row) is ignored.
 * **prefetch** bounds the rows a subscription holds; rows claimed ahead but never handed out get
   their attempt taken back when the subscription closes.
 * **ephemeral** groups are deleted with their rows on close; their subscriber refreshes
   ``heartbeat`` with the leases, and a group whose heartbeat is older than ``max(60, 6 * lease)``
   seconds (its process died) is collected.
-* **garbage**: messages no delivery refers to any more are deleted in batches by one broker at a
-  time (``pg_try_advisory_xact_lock``).
+* **garbage**: besides the deletes of ``ack``, a sweep every 30 s (by one broker at a time:
+  ``pg_try_advisory_xact_lock``) deletes messages no delivery refers to and dead ephemeral groups.
 * **reconnect**: the connection pool replaces connections the server dropped; the ``LISTEN``
   connection is re-established (then every subscriber looks for work once, for notifications it
   missed); subscribers keep waiting through an outage, retrying at the poll rate, instead of
   ending. Leases that ran out during the outage are redelivered (at least once).
 * **schema**: created on connect when missing, under ``pg_advisory_xact_lock`` so processes that
   connect at once do not collide; a user without ``CREATE`` rights can use tables made by another.
+
+A tool that writes rows itself should insert a ``messages`` row and its ``deliveries`` rows in one
+transaction (``head`` defaults to true: claims still check for an earlier row of the key), and remove
+a delivery with ``SELECT <schema>.ack(topic, grp, seq, owner, '<schema>.wake', '[null,null,null]')``
+(after setting its ``owner``), so that the next row of its key is released and subscribers look.
 
 Every driver error is translated at this boundary: a connection that cannot be made, or is lost,
 is :class:`~callcast.exceptions.BrokerUnavailableError`; a publish whose statement failed is
@@ -81,15 +94,15 @@ is :class:`~callcast.exceptions.BrokerUnavailableError`; a publish whose stateme
 URL: ``postgresql://user[:password]@host[:port]/database?option=value`` (also ``postgres://``); a
 missing part takes libpq's defaults (``PGHOST`` ..., as asyncpg reads them). Options:
 
-=================== ================================================================================
-``schema``          schema of the tables (default ``callcast``; letters, digits, ``_``; ≤ 58 chars)
-``lease``           seconds a killed subscriber keeps its deliveries (default 10)
-``poll``            seconds between fallback polls of a waiting subscriber (default 1)
-``pool_size``       most connections in the pool, besides the ``LISTEN`` one (default 10)
-``connect_timeout`` seconds to wait for a connection (default 5)
-``sslmode``         ``disable``, ``allow``, ``prefer``, ``require``, ``verify-ca`` or ``verify-full``
+==================== ===============================================================================
+``schema``           schema of the tables (default ``callcast``; letters, digits, ``_``; ≤ 58 chars)
+``lease``            seconds a killed subscriber keeps its deliveries (default 10)
+``poll``             seconds between fallback polls of a waiting subscriber (default 1)
+``pool_size``        most connections in the pool, besides the ``LISTEN`` one (default 10)
+``connect_timeout``  seconds to wait for a connection (default 5)
+``sslmode``          ``disable``, ``allow``, ``prefer``, ``require``, ``verify-ca`` or ``verify-full``
 ``application_name`` shown in ``pg_stat_activity`` (default ``callcast``)
-=================== ================================================================================
+==================== ===============================================================================
 """
 
 from __future__ import annotations
@@ -132,7 +145,7 @@ OPTIONS = ("schema", "lease", "poll", "pool_size", "connect_timeout", "sslmode",
 SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 _SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,57}")
 _COMMAND_TIMEOUT = 30.0
-_GC_INTERVAL = 2.0
+_GC_INTERVAL = 30.0
 _GC_BATCH = 10_000
 _NOTIFY_LIMIT = 7900  # PostgreSQL refuses NOTIFY payloads of 8000 bytes and more
 
@@ -248,10 +261,12 @@ def _lock_id(*parts: str) -> int:
 class _Sql:
     """The statements of one schema (names quoted once, here)."""
 
-    def __init__(self, schema: str) -> None:
+    def __init__(self, schema: str, key_lock_class: int) -> None:
         s = f'"{schema}"'
         self.schema = s
         self.marker = f"{s}.deliveries_by_seq"  # created last: when it exists, the whole DDL ran
+        key_lock_id = "hashtext(p_topic || chr(10) || {key})"
+        key_lock = f"pg_advisory_xact_lock({key_lock_class}, {key_lock_id})"
         self.ddl = f"""
 CREATE SCHEMA IF NOT EXISTS {s};
 CREATE TABLE IF NOT EXISTS {s}.messages (
@@ -275,45 +290,97 @@ CREATE TABLE IF NOT EXISTS {s}.deliveries (
     grp text NOT NULL,
     seq bigint NOT NULL,
     pkey text,
+    head boolean NOT NULL DEFAULT true,
     available_at timestamptz NOT NULL DEFAULT '-infinity',
     attempts integer NOT NULL DEFAULT 0,
     owner text,
     lease_until timestamptz,
     PRIMARY KEY (topic, grp, seq)
 );
+CREATE INDEX IF NOT EXISTS deliveries_ready ON {s}.deliveries (topic, grp, seq)
+    WHERE pkey IS NULL OR head;
 CREATE INDEX IF NOT EXISTS deliveries_by_key ON {s}.deliveries (topic, grp, pkey, seq)
     WHERE pkey IS NOT NULL;
 CREATE INDEX IF NOT EXISTS deliveries_by_owner ON {s}.deliveries (owner) WHERE owner IS NOT NULL;
+
+CREATE OR REPLACE FUNCTION {s}.publish(
+    p_topic text, p_group text, p_headers json[], p_bodies bytea[], p_keys text[],
+    p_channel text, p_sender text
+) RETURNS SETOF text LANGUAGE plpgsql AS $fn$
+DECLARE
+    groups text[];
+BEGIN
+    -- Key-share lock the groups: an ephemeral group's close (which deletes its row, then its
+    -- deliveries) waits for this publish, and then sees its rows.
+    SELECT array_agg(g.grp) INTO groups FROM (
+        SELECT grp FROM {s}.subscriptions
+        WHERE topic = p_topic AND (p_group IS NULL OR grp = p_group)
+        FOR KEY SHARE) AS g;
+    IF groups IS NULL THEN
+        RETURN;  -- nobody declared a group: nothing is kept
+    END IF;
+    -- One lock per key, in a fixed order: publishes and acks of a key take turns, so a key's seq
+    -- order is its commit order, and the next statement (a fresh snapshot) sees all its rows.
+    PERFORM pg_advisory_xact_lock({key_lock_class}, l.id) FROM (
+        SELECT DISTINCT {key_lock_id.format(key="k")} AS id
+        FROM unnest(p_keys) AS k WHERE k IS NOT NULL ORDER BY 1) AS l;
+    WITH msgs AS (
+        INSERT INTO {s}.messages (topic, pkey, headers, body)
+        SELECT p_topic, u.pkey, u.headers, u.body
+        FROM unnest(p_headers, p_bodies, p_keys) WITH ORDINALITY AS u(headers, body, pkey, n)
+        ORDER BY u.n
+        RETURNING seq, pkey
+    )
+    INSERT INTO {s}.deliveries (topic, grp, seq, pkey, head)
+    SELECT p_topic, g.grp, m.seq, m.pkey,
+        m.pkey IS NULL OR (
+            m.seq = min(m.seq) OVER (PARTITION BY g.grp, m.pkey)
+            -- OFFSET 0 keeps this a probe per key (an index lookup), never a hash of the topic's rows
+            AND NOT EXISTS (SELECT 1 FROM {s}.deliveries AS e
+                            WHERE e.topic = p_topic AND e.grp = g.grp AND e.pkey = m.pkey OFFSET 0))
+    FROM msgs AS m CROSS JOIN unnest(groups) AS g(grp);
+    PERFORM pg_notify(p_channel, CASE WHEN octet_length(n.payload) < {_NOTIFY_LIMIT} THEN n.payload
+        ELSE json_build_array(NULL, NULL, p_sender)::text END)
+    FROM (SELECT json_build_array(p_topic, g, p_sender)::text AS payload FROM unnest(groups) AS g) AS n;
+    RETURN QUERY SELECT unnest(groups);
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION {s}.ack(
+    p_topic text, p_group text, p_seq bigint, p_owner text, p_channel text, p_payload text
+) RETURNS boolean LANGUAGE plpgsql AS $fn$
+DECLARE
+    k text;
+BEGIN
+    DELETE FROM {s}.deliveries
+    WHERE topic = p_topic AND grp = p_group AND seq = p_seq AND owner = p_owner
+    RETURNING pkey INTO k;
+    IF NOT FOUND THEN
+        RETURN false;  -- not (or no longer) this subscriber's: ignored
+    END IF;
+    -- The last group to settle a message deletes it (two settling at once both leave it: the
+    -- periodic sweep collects those).
+    DELETE FROM {s}.messages AS m WHERE m.seq = p_seq
+        AND NOT EXISTS (SELECT 1 FROM {s}.deliveries AS d WHERE d.seq = p_seq);
+    IF k IS NOT NULL THEN
+        -- The key's next row becomes its head. Under the key's lock, so a concurrent publish of
+        -- the key either saw this delete or is seen by the update below.
+        PERFORM {key_lock.format(key="k")};
+        UPDATE {s}.deliveries SET head = true
+        WHERE topic = p_topic AND grp = p_group AND pkey = k AND NOT head
+          AND seq = (SELECT min(e.seq) FROM {s}.deliveries AS e
+                     WHERE e.topic = p_topic AND e.grp = p_group AND e.pkey = k);
+        PERFORM pg_notify(p_channel, p_payload);
+    END IF;
+    RETURN true;
+END
+$fn$;
+
 CREATE INDEX IF NOT EXISTS deliveries_by_seq ON {s}.deliveries (seq);
 COMMENT ON SCHEMA {s} IS 'callcast broker: messages, subscriptions, deliveries (layout 1)';
 """
-        # $1 topic, $2 group or NULL, $3 headers[], $4 bodies[], $5 keys[], $6 lock class, $7 locks[],
-        # $8 channel, $9 sender. Groups are key-share locked so that an ephemeral group's close (which
-        # deletes its row, then its deliveries) waits for this publish and then sees its rows.
-        self.publish = f"""
-WITH grps AS (
-    SELECT grp FROM {s}.subscriptions
-    WHERE topic = $1 AND ($2::text IS NULL OR grp = $2::text)
-    FOR KEY SHARE
-), locked AS (
-    SELECT count(pg_advisory_xact_lock($6::int4, k)) AS n FROM unnest($7::int4[]) AS k
-), msgs AS (
-    INSERT INTO {s}.messages (topic, pkey, headers, body)
-    SELECT $1, u.pkey, u.headers, u.body
-    FROM unnest($3::json[], $4::bytea[], $5::text[]) WITH ORDINALITY AS u(headers, body, pkey, n)
-    WHERE EXISTS (SELECT 1 FROM grps) AND (SELECT n FROM locked) >= 0
-    ORDER BY u.n
-    RETURNING seq, pkey
-), fanned AS (
-    INSERT INTO {s}.deliveries (topic, grp, seq, pkey)
-    SELECT $1, g.grp, m.seq, m.pkey FROM msgs AS m CROSS JOIN grps AS g
-)
-SELECT g.grp, pg_notify($8::text, CASE
-    WHEN octet_length(json_build_array($1::text, g.grp, $9::text)::text) < {_NOTIFY_LIMIT}
-    THEN json_build_array($1::text, g.grp, $9::text)::text
-    ELSE json_build_array(NULL, NULL, $9::text)::text END) AS notified
-FROM grps AS g
-"""
+        # $1 topic, $2 group or NULL, $3 headers, $4 bodies, $5 keys, $6 channel, $7 sender.
+        self.publish = f"SELECT grp FROM {s}.publish($1, $2, $3, $4, $5, $6, $7) AS grp"
         self.declare = f"""
 INSERT INTO {s}.subscriptions (topic, grp) VALUES ($1, $2) ON CONFLICT (topic, grp) DO NOTHING
 """
@@ -326,6 +393,7 @@ ON CONFLICT (topic, grp) DO UPDATE SET heartbeat = statement_timestamp()
 WITH picked AS (
     SELECT d.seq FROM {s}.deliveries AS d
     WHERE d.topic = $1 AND d.grp = $2
+      AND (d.pkey IS NULL OR d.head)
       AND d.available_at <= statement_timestamp()
       AND (d.owner IS NULL OR d.lease_until < statement_timestamp())
       AND (d.pkey IS NULL OR NOT EXISTS (
@@ -347,13 +415,7 @@ FROM claimed AS c LEFT JOIN {s}.messages AS m ON m.seq = c.seq
 ORDER BY c.seq
 """
         # $1 topic, $2 group, $3 seq, $4 owner, $5 channel, $6 payload.
-        self.ack = f"""
-WITH gone AS (
-    DELETE FROM {s}.deliveries WHERE topic = $1 AND grp = $2 AND seq = $3 AND owner = $4
-    RETURNING pkey
-)
-SELECT pg_notify($5, $6) FROM gone WHERE gone.pkey IS NOT NULL
-"""
+        self.ack = f"SELECT {s}.ack($1, $2, $3, $4, $5, $6)"
         # $1 topic, $2 group, $3 seq, $4 owner, $5 delay seconds, $6 channel, $7 payload.
         self.nack = f"""
 WITH back AS (
@@ -423,15 +485,17 @@ class PostgresBroker:
         self.lease = self.settings.lease
         self.poll = self.settings.poll
         self.channel = f"{self.schema}.wake"
-        self._sql = _Sql(self.schema)
+        self._sql = _Sql(self.schema, _lock_id("callcast-keys", self.schema))
         self._id = uuid.uuid4().hex  # the sender of this object's notifications, ignored on receipt
         self._admin_lock = _lock_id("callcast-admin", self.schema)
-        self._key_lock = _lock_id("callcast-keys", self.schema)
         self._pool: Any = None
         self._listener: Any = None
         self._listener_lost = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._subscriptions: set[_PostgresSubscription] = set()
+        # Held while leases and heartbeats are renewed: an ephemeral group's close waits for it, so a
+        # heartbeat (which re-creates a group collected during a long outage) never revives a closed one.
+        self._renewing = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
         self._pool_closed = False
@@ -527,11 +591,12 @@ class PostgresBroker:
             conn.terminate()
             raise self._translate(error, f"cannot LISTEN on {self.channel}") from None
         self._listener_lost.clear()
-        conn.add_termination_listener(self._on_listener_lost)
         self._listener = conn
+        conn.add_termination_listener(self._on_listener_lost)
 
-    def _on_listener_lost(self, _conn: Any) -> None:
-        self._listener_lost.set()
+    def _on_listener_lost(self, conn: Any) -> None:
+        if conn is self._listener:
+            self._listener_lost.set()
 
     def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
         try:
@@ -593,6 +658,10 @@ class PostgresBroker:
                     log.debug("%s: garbage collection failed: %s", self.url, error)
 
     async def _renew(self) -> None:
+        async with self._renewing:
+            await self._renew_held()
+
+    async def _renew_held(self) -> None:
         topics: list[str] = []
         groups: list[str] = []
         seqs: list[int] = []
@@ -665,7 +734,6 @@ class PostgresBroker:
         headers = [json.dumps(e.headers(), separators=(",", ":"), ensure_ascii=False) for e in envelopes]
         bodies = [e.data for e in envelopes]
         keys = [e.partition_key for e in envelopes]
-        locks = sorted({_lock_id(topic, key) for key in keys if key is not None})
         rows = await self._call(
             "fetch",
             self._sql.publish,
@@ -674,8 +742,6 @@ class PostgresBroker:
             headers,
             bodies,
             keys,
-            self._key_lock,
-            locks,
             self.channel,
             self._id,
             what=f"publish to {topic!r}",
@@ -794,7 +860,7 @@ class PostgresBroker:
         if subscription.ephemeral:
             pool = self._check_open(public=False)
             try:
-                async with pool.acquire() as conn, conn.transaction():
+                async with self._renewing, pool.acquire() as conn, conn.transaction():
                     # The group's row first: publishes that still fan out to it hold a key-share lock
                     # on it, so this waits for them, and the next statement sees their rows.
                     await conn.execute(self._sql.drop_group, topic, group)
