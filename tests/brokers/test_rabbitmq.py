@@ -237,12 +237,25 @@ def test_queue_names_are_readable_and_never_collide() -> None:
 
 @pytest.mark.parametrize(
     ("delay", "bucket"),
-    [(0.0001, 1), (0.001, 1), (0.05, 50), (0.099, 99), (0.1, 100), (0.3, 300), (1.0, 1000), (1.234, 1300)],
+    [
+        (0.0001, 1),
+        (0.001, 1),
+        (0.0042, 5),
+        (0.01, 10),
+        (0.05, 50),
+        (0.099, 100),
+        (0.3, 320),
+        (1.0, 1000),
+        (1.234, 1300),
+        (2.6, 3200),
+        (30.0, 32000),
+    ],
 )
-def test_a_delay_is_rounded_up_to_two_significant_digits(delay: float, bucket: int) -> None:
-    """A retry is never early, and at most 10% late; few distinct buckets are made."""
+def test_a_delay_is_rounded_up_to_a_few_buckets(delay: float, bucket: int) -> None:
+    """A retry is never early and at most 28% late (R10 series), so a group needs few buckets."""
     assert retry_bucket(delay) == bucket
-    assert retry_bucket(delay) >= delay * 1000 - 1e-9
+    assert delay * 1000 - 1e-9 <= retry_bucket(delay) <= max(delay * 1000 * 1.28, 10)
+    assert len({retry_bucket(0.1 * 1.01**n) for n in range(580)}) <= 26  # 0.1 s to 30 s
 
 
 # -- against the server --------------------------------------------------------------------------
@@ -363,7 +376,7 @@ async def test_the_group_queue_is_a_quorum_queue_bound_to_a_topic_exchange(
         await broker.close()
     group_queue = queue_name(RUN, topic, group)
     assert queues[group_queue] == "quorum"
-    assert queues[retry_queue_name(group_queue, 30000)] == "quorum"
+    assert queues[retry_queue_name(group_queue, retry_bucket(30))] == "quorum"
     assert exchanges[RUN] == "topic"
     # The binding: publishing to the exchange with the topic as routing key reaches the queue.
     await (await raw.get_exchange(RUN, ensure=False)).publish(aio_pika.Message(b"probe"), routing_key=topic)

@@ -21,7 +21,9 @@ queue. A group queue name longer than 200 bytes is cut and ends in ``~`` and a h
     The group's **delayed-retry buckets**: durable quorum queues with ``x-message-ttl`` = ms that
     dead-letter (``x-dead-letter-strategy: at-least-once``) through the default exchange straight
     back to the group's queue, so that only that group gets the retry. One bucket per delay in use,
-    the delay rounded *up* to two significant digits (1 ms to ~49 days; 1234 ms waits 1300 ms). A
+    the delay rounded *up* to the R10 series of preferred numbers (10, 13, 16, 20, 25, 32, 40, 50,
+    63, 80 × 10ⁿ ms; whole ms below 10 ms; at most ~49 days): never early, at most 28% late, at most
+    ten buckets per tenfold range of delays (a default retry policy, 0.1 s to 30 s, uses ≤ 26). A
     bucket nobody used for 15 minutes plus its TTL expires (``x-expires``); the adapter re-declares a
     bucket before using it if its last declaration is more than 5 minutes old, so a bucket never
     expires with a retry in it. The ``0ms`` bucket hands envelopes back without counting an attempt
@@ -187,6 +189,7 @@ _CLIENT_OPTIONS = frozenset(
 )
 _EXCHANGE_NAME = re.compile(r"[A-Za-z0-9._:-]{1,100}")
 _MAX_QUEUE_NAME = 200  # bytes; leaves room for "/retry/<ms>ms" within AMQP's 255
+_BUCKET_MANTISSAS = (10, 13, 16, 20, 25, 32, 40, 50, 63, 80)
 _RETRY_EXPIRES_MS = 15 * 60 * 1000
 _RETRY_REDECLARE = 5 * 60.0
 _MAX_DELAY_MS = 2**32 - 1 - _RETRY_EXPIRES_MS
@@ -289,13 +292,19 @@ def retry_queue_name(group_queue: str, milliseconds: int) -> str:
 
 
 def retry_bucket(delay: float) -> int:
-    """The bucket (ms) that holds a ``nack(delay=...)`` back: the delay rounded up to two
-    significant digits, so a retry is never early and at most 10% late."""
+    """The bucket (ms) that holds a ``nack(delay=...)`` back: the delay in whole milliseconds below
+    10 ms, else rounded *up* to the Renard R10 series (10, 13, 16, 20, 25, 32, 40, 50, 63, 80 × 10ⁿ
+    ms): a retry is never early and at most 28% late, and a group needs at most ten buckets for
+    each tenfold range of delays (the jittered backoff of a retry policy spreads over few)."""
     milliseconds = max(1, math.ceil(round(delay * 1000, 6)))
-    if milliseconds >= 100:
-        scale = 10 ** (len(str(milliseconds)) - 2)
-        milliseconds = -(-milliseconds // scale) * scale
-    return min(milliseconds, _MAX_DELAY_MS)
+    if milliseconds < 10:
+        return milliseconds
+    scale = 1
+    while True:
+        for mantissa in _BUCKET_MANTISSAS:
+            if mantissa * scale >= milliseconds:
+                return min(mantissa * scale, _MAX_DELAY_MS)
+        scale *= 10
 
 
 def _check_topic(topic: str) -> None:
@@ -781,6 +790,7 @@ class _GroupReader:
         self.failure: TransportError | None = None
         self.counts: dict[str, int] = {}  # ephemeral queues: deliveries per message id
         self.retry_queues: set[str] = set()
+        self.background: set[asyncio.Task[None]] = set()
 
     def wake(self) -> None:
         # Set the event the waiters hold and give later ones a fresh one (no wake-up is lost).
@@ -835,6 +845,8 @@ class _GroupReader:
             for member in self.members:
                 self.members[member] = await self._consume(underlay, member.prefetch, generation)
         except Exception as error:
+            self.generation += 1  # what that channel delivered meanwhile is stale
+            self.buffer.clear()
             if channel is not None:
                 await _quietly(channel.close(), broker.timeout)
             raise broker._error(f"cannot consume from {self.queue!r}", error) from None
@@ -860,7 +872,9 @@ class _GroupReader:
         if self.channel is not None and frame.consumer_tag in self.members.values():
             channel = self.channel
             self._on_channel_closed(channel, None)
-            asyncio.get_running_loop().create_task(_quietly(channel.close(), self.broker.timeout))
+            closing = asyncio.get_running_loop().create_task(_quietly(channel.close(), self.broker.timeout))
+            self.background.add(closing)
+            closing.add_done_callback(self.background.discard)
 
     def _on_channel_closed(self, sender: Any, error: BaseException | None) -> None:
         if sender is not self.channel:
@@ -1018,6 +1032,8 @@ class _GroupReader:
                     self.restoring.cancel()
             channel = self.channel
             if channel is None or channel.is_closed:
+                if last:
+                    self.channel = None
                 self.wake()
                 return
             timeout = broker.timeout
@@ -1045,6 +1061,8 @@ class _GroupReader:
         through the 0 ms retry bucket, stamped with the deliveries made before this one."""
         if not buffered:
             return
+        with contextlib.suppress(TransportError):
+            await self.broker._retry_queue(self, 0)  # once, so the copies go out in their order
         outcomes = await asyncio.gather(
             *(self.broker._republish(self, d.message, 0, d.attempt - 1) for d in buffered),
             return_exceptions=True,
@@ -1092,7 +1110,7 @@ class _RabbitSubscription:
                 self.outstanding.add(delivery)
                 return delivery
             if reader.failure is not None:
-                raise reader.failure
+                raise TransportError(str(reader.failure))
             await reader.changed.wait()
 
     async def close(self) -> None:
