@@ -220,7 +220,7 @@ def private_server() -> Iterator[PrivateServer]:
         server.destroy()
 
 
-class TestPostgresBrokerRestart(BrokerConformance):
+class TestPostgresBrokerPrivateServer(BrokerConformance):
     """The suite's restart test (and this adapter's own) against the private server: the shared one
     is never stopped. The rest of the suite runs against the shared server above (see below)."""
 
@@ -286,6 +286,22 @@ class TestPostgresBrokerRestart(BrokerConformance):
         for delivery in delivered:
             await delivery.ack()
 
+    async def test_sessions_commit_durably_on_a_server_that_does_not(self) -> None:
+        """On a database whose default is ``synchronous_commit = off`` (commits acknowledged before
+        they are on disk), the broker's sessions turn it back on: ``durable`` stays true."""
+        database = f"nosync_{uuid.uuid4().hex[:8]}"
+        async with sql(self.server.port, "postgres") as conn:
+            await conn.execute(f"CREATE DATABASE {database}")
+            await conn.execute(f"ALTER DATABASE {database} SET synchronous_commit = off")
+        url = self.url.replace("/postgres?", f"/{database}?")
+        broker = await connect(url)
+        self._brokers.append(broker)
+        assert isinstance(broker, PostgresBroker)
+        async with sql(self.server.port, database) as conn:
+            assert await conn.fetchval("SHOW synchronous_commit") == "off"  # what others get
+        async with broker._pool.acquire() as conn:
+            assert await conn.fetchval("SHOW synchronous_commit") == "on"
+
 
 # Each test of the suite runs once: the restart test against the private server (the only one this
 # module may stop), the rest against the shared server. A ``None`` attribute is not collected.
@@ -293,7 +309,7 @@ _RUN_ON_THE_PRIVATE_SERVER = {"test_a_restarted_server_loses_nothing_that_was_ac
 for _name in dir(BrokerConformance):
     if _name.startswith("test_"):
         on_private = _name in _RUN_ON_THE_PRIVATE_SERVER
-        setattr(TestPostgresBroker if on_private else TestPostgresBrokerRestart, _name, None)
+        setattr(TestPostgresBroker if on_private else TestPostgresBrokerPrivateServer, _name, None)
 
 
 # -- the URL --------------------------------------------------------------------------------------------
@@ -345,7 +361,7 @@ def test_a_bad_url_or_option_is_a_configuration_error(url: str, complaint: str) 
     assert "pw@" not in str(raised.value)
 
 
-async def test_the_password_never_shows(schemas: list[str]) -> None:
+async def test_the_password_never_shows() -> None:
     """``url`` is redacted, and a connection failure names the server, never the password."""
     port = free_port()  # nothing listens there
     broker = PostgresBroker(f"postgresql://postgres:hunter2@{HOST}:{port}/test?connect_timeout=2")

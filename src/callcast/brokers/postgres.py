@@ -45,7 +45,8 @@ How the transport contract is met:
   the batch (in a fixed order), inserts the messages (``unnest`` of arrays, in batch order), fans
   out one ``deliveries`` row per group (or only ``group=``), and sends ``NOTIFY`` on channel
   ``<schema>.wake`` with payload ``["topic", "group", sender]`` for each group. It returns after
-  ``COMMIT``, which PostgreSQL makes durable (as the server's ``synchronous_commit`` says).
+  ``COMMIT``, which PostgreSQL makes durable (callcast's sessions turn a server's
+  ``synchronous_commit = off`` back on; stronger settings, such as waiting for a standby, are kept).
   Envelopes of a topic nobody declared a group on are not stored. The key locks make a key's
   ``seq`` order its commit order, and a new row is ``head`` when no row of its key is left.
 * **claiming** (``UPDATE ... FROM (SELECT ... FOR UPDATE SKIP LOCKED)``): the earliest due rows of the
@@ -551,7 +552,13 @@ class PostgresBroker:
         self._loop = asyncio.get_running_loop()
         kwargs = self.settings.connect_kwargs
         try:
-            self._pool = await asyncpg.create_pool(min_size=1, max_size=self.settings.pool_size, **kwargs)
+            self._pool = await asyncpg.create_pool(
+                min_size=1,
+                max_size=self.settings.pool_size,
+                init=_init_connection,
+                reset=_keep_session,
+                **kwargs,
+            )
         except Exception as error:  # asyncpg raises many kinds while connecting; all mean the same
             raise BrokerUnavailableError(
                 f"postgres broker {self.url}: cannot connect: {self._describe(error)}"
@@ -1004,6 +1011,19 @@ class _PostgresDelivery:
 
     async def nack(self, *, delay: float = 0.0) -> None:
         await self._subscription.settle(self._seq, max(0.0, delay))
+
+
+async def _init_connection(conn: Any) -> None:
+    """A server configured with ``synchronous_commit = off`` would acknowledge commits it may still
+    lose in a crash: callcast's sessions ask for the durable default there."""
+    if await conn.fetchval("SHOW synchronous_commit") == "off":
+        await conn.execute("SET synchronous_commit = on")
+
+
+async def _keep_session(_conn: Any) -> None:
+    """Released connections keep their session: callcast leaves no state in it (no ``SET`` but the
+    one above, no ``LISTEN``, no cursors, only transaction-level locks), so the pool's default reset
+    (a round trip on every release) is skipped. An open transaction is still rolled back by asyncpg."""
 
 
 def _load_headers(text: str | None) -> dict[str, str]:
