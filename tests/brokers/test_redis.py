@@ -1,0 +1,535 @@
+"""The ``redis://`` broker (Redis Streams) against the shared conformance suite, twice: on the machine's
+shared Redis (no persistence, so ``durable`` is False there) and on a private ``redis-server`` this module
+starts with ``appendonly yes``/``appendfsync always`` (``durable`` is True), which the restart test kills
+(SIGKILL, by PID) and starts again. Plus what only this adapter has: its URL and options, its keys,
+foreign entries, retries kept in Redis, trimming, ephemeral groups, and translated driver errors.
+
+Everything a test creates on the shared server lives under a per-run key prefix, deleted at the end."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+import redis.asyncio.connection
+
+from callcast.brokers import connect
+from callcast.brokers.redis import PARKED, RedisBroker, RedisOptions, parse_url
+from callcast.envelope import UNDECODABLE_TYPE, Envelope
+from callcast.exceptions import BrokerUnavailableError, ConfigurationError, PublishError, TransportError
+from callcast.testing import BrokerConformance
+from callcast.transport import Broker, Capabilities, Delivery, Subscription
+
+from .conftest import require_server
+
+pytestmark = pytest.mark.redis
+
+HOST, PORT = "127.0.0.1", 6379
+LEASE = 1.0
+OPTIONS = f"lease={LEASE:g}&poll=0.5"
+RUN = uuid.uuid4().hex[:10]
+SHARED_PREFIX = f"callcast-test-{RUN}"
+SHARED_URL = f"redis://{HOST}:{PORT}/0?prefix={SHARED_PREFIX}&{OPTIONS}"
+
+
+def _delete_prefixed(client: redis.Redis, prefix: str) -> None:
+    keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+    for start in range(0, len(keys), 500):
+        client.delete(*keys[start : start + 500])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _clean_shared_server() -> Iterator[None]:
+    """Delete every key this run created on the shared server (when it is up)."""
+    yield
+    try:
+        with redis.Redis(host=HOST, port=PORT, socket_connect_timeout=2) as client:
+            _delete_prefixed(client, SHARED_PREFIX)
+    except redis.ConnectionError:
+        pass
+
+
+def _capabilities(*, durable: bool) -> Capabilities:
+    return Capabilities(
+        durable=durable,
+        shared=True,
+        delayed_nack=True,
+        delivery_count=True,
+        ordered_per_key=False,
+        request_reply=False,
+        replays_history=False,
+    )
+
+
+async def _next(subscription: Subscription, timeout: float = 5.0) -> Delivery:
+    return await asyncio.wait_for(subscription.__anext__(), timeout)
+
+
+def _envelope(label: str) -> Envelope:
+    return Envelope(type="T", source="/test/redis", data=label.encode())
+
+
+def _unique(label: str) -> str:
+    return f"{label}.{uuid.uuid4().hex[:8]}"
+
+
+# -- the conformance suite on the shared server ---------------------------------------------------
+
+
+class TestRedisBroker(BrokerConformance):
+    lease = LEASE
+
+    async def make_broker(self) -> Broker:
+        require_server("redis", PORT)
+        return await connect(SHARED_URL)
+
+    def process_url(self) -> str:
+        return SHARED_URL
+
+    async def test_capabilities(self) -> None:
+        """Shared by every process that reaches the server; not durable on a server without
+        ``appendonly yes`` and ``appendfsync always`` (this one has no persistence at all)."""
+        broker = await self.open()
+        assert isinstance(broker, RedisBroker)
+        assert broker.capabilities == _capabilities(durable=False)
+
+
+# -- a private, persistent server -----------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind((HOST, 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+class PrivateRedis:
+    """A ``redis-server`` of this module, with the append-only file fsynced on every write; started
+    and stopped by its PID."""
+
+    def __init__(self, directory: Path, binary: str) -> None:
+        self.directory = directory
+        self.binary = binary
+        self.port = _free_port()
+        self.password = f"pw-{uuid.uuid4().hex}"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def url(self, **options: str) -> str:
+        query = "&".join([OPTIONS, *(f"{name}={value}" for name, value in options.items())])
+        return f"redis://:{self.password}@{HOST}:{self.port}/0?prefix=private&{query}"
+
+    def start(self) -> None:
+        assert self.process is None or self.process.poll() is not None
+        self.process = subprocess.Popen(
+            [
+                self.binary,
+                *("--port", str(self.port), "--bind", HOST, "--dir", str(self.directory)),
+                *("--appendonly", "yes", "--appendfsync", "always", "--save", ""),
+                *("--requirepass", self.password, "--daemonize", "no"),
+                *("--logfile", str(self.directory / "redis.log")),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 15
+        while True:
+            if self.process.poll() is not None:
+                log = (self.directory / "redis.log").read_text(errors="replace")[-2000:]
+                pytest.fail(f"the private redis-server exited ({self.process.returncode}):\n{log}")
+            try:
+                with redis.Redis(host=HOST, port=self.port, password=self.password) as client:
+                    if client.ping():
+                        return
+            except (redis.ConnectionError, redis.BusyLoadingError):
+                pass
+            if time.monotonic() > deadline:
+                self.kill()
+                pytest.fail("the private redis-server did not answer within 15s")
+            time.sleep(0.02)
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, not a clean shutdown; what was acknowledged must be in the AOF."""
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def private_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateRedis]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail("redis-server is not installed (CI needs it for the restart test)")
+        pytest.skip("redis-server is not installed: no private server for the durability tests")
+    server = PrivateRedis(tmp_path_factory.mktemp("redis"), binary)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+class TestRedisBrokerWithAppendOnlyFile(BrokerConformance):
+    """The whole suite again where ``durable`` holds, including the restart test."""
+
+    lease = LEASE
+    can_restart = True
+
+    @pytest.fixture(autouse=True)
+    def _server(self, private_redis: PrivateRedis) -> None:
+        self.server = private_redis
+
+    async def make_broker(self) -> Broker:
+        return await connect(self.server.url())
+
+    def process_url(self) -> str:
+        return self.server.url()
+
+    async def stop_server(self) -> None:
+        await asyncio.to_thread(self.server.kill)
+
+    async def start_server(self) -> None:
+        await asyncio.to_thread(self.server.start)
+
+    async def test_capabilities(self) -> None:
+        """Durable where every accepted write is fsynced to the append-only file before Redis
+        replies; ``durable=require`` accepts this server."""
+        broker = await self.open()
+        assert isinstance(broker, RedisBroker)
+        assert broker.capabilities == _capabilities(durable=True)
+        strict = await connect(self.server.url(durable="require"))
+        await strict.close()
+
+    async def test_subscribers_and_retries_outlive_a_server_crash(self) -> None:
+        """The same broker object goes on after the server was killed and started again: a subscriber
+        that waited through the outage gets what is published afterwards, and a delayed retry nacked
+        before the crash comes back after its delay, counted, to its group only."""
+        broker = await self.open()
+        topic, group, other = _unique("orders"), _unique("billing"), _unique("audit")
+        waiting_sub = await broker.subscribe(topic, group)
+        other_sub = await broker.subscribe(topic, other)
+        await broker.publish(topic, [_envelope("retried")])
+        first = await _next(waiting_sub)
+        seen_by_other = await _next(other_sub)
+        await seen_by_other.ack()
+        nacked_at = time.monotonic()
+        await first.nack(delay=1.5)
+        waiting = asyncio.create_task(_next(waiting_sub, 30))
+        await self.stop_server()
+        await self.start_server()
+        again = await waiting
+        assert (again.envelope.data, again.attempt) == (b"retried", 2)
+        assert time.monotonic() - nacked_at >= 1.5 - 0.02
+        await again.ack()
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                await broker.publish(topic, [_envelope("after")])
+                break
+            except TransportError:
+                assert time.monotonic() < deadline, "no publish after the restart"
+                await asyncio.sleep(0.1)
+        after = await _next(waiting_sub, 10)
+        assert after.envelope.data == b"after"
+        await after.ack()
+        for_other = await _next(other_sub, 10)
+        assert for_other.envelope.data == b"after", "the retry went to another group"
+        await for_other.ack()
+
+    async def test_a_wrong_password_is_broker_unavailable_and_never_shown(self) -> None:
+        """A refused login is a :class:`BrokerUnavailableError` whose message names the redacted URL,
+        never the password."""
+        url = self.server.url().replace(self.server.password, "not-the-password-42")
+        with pytest.raises(BrokerUnavailableError) as caught:
+            await connect(url)
+        assert "not-the-password-42" not in str(caught.value)
+        assert ":***@" in str(caught.value)
+        broker = await self.open()
+        assert self.server.password not in broker.url
+
+
+# -- the URL ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "target", "options"),
+    [
+        ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0", RedisOptions()),
+        ("redis://localhost", "redis://localhost", RedisOptions()),
+        (
+            "redis://:p%40ss@h:1/2?prefix=app&lease=2.5&poll=0.2&durable=require&timeout=3&connect_timeout=1",
+            "redis://:p%40ss@h:1/2",
+            RedisOptions(prefix="app", lease=2.5, poll=0.2, durable="require", connect_timeout=1, timeout=3),
+        ),
+        ("redis://h/0?lease=1&lease=3", "redis://h/0", RedisOptions(lease=3)),
+        (
+            "rediss://u:pw@h:6380/0?ssl_cert_reqs=none&ssl_ca_certs=/ca.pem",
+            "rediss://u:pw@h:6380/0",
+            RedisOptions(tls=(("ssl_ca_certs", "/ca.pem"), ("ssl_cert_reqs", "none"))),
+        ),
+    ],
+)
+def test_url_names_the_server_and_options(url: str, target: str, options: RedisOptions) -> None:
+    """Host, port, credentials and database go to redis-py; the query holds callcast's options."""
+    assert parse_url(url) == (target, options)
+
+
+@pytest.mark.parametrize(
+    ("url", "complaint"),
+    [
+        ("amqp://h/0", "not a redis URL"),
+        ("redis://h/zero", "database number"),
+        ("redis://h:port/0", "invalid port"),
+        ("redis://h/0?lease=soon", "lease must be"),
+        ("redis://h/0?lease=0", "lease must be"),
+        ("redis://h/0?poll=-1", "poll must be"),
+        ("redis://h/0?timeout=inf", "timeout must be"),
+        ("redis://h/0?lease=nan", "lease must be"),
+        ("redis://h/0?prefix=", "prefix must be"),
+        ("redis://h/0?durable=maybe", "durable must be"),
+        ("redis://h/0?ssl_ca_certs=/ca.pem", "need a rediss:// URL"),
+        ("rediss://h/0?ssl_cert_reqs=sometimes", "ssl_cert_reqs must be"),
+        ("redis://h/0?leese=1", r"unknown option\(s\) leese"),
+    ],
+)
+def test_a_bad_url_or_option_is_a_configuration_error(url: str, complaint: str) -> None:
+    """A URL the adapter cannot honour fails before anything is opened, naming the problem; a misspelt
+    option is not silently ignored."""
+    with pytest.raises(ConfigurationError, match=complaint):
+        RedisBroker(url)
+
+
+def test_the_url_attribute_and_errors_never_show_the_password() -> None:
+    """``url`` is the redacted URL; so is the URL quoted in a configuration error."""
+    broker = RedisBroker("redis://user:hunter2@127.0.0.1:6379/0?prefix=x")
+    assert broker.url == "redis://user:***@127.0.0.1:6379/0?prefix=x"
+    with pytest.raises(ConfigurationError) as caught:
+        RedisBroker("redis://user:hunter2@127.0.0.1:6379/0?nope=1")
+    assert "hunter2" not in str(caught.value)
+
+
+# -- against the shared server ----------------------------------------------------------------------
+
+
+@pytest.fixture
+async def broker() -> AsyncIterator[RedisBroker]:
+    require_server("redis", PORT)
+    opened = await connect(SHARED_URL)
+    assert isinstance(opened, RedisBroker)
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+@pytest.fixture
+def raw() -> Iterator[redis.Redis]:
+    """A plain client of the shared server, as another tool would use."""
+    with redis.Redis(host=HOST, port=PORT) as client:
+        yield client
+
+
+async def test_the_keys_are_the_documented_ones(broker: RedisBroker, raw: redis.Redis) -> None:
+    """A topic is the stream ``<prefix>:<topic>`` with one consumer group per callcast group; each
+    group has its ``:direct`` stream and, while a retry waits, its ``:retry`` sorted set. ``:`` and
+    ``%`` in names are escaped, so names cannot collide."""
+    topic, group = f"shop:{_unique('orders')}", "billing%team"
+    await broker.declare(topic, group)
+    escaped_topic = topic.replace(":", "%3A")
+    topic_key = f"{SHARED_PREFIX}:{escaped_topic}"
+    direct_key = f"{topic_key}:billing%25team:direct"
+    retry_key = f"{topic_key}:billing%25team:retry"
+    assert raw.type(topic_key) == b"stream"
+    assert raw.type(direct_key) == b"stream"
+    assert [g["name"] for g in raw.xinfo_groups(topic_key)] == [group.encode()]
+    assert [g["name"] for g in raw.xinfo_groups(direct_key)] == [group.encode()]
+
+    sent = _envelope("hello").with_extensions(correlationid="c-1")
+    await broker.publish(topic, [sent])
+    [(_, fields)] = raw.xrange(topic_key)
+    assert fields[b"ce-id"] == sent.id.encode()
+    assert fields[b"ce-type"] == b"T"
+    assert fields[b"ce-correlationid"] == b"c-1"
+    assert fields[b"content-type"] == b"application/json"
+    assert list(fields)[-1] == b"data"
+    assert fields[b"data"] == b"hello"
+
+    subscription = await broker.subscribe(topic, group)
+    delivery = await _next(subscription)
+    before = time.time() * 1000
+    await delivery.nack(delay=30)
+    [(member, due)] = raw.zrange(retry_key, 0, -1, withscores=True)
+    entry_id = raw.xrange(topic_key)[0][0]
+    assert member == b"t:" + entry_id
+    assert before + 29_000 < due < before + 31_000
+    [pending] = raw.xpending_range(topic_key, group, "-", "+", 10)
+    assert (pending["consumer"], pending["times_delivered"]) == (PARKED.encode(), 1)
+
+    await broker.publish(topic, [_envelope("direct")], group=group)
+    assert raw.xlen(direct_key) == 1
+
+
+async def test_nothing_is_stored_for_nobody(broker: RedisBroker, raw: redis.Redis) -> None:
+    """A publish to a topic without groups, or for a group that was not declared, creates no key."""
+    topic = _unique("nobody")
+    await broker.publish(topic, [_envelope("lost")])
+    await broker.publish(topic, [_envelope("lost")], group="ghost")
+    assert list(raw.scan_iter(match=f"{SHARED_PREFIX}:{topic}*")) == []
+
+
+async def test_a_foreign_entry_is_delivered_quarantined(broker: RedisBroker, raw: redis.Redis) -> None:
+    """An entry another tool added that is not a CloudEvent does not stop the subscription: it is a
+    ``callcast.undecodable`` envelope keeping the ``data`` field and the reason; the next follows."""
+    topic, group = _unique("foreign"), _unique("reader")
+    subscription = await broker.subscribe(topic, group)
+    topic_key = broker.keys(topic, group).topic
+    raw.xadd(topic_key, {"ce-id": "odd-1", "ce-source": "/x", "data": b"\xff\x00raw"})
+    raw.xadd(topic_key, {"whatever": "value"})
+    good = _envelope("good")
+    await broker.publish(topic, [good])
+    odd, bare, last = [await _next(subscription) for _ in range(3)]
+    assert (odd.envelope.type, odd.envelope.id) == (UNDECODABLE_TYPE, "odd-1")
+    assert odd.envelope.data == b"\xff\x00raw"
+    assert "missing attribute" in odd.envelope.extensions["decodeerror"]
+    assert (bare.envelope.type, bare.envelope.data) == (UNDECODABLE_TYPE, b"")
+    assert last.envelope == good
+    for delivery in (odd, bare, last):
+        await delivery.ack()
+
+
+async def test_a_delayed_retry_survives_the_subscribers_process() -> None:
+    """``nack(delay=...)`` is kept in Redis, not in a task: after every connection closed, a new one
+    still gets the envelope only once its delay ran out, as attempt 2."""
+    require_server("redis", PORT)
+    topic, group = _unique("orders"), _unique("billing")
+    first = await connect(SHARED_URL)
+    subscription = await first.subscribe(topic, group)
+    await first.publish(topic, [_envelope("later")])
+    delivery = await _next(subscription)
+    nacked_at = time.monotonic()
+    await delivery.nack(delay=1.0)
+    await first.close()
+
+    second = await connect(SHARED_URL)
+    try:
+        subscription = await second.subscribe(topic, group)
+        again = await _next(subscription, 6)
+        assert time.monotonic() - nacked_at >= 1.0 - 0.02
+        assert (again.envelope.data, again.attempt) == (b"later", 2)
+        await again.ack()
+    finally:
+        await second.close()
+
+
+async def test_settled_entries_are_trimmed_and_held_ones_kept(broker: RedisBroker, raw: redis.Redis) -> None:
+    """Housekeeping trims a topic's stream up to the oldest entry some group still needs: acked
+    entries go, an entry pending in any group (held, or waiting for a retry) and everything after
+    it stays."""
+    topic, fast, slow = _unique("trim"), _unique("fast"), _unique("slow")
+    fast_sub = await broker.subscribe(topic, fast, prefetch=10)
+    slow_sub = await broker.subscribe(topic, slow, prefetch=10)
+    await broker.publish(topic, [_envelope(f"e{n}") for n in range(6)])
+    topic_key = broker.keys(topic, fast).topic
+    for delivery in [await _next(fast_sub) for _ in range(6)]:
+        await delivery.ack()
+    slow_got = [await _next(slow_sub) for _ in range(6)]
+    for delivery in slow_got[:2]:
+        await delivery.ack()
+    await slow_got[3].nack(delay=0.5)
+    await broker.housekeeping()
+    assert [fields[b"data"] for _, fields in raw.xrange(topic_key)] == [b"e2", b"e3", b"e4", b"e5"]
+    await slow_got[2].ack()
+    await broker.housekeeping()
+    assert [fields[b"data"] for _, fields in raw.xrange(topic_key)] == [b"e3", b"e4", b"e5"]
+    for delivery in (slow_got[4], slow_got[5]):
+        await delivery.ack()
+    await broker.housekeeping()
+    assert [fields[b"data"] for _, fields in raw.xrange(topic_key)] == [b"e3", b"e4", b"e5"]
+    retried = await _next(slow_sub)
+    assert (retried.envelope.data, retried.attempt) == (b"e3", 2)
+    await retried.ack()
+    await broker.housekeeping()
+    assert raw.xlen(topic_key) == 0
+
+
+async def test_an_ephemeral_group_leaves_nothing_behind(broker: RedisBroker, raw: redis.Redis) -> None:
+    """Closing an ephemeral subscription destroys its group, its direct stream and retry set, and the
+    topic's stream once no group is left; so does housekeeping for one whose process died."""
+    topic, group = _unique("replies"), _unique("client")
+    subscription = await broker.subscribe(topic, group, ephemeral=True)
+    keys = broker.keys(topic, group)
+    assert raw.zscore(broker.registry, keys.member) is not None
+    await broker.publish(topic, [_envelope("reply")])
+    await (await _next(subscription)).nack(delay=60)
+    await subscription.close()
+    assert raw.exists(keys.topic, keys.direct, keys.retry) == 0
+    assert raw.zscore(broker.registry, keys.member) is None
+
+    durable_group, dead_group = _unique("durable"), _unique("dead")
+    await broker.declare(topic, durable_group)
+    dead = broker.keys(topic, dead_group)
+    raw.xgroup_create(dead.topic, dead_group, id="$", mkstream=True)
+    raw.xgroup_create(dead.direct, dead_group, id="$", mkstream=True)
+    raw.zadd(broker.registry, {dead.member: 1})  # last heartbeat long ago
+    await broker.housekeeping()
+    assert raw.exists(dead.direct) == 0
+    assert [g["name"] for g in raw.xinfo_groups(dead.topic)] == [durable_group.encode()]
+    assert raw.zscore(broker.registry, dead.member) is None
+
+
+async def test_a_batch_is_one_round_trip(broker: RedisBroker, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A publish of many envelopes is sent in one write to the server (a pipeline)."""
+    topic, group = _unique("batch"), _unique("counter")
+    await broker.declare(topic, group)
+    writes = 0
+    connection_class = redis.asyncio.connection.AbstractConnection
+    original = connection_class.send_packed_command
+
+    async def counting(
+        self: redis.asyncio.connection.AbstractConnection, *args: object, **kw: object
+    ) -> None:
+        nonlocal writes
+        writes += 1
+        await original(self, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(connection_class, "send_packed_command", counting)
+    await broker.publish(topic, [_envelope(f"b{n}") for n in range(200)])
+    monkeypatch.undo()
+    assert writes == 1
+
+
+async def test_driver_errors_become_transport_errors(broker: RedisBroker, raw: redis.Redis) -> None:
+    """What the driver raises reaches callers as the ``TransportError`` tree: a key of another type
+    where a stream belongs, a server that is not there, a server that is not durable enough."""
+    topic = _unique("clash")
+    raw.set(broker.keys(topic, "g").topic, "not a stream")
+    with pytest.raises(TransportError, match="WRONGTYPE"):
+        await broker.declare(topic, "g")
+    with pytest.raises(PublishError, match="not confirmed"):
+        await broker.publish(topic, [_envelope("x")])
+    with pytest.raises(BrokerUnavailableError) as caught:
+        await connect(f"redis://:secret-77@{HOST}:{_free_port()}/0?connect_timeout=2")
+    assert "secret-77" not in str(caught.value)
+    with pytest.raises(ConfigurationError, match="durable=require"):
+        await connect(f"{SHARED_URL}&durable=require")
+
+
+async def test_publishing_after_close_is_broker_unavailable() -> None:
+    """After ``close``, the broker refuses work with :class:`BrokerUnavailableError`; close twice is fine."""
+    require_server("redis", PORT)
+    broker = await connect(SHARED_URL)
+    await broker.close()
+    await broker.close()
+    with pytest.raises(BrokerUnavailableError, match="closed"):
+        await broker.publish("t", [_envelope("x")])
