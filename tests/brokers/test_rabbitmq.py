@@ -517,6 +517,47 @@ async def test_a_subscription_resumes_after_the_server_drops_its_connection() ->
         await broker.close()
 
 
+async def test_while_the_server_is_unreachable_calls_fail_fast_and_close_still_works() -> None:
+    """Through a TCP proxy this test cuts and restores (the node itself keeps running): while the
+    broker is unreachable a publish raises a TransportError within ``?timeout=`` (it neither hangs
+    nor returns); once it is reachable again the same objects publish and consume; and closing a
+    broker that is cut off returns promptly and ends its consumers."""
+    proxy = _Proxy()
+    await proxy.start()
+    broker = await connect(f"amqp://guest:guest@{HOST}:{proxy.port}/?exchange={RUN}&timeout=1&heartbeat=1")
+    try:
+        topic, group = unique("topic"), unique("group")
+        subscription = await broker.subscribe(topic, group)
+        await proxy.stop()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(TransportError):
+            await broker.publish(topic, [Envelope(type="T", source="/s", data=b"lost")])
+        assert loop.time() - started < 5
+        await proxy.start()
+        deadline = loop.time() + 15
+        while True:
+            try:
+                await broker.publish(topic, [Envelope(type="T", source="/s", data=b"back")])
+                break
+            except TransportError:
+                assert loop.time() < deadline, "no publish succeeded after the broker was reachable again"
+                await asyncio.sleep(0.1)
+        delivery = await asyncio.wait_for(subscription.__anext__(), 10)
+        assert delivery.envelope.data == b"back"
+        await delivery.ack()
+        waiting = asyncio.create_task(subscription.__anext__())
+        await proxy.stop()
+        closing_started = loop.time()
+        await asyncio.wait_for(broker.close(), 10)
+        assert loop.time() - closing_started < 5
+        with pytest.raises(StopAsyncIteration):
+            await asyncio.wait_for(waiting, 5)
+    finally:
+        await broker.close()
+        await proxy.stop()
+
+
 async def test_a_subscription_outlives_its_queue_being_deleted(raw: aio_pika.abc.AbstractChannel) -> None:
     """When someone deletes a group's queue, RabbitMQ cancels its consumers; the subscription
     declares the queue again and goes on receiving what is published afterwards."""
@@ -600,6 +641,56 @@ async def _get(queue: aio_pika.abc.AbstractQueue, timeout: float = 5) -> aio_pik
         if loop.time() > deadline:
             pytest.fail(f"no message in {queue.name} within {timeout}s")
         await asyncio.sleep(0.02)
+
+
+class _Proxy:
+    """A TCP relay to RabbitMQ on a free local port, which the test cuts (every connection reset,
+    nothing listening) and restores (on the same port), as a network outage would."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.server: asyncio.Server | None = None
+        self.writers: list[asyncio.StreamWriter] = []
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._relay, HOST, self.port)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+            self.server = None
+        for writer in self.writers:
+            writer.transport.abort()
+        self.writers.clear()
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            upstream_reader, upstream_writer = await asyncio.open_connection(HOST, PORT)
+        except OSError:
+            writer.transport.abort()
+            return
+        self.writers += [writer, upstream_writer]
+        for source, target in ((reader, upstream_writer), (upstream_reader, writer)):
+            task = asyncio.create_task(self._pipe(source, target))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    @staticmethod
+    async def _pipe(source: asyncio.StreamReader, target: asyncio.StreamWriter) -> None:
+        try:
+            while data := await source.read(65536):
+                target.write(data)
+                await target.drain()
+        except OSError:
+            pass
+        finally:
+            target.transport.abort()
 
 
 def _close_connection_named(name: str) -> None:
