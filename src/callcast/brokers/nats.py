@@ -26,7 +26,8 @@ digits of the name's SHA-256. The encoding is injective, so distinct names never
   CloudEvents HTTP binding prescribes (bytes outside printable ASCII, space, ``"`` and ``%``), since
   NATS headers cannot carry line breaks and lose surrounding blanks. A message published with
   ``publish(group=G)`` also carries ``callcast-group: G`` (see below).
-* **Bucket** ``KV_<stream>_uncounted`` (a JetStream key/value bucket, 7-day TTL): see attempts.
+* **Bucket** ``<stream>_uncounted`` (a JetStream key/value bucket, i.e. stream
+  ``KV_<stream>_uncounted``; history 1, 7-day TTL): see attempts.
 
 How the contract is met
 -----------------------
@@ -35,7 +36,7 @@ durability
     after the message is in the stream's file store). The batch is written back to back and the
     acks are awaited together: one round trip per call, not per envelope. A crash of any process,
     the server included, loses nothing acknowledged; a power cut can lose what the server had not
-    yet synced (its ``sync_interval``) unless the stream is replicated (``?replicas=3``).
+    yet synced to disk (it syncs periodically) unless the stream is replicated (``?replicas=3``).
 fan-out / competing consumers
     Every group is its own consumer on the topic's subject, so each gets every envelope; the
     subscribers of a group pull from the same consumer, so they share its envelopes.
@@ -52,22 +53,30 @@ attempts
     ``Delivery.attempt`` is the server's ``num_delivered`` (from the message's ack subject), so
     redeliveries after crashes count. A subscription pulls envelopes in batches of up to its free
     prefetch; one that closes while it still buffers envelopes it never handed out records, for
-    each, one *uncounted* delivery in the bucket (key ``<consumer>.<stream sequence>``) before it
-    gives them back; a redelivery (``num_delivered > 1``) subtracts what is recorded there. So a
+    each, one *uncounted* delivery in the bucket (key ``<consumer>.<stream sequence>``, value the
+    count) before it gives them back; a redelivery (``num_delivered > 1``) subtracts what is
+    recorded there (one key lookup, for redeliveries only), and an ack deletes the key. So a
     fetched-ahead envelope is no attempt, across processes. (A subscriber that is *killed* with
-    envelopes in its buffer records nothing: those count, as a crash does.)
+    envelopes in its buffer records nothing: those count, as a crash does.) Ephemeral groups skip
+    the bucket: their consumer is deleted on close, so nothing they fetched is ever redelivered.
 prefetch
     A subscription hands out at most ``prefetch`` unsettled deliveries, and pulls only when a
-    consumer waits in ``__anext__`` and its buffer is empty, asking for as many as it has room
-    for, so it never holds more than ``prefetch`` envelopes of the group at once.
+    consumer waits in ``__anext__`` and its buffer is empty, asking (one pull request at a time,
+    ``$JS.API.CONSUMER.MSG.NEXT.<stream>.<consumer>``, expiring after 1 s and then renewed) for as
+    many as it has room for, so it never holds more than ``prefetch`` envelopes of the group.
 lease / killed subscribers
     While a subscription lives it sends ``+WPI`` (in progress) for everything it holds every
     ``ack_wait / 3``, so it keeps its deliveries past the lease; a killed one stops, and the server
     redelivers after ``ack_wait``.
 close
-    ``Subscription.close()`` unsubscribes its inbox (draining what was already on the way; the
-    server drops pull requests nobody listens to), then naks every delivery it held, in stream
-    order: they go back to the group at once.
+    ``Subscription.close()`` naks every delivery it held (handed out or buffered), in stream order,
+    so they go back to the group. NATS 2.9.10 loses a *redelivery* that meets a pull request whose
+    inbox has no listener (until ``ack_wait``, and delivers another envelope again with a delivery
+    count of 1: nats-server PR #5305, fixed in later releases). So while the subscription's last
+    pull request is still open on the server (at most 1 s), its inbox stays subscribed (what
+    arrives is handed back too) and the naks carry a delay that ends just after that request has
+    expired: the deliveries are back with the group within about 1.25 s, not at once.
+    ``Broker.close()`` closes the subscriptions, flushes, then closes the connection.
 per-key order
     Not guaranteed (``ordered_per_key=False``): competing subscribers of a group get a key's
     envelopes in parallel and a nack does not hold back the rest of its key. The framework's
@@ -99,6 +108,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -180,6 +190,7 @@ _MAX_DELAY = 365 * 24 * 3600.0
 # -- names ----------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=4096)
 def encode_name(name: str) -> str:
     """One subject token / consumer-name part for a topic or group (see the module docstring)."""
     if not name:
@@ -547,14 +558,16 @@ class NatsBroker:
                 f"nats broker {self.url}: not connected (reconnecting); nothing was published"
             )
         futures: list[asyncio.Future[api.PubAck]] = []
-        try:
+
+        async def send_and_confirm() -> None:
+            # Written back to back (publish_async does not wait for the server unless 4000 acks are
+            # outstanding), then the acks are awaited together: one round trip for the batch.
             for headers, data in messages:
-                futures.append(
-                    await js.publish_async(
-                        subject, data, wait_stall=self.timeout, stream=self.stream, headers=headers
-                    )
-                )
-            await asyncio.wait_for(asyncio.gather(*futures), self.timeout)
+                futures.append(await js.publish_async(subject, data, stream=self.stream, headers=headers))
+            await asyncio.gather(*futures)
+
+        try:
+            await asyncio.wait_for(send_and_confirm(), self.timeout)
         except TimeoutError:
             raise PublishError(
                 f"nats broker {self.url}: publishing to {subject}: not confirmed within {self.timeout:g}s; "
@@ -654,14 +667,12 @@ class NatsBroker:
             )
             return 0
 
-    async def _record_uncounted(self, deliveries: Iterable[_NatsDelivery]) -> None:
+    async def _record_uncounted(self, consumer: str, deliveries: Iterable[tuple[int, int]]) -> None:
+        """Record one more uncounted delivery of each ``(stream sequence, uncounted so far)``."""
         kv = self._kv
         if kv is None:
             return
-        puts = [
-            kv.put(f"{delivery.consumer}.{delivery.seq}", str(delivery.uncounted + 1).encode())
-            for delivery in deliveries
-        ]
+        puts = [kv.put(f"{consumer}.{seq}", str(uncounted + 1).encode()) for seq, uncounted in deliveries]
         try:
             await asyncio.wait_for(asyncio.gather(*puts), self.timeout)
         except _DRIVER_ERRORS as error:
@@ -862,8 +873,7 @@ class _NatsSubscription:
             if not self.ephemeral:
                 delivered = metadata.num_delivered or 1
                 uncounted = await self.broker._uncounted(self.consumer, seq) if delivered > 1 else 0
-                late = _NatsDelivery(self, reply, seq, Envelope(type="", source="", data=b""), 1, uncounted)
-                await self.broker._record_uncounted([late])
+                await self.broker._record_uncounted(self.consumer, [(seq, uncounted)])
             await self.nc.publish(reply, self._handback())
 
     def _handback(self) -> bytes:
@@ -948,7 +958,9 @@ class _NatsSubscription:
             await self._unsubscribe()
             return
         if never_handed_out and self.nc.is_connected:
-            await self.broker._record_uncounted(never_handed_out)
+            await self.broker._record_uncounted(
+                self.consumer, [(d.seq, d.uncounted) for d in never_handed_out]
+            )
         with contextlib.suppress(*_DRIVER_ERRORS):
             for delivery in sorted([*held, *never_handed_out], key=lambda d: d.seq):
                 await self.nc.publish(delivery.reply, self._handback())
