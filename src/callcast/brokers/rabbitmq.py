@@ -101,6 +101,18 @@ Reconnect
     or may not be stored). Deliveries handed out before the loss were requeued by RabbitMQ: their
     ``ack`` raises ``BrokerUnavailableError``, their ``nack`` is a no-op.
 
+Limits
+------
+* After a crash or a lost connection, every envelope RabbitMQ had pushed to that connection counts
+  an attempt, handed out or not (up to ``prefetch`` per subscription).
+* A delivery left unsettled longer than the server's ``consumer_timeout`` (30 minutes by default)
+  makes RabbitMQ close the group's channel: the group resumes on a new one, and the delivery comes
+  back as the next attempt.
+* RabbitMQ 4 gives quorum queues a default delivery limit (20 returns, then the message is dropped):
+  only ``nack()`` without delay and crashes return a message; delayed retries are fresh copies.
+* Structured-mode CloudEvents (``application/cloudevents+json`` bodies) are not unpacked: they
+  arrive as ``callcast.undecodable``.
+
 URL
 ---
 ``amqp://user:password@host:5672/vhost`` (``amqps://`` for TLS; an empty path or ``/%2F`` is the
@@ -137,7 +149,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import aio_pika
 import aio_pika.abc
@@ -430,7 +442,8 @@ class RabbitBroker:
         text = str(error) or type(error).__name__
         password = self._settings.password
         if password:
-            text = text.replace(password, "***")
+            for form in {password, unquote(password)}:
+                text = text.replace(form, "***")
         return f"{type(error).__name__}: {text}"[:500]
 
     def _error(self, what: str, error: BaseException) -> TransportError:
