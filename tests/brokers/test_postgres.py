@@ -333,6 +333,11 @@ def test_url_names_server_database_and_options() -> None:
     assert "host" not in defaults.connect_kwargs
     assert "password" not in defaults.connect_kwargs
     assert "s@cret" not in repr(settings)
+    socket_dir = parse_url("postgresql://app@/orders?host=/var/run/postgresql")
+    assert (socket_dir.connect_kwargs["host"], socket_dir.connect_kwargs["database"]) == (
+        "/var/run/postgresql",
+        "orders",
+    )
 
 
 @pytest.mark.parametrize(
@@ -351,6 +356,7 @@ def test_url_names_server_database_and_options() -> None:
         ("postgresql://u@h/db?schema=" + "s" * 59, "schema must be"),
         ("postgresql://u@h/db?sslmode=sometimes", "sslmode must be"),
         ("postgresql://u:pw@h/db?leese=1", r"unknown option\(s\) leese"),
+        ("postgresql://u:pw@h/db?host=/tmp", "a host in the URL and"),
     ],
 )
 def test_a_bad_url_or_option_is_a_configuration_error(url: str, complaint: str) -> None:
@@ -632,3 +638,39 @@ async def test_per_key_order_holds_while_publishes_and_acks_race(schema: str) ->
     finally:
         for broker in (*publishers, *consumers):
             await broker.close()
+
+
+async def test_the_sweep_collects_dead_ephemeral_groups_and_orphaned_messages(schema: str) -> None:
+    """What acks do not delete is swept (every 30 s, by one broker at a time): an ephemeral group
+    whose subscriber stopped beating (its process died) with its rows, and messages no delivery
+    refers to; live groups and their messages stay."""
+    broker = await connect(server_url(schema, lease=f"{LEASE:g}", poll=f"{POLL:g}"))
+    try:
+        assert isinstance(broker, PostgresBroker)
+        await broker.declare("orders", "billing")
+        live = await broker.subscribe("replies", "live", ephemeral=True)
+        async with sql() as conn:
+            await conn.execute(
+                f'INSERT INTO "{schema}".subscriptions (topic, grp, ephemeral, heartbeat) '
+                "VALUES ('replies', 'dead', true, now() - interval '1 hour')"
+            )
+            await broker.publish("replies", [event(b"for both")])
+            await broker.publish("orders", [event(b"kept")])
+            await conn.execute(
+                f'INSERT INTO "{schema}".messages (topic, headers, body) VALUES ($1, $2, $3)',
+                "orders",
+                "{}",
+                b"orphan",
+            )
+            await broker._collect_garbage()
+            groups = await conn.fetch(f'SELECT grp FROM "{schema}".subscriptions ORDER BY grp')
+            assert [row["grp"] for row in groups] == ["billing", "live"]
+            rows = await conn.fetch(f'SELECT grp FROM "{schema}".deliveries ORDER BY grp')
+            assert [row["grp"] for row in rows] == ["billing", "live"]
+            bodies = await conn.fetch(f'SELECT body FROM "{schema}".messages ORDER BY seq')
+            assert [row["body"] for row in bodies] == [b"for both", b"kept"]
+        delivery = await asyncio.wait_for(live.__anext__(), 5)
+        assert delivery.envelope.data == b"for both"
+        await delivery.ack()
+    finally:
+        await broker.close()

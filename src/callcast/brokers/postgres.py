@@ -103,6 +103,7 @@ missing part takes libpq's defaults (``PGHOST`` ..., as asyncpg reads them). Opt
 ``connect_timeout``  seconds to wait for a connection (default 5)
 ``sslmode``          ``disable``, ``allow``, ``prefer``, ``require``, ``verify-ca`` or ``verify-full``
 ``application_name`` shown in ``pg_stat_activity`` (default ``callcast``)
+``host``             a Unix-socket directory (``postgresql:///db?host=/var/run/postgresql``)
 ==================== ===============================================================================
 """
 
@@ -142,7 +143,7 @@ CAPABILITIES = Capabilities(
 
 DEFAULT_SCHEMA = "callcast"
 SCHEMES = ("postgresql", "postgres")
-OPTIONS = ("schema", "lease", "poll", "pool_size", "connect_timeout", "sslmode", "application_name")
+OPTIONS = ("schema", "lease", "poll", "pool_size", "connect_timeout", "sslmode", "application_name", "host")
 SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 _SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,57}")
 _COMMAND_TIMEOUT = 30.0
@@ -227,11 +228,16 @@ def parse_url(url: str) -> Settings:
     sslmode = options.get("sslmode")
     if sslmode is not None and sslmode not in SSL_MODES:
         raise ConfigurationError(f"postgres broker: sslmode must be one of {', '.join(SSL_MODES)}")
+    host = parts.hostname or None
+    if "host" in options:
+        if host is not None:
+            raise ConfigurationError(f"postgres broker: a host in the URL and ?host= in {safe!r}; give one")
+        host = options["host"]
     password = unquote(parts.password) if parts.password is not None else None
     database = unquote(parts.path[1:]) if parts.path.startswith("/") else unquote(parts.path)
     connect_timeout = _seconds("connect_timeout", options.get("connect_timeout", "5"))
     kwargs: dict[str, Any] = {
-        "host": parts.hostname or None,
+        "host": host,
         "port": port,
         "user": unquote(parts.username) if parts.username else None,
         "password": password,
@@ -622,47 +628,63 @@ class PostgresBroker:
         """Keep the ``LISTEN`` connection up: re-open it when it drops, check it when quiet."""
         backoff = 0.1
         while True:
-            conn = self._listener
-            if conn is None or conn.is_closed():
-                self._listener = None
-                try:
-                    await self._open_listener()
-                except TransportError as error:
-                    log.debug("%s: LISTEN connection not back yet: %s", self.url, error)
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, 1.0)
-                    continue
-                backoff = 0.1
-                log.info("%s: LISTEN connection re-established", self.url)
-                self._wake_all()  # notifications sent while it was down are lost: look once
-                continue
             try:
-                await asyncio.wait_for(self._listener_lost.wait(), max(self.poll, 5.0))
-            except TimeoutError:
-                try:  # a connection that died silently (no FIN) is found by using it
-                    await asyncio.wait_for(conn.execute("SELECT 1"), self.settings.connect_timeout)
-                except _DRIVER_ERRORS:
-                    conn.terminate()
-                continue
-            conn.terminate()  # lost: make sure it is closed, then open a new one
+                backoff = await self._keep_listening(backoff)
+            except Exception:  # a bug here must not end the wake-ups for good: subscribers poll meanwhile
+                log.exception("%s: the LISTEN supervisor failed; retrying", self.url)
+                await asyncio.sleep(1.0)
+
+    async def _keep_listening(self, backoff: float) -> float:
+        """One step of :meth:`_listen_forever`; returns the next reconnect delay."""
+        conn = self._listener
+        if conn is None or conn.is_closed():
+            self._listener = None
+            try:
+                await self._open_listener()
+            except TransportError as error:
+                log.debug("%s: LISTEN connection not back yet: %s", self.url, error)
+                await asyncio.sleep(backoff)
+                return min(backoff * 2, 1.0)
+            log.info("%s: LISTEN connection re-established", self.url)
+            self._wake_all()  # notifications sent while it was down are lost: look once
+            return 0.1
+        try:
+            await asyncio.wait_for(self._listener_lost.wait(), max(self.poll, 5.0))
+        except TimeoutError:
+            try:  # a connection that died silently (no FIN) is found by using it
+                await asyncio.wait_for(conn.execute("SELECT 1"), self.settings.connect_timeout)
+            except _DRIVER_ERRORS:
+                conn.terminate()
+            return backoff
+        conn.terminate()  # lost: make sure it is closed, then open a new one
+        return backoff
 
     async def _housekeeping(self) -> None:
         """Every lease/3 seconds: renew leases and heartbeats; now and then, collect garbage."""
         loop = asyncio.get_running_loop()
         last_gc = loop.time()
         interval = self.lease / 3
+        failing = False
         while True:
             await asyncio.sleep(interval)
             try:
                 await self._renew()
             except TransportError as error:
-                log.debug("%s: renewing leases failed: %s", self.url, error)
+                if not failing:  # once per outage: held deliveries may go to others after the lease
+                    log.warning("%s: cannot renew leases: %s", self.url, error)
+                failing = True
+            except Exception:
+                log.exception("%s: renewing leases failed", self.url)
+            else:
+                failing = False
             if loop.time() - last_gc >= max(_GC_INTERVAL, interval):
                 last_gc = loop.time()
                 try:
                     await self._collect_garbage()
                 except TransportError as error:
                     log.debug("%s: garbage collection failed: %s", self.url, error)
+                except Exception:
+                    log.exception("%s: garbage collection failed", self.url)
 
     async def _renew(self) -> None:
         async with self._renewing:
