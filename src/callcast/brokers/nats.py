@@ -185,6 +185,9 @@ _HANDBACK_MARGIN = 0.25
 deliveries are available to the group again."""
 _CLOSE_WAIT = 1.0
 """Seconds ``close`` waits for the server (flushing naks, deleting a consumer) before giving up."""
+_HPUB_OVERHEAD = 128
+"""Bytes of a message's header block besides its headers: ``NATS/1.0``, line ends and the
+``Nats-Expected-Stream`` header (a stream name is at most 64 characters)."""
 _ACK = b"+ACK"
 _NAK = b"-NAK"
 _IN_PROGRESS = b"+WPI"
@@ -233,6 +236,8 @@ class _Settings:
             raise ConfigurationError(f"nats broker: the URL takes no path, got {shown!r}")
         host = parts.hostname or "127.0.0.1"
         self.server = f"nats://{f'[{host}]' if ':' in host else host}:{port}"
+        self.raw_user = parts.username
+        self.raw_password = parts.password
         self.user = unquote(parts.username) if parts.username else None
         self.password = unquote(parts.password) if parts.password is not None else None
         options = {key: values[-1] for key, values in parse_qs(parts.query, keep_blank_values=True).items()}
@@ -332,6 +337,12 @@ class NatsBroker:
         self._server = settings.server
         self._user = settings.user
         self._password = settings.password
+        secrets: tuple[str | None, ...]
+        if settings.password is not None:
+            secrets = (settings.password, settings.raw_password)
+        else:  # a user alone is a token
+            secrets = (settings.user, settings.raw_user)
+        self._secrets = [secret for secret in secrets if secret]
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
         self._kv: KeyValue | None = None
@@ -343,9 +354,9 @@ class NatsBroker:
     # -- errors ---------------------------------------------------------------------------------
 
     def _scrub(self, text: str) -> str:
-        for secret in (self._password, self._user if self._password is None else None):
-            if secret:
-                text = text.replace(secret, "***")
+        """``text`` without the password (or token), as given in the URL or percent-decoded."""
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
         return text
 
     def _describe(self, error: BaseException) -> str:
@@ -550,7 +561,7 @@ class NatsBroker:
             headers = {name: _header_value(value) for name, value in envelope.headers().items()}
             if group is not None:
                 headers[GROUP_HEADER] = _header_value(group)
-            size = len(envelope.data) + sum(len(k) + len(v) + 4 for k, v in headers.items()) + 64
+            size = len(envelope.data) + sum(len(k) + len(v) + 4 for k, v in headers.items()) + _HPUB_OVERHEAD
             if size > nc.max_payload:
                 raise PublishError(
                     f"nats broker {self.url}: envelope {envelope.id} is {size} bytes with its headers, "
