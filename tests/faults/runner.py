@@ -1,0 +1,184 @@
+"""The fault suite's command line: run the scenarios on one or more brokers, print the figures.
+
+See :mod:`tests.faults` for what it measures and how to run it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import secrets
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from callcast.brokers import connect, redact
+
+from . import kills, ordering, outbox, poison
+from .harness import Env, Result, render
+
+SCENARIOS: dict[str, ModuleType] = {
+    "kills": kills,
+    "poison": poison,
+    "ordering": ordering,
+    "outbox": outbox,
+}
+SQLITE = "sqlite"
+"""``--broker sqlite``: a fresh SQLite broker file (``?lease=1``) in each scenario's temp dir."""
+SERVERS = [
+    "amqp://guest:guest@127.0.0.1:5672/",
+    "nats://127.0.0.1:4222",
+    "redis://127.0.0.1:6379/0",
+    "postgresql://postgres@127.0.0.1:5432/test",
+]
+"""``--broker all``: SQLite and these."""
+
+
+def sqlite_url(workdir: Path) -> str:
+    return f"sqlite:///{(workdir / 'broker.db').resolve()}?lease=1"
+
+
+async def reachable(url: str) -> str | None:
+    """None if ``connect(url)`` works, else why not."""
+    try:
+        broker = await asyncio.wait_for(connect(url), 15.0)
+    except Exception as error:
+        return f"{type(error).__name__}: {error}"
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(broker.close(), 10.0)
+    return None
+
+
+async def run_scenario(
+    name: str,
+    *,
+    broker: str = SQLITE,
+    workdir: Path,
+    seed: int,
+    full: bool,
+    progress: Callable[[str], None] = lambda message: None,
+) -> Result:
+    """One scenario on one broker (``sqlite``: a fresh file under ``workdir``), full or short sizes."""
+    module = SCENARIOS[name]
+    params: Any = module.FULL if full else module.SHORT
+    await asyncio.to_thread(workdir.mkdir, parents=True, exist_ok=True)
+    url = sqlite_url(workdir) if broker == SQLITE else broker
+    env = Env(
+        broker_url=url,
+        workdir=workdir,
+        run=secrets.token_hex(4),
+        seed=seed,
+        time_limit=params.time_limit,
+        progress=lambda message: progress(f"{name}: {message}"),
+    )
+    result: Result = await module.scenario(env, params)
+    result.broker = redact(url) if broker != SQLITE else "sqlite (fresh file, lease=1)"
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.faults",
+        description="callcast's fault-injection suite: the reliability figures.",
+    )
+    parser.add_argument(
+        "--broker",
+        action="append",
+        help="broker URL, 'sqlite' (a fresh file per scenario; the default) or 'all' (repeatable)",
+    )
+    parser.add_argument("--full", action="store_true", help="full sizes (default: the short ones of pytest)")
+    parser.add_argument(
+        "--scenario", action="append", choices=list(SCENARIOS), help="only these (repeatable)"
+    )
+    parser.add_argument("--seed", type=int, help="seed of the schedules and data (default: random)")
+    parser.add_argument("--keep", type=Path, help="keep the work files (logs, databases) in this directory")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    args = parser.parse_args(argv)
+
+    brokers: list[str] = []
+    for item in args.broker or [SQLITE]:
+        for url in [SQLITE, *SERVERS] if item == "all" else [item]:
+            if url not in brokers:
+                brokers.append(url)
+    names = args.scenario or list(SCENARIOS)
+    seed = args.seed if args.seed is not None else secrets.randbelow(1_000_000)
+
+    def progress(message: str) -> None:
+        if not args.quiet:
+            print(message, file=sys.stderr, flush=True)
+
+    command = ["python", "-m", "tests.faults"]
+    for url in brokers:
+        command += ["--broker", url]
+    command += [*(["--full"] if args.full else []), "--seed", str(seed)]
+    for name in args.scenario or []:
+        command += ["--scenario", name]
+
+    results: list[Result] = []
+    skipped: list[str] = []
+    began = time.monotonic()
+    root = Path(tempfile.mkdtemp(prefix="callcast-faults-")) if args.keep is None else args.keep
+    try:
+        for url in brokers:
+            if url != SQLITE:
+                why = asyncio.run(reachable(url))
+                if why is not None:
+                    skipped.append(f"{redact(url)}: skipped, connect() failed: {why}")
+                    progress(skipped[-1])
+                    continue
+            for index, name in enumerate(names):
+                workdir = root / f"{_slug(url)}-{name}"
+                progress(f"{name} on {redact(url)}: starting (work files in {workdir})")
+                result = asyncio.run(
+                    run_scenario(
+                        name,
+                        broker=url,
+                        workdir=workdir,
+                        seed=seed + index,
+                        full=args.full,
+                        progress=progress,
+                    )
+                )
+                progress(f"{name} on {redact(url)}: {result.elapsed:.1f}s, {'ok' if result.ok else 'FAILED'}")
+                results.append(result)
+    finally:
+        if args.keep is None:
+            shutil.rmtree(root, ignore_errors=True)
+
+    print()
+    print(f"callcast fault-injection figures ({'full' if args.full else 'short'} sizes, seed {seed})")
+    print(f"reproduce: .venv/bin/{shlex.join(command)}")
+    by_broker: dict[str, list[Result]] = {}
+    for result in results:
+        by_broker.setdefault(result.broker, []).append(result)
+    for broker, group in by_broker.items():
+        print()
+        print(f"broker: {broker}")
+        print(render(group))
+        for result in group:
+            for note in result.notes:
+                print(f"  note ({result.scenario}): {note}")
+    for line in skipped:
+        print(line)
+    failed = [result for result in results if not result.ok]
+    print()
+    print(
+        f"{len(results)} scenario run(s) in {time.monotonic() - began:.0f}s; "
+        + (
+            f"{len(failed)} with figures off their expected value"
+            if failed
+            else "every checked figure as expected"
+        )
+    )
+    return 1 if failed else 0
+
+
+def _slug(url: str) -> str:
+    return url.split(":", 1)[0]

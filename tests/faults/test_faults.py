@@ -1,0 +1,53 @@
+"""The four fault scenarios at short sizes, on a fresh SQLite broker each (``python -m tests.faults
+--full`` runs them at full size, on any broker). Their figures are printed uncaptured.
+
+The seed of the schedules and data is random (printed with the figures); ``FAULTS_SEED=N`` fixes it.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from .harness import Result, render
+from .runner import SCENARIOS, run_scenario
+
+KNOWN_BUGS: dict[str, dict[str, str]] = {
+    "poison": {
+        "healthy events dead-lettered": (
+            "callcast bug: healthy messages in flight in a process a crasher kills have their delivery "
+            "counted too, and follow the crasher into the DLQ as 'crashloop' (see tests/faults/__init__.py)"
+        ),
+    },
+}
+"""Figures that are off because of a known callcast bug: the test is an expected failure (xfail)
+while that is the only thing off, and passes once the bug is fixed."""
+
+
+def _seed() -> int:
+    return int(os.environ.get("FAULTS_SEED") or random.randrange(1_000_000))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(SCENARIOS))
+async def test_scenario_at_short_size(name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    seed = _seed()
+    result = await run_scenario(name, workdir=tmp_path, seed=seed, full=False)
+    with capsys.disabled():
+        print(f"\n{result.scenario} (short, seed {seed}, {result.elapsed:.1f}s)\n{render([result])}")
+    _judge(name, result, seed)
+
+
+def _judge(name: str, result: Result, seed: int) -> None:
+    failures = result.failures()
+    if not failures:
+        return
+    summary = "; ".join(f"{f.name}: {f.value} (expected {f.expected})" for f in failures)
+    known = KNOWN_BUGS.get(name, {})
+    if all(figure.name in known for figure in failures):
+        pytest.xfail(" / ".join(sorted({known[figure.name] for figure in failures})) + f" — {summary}")
+    notes = "\n".join(result.notes)
+    pytest.fail(f"seed {seed}: {summary}\n{notes}", pytrace=False)
