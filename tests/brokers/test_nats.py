@@ -13,11 +13,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import nats
@@ -124,10 +126,30 @@ async def _delete_streams(url: str, *streams: str) -> None:
         await nc.close()
 
 
+_OURS = re.compile(r"(KV_)?CC(TEST|ERR)_[0-9a-f]{10}(_uncounted)?")
+
+
+async def _delete_leftovers(url: str) -> None:
+    """Streams of earlier runs of this module that could not clean up (a killed test process):
+    recognised by name, and old enough that no run can still use them."""
+    nc = await nats.connect(url, allow_reconnect=False, connect_timeout=2)
+    try:
+        js = nc.jetstream(timeout=5)
+        old = datetime.now(UTC) - timedelta(minutes=10)
+        for info in await js.streams_info():
+            if _OURS.fullmatch(info.config.name or "") and info.created is not None and info.created < old:
+                with contextlib.suppress(nats.js.errors.NotFoundError):
+                    await js.delete_stream(info.config.name)
+    finally:
+        await nc.close()
+
+
 @pytest.fixture(scope="module")
 def shared_stream() -> Iterator[str]:
     """The run's stream on the shared server: everything the tests create lives in it (and in its
     bucket), and goes when the module ends."""
+    if server_is_up(HOST, PORT):
+        asyncio.run(_delete_leftovers(f"nats://{HOST}:{PORT}"))
     yield STREAM
     if server_is_up(HOST, PORT):
         asyncio.run(_delete_streams(f"nats://{HOST}:{PORT}", STREAM, f"KV_{STREAM}_uncounted"))

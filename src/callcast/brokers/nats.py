@@ -49,6 +49,8 @@ publish(group=G)
 ack / nack / delayed nack
     ``ack`` sends ``+ACK``; ``nack(delay=d)`` sends ``-NAK {"delay": d}``, so the *server* holds
     the envelope back for ``d`` seconds and then redelivers it to any subscriber of the group.
+    Both are written to the connection without waiting for the server's answer (as JetStream
+    clients do): an ack lost with a dropped connection means one more delivery, never a loss.
 attempts
     ``Delivery.attempt`` is the server's ``num_delivered`` (from the message's ack subject), so
     redeliveries after crashes count. A subscription pulls envelopes in batches of up to its free
@@ -105,7 +107,12 @@ password is sent as a token. The password (or token) never appears in ``url``, l
 
 Limits: the server's ``max_payload`` (1 MB by default) bounds one envelope, headers included; a
 larger one is refused by ``publish`` before anything is sent. Declaring a group again with other
-options (``ack_wait``, ``max_ack_pending``) updates its consumer: the last declaration wins.
+options (``ack_wait``, ``max_ack_pending``) updates its consumer: the last declaration wins. One
+server per URL (no seed list of a cluster, no TLS). Names are case-sensitive, so on a server whose
+store is on a case-insensitive file system two consumers whose names differ only in case would
+share a directory. An ephemeral subscription whose buffer stays full (nobody consumes) for longer
+than ``ephemeral_ttl`` stops pulling, and the server deletes its consumer; it is declared again
+when the subscription pulls next, without what was published meanwhile.
 """
 
 from __future__ import annotations
