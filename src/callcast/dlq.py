@@ -67,7 +67,8 @@ async def browse(broker: Broker, *, limit: int = BROWSE_LIMIT) -> AsyncIterator[
         wait = FIRST_WAIT
         while len(letters) < limit:
             try:
-                delivery = await asyncio.wait_for(subscription.__anext__(), wait)
+                async with asyncio.timeout(wait):
+                    delivery = await subscription.__anext__()
             except (TimeoutError, StopAsyncIteration):
                 break
             letters.append(DeadLetterView(delivery))

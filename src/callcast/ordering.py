@@ -64,7 +64,8 @@ class KeyGate:
             async with lane.changed:
                 while lane.running or lane.tickets[0] is not ticket or lane.held_against(message_id):
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(lane.changed.wait(), lane.held_against(message_id))
+                        async with asyncio.timeout(lane.held_against(message_id)):
+                            await lane.changed.wait()
                 lane.tickets.popleft()
                 lane.running = running = True
             yield

@@ -16,9 +16,10 @@ deletes them in its next batch; other processes' rows and rows whose lease ran o
 died) go through the claiming path.
 
 A crash between commit and publish loses nothing (the row waits; the lease of a crashed relay, 5 s
-by default, runs out and another relay takes it). A crash after publishing and before deleting publishes the row
-again later, with the same envelope id: the consumers' inbox absorbs the duplicate. Rows of one
-batch keep their commit order per topic; rows are never published for a rolled-back transaction.
+by default, runs out and another relay takes it). A crash after publishing and before deleting
+publishes the row again later, with the same envelope id: the consumers' inbox absorbs the
+duplicate. Rows of one batch keep their commit order per topic; rows are never published for a
+rolled-back transaction.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from callcast.database import Database, outbox_table
 from callcast.envelope import Envelope, decode_or_quarantine
 from callcast.exceptions import TransportError
 from callcast.transport import Broker
+from callcast.waiting import wait_event
 
 log = logging.getLogger("callcast.outbox")
 
@@ -167,8 +169,7 @@ class Relay:
                 moved = 0
                 await asyncio.sleep(self.poll)
             if moved < self.batch:  # drained: wait for a local commit or poll for other processes'
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.poll)
+                await wait_event(self._wake, self.poll)
 
     async def drain(self) -> None:
         """Relay until the outbox is empty (at stop: send what was committed)."""

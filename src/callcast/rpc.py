@@ -72,7 +72,8 @@ async def execute(endpoint: RpcEndpoint[Any, Any], data: bytes, ctx: Context) ->
     remaining = ctx.remaining()
     try:
         if remaining is not None:
-            result = await asyncio.wait_for(endpoint.fn(request, ctx), remaining)
+            async with asyncio.timeout(remaining):
+                result = await endpoint.fn(request, ctx)
         else:
             result = await endpoint.fn(request, ctx)
         return 200, endpoint.response_adapter.dump_json(result)
@@ -246,7 +247,8 @@ class RpcClient:
                 raise ServiceUnavailableError(
                     f"call to {target}: broker failed: {error}", target=target
                 ) from None
-            return await asyncio.wait_for(future, budget)
+            async with asyncio.timeout(budget):
+                return await future
         except TimeoutError:
             raise CallTimeoutError(
                 f"call to {target}: no answer within {budget:.3g}s", target=target

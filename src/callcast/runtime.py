@@ -270,7 +270,8 @@ class Runtime:
         for relay in self._relays.values():
             await relay.stop()
             with contextlib.suppress(Exception):  # send what is committed now, if the broker lets us
-                await asyncio.wait_for(relay.drain(), timeout=min(grace, 5.0))
+                async with asyncio.timeout(min(grace, 5.0)):
+                    await relay.drain()
         self._relays.clear()
         if self._rpc is not None:
             await self._rpc.stop()

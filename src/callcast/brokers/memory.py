@@ -8,7 +8,6 @@ user services run on it unchanged. It is not a mock: the conformance suite runs 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from dataclasses import dataclass, field
 from callcast.envelope import Envelope
 from callcast.exceptions import BrokerUnavailableError
 from callcast.transport import Capabilities, Delivery
+from callcast.waiting import wait_event
 
 CAPABILITIES = Capabilities(
     durable=False,
@@ -158,8 +158,7 @@ class _MemorySubscription:
                     return _MemoryDelivery(self, entry)
                 if next_due is not None:
                     timeout = max(0.0, next_due - loop.time())
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), timeout)
+            await wait_event(changed, timeout)
         raise StopAsyncIteration
 
     def settle(self, entry: _Entry, *, remove: bool, delay: float) -> None:

@@ -48,6 +48,7 @@ from urllib.parse import parse_qs, urlsplit
 from callcast.envelope import Envelope, decode_or_quarantine
 from callcast.exceptions import BrokerUnavailableError, ConfigurationError, TransportError
 from callcast.transport import Capabilities, Delivery
+from callcast.waiting import wait_event
 
 CAPABILITIES = Capabilities(
     durable=True,
@@ -482,9 +483,9 @@ class _SqliteSubscription:
         while not self.closed:
             if self.buffer:
                 return self.buffer.pop(0)
+            self.wake.clear()  # before looking: whatever changes from here on sets it again
             room = self.prefetch - len(self.outstanding)
             if room > 0:
-                self.wake.clear()
                 if self.claiming is None:
                     self.claiming = asyncio.create_task(self._claim(room), name="callcast-sqlite-claim")
                 claiming = self.claiming
@@ -497,8 +498,7 @@ class _SqliteSubscription:
                         self.claiming = None
                 if self.buffer:
                     continue
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), self.poll_interval)
+            await wait_event(self.wake, self.poll_interval)
         raise StopAsyncIteration
 
     async def _claim(self, limit: int) -> None:
