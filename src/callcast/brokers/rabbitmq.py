@@ -162,6 +162,7 @@ from callcast.brokers import redact
 from callcast.envelope import Envelope, decode_or_quarantine
 from callcast.exceptions import BrokerUnavailableError, ConfigurationError, PublishError, TransportError
 from callcast.transport import Capabilities, Delivery
+from callcast.waiting import wait_event
 
 CAPABILITIES = Capabilities(
     durable=True,
@@ -550,13 +551,10 @@ class RabbitBroker:
 
     async def _wait_ready(self, timeout: float | None) -> aio_pika.abc.AbstractConnection:
         """The open connection; waits up to ``timeout`` (None: for ever) while it reconnects."""
-        if not self._ready.is_set() and not self._closed:
-            try:
-                await asyncio.wait_for(self._ready.wait(), timeout)
-            except TimeoutError:
-                raise BrokerUnavailableError(
-                    f"rabbitmq broker {self.url}: not connected (reconnecting) after {timeout:g}s"
-                ) from None
+        if not self._ready.is_set() and not self._closed and not await wait_event(self._ready, timeout):
+            raise BrokerUnavailableError(
+                f"rabbitmq broker {self.url}: not connected (reconnecting) after {timeout:g}s"
+            )
         connection = self._connection
         if self._closed or connection is None:
             raise self._closed_error()
