@@ -861,9 +861,6 @@ class _NatsSubscription:
         self._in_flight = max(0, self._in_flight - 1)
         if self._in_flight == 0:
             self._kick.set()
-        if self.closed:
-            await self._hand_back_late(msg, reply)
-            return
         try:
             metadata = msg.metadata
             delivered = metadata.num_delivered or 1
@@ -881,21 +878,20 @@ class _NatsSubscription:
         uncounted = 0
         if delivered > 1 and not self.ephemeral:
             uncounted = await self.broker._uncounted(self.consumer, seq)
+        if self.closed:  # checked after the lookup: close() may have run meanwhile
+            await self._hand_back_late(reply, seq, uncounted)
+            return
         envelope = decode_or_quarantine(headers, msg.data)
         attempt = max(1, delivered - uncounted)
         self.buffer.append(_NatsDelivery(self, reply, seq, envelope, attempt, uncounted))
         self._wake()
 
-    async def _hand_back_late(self, msg: Msg, reply: str) -> None:
+    async def _hand_back_late(self, reply: str, seq: int, uncounted: int) -> None:
         """A delivery to the pull request of this closed subscription: never handed out, so it is
         recorded as uncounted and given back for when the request has expired."""
-        with contextlib.suppress(*_DRIVER_ERRORS, ValueError, IndexError):
-            metadata = msg.metadata
-            seq = metadata.sequence.stream if metadata.sequence else 0
-            if not self.ephemeral:
-                delivered = metadata.num_delivered or 1
-                uncounted = await self.broker._uncounted(self.consumer, seq) if delivered > 1 else 0
-                await self.broker._record_uncounted(self.consumer, [(seq, uncounted)])
+        if not self.ephemeral:
+            await self.broker._record_uncounted(self.consumer, [(seq, uncounted)])
+        with contextlib.suppress(*_DRIVER_ERRORS):
             await self.nc.publish(reply, self._handback())
 
     def _handback(self) -> bytes:
@@ -965,9 +961,9 @@ class _NatsSubscription:
             self._puller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._puller
-        loop = asyncio.get_running_loop()
-        request_open = self._in_flight > 0 and loop.time() < self._expires_at
-        self._handback_at = self._expires_at + _HANDBACK_MARGIN if request_open else 0.0
+        now = asyncio.get_running_loop().time()
+        request_open = self._in_flight > 0  # the server may still deliver to it
+        self._handback_at = max(now, self._expires_at) + _HANDBACK_MARGIN if request_open else 0.0
         held = list(self.outstanding)
         never_handed_out = list(self.buffer)
         self.outstanding.clear()
@@ -996,10 +992,15 @@ class _NatsSubscription:
     async def _unsubscribe(self, at: float | None = None) -> None:
         if at is not None:
             await asyncio.sleep(max(0.0, at - asyncio.get_running_loop().time()))
-        if self._inbox_sub is not None:
-            with contextlib.suppress(*_DRIVER_ERRORS):
-                await self._inbox_sub.unsubscribe()
-            self._inbox_sub = None
+        inbox_sub, self._inbox_sub = self._inbox_sub, None
+        if inbox_sub is None:
+            return
+        with contextlib.suppress(*_DRIVER_ERRORS):
+            if self.nc.is_connected:
+                # Unsubscribe, and still hand back what arrived before the server saw that.
+                await asyncio.wait_for(inbox_sub.drain(), _CLOSE_WAIT)  # type: ignore[no-untyped-call]
+            else:
+                await inbox_sub.unsubscribe()
 
 
 class _NatsDelivery:
