@@ -354,6 +354,7 @@ class NatsBroker:
         self._js: JetStreamContext | None = None
         self._kv: KeyValue | None = None
         self._subscriptions: set[_NatsSubscription] = set()
+        self._lingering: set[_NatsSubscription] = set()  # closed, inbox kept until the last pull expires
         self._housekeeping: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._closed = False
@@ -651,6 +652,8 @@ class NatsBroker:
             return
         for subscription in list(self._subscriptions):
             await subscription.close()
+        for subscription in list(self._lingering):
+            await subscription._unsubscribe()  # what is still on the way is handed back first
         self._closed = True
         tasks = [task for task in (self._housekeeping, *self._background) if task is not None]
         for task in tasks:
@@ -985,6 +988,7 @@ class _NatsSubscription:
             if self.nc.is_connected:
                 await asyncio.wait_for(self.nc.flush(), _CLOSE_WAIT)
         if request_open:
+            self.broker._lingering.add(self)
             self.broker._spawn(self._unsubscribe(at=self._handback_at), "callcast-nats-unsubscribe")
         else:
             await self._unsubscribe()
@@ -993,6 +997,7 @@ class _NatsSubscription:
         if at is not None:
             await asyncio.sleep(max(0.0, at - asyncio.get_running_loop().time()))
         inbox_sub, self._inbox_sub = self._inbox_sub, None
+        self.broker._lingering.discard(self)
         if inbox_sub is None:
             return
         with contextlib.suppress(*_DRIVER_ERRORS):
