@@ -78,7 +78,8 @@ close
     pull request is still open on the server (at most 1 s), its inbox stays subscribed (what
     arrives is handed back too) and the naks carry a delay that ends just after that request has
     expired: the deliveries are back with the group within about 1.25 s, not at once.
-    ``Broker.close()`` closes the subscriptions, flushes, then closes the connection. What the
+    ``Broker.close()`` closes the subscriptions, drains the inboxes still kept open (handing back
+    what was on the way), flushes, then closes the connection. What the
     adapter cannot avoid: a process that is killed, loses its connection, or closes the broker
     while a pull request is open leaves that request without a listener for up to 1 s; a
     redelivery to the same group in that second can still meet the server bug (it is delayed by
