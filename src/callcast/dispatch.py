@@ -2,8 +2,8 @@
 
 Shared by event consumers and RPC servers. How many run at once is bounded by the subscription's
 prefetch (a delivery is taken only while fewer than ``prefetch`` are unsettled). A transport failure
-while taking is logged and retried after a pause, so a broker hiccup does not silently end
-consumption; a closed broker ends it.
+while taking (an outage included) is logged and retried after a pause, so a broker hiccup does not
+silently end consumption; only the end of the subscription (closed) ends it.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from callcast.exceptions import BrokerUnavailableError, TransportError
+from callcast.exceptions import TransportError
 from callcast.transport import Delivery, Subscription
 
 log = logging.getLogger("callcast.dispatch")
@@ -41,11 +41,8 @@ class Dispatcher:
                     task = asyncio.create_task(self.handle(delivery))
                     self._running.add(task)
                     task.add_done_callback(self._running.discard)
-                return
-            except BrokerUnavailableError as error:
-                log.warning("%s: broker unavailable, stopped taking messages: %s", self.name, error)
-                return
-            except TransportError as error:
+                return  # the subscription was closed
+            except TransportError as error:  # an outage included: the adapter reconnects, we ask again
                 log.warning(
                     "%s: taking messages failed, retrying in %.0fs: %s", self.name, RETRY_PAUSE, error
                 )

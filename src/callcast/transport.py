@@ -35,6 +35,9 @@ Contract
 * A subscription hands out at most ``prefetch`` (at least 1) deliveries that are neither acked nor
   nacked; iteration waits until one is settled. This is the consumer's memory bound. Envelopes an
   adapter fetched ahead but never handed out do not count as delivery attempts.
+* ``__anext__`` waits through a broker outage (the adapter reconnects) or raises a
+  ``TransportError`` that the caller may retry; it ends iteration (``StopAsyncIteration``) only
+  when the subscription is closed.
 * ``Subscription.close()`` ends iteration (a consumer waiting in ``__anext__`` gets
   ``StopAsyncIteration``) and hands deliveries that were not settled back to the group. Acks and
   nacks after close are ignored. ``Broker.close()`` closes every subscription, then the connection.

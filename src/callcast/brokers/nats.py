@@ -148,6 +148,7 @@ from callcast.exceptions import (
     TransportError,
 )
 from callcast.transport import Capabilities, Delivery
+from callcast.waiting import wait_event
 
 log = logging.getLogger("callcast.brokers.nats")
 
@@ -819,8 +820,7 @@ class _NatsSubscription:
                 timeout = 1.0
             if self.closed:
                 return
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._kick.wait(), timeout)
+            await wait_event(self._kick, timeout)
 
     async def _pull(self) -> float | None:
         """Ask the server for envelopes if a consumer waits and there is room; return how long
