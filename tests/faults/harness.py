@@ -420,10 +420,21 @@ class Supervisor:
         if kill is not None:
             kill.pid = worker.pid
 
-    async def start(self) -> None:
+    async def start(self, timeout: float = 30.0) -> None:
+        """Start every worker; return once each runs its services (one killed by its planned kill
+        before it said so is restarted like any other)."""
         for worker in self.workers:
             self._start(worker)
-        await asyncio.gather(*(worker.wait_ready() for worker in self.workers))
+        deadline = time.monotonic() + timeout
+        while not all(worker.is_ready() for worker in self.workers):
+            for worker in self.workers:
+                self._check(worker)
+            if self.unexpected:
+                raise RuntimeError(f"worker died on start: {self.unexpected[0]}")
+            if time.monotonic() > deadline:
+                late = [worker for worker in self.workers if not worker.is_ready()]
+                raise RuntimeError(f"{late[0].name} not ready within {timeout:.0f}s:\n{late[0].log_text()}")
+            await asyncio.sleep(POLL)
 
     def _kill_from_outside(self, worker: Worker, kill: Kill) -> None:
         if not worker.is_ready() or worker.ready_at is None:

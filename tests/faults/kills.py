@@ -6,10 +6,10 @@ counter). K kills, each followed by a restart of the killed process, spread over
 
 * ``before effect``: the handler kills its process first thing (its transaction, with the inbox
   record, is open and uncommitted) — the ``before_effect`` point of the test handler;
-* ``after commit, before ack``: the handler's transaction committed, the ack not sent — the
+* ``after commit`` (before the ack): the handler's transaction committed, the ack not sent — the
   ``before_ack`` point of :class:`~callcast.testing.faults.FaultyBroker`;
 * ``after ack``: the ack returned — ``after_ack``;
-* ``random moment``: the supervisor's ``kill -9`` from outside, at a random time.
+* ``random``: the supervisor's ``kill -9`` from outside, at a random time.
 
 Every kill also takes down the other deliveries in flight in that process (up to the handler's
 concurrency), at whatever point they were. Figures: lost (events never applied, must be 0), effects
@@ -61,7 +61,7 @@ class Params:
 
 
 FULL = Params()
-SHORT = Params(events=2_000, workers=4, kills=8, time_limit=100.0)
+SHORT = Params(events=1_000, workers=4, kills=8, time_limit=90.0)
 
 
 class ItemBase(BaseModel):
@@ -115,9 +115,9 @@ def kill_points(kills: int) -> dict[str, tuple[str | None, int]]:
     each = kills // 4
     return {
         "before effect": ("before_effect", each),
-        "after commit, before ack": ("before_ack", each),
+        "after commit": ("before_ack", each),
         "after ack": ("after_ack", each),
-        "random moment": (None, kills - 3 * each),
+        "random": (None, kills - 3 * each),
     }
 
 
@@ -147,8 +147,11 @@ async def scenario(env: Env, params: Params = FULL) -> Result:
             env,
             workers,
             plan,
-            lambda kill, worker, queued: nth_for(env.rng, params.events - applied(), len(workers), queued),
+            lambda kill, worker, queued: nth_for(
+                env.rng, params.events - applied(), len(workers), queued, scale=0.5
+            ),
             topics=[handler.topic],
+            external_delay=(0.3, 1.5),
         )
         await supervisor.start()
         complete = await supervisor.run(lambda: applied() >= params.events, applied, quiet=20.0)

@@ -50,11 +50,13 @@ class Params:
     events: int = 10_000
     keys: int = 100
     workers: int = 3
+    window: int = WINDOW
+    """Events are shuffled within windows of this many before publishing (1: in order)."""
     time_limit: float = 600.0
 
 
 FULL = Params()
-SHORT = Params(events=1_000, keys=20, workers=2, time_limit=60.0)
+SHORT = Params(events=600, keys=12, workers=2, time_limit=60.0)
 
 
 class StepBase(BaseModel):
@@ -142,7 +144,7 @@ async def scenario(env: Env, params: Params = FULL) -> Result:
     expected: dict[str, int] = defaultdict(int)
     for event in stream:
         expected[event.key] = fold(expected[event.key], event.value)
-    windows = [stream[i : i + WINDOW] for i in range(0, len(stream), WINDOW)]
+    windows = [stream[i : i + params.window] for i in range(0, len(stream), params.window)]
     for window in windows:
         rng.shuffle(window)
     published_ahead = 0  # events published while a smaller sequence of their key was not yet
@@ -172,7 +174,9 @@ async def scenario(env: Env, params: Params = FULL) -> Result:
                 sequences=[event.seq for event in window],
             )
             await broker.publish(handler.topic, envelopes)
-        env.say(f"published {len(stream)} events on {params.keys} keys, shuffled in windows of {WINDOW}")
+        env.say(
+            f"published {len(stream)} events on {params.keys} keys, shuffled in windows of {params.window}"
+        )
         complete = await supervisor.run(lambda: applied() >= len(stream), applied, quiet=20.0)
         await settle(applied, env, quiet=2.0, limit=10.0)
         exits = await stop_all(workers)

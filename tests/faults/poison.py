@@ -65,7 +65,7 @@ class Params:
 
 
 FULL = Params()
-SHORT = Params(events=1_000, poison=10, crashers=2, workers=2, time_limit=100.0)
+SHORT = Params(events=600, poison=6, crashers=2, workers=2, time_limit=90.0)
 
 
 class ItemBase(BaseModel):
