@@ -18,6 +18,7 @@ import pwd
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -421,30 +422,73 @@ async def test_statement_failures_are_transport_errors(schema: str) -> None:
 # -- the schema ---------------------------------------------------------------------------------------------
 
 
+_CONNECT_SCRIPT = """
+import asyncio, sys
+from callcast.brokers import connect
+
+async def main(url):
+    print("ready", flush=True)
+    sys.stdin.readline()  # all connect at once
+    broker = await connect(url)
+    await broker.close()
+    print("connected", flush=True)
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
 async def test_processes_connecting_at_once_create_the_schema_once(schema: str) -> None:
-    """The tables are created on connect when missing; brokers connecting at the same moment (each
-    with its own connections, as separate processes would) do not trip over each other's DDL, and a
-    later connect finds the tables and creates nothing."""
+    """The tables are created on connect when missing: two processes and four brokers of this one
+    (each with its own connections) connecting at the same moment to a new schema do not trip over
+    each other's DDL; a later connect finds the tables and changes nothing."""
     url = server_url(schema, lease=f"{LEASE:g}")
-    brokers = await asyncio.gather(*(connect(url) for _ in range(6)), return_exceptions=True)
+    children = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            _CONNECT_SCRIPT,
+            url,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        for _ in range(2)
+    ]
+    brokers: list[Any] = []
     try:
-        failures = [b for b in brokers if isinstance(b, BaseException)]
-        assert failures == []
+        for child in children:
+            assert child.stdout is not None
+            line = await asyncio.wait_for(child.stdout.readline(), 30)
+            assert line == b"ready\n", "a child process did not start"
+        for child in children:
+            assert child.stdin is not None
+            child.stdin.write(b"go\n")
+            await child.stdin.drain()
+        brokers = await asyncio.gather(*(connect(url) for _ in range(4)), return_exceptions=True)
+        outputs = [await asyncio.wait_for(child.communicate(), 30) for child in children]
+        assert [child.returncode for child in children] == [0, 0], [err for _, err in outputs]
+        assert [out for out, _ in outputs] == [b"connected\n", b"connected\n"]
+        assert [b for b in brokers if isinstance(b, BaseException)] == []
         async with sql() as conn:
             tables = await conn.fetch(
                 "SELECT table_name FROM information_schema.tables WHERE table_schema = $1 ORDER BY 1", schema
             )
-        assert [row["table_name"] for row in tables] == ["deliveries", "messages", "subscriptions"]
-        first = brokers[0]
-        assert isinstance(first, PostgresBroker)
-        subscription = await first.subscribe("orders", "billing")
-        other = brokers[1]
-        assert isinstance(other, PostgresBroker)
-        await other.publish("orders", [event(b"shared")])
+            assert [row["table_name"] for row in tables] == ["deliveries", "messages", "subscriptions"]
+            function_version = f"SELECT xmin::text FROM pg_proc WHERE oid = '\"{schema}\".publish'::regproc"
+            before = await conn.fetchval(function_version)
+            later = await connect(url)
+            brokers.append(later)
+            assert await conn.fetchval(function_version) == before, "a later connect ran the DDL again"
+        subscription = await brokers[0].subscribe("orders", "billing")
+        await later.publish("orders", [event(b"shared")])
         delivery = await asyncio.wait_for(subscription.__anext__(), 5)
         assert delivery.envelope.data == b"shared"
         await delivery.ack()
     finally:
+        for child in children:
+            if child.returncode is None:
+                child.kill()
+                await child.wait()
         for broker in brokers:
             if isinstance(broker, PostgresBroker):
                 await broker.close()
