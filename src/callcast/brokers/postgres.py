@@ -374,9 +374,10 @@ BEGIN
         -- the key either saw this delete or is seen by the update below.
         PERFORM {key_lock.format(key="k")};
         UPDATE {s}.deliveries SET head = true
-        WHERE topic = p_topic AND grp = p_group AND pkey = k AND NOT head
+        WHERE topic = p_topic AND grp = p_group
           AND seq = (SELECT min(e.seq) FROM {s}.deliveries AS e
-                     WHERE e.topic = p_topic AND e.grp = p_group AND e.pkey = k);
+                     WHERE e.topic = p_topic AND e.grp = p_group AND e.pkey = k)
+          AND pkey = k AND NOT head;
         PERFORM pg_notify(p_channel, p_payload);
     END IF;
     RETURN true;
@@ -398,7 +399,7 @@ ON CONFLICT (topic, grp) DO UPDATE SET heartbeat = statement_timestamp()
         # $1 topic, $2 group, $3 limit, $4 owner, $5 lease seconds.
         self.claim = f"""
 WITH picked AS (
-    SELECT d.seq FROM {s}.deliveries AS d
+    SELECT d.ctid FROM {s}.deliveries AS d
     WHERE d.topic = $1 AND d.grp = $2
       AND (d.pkey IS NULL OR d.head)
       AND d.available_at <= statement_timestamp()
@@ -413,8 +414,8 @@ WITH picked AS (
     UPDATE {s}.deliveries AS d
     SET owner = $4, lease_until = statement_timestamp() + make_interval(secs => $5::float8),
         attempts = d.attempts + 1
-    FROM picked AS p
-    WHERE d.topic = $1 AND d.grp = $2 AND d.seq = p.seq
+    -- By the locked rows' ctid (a TID scan): whatever the planner thinks of the table's size.
+    WHERE d.ctid = ANY(ARRAY(SELECT ctid FROM picked))
     RETURNING d.seq, d.attempts
 )
 SELECT c.seq, c.attempts, m.headers::text AS headers, m.body
@@ -434,16 +435,17 @@ WITH back AS (
 )
 SELECT pg_notify($6, $7) FROM back WHERE $5::float8 <= 0
 """
-        # $1 topic, $2 group, $3 owner, $4 seqs never handed out, $5 channel, $6 payload.
+        # $1 owner, $2 seqs never handed out, $3 channel, $4 payload. The owner is unique to one
+        # subscription (of one topic and group): its index finds the rows.
         self.release = f"""
 WITH back AS (
     UPDATE {s}.deliveries
     SET owner = NULL, lease_until = NULL,
-        attempts = greatest(attempts - (seq = ANY($4::int8[]))::int, 0)
-    WHERE topic = $1 AND grp = $2 AND owner = $3
+        attempts = greatest(attempts - (seq = ANY($2::int8[]))::int, 0)
+    WHERE owner = $1
     RETURNING 1
 )
-SELECT pg_notify($5, $6) WHERE EXISTS (SELECT 1 FROM back)
+SELECT pg_notify($3, $4) WHERE EXISTS (SELECT 1 FROM back)
 """
         self.drop_group = f"DELETE FROM {s}.subscriptions WHERE topic = $1 AND grp = $2"
         self.drop_group_rows = f"DELETE FROM {s}.deliveries WHERE topic = $1 AND grp = $2"
@@ -900,8 +902,6 @@ class PostgresBroker:
         await self._call(
             "execute",
             self._sql.release,
-            topic,
-            group,
             subscription.owner,
             never_handed_out,
             self.channel,
