@@ -18,6 +18,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -55,8 +56,8 @@ def _clean_shared_server() -> Iterator[None]:
     try:
         with redis.Redis(host=HOST, port=PORT, socket_connect_timeout=2) as client:
             _delete_prefixed(client, SHARED_PREFIX)
-    except redis.ConnectionError:
-        pass
+    except redis.RedisError:
+        pass  # the server is down: nothing of ours is on it any more
 
 
 def _capabilities(*, durable: bool) -> Capabilities:
@@ -533,3 +534,71 @@ async def test_publishing_after_close_is_broker_unavailable() -> None:
     await broker.close()
     with pytest.raises(BrokerUnavailableError, match="closed"):
         await broker.publish("t", [_envelope("x")])
+
+
+async def test_a_failed_call_loses_nothing_and_counts_right(
+    broker: RedisBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When a take's reply is lost (the server gave entries to this subscriber, it never saw them) or
+    an ack fails, the subscriber gives back what it does not know at its next take: the lost take's
+    entries come again as attempt 1 (they were never handed out), the delivery whose ack failed as
+    attempt 2; nothing waits for the lease."""
+    topic, group = _unique("lossy"), _unique("worker")
+    subscription = await broker.subscribe(topic, group, prefetch=4)
+    await broker.publish(topic, [_envelope("a"), _envelope("b")])
+    real_script = broker._script
+    failures = {"take": 1}
+
+    async def reply_lost(script: Any, keys: Any, args: Any) -> Any:
+        reply = await real_script(script, keys, args)
+        if failures.get(script.name, 0) > 0:
+            failures[script.name] -= 1
+            raise BrokerUnavailableError("redis broker: the reply was lost")
+        return reply
+
+    monkeypatch.setattr(broker, "_script", reply_lost)
+    first, second = await _next(subscription), await _next(subscription)
+    assert [(d.envelope.data, d.attempt) for d in (first, second)] == [(b"a", 1), (b"b", 1)]
+    await second.ack()
+
+    real_scripts = broker._scripts
+
+    async def settle_fails(calls: Any) -> Any:
+        raise BrokerUnavailableError("redis broker: connection lost")
+
+    monkeypatch.setattr(broker, "_scripts", settle_fails)
+    with pytest.raises(BrokerUnavailableError):
+        await first.ack()
+    monkeypatch.setattr(broker, "_scripts", real_scripts)
+    again = await _next(subscription)
+    assert (again.envelope.data, again.attempt) == (b"a", 2)
+    await again.ack()
+    marker = _envelope("marker")
+    await broker.publish(topic, [marker])
+    assert (await _next(subscription)).envelope == marker
+
+
+async def test_another_connection_sees_a_nack_or_a_close_within_poll(broker: RedisBroker) -> None:
+    """A subscriber of another connection (as in another process) that already waits is not woken by
+    a nack or a close here, but finds what they gave back within ``poll`` seconds (0.5 here),
+    counted as the next attempt."""
+    other = await connect(SHARED_URL)
+    try:
+        topic, group = _unique("handback"), _unique("workers")
+        here = await broker.subscribe(topic, group, prefetch=2)
+        there = await other.subscribe(topic, group)
+        await broker.publish(topic, [_envelope("nacked"), _envelope("closed")])
+        nacked = await _next(here)
+        await _next(here)  # "closed": held until here.close()
+        for give_back, expected in ((nacked.nack, b"nacked"), (here.close, b"closed")):
+            waiting = asyncio.create_task(_next(there))
+            done, _ = await asyncio.wait({waiting}, timeout=0.1)
+            assert not done, "nothing was available yet"
+            started = time.monotonic()
+            await give_back()
+            got = await asyncio.wait_for(waiting, 0.5 + 2)
+            assert time.monotonic() - started < 0.5 + 0.5
+            assert (got.envelope.data, got.attempt) == (expected, 2)
+            await got.ack()
+    finally:
+        await other.close()

@@ -8,19 +8,19 @@ Keys (what other tools read)
 Topic and group names go into key names with ``%`` written ``%25`` and ``:`` written ``%3A``, so ``:``
 only ever separates the parts below (``<prefix>`` is the ``prefix`` option, default ``callcast``):
 
-================================== ============ ==========================================================
-``<prefix>:<topic>``               stream       the topic: one entry per published envelope; every callcast
-                                                group of the topic is a Redis consumer group of it, named as
-                                                the callcast group
-``<prefix>:<topic>:<group>:direct`` stream      envelopes published for that group only
-                                                (``publish(..., group=...)``), with one consumer group
-                                                ``<group>``; created by ``declare``
-``<prefix>:<topic>:<group>:retry`` sorted set   nacked deliveries waiting for their retry: member
-                                                ``t:<entry id>`` (topic stream) or ``d:<entry id>`` (direct
-                                                stream), score = when it is due (Redis server time, ms)
-``<prefix>::ephemeral``            sorted set   the live ephemeral groups: member ``<topic>:<group>``
-                                                (escaped as above), score = last heartbeat (ms)
-================================== ============ ==========================================================
+=================================== ========== ===========================================================
+``<prefix>:<topic>``                stream     the topic: one entry per published envelope; every callcast
+                                               group of the topic is a Redis consumer group of it, named as
+                                               the callcast group
+``<prefix>:<topic>:<group>:direct`` stream     envelopes published for that group only
+                                               (``publish(..., group=...)``), with one consumer group
+                                               ``<group>``; created by ``declare``
+``<prefix>:<topic>:<group>:retry``  sorted set nacked deliveries waiting for their retry: member
+                                               ``t:<entry id>`` (topic stream) or ``d:<entry id>`` (direct
+                                               stream), score = when it is due (Redis server time, ms)
+``<prefix>::ephemeral``             sorted set the live ephemeral groups: member ``<topic>:<group>``
+                                               (escaped as above), score = last heartbeat (ms)
+=================================== ========== ===========================================================
 
 An entry's fields are the envelope's CloudEvents binary-mode headers (``ce-id``, ``ce-type``,
 ``ce-source``, ``ce-specversion``, ``ce-time``, ``content-type``, ``ce-<extension>``…) followed by
@@ -38,10 +38,12 @@ How the contract is met
   and keeps its order. ``NOMKSTREAM``: a topic no group was declared on stores nothing. ``group=G``
   writes to ``G``'s direct stream only, which only ``G`` reads (nothing if ``G`` was not declared).
 * **Durability** is decided at ``connect()`` from the server's own configuration (``CONFIG GET``):
-  ``durable`` is True only with ``appendonly yes``, ``appendfsync always`` (Redis fsyncs the AOF before it
-  replies, so an ``XADD`` that returned survives a crash of every process, Redis included, and a power
-  cut) and a ``maxmemory-policy`` that never evicts keys without a TTL (``noeviction`` or ``volatile-*``).
-  With ``appendfsync everysec``, RDB snapshots only, no persistence, or ``CONFIG`` disabled, it is False.
+  ``durable`` is True only with ``appendonly yes``, ``appendfsync always`` (Redis writes and fsyncs the
+  AOF before it replies, so an ``XADD`` that returned survives a crash of every process, Redis included,
+  and a restart; a power cut too, unless ``no-appendfsync-on-rewrite yes`` skipped the fsync during an
+  AOF rewrite) and a ``maxmemory-policy`` that never evicts keys without a TTL (``noeviction`` or
+  ``volatile-*``). With ``appendfsync everysec`` (Redis may reply before it even wrote the AOF while an
+  fsync is slow), RDB snapshots only, no persistence, or ``CONFIG`` disabled, it is False.
   Replication is not waited for: a failover to a replica that had not caught up can lose accepted writes.
   ``?durable=require`` makes ``connect()`` refuse a server that is not durable.
 * **Taking deliveries** happens in one Lua script per batch (never more than the free prefetch): first
@@ -50,8 +52,9 @@ How the contract is met
   (``XREADGROUP ... COUNT <free prefetch> ... >``). When there is nothing, the subscriber waits with a
   plain ``XREAD BLOCK`` (which takes nothing) on both streams from their last entry ids, on a connection
   of its own (a second pool, so waiting never starves publishes and acks), at most ``poll`` seconds or
-  until its group's next retry is due. Entries are fetched only while ``__anext__`` is waiting and there
-  is free prefetch, so nothing is fetched ahead of the prefetch bound.
+  until its group's next retry is due; a nack or close on this connection interrupts that wait (the
+  cancelled ``XREAD`` costs a reconnect of that connection, nothing else). Entries are fetched only
+  when ``__anext__`` asks and there is free prefetch, so nothing is fetched ahead of the prefetch bound.
 * **Competing consumers** are the consumer group's: each ``XREADGROUP`` entry goes to one consumer.
 * **Ack** is ``XACK``, **nack** moves the pending entry to the ``callcast:retry`` consumer with
   ``XCLAIM ... JUSTID`` (its delivery count unchanged) and adds it to the group's ``:retry`` sorted set,
@@ -64,8 +67,9 @@ How the contract is met
   other processes notice it within ``poll`` seconds.
 * **Attempt** is Redis's delivery counter of the pending entry: 1 for ``XREADGROUP``, +1 for each
   ``XCLAIM`` that hands it out again (retry or reclaim). ``RETRYCOUNT`` is used only to take back a count
-  for an entry that was fetched but never handed out (given back on close), so such entries are no
-  attempt. An entry fetched but not handed out by a subscriber that is *killed* keeps its count.
+  for an entry that was fetched but never handed out (given back on close, or after a take whose reply
+  was lost), so such entries are no attempt. An entry a *killed* subscriber had fetched but not yet
+  handed out keeps its count (the buffer never exceeds the free prefetch).
 * **Leases, dead subscribers**: every ``lease``/3 seconds a subscriber resets the idle time of what it
   holds (``XCLAIM <own consumer> 0 ... JUSTID`` on entries it still owns). Entries of another consumer that
   were idle for ``lease`` seconds are claimed (``XPENDING ... IDLE <lease>`` per consumer, then ``XCLAIM
@@ -152,6 +156,7 @@ PARKED = "callcast:retry"
 MIN_VERSION = (6, 2)
 _DATA = b"data"
 _MAX_DELAY_MS = 10 * 365 * 24 * 3600 * 1000.0
+_MAX_TAKE = 500  # entries per take script (Lua's unpack has a limit)
 _OPTIONS = ("prefix", "lease", "poll", "durable", "connect_timeout", "timeout")
 _TLS_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs")
 
@@ -859,6 +864,10 @@ class RedisBroker:
                     outcomes = await self._scripts(calls)
             except TransportError as error:
                 outcomes = [error] * len(calls)
+            except Exception as error:  # never leave a settle waiting forever
+                outcomes = [TransportError(f"redis broker {self.url}: settle: {self._scrub(error)}")] * len(
+                    calls
+                )
             nudged: set[_Keys] = set()
             for (subscription, items), outcome in zip(by_subscription.items(), outcomes, strict=True):
                 if isinstance(outcome, BaseException):
@@ -870,8 +879,7 @@ class RedisBroker:
                             f"redis broker {self.url}: settle: {self._scrub(outcome)}",
                         )
                     for token, _, future in items:
-                        if not subscription.closed:
-                            subscription.lost(token)
+                        subscription.lost(token)  # read by close() too, which waits for this
                         if not future.done():
                             future.set_exception(kind(message))
                     continue
@@ -915,6 +923,8 @@ class RedisBroker:
                 await self.housekeeping(trim=ticks % 3 == 0)
             except TransportError as error:
                 log.debug("redis broker %s: housekeeping failed: %s", self.url, error)
+            except Exception:  # keep renewing leases whatever happened
+                log.exception("redis broker %s: housekeeping failed", self.url)
 
     async def housekeeping(self, *, trim: bool = True) -> None:
         """One round of housekeeping (run by the broker on its own; public for tools and tests)."""
@@ -1000,7 +1010,7 @@ class _RedisSubscription:
         raise StopAsyncIteration
 
     def _room(self) -> int:
-        return self.prefetch - len(self.outstanding) - len(self.buffer)
+        return min(_MAX_TAKE, self.prefetch - len(self.outstanding) - len(self.buffer))
 
     def _notify(self) -> None:
         # Set the event the waiters hold and give later ones a fresh one, so no wake-up is lost.
