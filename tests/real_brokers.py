@@ -101,11 +101,48 @@ async def _nats_cleanup(run: str) -> None:
         await nc.close()
 
 
+# -- PostgreSQL ---------------------------------------------------------------------------------------
+
+
+async def _postgres_cleanup(run: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(f"postgresql://postgres@{HOST}:5432/test", timeout=10)
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{run}" CASCADE')
+    finally:
+        await conn.close()
+
+
+# -- Redis ------------------------------------------------------------------------------------------
+
+
+async def _redis_cleanup(run: str) -> None:
+    import redis.asyncio
+
+    client = redis.asyncio.Redis(host=HOST, port=6379, db=0)
+    try:
+        keys = [key async for key in client.scan_iter(match=f"{run}:*", count=1000)]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
+
+
 BROKERS: dict[str, RealBroker] = {
     "rabbitmq": RealBroker(
         "rabbitmq", 5672, lambda run: f"amqp://guest:guest@{HOST}:5672/?exchange={run}", _rabbitmq_cleanup
     ),
     "nats": RealBroker(
         "nats", 4222, lambda run: f"nats://{HOST}:4222?stream={run.upper()}&prefix={run}", _nats_cleanup
+    ),
+    "redis": RealBroker(
+        "redis", 6379, lambda run: f"redis://{HOST}:6379/0?prefix={run}&lease=2", _redis_cleanup
+    ),
+    "postgres": RealBroker(
+        "postgres",
+        5432,
+        lambda run: f"postgresql://postgres@{HOST}:5432/test?schema={run}",
+        _postgres_cleanup,
     ),
 }
