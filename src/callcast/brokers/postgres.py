@@ -130,6 +130,7 @@ from callcast.brokers import redact
 from callcast.envelope import Envelope, decode_or_quarantine
 from callcast.exceptions import BrokerUnavailableError, ConfigurationError, PublishError, TransportError
 from callcast.transport import Capabilities, Delivery
+from callcast.waiting import wait_event
 
 CAPABILITIES = Capabilities(
     durable=True,
@@ -936,9 +937,9 @@ class _PostgresSubscription:
         while not self.closed:
             if self.buffer:
                 return self.buffer.popleft()
+            self.wake.clear()  # before looking: whatever changes from here on sets it again
             room = self.prefetch - len(self.outstanding)
             if room > 0:
-                self.wake.clear()
                 if self.claiming is None:
                     self.claiming = asyncio.create_task(self._claim(room), name="callcast-postgres-claim")
                 claiming = self.claiming
@@ -952,8 +953,7 @@ class _PostgresSubscription:
                 if self.buffer:
                     continue
                 self._check_claim_error()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), self.broker.poll)
+            await wait_event(self.wake, self.broker.poll)
         raise StopAsyncIteration
 
     def _check_claim_error(self) -> None:

@@ -138,6 +138,7 @@ from callcast.brokers import redact
 from callcast.envelope import Envelope, decode_or_quarantine
 from callcast.exceptions import BrokerUnavailableError, ConfigurationError, PublishError, TransportError
 from callcast.transport import Capabilities, Delivery
+from callcast.waiting import wait_event
 
 CAPABILITIES = Capabilities(
     durable=False,  # True per connection, when the server's config makes every accepted write durable
@@ -1110,8 +1111,7 @@ class _RedisSubscription:
             raise error
 
     async def _pause(self, failures: int) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), min(1.0, 0.05 * 2 ** min(failures, 5)))
+        await wait_event(self._wake, min(1.0, 0.05 * 2 ** min(failures, 5)))
 
     async def settle(self, token: str, delay: float | None) -> None:
         if self.closed or self.outstanding.pop(token, None) is None:
