@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import parse_qs, urlsplit
 
 from pydantic import BaseModel
 
@@ -130,6 +131,28 @@ def _text(value: object) -> str:
 
 # -- the scenario's environment -----------------------------------------------------------------------
 
+DEFAULT_LEASES = {
+    "sqlite": 10.0,
+    "redis": 10.0,
+    "rediss": 10.0,
+    "postgresql": 10.0,
+    "postgres": 10.0,
+    "nats": 30.0,
+}
+"""Seconds after which each adapter hands a killed subscriber's deliveries to another one, unless its
+URL says otherwise (``?lease=``, NATS ``?ack_wait=``); RabbitMQ does at once (the connection drops)."""
+
+
+def redelivery_delay(url: str) -> float:
+    """How long a killed consumer's deliveries wait before another consumer gets them, on ``url``."""
+    parts = urlsplit(url)
+    options = parse_qs(parts.query)
+    for name in ("lease", "ack_wait"):
+        if name in options:
+            with contextlib.suppress(ValueError):
+                return float(options[name][-1])
+    return DEFAULT_LEASES.get(parts.scheme, 1.0)
+
 
 @dataclass
 class Env:
@@ -144,6 +167,12 @@ class Env:
     started: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
+        self.lease = redelivery_delay(self.broker_url)
+        """Seconds before a killed consumer's deliveries go to another one on this broker."""
+        self.stall = max(20.0, 2 * self.lease + 10.0)
+        """Seconds without progress after which a scenario stops waiting (a stall, not a lease)."""
+        self.redeliveries_settled = max(3.0, self.lease + 2.0)
+        """Seconds without a new redelivery after which redeliveries are taken as done."""
         self.rng = random.Random(self.seed)
         self.data_dir = self.workdir / "data"
         self.log_dir = self.workdir / "logs"

@@ -154,9 +154,9 @@ async def scenario(env: Env, params: Params = FULL) -> Result:
             external_delay=(0.3, 1.5),
         )
         await supervisor.start()
-        complete = await supervisor.run(lambda: applied() >= params.events, applied, quiet=20.0)
+        complete = await supervisor.run(lambda: applied() >= params.events, applied, quiet=env.stall)
         env.say(f"applied {applied()} of {params.events}; waiting for redeliveries to settle")
-        await settle(absorbed, env, quiet=3.0, limit=20.0)
+        await settle(absorbed, env, quiet=env.redeliveries_settled, limit=30.0)
         exits = await stop_all(workers)
         letters = await dead_letters(broker, handler.group)
     finally:

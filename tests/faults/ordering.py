@@ -177,7 +177,7 @@ async def scenario(env: Env, params: Params = FULL) -> Result:
         env.say(
             f"published {len(stream)} events on {params.keys} keys, shuffled in windows of {params.window}"
         )
-        complete = await supervisor.run(lambda: applied() >= len(stream), applied, quiet=20.0)
+        complete = await supervisor.run(lambda: applied() >= len(stream), applied, quiet=env.stall)
         await settle(applied, env, quiet=2.0, limit=10.0)
         exits = await stop_all(workers)
         letters = await dead_letters(broker, handler.group)

@@ -223,10 +223,10 @@ async def scenario(env: Env, params: Params = FULL) -> Result:
             return rows >= len(committing) and outbox_rows() == 0 and arrived() >= len(committing)
 
         finished = await supervisor.run(
-            complete, lambda: (cursor(), outbox_rows(), arrived()), quiet=RELAY_LEASE + 15.0
+            complete, lambda: (cursor(), outbox_rows(), arrived()), quiet=max(RELAY_LEASE + 15.0, env.stall)
         )
         env.say(f"transactions done, outbox empty, events arrived: {finished}")
-        await settle(absorbed, env, quiet=3.0, limit=20.0)
+        await settle(absorbed, env, quiet=env.redeliveries_settled, limit=30.0)
         exits = await stop_all(supervisor.workers)
         letters = await dead_letters(broker, handler.group)
     finally:

@@ -154,7 +154,7 @@ async def scenario(env: Env, params: Params = FULL) -> Result:
             return done | {letter["id"] for letter in letters} >= every_id
 
         complete = await supervisor.run(
-            accounted, lambda: sum(applied().values()) + len(letters), quiet=20.0, check_every=2.0
+            accounted, lambda: sum(applied().values()) + len(letters), quiet=env.stall, check_every=2.0
         )
         env.say(f"accounted for every event: {complete}; {len(letters)} dead letters")
         await settle(lambda: (sum(applied().values()), len(letters)), env, quiet=2.0, limit=10.0)
@@ -175,7 +175,10 @@ async def scenario(env: Env, params: Params = FULL) -> Result:
         replayed_ids = {row["id"] for row in before}
 
         await supervisor.run(
-            lambda: set(applied()) >= every_id, lambda: sum(applied().values()), quiet=15.0, check_every=0.5
+            lambda: set(applied()) >= every_id,
+            lambda: sum(applied().values()),
+            quiet=env.stall,
+            check_every=0.5,
         )
         await settle(lambda: sum(applied().values()), env, quiet=2.0, limit=10.0)
         listed_after = await cli("dlq", "list", "--json", "--service", svc, "--broker", env.broker_url)

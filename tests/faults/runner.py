@@ -34,11 +34,12 @@ SQLITE = "sqlite"
 """``--broker sqlite``: a fresh SQLite broker file (``?lease=1``) in each scenario's temp dir."""
 SERVERS = [
     "amqp://guest:guest@127.0.0.1:5672/",
-    "nats://127.0.0.1:4222",
-    "redis://127.0.0.1:6379/0",
-    "postgresql://postgres@127.0.0.1:5432/test",
+    "nats://127.0.0.1:4222?ack_wait=2",
+    "redis://127.0.0.1:6379/0?lease=2",
+    "postgresql://postgres@127.0.0.1:5432/test?lease=2",
 ]
-"""``--broker all``: SQLite and these."""
+"""``--broker all``: SQLite and these, with short leases (a killed consumer's deliveries go to
+another one after the lease: the adapters' defaults of 10-30 s make every kill that slow)."""
 
 
 def sqlite_url(workdir: Path) -> str:
