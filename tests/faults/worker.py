@@ -8,6 +8,9 @@ Like ``callcast run ... --no-http``, except that it builds the app with ``MODULE
 (fresh names per run) and passes ``App.start`` a broker object. Prints ``faults-worker: ready`` once
 the services run; on SIGTERM/SIGINT it stops like ``callcast run`` and writes its consumers' stats
 (``{group: {outcome: count}}``) to ``--stats``.
+
+For a worker that seems stuck: ``kill -USR1 <pid>`` prints every thread's stack to its log,
+``kill -USR2 <pid>`` every asyncio task's chain of awaits.
 """
 
 from __future__ import annotations
