@@ -102,20 +102,20 @@ class Result:
 
 
 def render(results: Sequence[Result]) -> str:
-    """The figures as a plain-text table."""
-    rows = [("scenario", "figure", "value", "expected", "ok")]
+    """The figures as plain-text tables, one block per scenario: figure, ok, expected, value."""
+    width = max((len(f.name) for result in results for f in result.figures), default=10)
+    expected_width = max((len(f.expected) for result in results for f in result.figures), default=8)
+    expected_width = max(expected_width, len("expected"))
+    lines = []
     for result in results:
+        lines.append(f"{result.scenario}  ({result.elapsed:.1f} s, {result.broker})")
+        lines.append(f"  {'figure'.ljust(width)}  ok   {'expected'.ljust(expected_width)}  value")
         for figure in result.figures:
             ok = "" if figure.ok is None else ("yes" if figure.ok else "NO")
-            rows.append((result.scenario, figure.name, _text(figure.value), figure.expected, ok))
-        rows.append((result.scenario, "elapsed (s)", f"{result.elapsed:.1f}", "", ""))
-    widths = [max(len(row[i]) for row in rows) for i in range(5)]
-    lines = []
-    for index, row in enumerate(rows):
-        lines.append("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
-        if index == 0:
-            lines.append("  ".join("-" * width for width in widths))
-    return "\n".join(lines)
+            row = f"  {figure.name.ljust(width)}  {ok.ljust(3)}  {figure.expected.ljust(expected_width)}  "
+            lines.append((row + _text(figure.value)).rstrip())
+        lines.append("")
+    return "\n".join(lines).rstrip()
 
 
 def fmt(counts: Mapping[str, int]) -> str:

@@ -251,6 +251,10 @@ async def scenario(env: Env, params: Params = FULL) -> Result:
     result.report(
         "healthy dead letters' reasons", fmt(Counter(row.get("dlqreason", "?") for row in healthy_rows))
     )
+    result.report(
+        "healthy dead letters already applied (ack lost)",
+        sum(1 for row in healthy_rows if applied_before[row["id"]]),
+    )
     result.expect(
         "healthy events lost (neither applied nor dead-lettered)",
         len(healthy - set(applied_before) - set(lettered_ids)),

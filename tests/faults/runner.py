@@ -162,6 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for broker, group in by_broker.items():
         print()
         print(f"broker: {broker}")
+        print()
         print(render(group))
         for result in group:
             for note in result.notes:
