@@ -8,8 +8,10 @@ For each delivery: decode → validate → (order gate) → (inbox / sequence) �
   :class:`~callcast.retry.RetryPolicy`, until ``max_attempts`` deliveries; then it is dead-lettered.
 * Undecodable or invalid payloads, an event type the handler does not take, and
   :class:`~callcast.PermanentError` are dead-lettered at once.
-* A message delivered more than ``max_attempts`` times without being settled (its handler's
-  process kept dying) is dead-lettered before the handler runs again: crash loops are bounded.
+* A message that keeps killing its process is dead-lettered before the handler runs again: crash
+  loops are bounded. Redelivered messages that did not fail here run alone, so the one that crashes
+  a process is known (:mod:`callcast.crashes`) and its innocent neighbours are not dead-lettered
+  with it; without a data directory the broker's delivery count alone decides (``max_attempts``).
 * Up to ``concurrency`` deliveries are handled at once (the subscription's prefetch bounds them).
   Messages of one partition key run one at a time, in the order they arrived: the broker
   guarantees that across processes where ``capabilities.ordered_per_key``; otherwise the
@@ -25,12 +27,14 @@ import contextlib
 import logging
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 
 from pydantic import BaseModel
 
 from callcast import inbox, sequence
 from callcast.codec import decode
 from callcast.context import Context
+from callcast.crashes import ABSOLUTE_FACTOR, CrashLedger, Isolation
 from callcast.database import Database
 from callcast.deadletter import dead_letter, dead_letter_envelope
 from callcast.dispatch import Dispatcher
@@ -63,11 +67,14 @@ class Consumer:
         handler: EventHandler,
         make_context: ContextFactory,
         database: Database | None = None,
+        crash_dir: Path | None = None,
     ) -> None:
         self.broker = broker
         self.handler = handler
         self.make_context = make_context
         self.database = database
+        self._crashes = CrashLedger(crash_dir / _file_name(handler.group)) if crash_dir is not None else None
+        self._isolation = Isolation()
         self.stats: Counter[str] = Counter()
         self._first_failures: dict[str, str] = {}  # message id -> first failure seen here (bounded)
         self._gate = None if broker.capabilities.ordered_per_key else KeyGate()
@@ -89,13 +96,22 @@ class Consumer:
         if self._dispatcher is not None:
             await self._dispatcher.stop(grace)
 
+    def _is_suspect(self, delivery: Delivery) -> bool:
+        """Redelivered, and not because it failed here: maybe it crashed a process."""
+        return (
+            self._crashes is not None
+            and delivery.attempt > 1
+            and delivery.envelope.id not in self._first_failures
+        )
+
     async def _handle(self, delivery: Delivery) -> None:
+        suspect = self._is_suspect(delivery)
         try:
             if self._gate is None:
-                await self._process(delivery)
+                await self._isolated(delivery, suspect)
             else:
                 async with self._gate.turn(delivery.envelope.partition_key, delivery.envelope.id):
-                    await self._process(delivery)
+                    await self._isolated(delivery, suspect)
         except TransportError as error:  # could not settle: the lease runs out, it comes back
             log.warning(
                 "%s: could not settle message %s: %s", self.handler.group, delivery.envelope.id, error
@@ -105,7 +121,36 @@ class Consumer:
             with contextlib.suppress(TransportError):
                 await delivery.nack(delay=self.handler.retry.delay(delivery.attempt))
 
-    async def _process(self, delivery: Delivery) -> None:
+    async def _isolated(self, delivery: Delivery, suspect: bool) -> None:
+        """A suspect runs alone, named in this process's crash marker; the others share."""
+        if not suspect:
+            async with self._isolation.shared():
+                await self._process(delivery, suspect=False)
+            return
+        assert self._crashes is not None
+        async with self._isolation.alone():
+            self._crashes.running_alone(delivery.envelope.id)
+            try:
+                await self._process(delivery, suspect=True)
+            finally:
+                self._crashes.finished_alone()
+        self._crashes.forget(delivery.envelope.id)
+
+    def _crash_loop(self, delivery: Delivery, suspect: bool) -> str | None:
+        """Why this delivery counts as a crash loop, or None."""
+        limit = self.handler.retry.max_attempts
+        if self._crashes is None:
+            if delivery.attempt > limit:
+                return f"delivered {delivery.attempt} times without being settled"
+            return None
+        if delivery.attempt > ABSOLUTE_FACTOR * limit:
+            return f"delivered {delivery.attempt} times without being settled"
+        crashed = self._crashes.confirmed(delivery.envelope.id) if suspect else 0
+        if crashed and crashed >= limit - 1:
+            return f"crashed its process {crashed} times running alone (delivered {delivery.attempt} times)"
+        return None
+
+    async def _process(self, delivery: Delivery, *, suspect: bool) -> None:
         handler = self.handler
         envelope = delivery.envelope
         if envelope.type == UNDECODABLE_TYPE:
@@ -116,9 +161,13 @@ class Consumer:
             unknown = UnknownEventError(f"{handler.group} handles {handler.topic!r}, got {envelope.type!r}")
             await self._dead_letter(delivery, "unknown-type", unknown)
             return
-        if delivery.attempt > handler.retry.max_attempts:
-            error = PermanentError(f"delivered {delivery.attempt} times without being settled")
-            await self._dead_letter(delivery, "crashloop", error)
+        crash_loop = self._crash_loop(delivery, suspect)
+        if crash_loop is not None:
+            if await self._already_applied(envelope.id):  # its effects committed before a crash
+                await delivery.ack()
+                self.stats["duplicates"] += 1
+                return
+            await self._dead_letter(delivery, "crashloop", PermanentError(crash_loop))
             return
         try:
             event = decode(handler.model, envelope.data)
@@ -154,6 +203,12 @@ class Consumer:
             self._first_failures.pop(envelope.id, None)
             if outcome == "handled" and handler.sequencing is not None:
                 await self._apply_parked(envelope.partition_key or "")
+
+    async def _already_applied(self, message_id: str) -> bool:
+        if not self.handler.idempotent or self.handler.sequencing is not None or self.database is None:
+            return False
+        async with self.database.transaction() as conn:
+            return await inbox.recorded(conn, self.handler.group, message_id)
 
     async def _apply(self, event: BaseModel, ctx: Context) -> str:
         """Run the handler as the handler's options say; the outcome's name."""
@@ -257,3 +312,8 @@ class Consumer:
             first_failure=self._first_failures.pop(delivery.envelope.id, None),
         )
         self.stats["dead_lettered"] += 1
+
+
+def _file_name(group: str) -> str:
+    """A group name as one safe file name."""
+    return "".join(c if c.isalnum() or c in "-_." else f"%{ord(c):02x}" for c in group)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 
+from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -47,3 +48,11 @@ async def forget_older_than(conn: AsyncConnection, seconds: float) -> int:
     """Drop inbox records older than ``seconds``; a duplicate arriving later would be applied again."""
     result = await conn.execute(inbox_table.delete().where(inbox_table.c.handled_at < time.time() - seconds))
     return result.rowcount
+
+
+async def recorded(conn: AsyncConnection, subscriber: str, message_id: str) -> bool:
+    """Whether the message's effects already committed for ``subscriber``."""
+    query = select(inbox_table.c.message_id).where(
+        inbox_table.c.subscriber == subscriber, inbox_table.c.message_id == message_id
+    )
+    return (await conn.execute(query)).first() is not None

@@ -207,7 +207,11 @@ class Runtime:
                 self._consumers.append(server)
             for handler in service.handlers:
                 consumer = Consumer(
-                    broker, handler, self._delivery_context, self._databases.get(service.name)
+                    broker,
+                    handler,
+                    self._delivery_context,
+                    self._databases.get(service.name),
+                    crash_dir=self.data_dir / "crashes",
                 )
                 await consumer.start()
                 self._consumers.append(consumer)

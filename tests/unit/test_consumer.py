@@ -4,12 +4,16 @@ crash loops bounded, graceful stop that loses nothing."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from collections import Counter
+from pathlib import Path
 
 from pydantic import BaseModel
 
 from callcast import App, Context, Envelope, PermanentError, RetryPolicy, Service
 from callcast.brokers.memory import MemoryBroker
+from callcast.crashes import ABSOLUTE_FACTOR, Isolation
 from callcast.deadletter import DEAD_LETTER_GROUP, DEAD_LETTER_TOPIC
 from tests.unit.conftest import StartApp, wait_until
 
@@ -130,23 +134,81 @@ async def test_invalid_and_undecodable_payloads_are_dead_lettered_not_crashing(
     await wait_until(lambda: done == [4])
 
 
-async def test_crash_loop_is_dead_lettered_without_running_the_handler(
-    broker: MemoryBroker, start: StartApp
-) -> None:
-    """A message whose handler's process kept dying arrives with attempt > max_attempts."""
-    reset()
+async def crash(broker: MemoryBroker, times: int) -> str:
+    """Publish a Job and take it ``times`` times without settling it: what a handler whose process
+    dies each time amounts to (the broker counts each delivery). Its message id."""
     await broker.declare("Job", "worker.work")
-    await broker.publish("Job", [Envelope(type="Job", source="/test", data=b'{"n": 9}')])
+    sent = Envelope(type="Job", source="/test", data=b'{"n": 9}')
+    await broker.publish("Job", [sent])
     crashing = await broker.subscribe("Job", "worker.work")
-    for _ in range(FAST.max_attempts):
+    for _ in range(times):
         delivery = await asyncio.wait_for(crashing.__anext__(), 5)
-        await delivery.nack()  # what a lease expiry after a crash amounts to
+        await delivery.nack()
     await crashing.close()
+    return sent.id
+
+
+def dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait(10)
+    return process.pid
+
+
+async def test_confirmed_crashes_dead_letter_a_crash_loop_without_running_the_handler(
+    broker: MemoryBroker, start: StartApp, tmp_path: Path
+) -> None:
+    """A suspect that crashed its process while running alone max_attempts - 1 times (markers left
+    by dead processes name it) is dead-lettered as a crash loop before its handler runs again."""
+    reset()
+    message_id = await crash(broker, FAST.max_attempts)
+    markers = tmp_path / "crashes" / "worker.work"
+    markers.mkdir(parents=True)
+    for _ in range(FAST.max_attempts - 1):
+        (markers / f"{dead_pid()}.alone").write_text(message_id)
     await start(app, services=["worker"])
     [letter] = await dead_letters(broker, 1)
     assert letter.extensions["dlqreason"] == "crashloop"
-    assert letter.extensions["dlqattempts"] == str(FAST.max_attempts + 1)
+    assert "crashed its process 2 times running alone" in letter.extensions["dlqerror"]
     assert calls[9] == 0
+
+
+async def test_a_redelivered_neighbour_without_crash_evidence_runs(
+    broker: MemoryBroker, start: StartApp
+) -> None:
+    """Deliveries counted because a crasher took their process down are not crash loops: without
+    evidence against them they run (alone, as suspects) and succeed."""
+    reset()
+    await crash(broker, FAST.max_attempts)
+    await start(app, services=["worker"])
+    await wait_until(lambda: done == [9])
+
+
+async def test_without_any_evidence_the_broker_count_still_bounds_a_crash_loop(
+    broker: MemoryBroker, start: StartApp
+) -> None:
+    """Crashes elsewhere leave no marker here: past 3 x max_attempts deliveries it is dead-lettered."""
+    reset()
+    await crash(broker, ABSOLUTE_FACTOR * FAST.max_attempts)
+    await start(app, services=["worker"])
+    [letter] = await dead_letters(broker, 1)
+    assert letter.extensions["dlqreason"] == "crashloop"
+    assert letter.extensions["dlqattempts"] == str(ABSOLUTE_FACTOR * FAST.max_attempts + 1)
+    assert calls[9] == 0
+
+
+async def test_suspects_run_alone() -> None:
+    isolation = Isolation()
+    log: list[str] = []
+
+    async def run(name: str, alone: bool) -> None:
+        async with isolation.alone() if alone else isolation.shared():
+            log.append(f"{name}+")
+            await asyncio.sleep(0.01)
+            log.append(f"{name}-")
+
+    await asyncio.gather(run("a", False), run("b", False), run("s", True), run("c", False))
+    start_s, end_s = log.index("s+"), log.index("s-")
+    assert end_s == start_s + 1  # nothing else started or ended while the suspect ran
 
 
 async def test_stop_lets_running_handlers_finish_and_loses_nothing(
