@@ -41,10 +41,12 @@ Kill points inside a process come from :mod:`callcast.testing.faults` (a broker 
 ``python -m tests.faults.worker`` (:mod:`tests.faults.worker`): ``callcast run --no-http`` with the
 wrapped broker.
 
-Known callcast bug these figures show (the pytest version of scenario 2 is an expected failure
+Known callcast limit these figures show (the pytest version of scenario 2 is an expected failure
 while it is the only figure off): a process killed by a crasher takes the other deliveries it had
-in flight with it; each of them gets a delivery counted, and since they come back together with the
-crasher (same claim, lowest sequence first), healthy messages reach ``max_attempts`` too and are
-dead-lettered as ``crashloop`` — even ones whose handler had already committed (the crash-loop
-check runs before the inbox check).
+in flight with it, and the broker counts a delivery for each. Since :mod:`callcast.crashes` runs
+redelivered suspects alone and dead-letters a crash loop on evidence (the message that was running
+alone when its process died), those neighbours are no longer dead-lettered; but a poison message
+or a crasher that witnessed other crashes still reaches the DLQ with a ``dlqattempts`` above
+``max_attempts`` (±1 for crashers). Exact counts would need the crash journal to record every
+delivery in flight, not only the one running alone.
 """
