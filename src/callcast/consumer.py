@@ -95,6 +95,8 @@ class Consumer:
                 await self._sweeper
         if self._dispatcher is not None:
             await self._dispatcher.stop(grace)
+        if self._crashes is not None:
+            self._crashes.close()
 
     def _is_suspect(self, delivery: Delivery) -> bool:
         """Redelivered, and not because it failed here: maybe it crashed a process."""
@@ -106,6 +108,8 @@ class Consumer:
 
     async def _handle(self, delivery: Delivery) -> None:
         suspect = self._is_suspect(delivery)
+        if self._crashes is not None:
+            self._crashes.took(delivery.envelope.id)
         try:
             if self._gate is None:
                 await self._isolated(delivery, suspect)
@@ -120,6 +124,9 @@ class Consumer:
             log.exception("%s: unexpected failure handling %s", self.handler.group, delivery.envelope.id)
             with contextlib.suppress(TransportError):
                 await delivery.nack(delay=self.handler.retry.delay(delivery.attempt))
+        finally:
+            if self._crashes is not None:
+                self._crashes.settled(delivery.envelope.id)
 
     async def _isolated(self, delivery: Delivery, suspect: bool) -> None:
         """A suspect runs alone, named in this process's crash marker; the others share."""
@@ -134,9 +141,8 @@ class Consumer:
                 await self._process(delivery, suspect=True)
             finally:
                 self._crashes.finished_alone()
-        self._crashes.forget(delivery.envelope.id)
 
-    def _crash_loop(self, delivery: Delivery, suspect: bool) -> str | None:
+    def _crash_loop(self, delivery: Delivery, confirmed: int) -> str | None:
         """Why this delivery counts as a crash loop, or None."""
         limit = self.handler.retry.max_attempts
         if self._crashes is None:
@@ -145,14 +151,21 @@ class Consumer:
             return None
         if delivery.attempt > ABSOLUTE_FACTOR * limit:
             return f"delivered {delivery.attempt} times without being settled"
-        crashed = self._crashes.confirmed(delivery.envelope.id) if suspect else 0
-        if crashed and crashed >= limit - 1:
-            return f"crashed its process {crashed} times running alone (delivered {delivery.attempt} times)"
+        if confirmed and confirmed >= limit - 1:
+            return f"crashed its process {confirmed} times running alone (delivered {delivery.attempt} times)"
         return None
+
+    def _settled_for_good(self, delivery: Delivery) -> None:
+        if self._crashes is not None and delivery.attempt > 1:
+            self._crashes.forget(delivery.envelope.id)
 
     async def _process(self, delivery: Delivery, *, suspect: bool) -> None:
         handler = self.handler
         envelope = delivery.envelope
+        confirmed, witnessed = (0, 0)
+        if self._crashes is not None and delivery.attempt > 1:
+            confirmed, witnessed = self._crashes.evidence(envelope.id)
+        own = max(1, delivery.attempt - witnessed)  # the deliveries that were this message's own
         if envelope.type == UNDECODABLE_TYPE:
             reason = envelope.extensions.get("decodeerror", "not a CloudEvent")
             await self._dead_letter(delivery, "undecodable", DecodeError(reason))
@@ -161,36 +174,35 @@ class Consumer:
             unknown = UnknownEventError(f"{handler.group} handles {handler.topic!r}, got {envelope.type!r}")
             await self._dead_letter(delivery, "unknown-type", unknown)
             return
-        crash_loop = self._crash_loop(delivery, suspect)
+        crash_loop = self._crash_loop(delivery, confirmed)
         if crash_loop is not None:
             if await self._already_applied(envelope.id):  # its effects committed before a crash
                 await delivery.ack()
                 self.stats["duplicates"] += 1
+                self._settled_for_good(delivery)
                 return
-            await self._dead_letter(delivery, "crashloop", PermanentError(crash_loop))
+            await self._dead_letter(delivery, "crashloop", PermanentError(crash_loop), own)
             return
         try:
             event = decode(handler.model, envelope.data)
             if handler.sequencing is not None:
                 handler.sequencing.sequence_of(envelope, event)
         except DecodeError as error:
-            await self._dead_letter(delivery, "invalid", error)
+            await self._dead_letter(delivery, "invalid", error, own)
             return
-        stamped = envelope.with_extensions(attempt=str(delivery.attempt))
-        ctx = self.make_context(handler.service, stamped, delivery.attempt)
+        stamped = envelope.with_extensions(attempt=str(own))
+        ctx = self.make_context(handler.service, stamped, own)
         try:
             outcome = await self._apply(event, ctx)
         except PermanentError as error:
-            await self._dead_letter(delivery, "permanent", error)
+            await self._dead_letter(delivery, "permanent", error, own)
         except Exception as error:
-            if delivery.attempt >= handler.retry.max_attempts:
-                await self._dead_letter(delivery, "error", error)
+            if own >= handler.retry.max_attempts:
+                await self._dead_letter(delivery, "error", error, own)
             else:
-                log.info(
-                    "%s: attempt %d of %s failed: %r", handler.group, delivery.attempt, envelope.id, error
-                )
+                log.info("%s: attempt %d of %s failed: %r", handler.group, own, envelope.id, error)
                 self.stats["retried"] += 1
-                delay = handler.retry.delay(delivery.attempt)
+                delay = handler.retry.delay(own)
                 if len(self._first_failures) >= FIRST_FAILURES_KEPT:
                     self._first_failures.pop(next(iter(self._first_failures)))
                 self._first_failures.setdefault(envelope.id, now_rfc3339())
@@ -201,6 +213,7 @@ class Consumer:
             await delivery.ack()
             self.stats[outcome] += 1
             self._first_failures.pop(envelope.id, None)
+            self._settled_for_good(delivery)
             if outcome == "handled" and handler.sequencing is not None:
                 await self._apply_parked(envelope.partition_key or "")
 
@@ -300,7 +313,10 @@ class Consumer:
             except Exception:
                 log.exception("%s: sweeping parked messages failed", handler.group)
 
-    async def _dead_letter(self, delivery: Delivery, reason: str, error: BaseException) -> None:
+    async def _dead_letter(
+        self, delivery: Delivery, reason: str, error: BaseException, attempts: int | None = None
+    ) -> None:
+        """Dead-letter ``delivery``; ``attempts``: its own deliveries, witnessed crashes not counted."""
         log.warning("%s: dead-lettering %s (%s): %s", self.handler.group, delivery.envelope.id, reason, error)
         await dead_letter(
             self.broker,
@@ -310,8 +326,10 @@ class Consumer:
             reason=reason,
             error=error,
             first_failure=self._first_failures.pop(delivery.envelope.id, None),
+            attempts=attempts,
         )
         self.stats["dead_lettered"] += 1
+        self._settled_for_good(delivery)
 
 
 def _file_name(group: str) -> str:

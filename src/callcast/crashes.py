@@ -1,17 +1,23 @@
-"""Which message crashed the process: the evidence behind the crash-loop bound.
+"""Which message crashed the process: the evidence behind crash loops and attempt counts.
 
 When a process dies in a handler, every delivery it held comes back with one more attempt counted
-by the broker — the message that killed it and its innocent neighbours alike. So the consumer runs a
-*suspect* (a redelivered message this process did not see fail) alone, after writing its id to a
-marker file; if the process dies, the marker names the culprit. At start, and before each suspect, a
-consumer turns the markers of dead processes into *confirmed crashes* in a small ledger, shared by
-the processes of one machine through the data directory (``<data dir>/crashes/<group>/``; the ledger
-is updated under ``flock``).
+by the broker — the message that killed it and its innocent neighbours alike. So each consumer keeps
+two plain files per process in ``<data dir>/crashes/<group>/`` (plain writes: they survive the
+process being killed):
 
-A message is dead-lettered as a crash loop once it has crashed a process while running alone
-``max_attempts - 1`` times (its first, not yet suspected, delivery being the first crash), or —
-whatever the evidence, e.g. when its crashes happened on other machines — once the broker counted
-more than ``3 × max_attempts`` deliveries.
+* ``<pid>.inflight``: the deliveries it holds (``+id`` when taken, ``-id`` when settled);
+* ``<pid>.alone``: the *suspect* it runs alone — a redelivered message this process did not see
+  fail runs with no other handler of the consumer running.
+
+At start and before each redelivery, a consumer turns the files of dead processes into a ledger
+shared by the processes of one machine (updated under ``flock``): the suspect that was running alone
+gets a *confirmed crash*; every other delivery the dead process held gets a *witnessed crash*.
+
+The consumer then judges a message by ``attempt - witnessed`` (the deliveries that were its own)
+for retries and dead letters, and dead-letters a crash loop once the message crashed a process
+while running alone ``max_attempts - 1`` times (its first, not yet suspected, delivery being the
+first crash) — or, whatever the evidence (crashes on other machines leave none here), once the
+broker counted more than ``3 × max_attempts`` deliveries.
 """
 
 from __future__ import annotations
@@ -45,8 +51,37 @@ class CrashLedger:
         self.directory = directory
         self.directory.mkdir(parents=True, exist_ok=True)
         self.marker = directory / f"{os.getpid()}.alone"
+        self._journal_path = directory / f"{os.getpid()}.inflight"
+        self._journal = open(self._journal_path, "w", buffering=1)  # noqa: SIM115 - lives as long as the ledger
+        self._held: set[str] = set()
+        self._journal_lines = 0
         self._ledger = directory / "ledger.json"
         self._lock = directory / "ledger.lock"
+
+    def took(self, message_id: str) -> None:
+        """This process now holds ``message_id`` (it is counted if the process dies)."""
+        self._held.add(message_id)
+        self._write(f"+{message_id}\n")
+
+    def settled(self, message_id: str) -> None:
+        self._held.discard(message_id)
+        self._write(f"-{message_id}\n")
+
+    def _write(self, line: str) -> None:
+        self._journal_lines += 1
+        if self._journal_lines > 10_000:  # compact: only what is held now
+            self._journal.seek(0)
+            self._journal.truncate()
+            self._journal.write("".join(f"+{held}\n" for held in self._held))
+            self._journal_lines = len(self._held)
+        self._journal.write(line)
+
+    def close(self) -> None:
+        """A clean stop: this process's files go (nothing it held crashed)."""
+        self._journal.close()
+        for path in (self._journal_path, self.marker):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[dict[str, int]]:
@@ -69,29 +104,44 @@ class CrashLedger:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     def _collect(self, counts: dict[str, int]) -> None:
-        """Turn the markers of processes that died into confirmed crashes."""
-        for marker in self.directory.glob("*.alone"):
+        """Turn the files of processes that died into confirmed and witnessed crashes."""
+        for journal in self.directory.glob("*.inflight"):
             try:
-                pid = int(marker.stem)
+                pid = int(journal.stem)
             except ValueError:
                 continue
             if pid == os.getpid() or _alive(pid):
                 continue
+            marker = self.directory / f"{pid}.alone"
+            culprit = ""
             with contextlib.suppress(FileNotFoundError):
-                message_id = marker.read_text().strip()
-                if message_id:
-                    counts[message_id] = counts.get(message_id, 0) + 1
-                marker.unlink()
+                culprit = marker.read_text().strip()
+            held: set[str] = set()
+            with contextlib.suppress(FileNotFoundError):
+                for line in journal.read_text().splitlines():
+                    if line.startswith("+"):
+                        held.add(line[1:])
+                    elif line.startswith("-"):
+                        held.discard(line[1:])
+            for message_id in held - {culprit}:
+                counts[f"w:{message_id}"] = counts.get(f"w:{message_id}", 0) + 1
+            if culprit:
+                counts[f"c:{culprit}"] = counts.get(f"c:{culprit}", 0) + 1
+            for path in (journal, marker):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
 
-    def confirmed(self, message_id: str) -> int:
-        """How often ``message_id`` crashed a process while running alone."""
+    def evidence(self, message_id: str) -> tuple[int, int]:
+        """(confirmed, witnessed): how often ``message_id`` crashed a process while running alone,
+        and how often it was held by a process that something else crashed."""
         with self._locked() as counts:
-            return counts.get(message_id, 0)
+            return counts.get(f"c:{message_id}", 0), counts.get(f"w:{message_id}", 0)
 
     def forget(self, message_id: str) -> None:
         """The message was settled: its crash record is no longer needed."""
         with self._locked() as counts:
-            counts.pop(message_id, None)
+            counts.pop(f"c:{message_id}", None)
+            counts.pop(f"w:{message_id}", None)
 
     def running_alone(self, message_id: str) -> None:
         """Mark ``message_id`` as the only handler running in this process (a plain write: it

@@ -14,7 +14,9 @@ dlqreason        ``error`` (handler kept failing), ``permanent`` (PermanentError
                  (a sequenced message whose predecessor never came)
 dlqerror         exception type and message, truncated
 dlqtraceback     the end of the traceback, truncated
-dlqattempts      deliveries counted by the broker
+dlqattempts      the message's own deliveries: counted by the broker, less those cut short by
+                 another message crashing the process (:mod:`callcast.crashes`)
+dlqdeliveries    every delivery the broker counted
 dlqfirstfailure  when the first failure was seen (by the process that dead-lettered it; absent
                  when that process saw only the last one)
 dlqtime          when it was dead-lettered: the last failure (RFC 3339)
@@ -54,6 +56,7 @@ def dead_letter_envelope(
     error: BaseException | None,
     attempt: int,
     first_failure: str | None = None,
+    own_attempts: int | None = None,
 ) -> DeadLetter:
     """The dead letter for ``envelope``: the original plus the diagnostics."""
     extensions: dict[str, str | None] = {
@@ -61,7 +64,8 @@ def dead_letter_envelope(
         "dlqsubscriber": subscriber,
         "dlqtopic": topic,
         "dlqreason": reason,
-        "dlqattempts": str(attempt),
+        "dlqattempts": str(attempt if own_attempts is None else own_attempts),
+        "dlqdeliveries": str(attempt),
         "dlqtime": now_rfc3339(),
         "dlqfirstfailure": first_failure,
     }
@@ -81,6 +85,7 @@ async def dead_letter(
     reason: str,
     error: BaseException | None = None,
     first_failure: str | None = None,
+    attempts: int | None = None,
 ) -> None:
     """Store ``delivery``'s envelope as a dead letter, then acknowledge the delivery."""
     letter = dead_letter_envelope(
@@ -91,6 +96,7 @@ async def dead_letter(
         error=error,
         attempt=delivery.attempt,
         first_failure=first_failure,
+        own_attempts=attempts,
     )
     await broker.publish(letter.topic, [letter.envelope])
     await delivery.ack()

@@ -163,13 +163,42 @@ async def test_confirmed_crashes_dead_letter_a_crash_loop_without_running_the_ha
     message_id = await crash(broker, FAST.max_attempts)
     markers = tmp_path / "crashes" / "worker.work"
     markers.mkdir(parents=True)
-    for _ in range(FAST.max_attempts - 1):
-        (markers / f"{dead_pid()}.alone").write_text(message_id)
+    for _ in range(FAST.max_attempts - 1):  # what a process killed while running it alone leaves
+        pid = dead_pid()
+        (markers / f"{pid}.inflight").write_text(f"+{message_id}\n+someone-else\n-someone-else\n")
+        (markers / f"{pid}.alone").write_text(message_id)
     await start(app, services=["worker"])
     [letter] = await dead_letters(broker, 1)
     assert letter.extensions["dlqreason"] == "crashloop"
     assert "crashed its process 2 times running alone" in letter.extensions["dlqerror"]
     assert calls[9] == 0
+
+
+async def test_deliveries_cut_short_by_another_crash_are_not_the_messages_own_attempts(
+    broker: MemoryBroker, start: StartApp, tmp_path: Path
+) -> None:
+    """Held twice by processes that another message crashed (their journals say so), a poison
+    message still gets max_attempts runs of its own before it is dead-lettered."""
+    reset()
+    await broker.declare("Job", "worker.work")
+    sent = Envelope(type="Job", source="/test", data=b'{"n": 8, "fail_times": 99}')
+    await broker.publish("Job", [sent])
+    crashing = await broker.subscribe("Job", "worker.work")
+    for _ in range(2):
+        await (await asyncio.wait_for(crashing.__anext__(), 5)).nack()
+    await crashing.close()
+    journals = tmp_path / "crashes" / "worker.work"
+    journals.mkdir(parents=True)
+    for _ in range(2):
+        pid = dead_pid()
+        (journals / f"{pid}.inflight").write_text(f"+{sent.id}\n+the-crasher\n")
+        (journals / f"{pid}.alone").write_text("the-crasher")
+    await start(app, services=["worker"])
+    [letter] = await dead_letters(broker, 1)
+    assert letter.extensions["dlqreason"] == "error"
+    assert calls[8] == FAST.max_attempts
+    assert letter.extensions["dlqattempts"] == str(FAST.max_attempts)
+    assert letter.extensions["dlqdeliveries"] == str(FAST.max_attempts + 2)
 
 
 async def test_a_redelivered_neighbour_without_crash_evidence_runs(
