@@ -41,12 +41,9 @@ Kill points inside a process come from :mod:`callcast.testing.faults` (a broker 
 ``python -m tests.faults.worker`` (:mod:`tests.faults.worker`): ``callcast run --no-http`` with the
 wrapped broker.
 
-Known callcast limit these figures show (the pytest version of scenario 2 is an expected failure
-while it is the only figure off): a process killed by a crasher takes the other deliveries it had
-in flight with it, and the broker counts a delivery for each. Since :mod:`callcast.crashes` runs
-redelivered suspects alone and dead-letters a crash loop on evidence (the message that was running
-alone when its process died), those neighbours are no longer dead-lettered; but a poison message
-or a crasher that witnessed other crashes still reaches the DLQ with a ``dlqattempts`` above
-``max_attempts`` (±1 for crashers). Exact counts would need the crash journal to record every
-delivery in flight, not only the one running alone.
+Crashers and their neighbours: a process killed by a crasher takes the other deliveries it held
+with it, and the broker counts a delivery for each. :mod:`callcast.crashes` keeps the evidence (a
+journal of what each process holds, and a marker for the suspect it runs alone), so a crash loop is
+dead-lettered on evidence, the neighbours are not, and ``dlqattempts`` counts a message's own
+deliveries; scenario 2 checks all three.
 """

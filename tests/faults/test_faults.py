@@ -15,18 +15,7 @@ import pytest
 from .harness import Result, render
 from .runner import SCENARIOS, run_scenario
 
-WITNESSED_CRASHES = (
-    "known limit: a delivery held while another message crashes the process gets a delivery counted "
-    "by the broker, so a poison message or a crasher that witnessed other crashes reaches the DLQ "
-    "with a higher dlqattempts than max_attempts (its neighbours are no longer dead-lettered: "
-    "callcast.crashes); see tests/faults/__init__.py"
-)
-KNOWN_BUGS: dict[str, dict[str, str]] = {
-    "poison": {
-        "poison with dlqattempts = 4": WITNESSED_CRASHES,
-        "crashers with dlqattempts in 4±1": WITNESSED_CRASHES,
-    },
-}
+KNOWN_BUGS: dict[str, dict[str, str]] = {}
 """Figures that are off because of a known callcast bug: the test is an expected failure (xfail)
 while that is the only thing off, and passes once the bug is fixed."""
 
