@@ -211,18 +211,20 @@ async def scenario(env: Env, params: Params = FULL) -> Result:
     result.expect("poison dead-lettered", len({row["id"] for row in poison_rows}), params.poison)
     result.expect(
         f"poison with dlqattempts = {max_attempts}",
-        sum(1 for row in poison_rows if row.get("dlqattempts") == str(max_attempts)),
+        len({row["id"] for row in poison_rows if row.get("dlqattempts") == str(max_attempts)}),
         params.poison,
     )
     result.report("poison dlqattempts (value=count)", attempts(poison_rows))
     result.expect(
         "poison with reason error, dlqerror and dlqtraceback",
-        sum(
-            1
-            for row in poison_rows
-            if row.get("dlqreason") == "error"
-            and "RuntimeError" in row.get("dlqerror", "")
-            and "poison event" in row.get("dlqtraceback", "")
+        len(
+            {
+                row["id"]
+                for row in poison_rows
+                if row.get("dlqreason") == "error"
+                and "RuntimeError" in row.get("dlqerror", "")
+                and "poison event" in row.get("dlqtraceback", "")
+            }
         ),
         params.poison,
     )
@@ -233,7 +235,7 @@ async def scenario(env: Env, params: Params = FULL) -> Result:
     )
     result.expect(
         f"crashers with dlqattempts in {max_attempts}±1",
-        sum(1 for row in crash_rows if abs(int(row.get("dlqattempts", "0")) - max_attempts) <= 1),
+        len({row["id"] for row in crash_rows if abs(int(row.get("dlqattempts", "0")) - max_attempts) <= 1}),
         params.crashers,
     )
     result.report("crasher dlqattempts (value=count)", attempts(crash_rows))
