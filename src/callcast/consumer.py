@@ -190,8 +190,8 @@ class Consumer:
         except DecodeError as error:
             await self._dead_letter(delivery, "invalid", error, own)
             return
-        stamped = envelope.with_extensions(attempt=str(own))
-        ctx = self.make_context(handler.service, stamped, own)
+        stamped = envelope.with_extensions(attempt=str(delivery.attempt))
+        ctx = self.make_context(handler.service, stamped, delivery.attempt)
         try:
             outcome = await self._apply(event, ctx)
         except PermanentError as error:
