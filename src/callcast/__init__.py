@@ -26,6 +26,7 @@ from callcast.exceptions import (
 )
 from callcast.retry import RetryPolicy
 from callcast.runtime import Runtime
+from callcast.sequence import SequencePolicy
 from callcast.service import EventHandler, Route, RpcEndpoint, Service
 from callcast.transport import Broker, Capabilities, Delivery, Subscription
 
@@ -53,6 +54,7 @@ __all__ = [
     "Route",
     "RpcEndpoint",
     "Runtime",
+    "SequencePolicy",
     "Service",
     "ServiceUnavailableError",
     "Subscription",
