@@ -3,12 +3,17 @@
 On Python 3.11, ``asyncio.wait_for`` returns the inner result when a cancellation and the inner
 completion race (the cancellation is swallowed), so a task stopped at that moment keeps running and
 whoever awaits it hangs. Everything in callcast that waits on an event with a timeout goes through
-:func:`wait_event`, built on ``asyncio.timeout``, which keeps an outside cancellation.
+:func:`wait_event`, and everything that awaits with a deadline through :func:`within`, both built
+on ``asyncio.timeout``, which keeps an outside cancellation.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 async def wait_event(event: asyncio.Event, timeout: float | None) -> bool:
@@ -25,3 +30,10 @@ async def wait_event(event: asyncio.Event, timeout: float | None) -> bool:
     except TimeoutError:
         return event.is_set()
     return True
+
+
+async def within(awaitable: Awaitable[T], timeout: float | None) -> T:
+    """``await awaitable`` with a deadline (``TimeoutError`` after ``timeout`` seconds): what
+    ``asyncio.wait_for`` does, without swallowing an outside cancellation."""
+    async with asyncio.timeout(timeout):
+        return await awaitable

@@ -148,7 +148,7 @@ from callcast.exceptions import (
     TransportError,
 )
 from callcast.transport import Capabilities, Delivery
-from callcast.waiting import wait_event
+from callcast.waiting import wait_event, within
 
 log = logging.getLogger("callcast.brokers.nats")
 
@@ -400,7 +400,7 @@ class NatsBroker:
         try:
             # Two tries at first (an outage at start-up is reported, not waited out); once connected,
             # the client reconnects forever (set below).
-            await asyncio.wait_for(
+            await within(
                 nc.connect(
                     servers=[self._server],
                     name="callcast",
@@ -592,7 +592,7 @@ class NatsBroker:
             await asyncio.gather(*futures)
 
         try:
-            await asyncio.wait_for(send_and_confirm(), self.timeout)
+            await within(send_and_confirm(), self.timeout)
         except TimeoutError:
             raise PublishError(
                 f"nats broker {self.url}: publishing to {subject}: not confirmed within {self.timeout:g}s; "
@@ -667,7 +667,7 @@ class NatsBroker:
         if nc is not None and not nc.is_closed:
             with contextlib.suppress(*_DRIVER_ERRORS):
                 if nc.is_connected:
-                    await asyncio.wait_for(nc.flush(), _CLOSE_WAIT)  # the last acks and naks
+                    await within(nc.flush(), _CLOSE_WAIT)  # the last acks and naks
             with contextlib.suppress(*_DRIVER_ERRORS):
                 await nc.close()
 
@@ -680,7 +680,7 @@ class NatsBroker:
         if kv is None:
             return 0
         try:
-            entry = await asyncio.wait_for(kv.get(f"{consumer}.{seq}"), self.timeout)
+            entry = await within(kv.get(f"{consumer}.{seq}"), self.timeout)
             return int(entry.value or b"0")
         except nats.js.errors.KeyNotFoundError:
             return 0
@@ -701,7 +701,7 @@ class NatsBroker:
             return
         puts = [kv.put(f"{consumer}.{seq}", str(uncounted + 1).encode()) for seq, uncounted in deliveries]
         try:
-            await asyncio.wait_for(asyncio.gather(*puts), self.timeout)
+            await within(asyncio.gather(*puts), self.timeout)
         except _DRIVER_ERRORS as error:
             log.warning(
                 "nats broker %s: cannot record envelopes handed back unseen; their next attempt "
@@ -717,7 +717,7 @@ class NatsBroker:
 
         async def forget() -> None:
             with contextlib.suppress(*_DRIVER_ERRORS):
-                await asyncio.wait_for(kv.purge(f"{delivery.consumer}.{delivery.seq}"), self.timeout)
+                await within(kv.purge(f"{delivery.consumer}.{delivery.seq}"), self.timeout)
 
         self._spawn(forget(), "callcast-nats-forget")
 
@@ -974,7 +974,7 @@ class _NatsSubscription:
         self.buffer.clear()
         if self.ephemeral:
             with contextlib.suppress(*_DRIVER_ERRORS, TransportError):
-                await asyncio.wait_for(
+                await within(
                     self.broker._jetstream().delete_consumer(self.broker.stream, self.consumer), _CLOSE_WAIT
                 )
             await self._unsubscribe()
@@ -987,7 +987,7 @@ class _NatsSubscription:
             for delivery in sorted([*held, *never_handed_out], key=lambda d: d.seq):
                 await self.nc.publish(delivery.reply, self._handback())
             if self.nc.is_connected:
-                await asyncio.wait_for(self.nc.flush(), _CLOSE_WAIT)
+                await within(self.nc.flush(), _CLOSE_WAIT)
         if request_open:
             self.broker._lingering.add(self)
             self.broker._spawn(self._unsubscribe(at=self._handback_at), "callcast-nats-unsubscribe")
@@ -1004,7 +1004,7 @@ class _NatsSubscription:
         with contextlib.suppress(*_DRIVER_ERRORS):
             if self.nc.is_connected:
                 # Unsubscribe, and still hand back what arrived before the server saw that.
-                await asyncio.wait_for(inbox_sub.drain(), _CLOSE_WAIT)  # type: ignore[no-untyped-call]
+                await within(inbox_sub.drain(), _CLOSE_WAIT)  # type: ignore[no-untyped-call]
             else:
                 await inbox_sub.unsubscribe()
 

@@ -130,7 +130,7 @@ from callcast.brokers import redact
 from callcast.envelope import Envelope, decode_or_quarantine
 from callcast.exceptions import BrokerUnavailableError, ConfigurationError, PublishError, TransportError
 from callcast.transport import Capabilities, Delivery
-from callcast.waiting import wait_event
+from callcast.waiting import wait_event, within
 
 CAPABILITIES = Capabilities(
     durable=True,
@@ -652,10 +652,10 @@ class PostgresBroker:
             self._wake_all()  # notifications sent while it was down are lost: look once
             return 0.1
         try:
-            await asyncio.wait_for(self._listener_lost.wait(), max(self.poll, 5.0))
+            await within(self._listener_lost.wait(), max(self.poll, 5.0))
         except TimeoutError:
             try:  # a connection that died silently (no FIN) is found by using it
-                await asyncio.wait_for(conn.execute("SELECT 1"), self.settings.connect_timeout)
+                await within(conn.execute("SELECT 1"), self.settings.connect_timeout)
             except _DRIVER_ERRORS:
                 conn.terminate()
             return backoff
@@ -815,7 +815,7 @@ class PostgresBroker:
         listener, self._listener = self._listener, None
         if listener is not None:
             try:
-                await asyncio.wait_for(listener.close(), self.settings.connect_timeout)
+                await within(listener.close(), self.settings.connect_timeout)
             except _DRIVER_ERRORS:
                 listener.terminate()
         await self._close_pool()
@@ -826,7 +826,7 @@ class PostgresBroker:
             return
         self._pool_closed = True
         try:
-            await asyncio.wait_for(pool.close(), self.settings.connect_timeout)
+            await within(pool.close(), self.settings.connect_timeout)
         except _DRIVER_ERRORS:
             pool.terminate()
 

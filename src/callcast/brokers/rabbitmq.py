@@ -162,7 +162,7 @@ from callcast.brokers import redact
 from callcast.envelope import Envelope, decode_or_quarantine
 from callcast.exceptions import BrokerUnavailableError, ConfigurationError, PublishError, TransportError
 from callcast.transport import Capabilities, Delivery
-from callcast.waiting import wait_event
+from callcast.waiting import wait_event, within
 
 CAPABILITIES = Capabilities(
     durable=True,
@@ -405,7 +405,7 @@ def _retry_properties(original: spec.Basic.Properties, attempts: int) -> spec.Ba
 async def _quietly(awaitable: Awaitable[Any], timeout: float) -> None:
     """Await a clean-up step, ignoring its failure: the state it cleans is going away anyway."""
     with contextlib.suppress(Exception):
-        await asyncio.wait_for(awaitable, timeout)
+        await within(awaitable, timeout)
 
 
 # -- the broker -----------------------------------------------------------------------------------
@@ -480,7 +480,7 @@ class RabbitBroker:
 
     async def _open(self) -> None:
         try:
-            connection = await asyncio.wait_for(
+            connection = await within(
                 aio_pika.connect(self._settings.client_url, timeout=self.timeout), self.timeout
             )
         except Exception as error:
@@ -518,7 +518,7 @@ class RabbitBroker:
         self, connection: aio_pika.abc.AbstractConnection, *, confirms: bool
     ) -> aio_pika.abc.AbstractChannel:
         channel = connection.channel(publisher_confirms=confirms)
-        await asyncio.wait_for(channel.initialize(), self.timeout)
+        await within(channel.initialize(), self.timeout)
         return channel
 
     def _on_connection_closed(self, sender: Any, error: BaseException | None) -> None:
@@ -584,7 +584,7 @@ class RabbitBroker:
         """Run one declaring operation on the admin channel, errors translated."""
         channel = await self._channel("admin")
         try:
-            return await asyncio.wait_for(operation(channel), self.timeout)
+            return await within(operation(channel), self.timeout)
         except Exception as error:
             raise self._error(what, error) from None
 
@@ -658,7 +658,7 @@ class RabbitBroker:
             queue = await self._retry_queue(reader, delay_ms, fresh=fresh)
             channel = await self._channel("publish")
             try:
-                result = await asyncio.wait_for(
+                result = await within(
                     channel.basic_publish(
                         message.body,
                         exchange="",

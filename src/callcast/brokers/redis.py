@@ -828,12 +828,10 @@ class RedisBroker:
             raise BrokerUnavailableError(f"redis broker {self.url} is closed")
         block = max(1, round(timeout * 1000))
         with self._translate("wait for entries"):
-            await asyncio.wait_for(
-                self._blocking.xread(
+            async with asyncio.timeout(timeout + self.options.timeout):  # keeps an outside cancellation
+                await self._blocking.xread(
                     {keys.topic: last_ids[0], keys.direct: last_ids[1]}, count=1, block=block
-                ),
-                timeout + self.options.timeout,
-            )
+                )
 
     def _queue_settle(
         self, subscription: _RedisSubscription, token: str, delay_ms: float
