@@ -13,7 +13,9 @@
 from __future__ import annotations
 
 import importlib
+import math
 import os
+from collections.abc import Mapping
 from urllib.parse import urlsplit, urlunsplit
 
 from callcast.exceptions import ConfigurationError
@@ -21,6 +23,18 @@ from callcast.transport import Broker
 
 DEFAULT_URL = "sqlite:///.callcast/broker.db"
 ENV_VAR = "CALLCAST_BROKER"
+
+
+def seconds_option(broker: str, options: Mapping[str, str], name: str, default: float) -> float:
+    """URL option ``name`` as a positive, finite number of seconds (``default`` when absent);
+    a :class:`ConfigurationError` naming the broker and the option otherwise."""
+    try:
+        value = float(options.get(name, default))
+    except ValueError:
+        raise ConfigurationError(f"{broker} broker: {name} must be a number of seconds") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigurationError(f"{broker} broker: {name} must be a positive, finite number of seconds")
+    return value
 
 
 def default_url() -> str:

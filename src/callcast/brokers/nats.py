@@ -139,7 +139,7 @@ from nats.aio.subscription import Subscription as NatsSubscription
 from nats.js import JetStreamContext, api
 from nats.js.kv import KeyValue
 
-from callcast.brokers import redact
+from callcast.brokers import redact, seconds_option
 from callcast.envelope import Envelope, decode_or_quarantine
 from callcast.exceptions import (
     BrokerUnavailableError,
@@ -267,26 +267,16 @@ class _Settings:
                 "nats broker: prefix must be dot-separated tokens of letters, digits, '_' or '-', "
                 f"got {self.prefix!r}"
             )
-        self.ack_wait = _seconds(options, "ack_wait", 30.0)
-        self.timeout = _seconds(options, "timeout", 5.0)
-        self.reconnect_wait = _seconds(options, "reconnect_wait", 2.0)
-        self.ephemeral_ttl = _seconds(options, "ephemeral_ttl", 30.0)
+        self.ack_wait = seconds_option("nats", options, "ack_wait", 30.0)
+        self.timeout = seconds_option("nats", options, "timeout", 5.0)
+        self.reconnect_wait = seconds_option("nats", options, "reconnect_wait", 2.0)
+        self.ephemeral_ttl = seconds_option("nats", options, "ephemeral_ttl", 30.0)
         self.max_ack_pending = _integer(options, "max_ack_pending", 10000)
         if self.max_ack_pending == 0 or self.max_ack_pending < -1:
             raise ConfigurationError("nats broker: max_ack_pending must be a positive integer or -1")
         self.replicas = _integer(options, "replicas", 1)
         if not 1 <= self.replicas <= 5:
             raise ConfigurationError("nats broker: replicas must be an integer from 1 to 5")
-
-
-def _seconds(options: dict[str, str], name: str, default: float) -> float:
-    try:
-        value = float(options.get(name, default))
-    except ValueError:
-        raise ConfigurationError(f"nats broker: {name} must be a number of seconds") from None
-    if not math.isfinite(value) or value <= 0:
-        raise ConfigurationError(f"nats broker: {name} must be a positive, finite number of seconds")
-    return value
 
 
 def _integer(options: dict[str, str], name: str, default: int) -> int:

@@ -114,7 +114,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 import uuid
@@ -126,7 +125,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import asyncpg  # type: ignore[import-untyped, unused-ignore]
 
-from callcast.brokers import redact
+from callcast.brokers import redact, seconds_option
 from callcast.envelope import Envelope, decode_or_quarantine
 from callcast.exceptions import BrokerUnavailableError, ConfigurationError, PublishError, TransportError
 from callcast.transport import Capabilities, Delivery
@@ -188,16 +187,6 @@ class Settings:
     password: str | None = field(default=None, repr=False)
 
 
-def _seconds(name: str, value: str) -> float:
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise ConfigurationError(f"postgres broker: {name} must be a number of seconds") from None
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise ConfigurationError(f"postgres broker: {name} must be a positive, finite number of seconds")
-    return seconds
-
-
 def parse_url(url: str) -> Settings:
     """Read ``postgresql://user[:pw]@host[:port]/db?options``; :class:`ConfigurationError` if bad."""
     safe = redact(url)
@@ -236,7 +225,7 @@ def parse_url(url: str) -> Settings:
         host = options["host"]
     password = unquote(parts.password) if parts.password is not None else None
     database = unquote(parts.path[1:]) if parts.path.startswith("/") else unquote(parts.path)
-    connect_timeout = _seconds("connect_timeout", options.get("connect_timeout", "5"))
+    connect_timeout = seconds_option("postgres", options, "connect_timeout", 5.0)
     kwargs: dict[str, Any] = {
         "host": host,
         "port": port,
@@ -251,8 +240,8 @@ def parse_url(url: str) -> Settings:
         kwargs["ssl"] = sslmode
     return Settings(
         schema=schema,
-        lease=_seconds("lease", options.get("lease", "10")),
-        poll=_seconds("poll", options.get("poll", "1")),
+        lease=seconds_option("postgres", options, "lease", 10.0),
+        poll=seconds_option("postgres", options, "poll", 1.0),
         pool_size=int(pool_size_text),
         connect_timeout=connect_timeout,
         connect_kwargs={key: value for key, value in kwargs.items() if value is not None},

@@ -158,7 +158,7 @@ import aiormq.abc
 import aiormq.exceptions
 from pamqp import commands as spec
 
-from callcast.brokers import redact
+from callcast.brokers import redact, seconds_option
 from callcast.envelope import Envelope, decode_or_quarantine
 from callcast.exceptions import BrokerUnavailableError, ConfigurationError, PublishError, TransportError
 from callcast.transport import Capabilities, Delivery
@@ -261,12 +261,7 @@ def parse_url(url: str) -> RabbitSettings:
             f"rabbitmq broker: exchange must be 1-100 letters, digits or . _ : - and not start with "
             f"amq., got {exchange!r}"
         )
-    try:
-        timeout = float(options.get("timeout", "10"))
-    except ValueError:
-        timeout = math.nan
-    if not math.isfinite(timeout) or timeout <= 0:
-        raise ConfigurationError("rabbitmq broker: timeout must be a positive, finite number of seconds")
+    timeout = seconds_option("rabbitmq", options, "timeout", 10.0)
     heartbeat: int | None = None
     if "heartbeat" in options:
         try:

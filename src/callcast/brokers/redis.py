@@ -118,7 +118,6 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
-import math
 import os
 import socket
 import uuid
@@ -134,7 +133,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from callcast.brokers import redact
+from callcast.brokers import redact, seconds_option
 from callcast.envelope import Envelope, decode_or_quarantine
 from callcast.exceptions import BrokerUnavailableError, ConfigurationError, PublishError, TransportError
 from callcast.transport import Capabilities, Delivery
@@ -221,24 +220,14 @@ def parse_url(url: str) -> tuple[str, RedisOptions]:
         raise ConfigurationError(f"redis broker: durable must be auto|require, got {durable!r}")
     options = RedisOptions(
         prefix=prefix,
-        lease=_seconds(raw, "lease", _DEFAULT_LEASE),
-        poll=_seconds(raw, "poll", _DEFAULT_POLL),
+        lease=seconds_option("redis", raw, "lease", _DEFAULT_LEASE),
+        poll=seconds_option("redis", raw, "poll", _DEFAULT_POLL),
         durable=durable,
-        connect_timeout=_seconds(raw, "connect_timeout", _DEFAULT_CONNECT_TIMEOUT),
-        timeout=_seconds(raw, "timeout", _DEFAULT_TIMEOUT),
+        connect_timeout=seconds_option("redis", raw, "connect_timeout", _DEFAULT_CONNECT_TIMEOUT),
+        timeout=seconds_option("redis", raw, "timeout", _DEFAULT_TIMEOUT),
         tls=tls,
     )
     return urlunsplit(parts._replace(query="", fragment="")), options
-
-
-def _seconds(raw: dict[str, str], name: str, default: float) -> float:
-    try:
-        value = float(raw.get(name, default))
-    except ValueError:
-        raise ConfigurationError(f"redis broker: {name} must be a number of seconds") from None
-    if not math.isfinite(value) or value <= 0:
-        raise ConfigurationError(f"redis broker: {name} must be a positive, finite number of seconds")
-    return value
 
 
 def _escape(name: str) -> str:

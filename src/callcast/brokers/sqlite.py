@@ -33,7 +33,6 @@ import asyncio
 import contextlib
 import functools
 import json
-import math
 import os
 import queue
 import sqlite3
@@ -45,6 +44,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
+from callcast.brokers import seconds_option
 from callcast.envelope import Envelope, decode_or_quarantine
 from callcast.exceptions import BrokerUnavailableError, ConfigurationError, TransportError
 from callcast.transport import Capabilities, Delivery
@@ -242,12 +242,7 @@ class SqliteBroker:
             raise ConfigurationError(
                 f"sqlite broker: synchronous must be full|normal|extra, got {synchronous!r}"
             )
-        try:
-            self.lease = float(options.get("lease", "10"))
-        except ValueError:
-            raise ConfigurationError("sqlite broker: lease must be a number of seconds") from None
-        if not math.isfinite(self.lease) or self.lease <= 0:
-            raise ConfigurationError("sqlite broker: lease must be a positive, finite number of seconds")
+        self.lease = seconds_option("sqlite", options, "lease", 10.0)
         self._synchronous = synchronous
         self._writer: _Writer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
