@@ -10,7 +10,7 @@ PORT   ?= 8000
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,fast]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,fast,bench]'
 	touch $(STAMP)
 
 ## make demo: install into .venv (first time), run the shop on the embedded broker at :8000
