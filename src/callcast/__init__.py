@@ -9,9 +9,11 @@ from callcast.context import Context
 from callcast.envelope import Envelope
 from callcast.exceptions import (
     BrokerUnavailableError,
+    BulkheadFullError,
     CallcastError,
     CallError,
     CallTimeoutError,
+    CircuitOpenError,
     ConfigurationError,
     DecodeError,
     HandlerError,
@@ -24,6 +26,7 @@ from callcast.exceptions import (
     TransportError,
     UnknownEventError,
 )
+from callcast.resilience import BreakerPolicy, BulkheadPolicy, CallPolicy, CallRetryPolicy, CallStats
 from callcast.retry import RetryPolicy
 from callcast.runtime import Runtime
 from callcast.sequence import SequencePolicy
@@ -32,12 +35,19 @@ from callcast.transport import Broker, Capabilities, Delivery, Subscription
 
 __all__ = [
     "App",
+    "BreakerPolicy",
     "Broker",
     "BrokerUnavailableError",
+    "BulkheadFullError",
+    "BulkheadPolicy",
     "CallError",
+    "CallPolicy",
+    "CallRetryPolicy",
+    "CallStats",
     "CallTimeoutError",
     "CallcastError",
     "Capabilities",
+    "CircuitOpenError",
     "ConfigurationError",
     "Context",
     "DecodeError",

@@ -8,7 +8,7 @@ so events published before a subscribing service's first process starts are kept
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,6 +16,7 @@ from callcast.exceptions import ConfigurationError
 from callcast.service import Service
 
 if TYPE_CHECKING:
+    from callcast.resilience import CallPolicy
     from callcast.runtime import Runtime
     from callcast.transport import Broker
 
@@ -55,17 +56,25 @@ class App:
         data_dir: str | Path | None = None,
         service_urls: dict[str, str] | None = None,
         databases: dict[str, str] | None = None,
+        call_policies: Mapping[str, CallPolicy] | None = None,
     ) -> Runtime:
         """Start ``services`` (default: all) in this process; stop with ``await runtime.stop()``.
 
         ``service_urls`` maps a service to the base URL ``ctx.call`` reaches it at over HTTP (default:
         over the broker); ``databases`` maps a service to its database URL (see
-        :mod:`callcast.database`).
+        :mod:`callcast.database`); ``call_policies`` maps a service to the
+        :class:`~callcast.CallPolicy` of this process's calls to it (``"*"``: every other service;
+        default ``CallPolicy()``).
         """
         from callcast.runtime import Runtime
 
         runtime = Runtime(
-            self, services=services, data_dir=data_dir, service_urls=service_urls or {}, databases=databases
+            self,
+            services=services,
+            data_dir=data_dir,
+            service_urls=service_urls or {},
+            databases=databases,
+            call_policies=call_policies,
         )
         await runtime.start(broker)
         return runtime

@@ -23,6 +23,7 @@ from callcast.envelope import Envelope, new_id
 from callcast.exceptions import ConfigurationError, DecodeError
 
 if TYPE_CHECKING:
+    from callcast.resilience import CallPolicy
     from callcast.runtime import Runtime
     from callcast.service import RpcEndpoint
 
@@ -155,19 +156,36 @@ class Context:
             self._runtime.relay(self.service).committed(staged)
 
     async def call(
-        self, endpoint: RpcEndpoint[Req, Resp], request: Req, *, timeout: float | None = None
+        self,
+        endpoint: RpcEndpoint[Req, Resp],
+        request: Req,
+        *,
+        timeout: float | None = None,
+        idempotent: bool | None = None,
+        policy: CallPolicy | None = None,
     ) -> Resp:
         """Call an RPC endpoint of another service and wait for its answer.
 
-        Raises :class:`~callcast.CallTimeoutError` after ``timeout`` seconds (default 10, and never
-        beyond this context's own deadline), :class:`~callcast.RemoteError` when the endpoint
-        answered with an error, :class:`~callcast.ServiceUnavailableError` when it cannot be reached.
+        The call follows the target service's :class:`~callcast.CallPolicy` (``App.start``'s
+        ``call_policies``), or ``policy`` for this call's timeouts and retries. ``timeout``: seconds
+        in all (default: the policy's, 10 s), never beyond this context's own deadline; the time
+        left travels with the request so the callee gives up with the caller. ``idempotent``:
+        whether failed attempts may be retried (default: the endpoint's ``idempotent=``).
+
+        Raises :class:`~callcast.CallTimeoutError` when no answer came in time,
+        :class:`~callcast.RemoteError` when the endpoint answered with an error (its status and
+        message kept), :class:`~callcast.ServiceUnavailableError` when it cannot be reached, and
+        two kinds of it raised without a request made: :class:`~callcast.CircuitOpenError` while the
+        target's circuit breaker is open, :class:`~callcast.BulkheadFullError` when too many calls
+        to it are in flight.
         """
         if endpoint.service not in self._runtime.app.service(self.service).calls:
             raise ConfigurationError(
                 f"service {self.service!r} calls {endpoint.service!r} but does not declare it in calls="
             )
-        return await self._runtime.rpc.call(endpoint, request, timeout=timeout, caller=self)
+        return await self._runtime.rpc.call(
+            endpoint, request, timeout=timeout, caller=self, idempotent=idempotent, policy=policy
+        )
 
     def __repr__(self) -> str:
         return f"<Context service={self.service} correlation_id={self.correlation_id}>"

@@ -14,6 +14,8 @@
     └── CallError                   an outgoing call (ctx.call) failed
         ├── CallTimeoutError        no answer within the deadline
         ├── ServiceUnavailableError the target could not be reached
+        │   ├── CircuitOpenError    not tried: the target's circuit breaker is open (it keeps failing)
+        │   └── BulkheadFullError   not tried: too many calls to the target are in flight already
         └── RemoteError             the target answered with an error (status and message kept)
 
 HTTP routes raise :class:`HTTPError` (not a CallcastError: it is a response, not a failure) to
@@ -77,6 +79,28 @@ class CallTimeoutError(CallError):
 
 class ServiceUnavailableError(CallError):
     """The target service could not be reached at all."""
+
+
+class CircuitOpenError(ServiceUnavailableError):
+    """The call was not made: the target's circuit breaker is open because its recent calls from
+    this process failed too often (see :class:`~callcast.BreakerPolicy`). It fails fast, without a
+    request, until the cool-down ends and a few probe calls show the target healthy again.
+    ``retry_after`` is the number of seconds until the next probe may go (0 when probes are
+    already in flight). An HTTP route that lets it through answers 503."""
+
+    def __init__(self, message: str, *, target: str, retry_after: float) -> None:
+        super().__init__(message, target=target)
+        self.retry_after = retry_after
+
+
+class BulkheadFullError(ServiceUnavailableError):
+    """The call was not made: ``limit`` calls to the target were already in flight from this
+    process and no slot freed up within the bulkhead's wait (see :class:`~callcast.BulkheadPolicy`).
+    An HTTP route that lets it through answers 503."""
+
+    def __init__(self, message: str, *, target: str, limit: int) -> None:
+        super().__init__(message, target=target)
+        self.limit = limit
 
 
 class RemoteError(CallError):

@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
@@ -42,6 +42,7 @@ from callcast.exceptions import (
     ServiceUnavailableError,
     TransportError,
 )
+from callcast.resilience import CallGuards, CallPolicy
 from callcast.service import RpcEndpoint
 from callcast.transport import Broker, Delivery
 
@@ -157,11 +158,20 @@ async def _settle(delivery: Delivery) -> None:
 class RpcClient:
     """Makes the calls of one process: one ephemeral reply topic, one HTTP connection pool."""
 
-    def __init__(self, broker: Broker, instance_id: str, service_urls: dict[str, str], source: str) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        instance_id: str,
+        service_urls: dict[str, str],
+        source: str,
+        call_policies: Mapping[str, CallPolicy] | None = None,
+    ) -> None:
         self.broker = broker
         self.reply_topic = f"callcast.reply.{instance_id}"
         self.service_urls = {name: url.rstrip("/") for name, url in service_urls.items()}
         self.source = source
+        self.guards = CallGuards(call_policies)
+        """Per target service: its policy, breaker, bulkhead, retry budget and counters."""
         self._pending: dict[str, asyncio.Future[tuple[int, bytes]]] = {}
         self._dispatcher: Dispatcher | None = None
         self._http: httpx.AsyncClient | None = None
@@ -194,9 +204,20 @@ class RpcClient:
             future.cancel()
 
     async def call(
-        self, endpoint: RpcEndpoint[Req, Resp], request: Req, *, timeout: float | None, caller: Context
+        self,
+        endpoint: RpcEndpoint[Req, Resp],
+        request: Req,
+        *,
+        timeout: float | None,
+        caller: Context,
+        idempotent: bool | None = None,
+        policy: CallPolicy | None = None,
     ) -> Resp:
-        budget = DEFAULT_TIMEOUT if timeout is None else timeout
+        """Call ``endpoint`` under the target's policies (:mod:`callcast.resilience`): the answer, or
+        one of the :class:`~callcast.CallError` exceptions (see ``Context.call``)."""
+        guard = self.guards.guard(endpoint.service)
+        effective = policy or guard.policy
+        budget = effective.timeout if timeout is None else timeout
         remaining = caller.remaining()
         if remaining is not None:
             budget = min(budget, remaining)
@@ -204,10 +225,19 @@ class RpcClient:
         if budget <= 0:
             raise CallTimeoutError(f"call to {target}: deadline already passed", target=target)
         data = request.__pydantic_serializer__.to_json(request)
-        if endpoint.service in self.service_urls:
-            status, body = await self._over_http(endpoint, data, budget, caller, target)
-        else:
-            status, body = await self._over_broker(endpoint, data, budget, caller, target)
+        over_http = endpoint.service in self.service_urls
+
+        def attempt(seconds: float) -> Awaitable[tuple[int, bytes]]:
+            if over_http:
+                return self._over_http(endpoint, data, seconds, caller, target)
+            return self._over_broker(endpoint, data, seconds, caller, target)
+
+        status, body = await guard.call(
+            attempt,
+            budget,
+            idempotent=endpoint.idempotent if idempotent is None else idempotent,
+            policy=policy,
+        )
         if status == 200:
             try:
                 return endpoint.response_adapter.validate_json(body)
@@ -267,8 +297,9 @@ class RpcClient:
             DEADLINE_HEADER: repr(time.time() + budget),
         }
         try:
-            response = await self._http.post(url, content=data, headers=headers, timeout=budget)
-        except httpx.TimeoutException:
+            async with asyncio.timeout(budget):  # httpx's timeout is per phase, this one is in total
+                response = await self._http.post(url, content=data, headers=headers, timeout=budget)
+        except (TimeoutError, httpx.TimeoutException):
             raise CallTimeoutError(
                 f"call to {target}: no answer within {budget:.3g}s", target=target
             ) from None

@@ -17,7 +17,7 @@ import functools
 import logging
 import os
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -36,6 +36,7 @@ from callcast.envelope import Envelope
 from callcast.exceptions import ConfigurationError
 from callcast.http import build_asgi
 from callcast.outbox import Relay
+from callcast.resilience import CallPolicy, CallStats
 from callcast.rpc import RpcClient, RpcServer
 from callcast.service import Service
 from callcast.transport import Broker
@@ -66,8 +67,10 @@ class Runtime:
         data_dir: str | Path | None = None,
         service_urls: dict[str, str] | None = None,
         databases: dict[str, str] | None = None,
+        call_policies: Mapping[str, CallPolicy] | None = None,
     ) -> None:
         self.app = app
+        self.call_policies = dict(call_policies or {})
         names = list(services) if services else list(app.services)
         self.running_services: list[Service] = [app.service(name) for name in names]
         self.data_dir = Path(data_dir or os.environ.get("CALLCAST_DATA") or DEFAULT_DATA_DIR)
@@ -107,6 +110,10 @@ class Runtime:
         if self._asgi is None:
             self._asgi = build_asgi(self)
         return self._asgi
+
+    def call_stats(self) -> dict[str, CallStats]:
+        """Per service this process called: its breaker state, transitions and call counters."""
+        return {} if self._rpc is None else self._rpc.guards.stats()
 
     def database(self, service: str) -> Database:
         """``service``'s own database (it must be declared with ``database=True`` and run here)."""
@@ -192,7 +199,11 @@ class Runtime:
             for endpoint in service.endpoints.values():
                 await broker.declare(endpoint.topic, endpoint.topic)
         self._rpc = RpcClient(
-            broker, self.instance_id, self.service_urls, f"/{self.app.name}/{self.instance_id}"
+            broker,
+            self.instance_id,
+            self.service_urls,
+            f"/{self.app.name}/{self.instance_id}",
+            self.call_policies,
         )
         await self._rpc.start()
         for service in self.running_services:

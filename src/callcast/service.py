@@ -66,13 +66,17 @@ class Route:
 @dataclass(frozen=True, eq=False)
 class RpcEndpoint(Generic[Req, Resp]):
     """An RPC endpoint: ``await ctx.call(endpoint, request)`` from any service that declares it
-    calls ``service``. Calling the endpoint object directly runs the function (handy in tests)."""
+    calls ``service``. Calling the endpoint object directly runs the function (handy in tests).
+
+    ``idempotent``: running it twice for one request has the effect of running it once, so callers
+    may retry a failed attempt (see :class:`~callcast.CallRetryPolicy`)."""
 
     service: str
     name: str
     fn: Callable[[Req, Context], Awaitable[Resp]]
     request_model: type[Req]
     response_adapter: TypeAdapter[Resp]
+    idempotent: bool = False
 
     @property
     def topic(self) -> str:
@@ -187,11 +191,18 @@ class Service:
 
     @overload
     def rpc(
-        self, *, name: str | None = None
+        self, *, name: str | None = None, idempotent: bool = False
     ) -> Callable[[Callable[[Req, Context], Awaitable[Resp]]], RpcEndpoint[Req, Resp]]: ...
 
-    def rpc(self, fn: Any = None, /, *, name: str | None = None) -> Any:  # type: ignore[misc]
-        """Declare an RPC endpoint ``fn(request: Model, ctx: Context) -> Response``."""
+    def rpc(  # type: ignore[misc]
+        self, fn: Any = None, /, *, name: str | None = None, idempotent: bool = False
+    ) -> Any:
+        """Declare an RPC endpoint ``fn(request: Model, ctx: Context) -> Response``.
+
+        ``idempotent=True`` declares that running it more than once for one request is harmless:
+        callers then retry attempts that failed in a retryable way (unreachable, timed out with time
+        left, 502/503/504) within their deadline and retry budget. Without it a call is made once.
+        """
 
         def register(fn: Callable[[Any, Context], Awaitable[Any]]) -> RpcEndpoint[Any, Any]:
             _require_async(fn)
@@ -206,7 +217,12 @@ class Service:
             if endpoint_name in self.endpoints:
                 raise ConfigurationError(f"{self.name} already has an RPC named {endpoint_name!r}")
             endpoint: RpcEndpoint[Any, Any] = RpcEndpoint(
-                self.name, endpoint_name, fn, request_model, TypeAdapter(hints.get("return", Any))
+                self.name,
+                endpoint_name,
+                fn,
+                request_model,
+                TypeAdapter(hints.get("return", Any)),
+                idempotent=idempotent,
             )
             self.endpoints[endpoint_name] = endpoint
             return endpoint
