@@ -58,8 +58,11 @@ async def _save(ctx: Context, order: Order) -> None:
     )
 
 
-@orders.post("/orders", status_code=201)
+@orders.post("/orders", status_code=201, idempotency="optional")
 async def place_order(body: PlaceOrder, ctx: Context) -> Order:
+    """Place an order: the user must exist and the payment be authorized (RPC); 201 ``pending``, or
+    ``rejected`` when payment is declined. With ``Idempotency-Key``, a retry replays the first answer
+    and places no second order."""
     unknown = sorted({item.sku for item in body.items} - PRICES_CENTS.keys())
     if unknown:
         raise HTTPError(422, f"unknown sku(s): {', '.join(unknown)}")

@@ -93,6 +93,27 @@ parked_table = Table(
 
 Index("callcast_parked_by_age", parked_table.c.subscriber, parked_table.c.parked_at)
 
+idempotency_table = Table(
+    "callcast_idempotency",
+    metadata,
+    Column("service", String(200), nullable=False),
+    Column("route", String(300), nullable=False),
+    Column("key", String(255), nullable=False),
+    Column("fingerprint", String(64), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("owner", String(64), nullable=False),
+    Column("lease_until", Float, nullable=False),
+    Column("expires_at", Float, nullable=False),
+    Column("status", Integer),
+    Column("media_type", String(200)),
+    Column("body", LargeBinary),
+    PrimaryKeyConstraint("service", "route", "key"),
+)
+"""One row per ``Idempotency-Key`` used on a route: who runs it (``owner``, until ``lease_until``),
+whether its effects committed (``state``), and the response to replay (see :mod:`callcast.idempotency`)."""
+
+Index("callcast_idempotency_by_expiry", idempotency_table.c.expires_at)
+
 
 def async_url(url: str) -> str:
     """The SQLAlchemy async driver URL for a plain ``sqlite:``/``postgresql:`` URL."""

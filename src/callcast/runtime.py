@@ -25,7 +25,7 @@ from typing import Any
 import uvicorn
 from starlette.applications import Starlette
 
-from callcast import inbox
+from callcast import correlation, inbox
 from callcast.app import App
 from callcast.brokers import connect
 from callcast.consumer import Consumer
@@ -137,28 +137,35 @@ class Runtime:
     def context(
         self, service: str, *, correlation_id: str | None = None, deadline: float | None = None
     ) -> Context:
-        """A fresh context for new work of ``service`` (a request, a test, a script)."""
-        return Context(self, service, correlation_id=correlation_id, deadline=deadline)
+        """A fresh context for new work of ``service`` (a request, a test, a script); its correlation id
+        becomes the current one of the calling task (:mod:`callcast.correlation`)."""
+        ctx = Context(self, service, correlation_id=correlation_id, deadline=deadline)
+        correlation.bind(ctx.correlation_id)
+        return ctx
 
     def _delivery_context(self, service: str, envelope: Envelope, attempt: int) -> Context:
-        return Context(
+        ctx = Context(
             self,
             service,
-            correlation_id=envelope.correlation_id,
+            correlation_id=correlation.accept(envelope.correlation_id),
             causation_id=envelope.id,
             envelope=envelope,
             attempt=attempt,
         )
+        correlation.bind(ctx.correlation_id)
+        return ctx
 
     def _rpc_context(self, service: str, envelope: Envelope, deadline: float | None) -> Context:
-        return Context(
+        ctx = Context(
             self,
             service,
-            correlation_id=envelope.correlation_id,
+            correlation_id=correlation.accept(envelope.correlation_id),
             causation_id=envelope.id,
             envelope=envelope,
             deadline=deadline,
         )
+        correlation.bind(ctx.correlation_id)
+        return ctx
 
     # -- lifecycle ----------------------------------------------------------------------------------
 

@@ -28,13 +28,14 @@ from __future__ import annotations
 import inspect
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Generic, TypeVar, get_type_hints, overload
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, get_type_hints, overload
 
 from pydantic import BaseModel, TypeAdapter
 
 from callcast.binding import Binding, plan
 from callcast.codec import event_type
 from callcast.exceptions import ConfigurationError
+from callcast.idempotency import IdempotencyPolicy
 from callcast.retry import DEFAULT_RETRY, RetryPolicy
 from callcast.sequence import SequencePolicy
 
@@ -47,6 +48,9 @@ E = TypeVar("E", bound=BaseModel)
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
+
+Idempotency = IdempotencyPolicy | Literal["required", "optional"] | None
+"""What a route decorator's ``idempotency=`` takes."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -61,6 +65,8 @@ class Route:
     fn: Callable[..., Awaitable[Any]]
     status_code: int
     binding: Binding
+    idempotency: IdempotencyPolicy | None = None
+    """How the route treats ``Idempotency-Key`` (:mod:`callcast.idempotency`); ``None``: ignores it."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -155,16 +161,34 @@ class Service:
 
     # -- HTTP ---------------------------------------------------------------------------------------
 
-    def route(self, method: str, path: str, *, status_code: int = 200) -> Callable[[F], F]:
+    def route(
+        self, method: str, path: str, *, status_code: int = 200, idempotency: Idempotency = None
+    ) -> Callable[[F], F]:
+        """Serve ``method path`` with the decorated function.
+
+        ``idempotency="optional"`` (or ``"required"``, or an :class:`~callcast.IdempotencyPolicy`):
+        the route honours ``Idempotency-Key`` (see :mod:`callcast.idempotency`); needs ``database=True``.
+        """
         method = method.upper()
         if method not in HTTP_METHODS:
             raise ConfigurationError(f"unsupported HTTP method {method}")
         if not path.startswith("/"):
             raise ConfigurationError(f"route path must start with '/': {path!r}")
+        try:
+            policy = IdempotencyPolicy.of(idempotency)
+        except ValueError as error:
+            raise ConfigurationError(f"{method} {path}: {error}") from None
+        if policy is not None and not self.database:
+            raise ConfigurationError(
+                f"{method} {path}: idempotency keys are kept in the service's database: "
+                f"Service({self.name!r}, database=True)"
+            )
 
         def register(fn: F) -> F:
             _require_async(fn)
-            self.routes.append(Route(self.name, method, path, fn, status_code, plan(fn, path)))
+            self.routes.append(
+                Route(self.name, method, path, fn, status_code, plan(fn, path), idempotency=policy)
+            )
             return fn
 
         return register
@@ -172,17 +196,21 @@ class Service:
     def get(self, path: str, *, status_code: int = 200) -> Callable[[F], F]:
         return self.route("GET", path, status_code=status_code)
 
-    def post(self, path: str, *, status_code: int = 200) -> Callable[[F], F]:
-        return self.route("POST", path, status_code=status_code)
+    def post(self, path: str, *, status_code: int = 200, idempotency: Idempotency = None) -> Callable[[F], F]:
+        return self.route("POST", path, status_code=status_code, idempotency=idempotency)
 
-    def put(self, path: str, *, status_code: int = 200) -> Callable[[F], F]:
-        return self.route("PUT", path, status_code=status_code)
+    def put(self, path: str, *, status_code: int = 200, idempotency: Idempotency = None) -> Callable[[F], F]:
+        return self.route("PUT", path, status_code=status_code, idempotency=idempotency)
 
-    def patch(self, path: str, *, status_code: int = 200) -> Callable[[F], F]:
-        return self.route("PATCH", path, status_code=status_code)
+    def patch(
+        self, path: str, *, status_code: int = 200, idempotency: Idempotency = None
+    ) -> Callable[[F], F]:
+        return self.route("PATCH", path, status_code=status_code, idempotency=idempotency)
 
-    def delete(self, path: str, *, status_code: int = 200) -> Callable[[F], F]:
-        return self.route("DELETE", path, status_code=status_code)
+    def delete(
+        self, path: str, *, status_code: int = 200, idempotency: Idempotency = None
+    ) -> Callable[[F], F]:
+        return self.route("DELETE", path, status_code=status_code, idempotency=idempotency)
 
     # -- RPC ----------------------------------------------------------------------------------------
 
