@@ -1,0 +1,287 @@
+"""Running the matrix: each style × scenario as real services on a real broker, under open-loop load.
+
+One run, in this process:
+
+1. a fresh temporary directory (the services' SQLite databases, and the broker
+   ``sqlite:///<dir>/broker.db`` unless ``--broker`` names another);
+2. one :class:`~callcast.Runtime` per service, all on one broker connection, so a service can be
+   stopped and started again on its own; ``orders`` serves HTTP on ``127.0.0.1`` (a free port);
+3. the scenario's faults: ``slow``/``flaky`` for the whole run inside the target service; ``down``
+   stops the target's runtime for the fault window (its RPC endpoint stops answering, its consumers
+   stop taking events) and starts it again; ``add-consumer`` starts the new consumer at the window's
+   start and, where the style needs it, a changed ``orders`` (blue-green: the new one serves first,
+   then the load moves to it, then the old one stops);
+4. the open-loop load over HTTP; then the drain: until every accepted order has every expected
+   effect, no progress for a while, or ``drain_timeout``;
+5. the effects are read back from the services' databases and the figures computed
+   (:mod:`callcast.lab.metrics`); everything is stopped and the directory removed.
+
+Runs go one after the other, so they do not compete for the CPU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+
+from callcast import dlq
+from callcast.app import App
+from callcast.brokers import connect, redact
+from callcast.lab import effects, metrics, workflow
+from callcast.lab.coupling import consumer_change, coupling
+from callcast.lab.faults import Faults
+from callcast.lab.load import RequestRecord, Spike, Target, arrival_offsets, run_open_loop
+from callcast.lab.scenarios import Scenario
+from callcast.runtime import Runtime
+from callcast.transport import Broker
+
+STALL_SECONDS = 3.0
+"""The drain gives up after this long without a single new effect."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How the matrix runs. ``quick()`` is the short profile of ``--quick``."""
+
+    duration: float = 20.0
+    """Seconds of load per run."""
+    rate: float = 30.0
+    """Requests per second offered (open loop)."""
+    spike_factor: float = 4.0
+    target: str = "payments"
+    """The downstream service the faults hit."""
+    slow_seconds: float = 0.2
+    flaky_share: float = 0.2
+    window: tuple[float, float] = (0.3, 0.6)
+    """The fault window, as shares of ``duration``."""
+    call_timeout: float = 1.0
+    """Seconds ``orders`` gives each synchronous call."""
+    client_timeout: float = 5.0
+    """Seconds the user waits for an answer."""
+    drain_timeout: float = 20.0
+    max_requests: int = 20_000
+    broker: str | None = None
+    """A callcast broker URL; default a fresh embedded SQLite broker per run."""
+    seed: int = 7
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> Settings:
+        options: dict[str, Any] = {"duration": 3.0, "rate": 20.0, "drain_timeout": 6.0}
+        return cls(**{**options, **overrides})
+
+    def __post_init__(self) -> None:
+        if self.target not in workflow.DOWNSTREAM:
+            raise ValueError(f"target must be one of {', '.join(workflow.DOWNSTREAM)}")
+        if not 0 <= self.window[0] < self.window[1] <= 1:
+            raise ValueError("window must be two shares 0 <= start < end <= 1")
+
+    def public(self) -> dict[str, Any]:
+        """The settings as JSON-able data (the broker URL without its password)."""
+        data = asdict(self)
+        data["window"] = list(self.window)
+        data["broker"] = redact(self.broker) if self.broker else "sqlite:///<temporary dir>/broker.db"
+        return data
+
+
+@dataclass
+class _Live:
+    """The moving parts of one run."""
+
+    style: str
+    scenario: Scenario
+    settings: Settings
+    broker: Broker
+    data_dir: Path
+    faults: Faults
+    run_tag: str
+    app: App
+    runtimes: dict[str, Runtime] = field(default_factory=dict)
+    extra: tuple[str, ...] = ()
+    extra_since: float = float("inf")
+    """Wall time from which orders are expected to reach the added consumer."""
+    marks: dict[str, float] = field(default_factory=dict)
+
+    async def start(self, app: App, name: str) -> Runtime:
+        runtime = await app.start(broker=self.broker, services=[name], data_dir=self.data_dir)
+        self.runtimes[name] = runtime
+        return runtime
+
+    def expected(self, record: RequestRecord) -> tuple[str, ...]:
+        extra = self.extra if record.sent_at >= self.extra_since else ()
+        return workflow.expected_effects(extra)
+
+
+async def run_once(
+    style: str, scenario: Scenario, settings: Settings, answered: Callable[[], None] | None = None
+) -> dict[str, Any]:
+    """Run ``style`` under ``scenario``; its entry of ``results.json`` (see :mod:`callcast.lab.report`)."""
+    data_dir = Path(tempfile.mkdtemp(prefix="callcast-lab-"))
+    broker = await connect(settings.broker or f"sqlite:///{data_dir / 'broker.db'}")
+    faults = Faults(seed=settings.seed)
+    if scenario.slow:
+        faults.slow[settings.target] = settings.slow_seconds
+    if scenario.flaky:
+        faults.flaky[settings.target] = settings.flaky_share
+    run_tag = f"r{secrets.token_hex(4)}"
+    app = workflow.build(style, faults, run_tag, call_timeout=settings.call_timeout)
+    live = _Live(style, scenario, settings, broker, data_dir, faults, run_tag, app)
+    try:
+        for name in [*workflow.DOWNSTREAM, "orders"]:
+            await live.start(app, name)
+        await live.runtimes["orders"].serve_http("127.0.0.1", 0)
+        return await _measure(live, answered)
+    finally:
+        for runtime in [live.runtimes.pop("orders", None), *live.runtimes.values()]:
+            if runtime is not None:
+                await runtime.stop(grace=1.0)
+        await broker.close()
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+async def _measure(live: _Live, answered: Callable[[], None] | None) -> dict[str, Any]:
+    settings = live.settings
+    target = Target(f"http://127.0.0.1:{live.runtimes['orders'].http_port}")
+    window = (settings.duration * settings.window[0], settings.duration * settings.window[1])
+    spike = Spike(window[0], window[1], settings.spike_factor) if live.scenario.spike else None
+    offsets = arrival_offsets(
+        settings.duration, settings.rate, spike=spike, max_requests=settings.max_requests
+    )
+    limits = httpx.Limits(max_connections=2000, max_keepalive_connections=200)
+    started = time.time()
+    async with httpx.AsyncClient(limits=limits) as client:
+        injector = asyncio.create_task(_inject(live, target, window, started))
+        try:
+            records = await run_open_loop(
+                client,
+                target,
+                offsets,
+                lambda index: f"{live.run_tag}-{index:06d}",
+                timeout=settings.client_timeout,
+                answered=answered,
+            )
+            await injector
+        finally:
+            injector.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await injector
+    load_end = time.time()
+    applied = await _drain(live, records)
+    figures = metrics.summarize(records, applied, live.expected)
+    missing = metrics.missing_effects(records, applied, live.expected)
+    dead_lettered = await _dead_lettered(live, missing)
+    step = max(0.1, settings.duration / 40)
+    return {
+        "style": live.style,
+        "scenario": live.scenario.name,
+        **figures,
+        "backlog_left": figures["effects_lost"] - dead_lettered,
+        "effects_dead_lettered": dead_lettered,
+        "drain_seconds": round(time.time() - load_end, 3),
+        "injected_failures": live.faults.injected_failures,
+        "fault_target": settings.target,
+        "fault_window_s": _window(live, started),
+        "coupling": coupling(live.app),
+        "add_consumer": _change_record(live) if "change" in live.marks else None,
+        "timeline": metrics.timeline(records, applied, live.expected, start=started, step=step),
+    }
+
+
+def _window(live: _Live, started: float) -> list[float] | None:
+    """The fault window as it really happened, in seconds from the start of the load."""
+    if "down_start" in live.marks:
+        return [round(live.marks["down_start"] - started, 3), round(live.marks["down_end"] - started, 3)]
+    if live.scenario.spike:
+        window = live.settings.window
+        return [live.settings.duration * window[0], live.settings.duration * window[1]]
+    if "change" in live.marks:
+        return [round(live.marks["change"] - started, 3), round(live.marks["change"] - started, 3)]
+    return None
+
+
+def _change_record(live: _Live) -> dict[str, Any]:
+    after = workflow.build(live.style, live.faults, live.run_tag, extra=live.extra)
+    return {**consumer_change(live.app, after), "consumer": workflow.NEW_CONSUMER}
+
+
+async def _inject(live: _Live, target: Target, window: tuple[float, float], started: float) -> None:
+    """Switch the windowed faults on and off at their times."""
+    scenario = live.scenario
+    if not (scenario.down or scenario.add_consumer):
+        return
+    await asyncio.sleep(max(0.0, started + window[0] - time.time()))
+    if scenario.down:
+        live.marks["down_start"] = time.time()
+        await live.runtimes.pop(live.settings.target).stop(grace=1.0)
+    if scenario.add_consumer:
+        await _add_consumer(live, target)
+    if scenario.down:
+        await asyncio.sleep(max(0.0, started + window[1] - time.time()))
+        await live.start(live.app, live.settings.target)
+        live.marks["down_end"] = time.time()
+
+
+async def _add_consumer(live: _Live, target: Target) -> None:
+    """Start the new consumer; where the producer must call it, deploy the changed producer first."""
+    extra = (workflow.NEW_CONSUMER,)
+    after = workflow.build(
+        live.style, live.faults, live.run_tag, call_timeout=live.settings.call_timeout, extra=extra
+    )
+    await live.start(after, workflow.NEW_CONSUMER)
+    if consumer_change(live.app, after)["producer_changed"]:
+        old = live.runtimes.pop("orders")
+        new = await after.start(broker=live.broker, services=["orders"], data_dir=live.data_dir)
+        await new.serve_http("127.0.0.1", 0)
+        live.runtimes["orders"] = new
+        target.base_url = f"http://127.0.0.1:{new.http_port}"
+        await old.stop(grace=live.settings.client_timeout)  # its in-flight requests finish
+    live.extra = extra
+    live.extra_since = time.time()
+    live.marks["change"] = live.extra_since
+
+
+async def _read_all(live: _Live) -> metrics.Applied:
+    names = [*workflow.DOWNSTREAM, *live.extra]
+    return {name: await effects.read(live.runtimes[name], name) for name in names if name in live.runtimes}
+
+
+async def _drain(live: _Live, records: list[RequestRecord]) -> metrics.Applied:
+    """Wait until every accepted order has every expected effect, nothing moved for
+    :data:`STALL_SECONDS`, or ``drain_timeout`` passed; the effects read at that moment."""
+    deadline = time.monotonic() + live.settings.drain_timeout
+    last_count, last_change = -1, time.monotonic()
+    while True:
+        applied = await _read_all(live)
+        missing = len(metrics.missing_effects(records, applied, live.expected))
+        now = time.monotonic()
+        if missing != last_count:
+            last_count, last_change = missing, now
+        if missing == 0 or now > deadline or now - last_change > STALL_SECONDS:
+            return applied
+        await asyncio.sleep(0.05)
+
+
+async def _dead_lettered(live: _Live, missing: list[tuple[str, str]]) -> int:
+    """How many of the ``missing`` effects have their event in the dead letters."""
+    if not missing:
+        return 0
+    wanted = set(missing)
+    found: set[tuple[str, str]] = set()
+    async with dlq.browse(live.broker) as letters:
+        for letter in letters:
+            service = letter.subscriber.split(".", 1)[0]
+            with contextlib.suppress(orjson.JSONDecodeError, AttributeError):
+                order_id = str(orjson.loads(letter.envelope.data).get("order_id"))
+                if (service, order_id) in wanted:
+                    found.add((service, order_id))
+    return len(found)
