@@ -2,6 +2,7 @@
 
 callcast run MODULE:APP [--broker URL] [--service NAME ...] [--host H] [--port P] [--no-http]
 callcast topology MODULE:APP [--json]
+callcast openapi MODULE:APP [--out FILE]
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-from callcast import dlq
+from callcast import correlation, dlq, openapi
 from callcast.app import App
 from callcast.brokers import connect, default_url, redact
 from callcast.exceptions import CallcastError
@@ -133,6 +135,14 @@ async def _dlq_act(action: str, letters: list[dlq.DeadLetterView], broker: Broke
     return 0
 
 
+def _openapi(spec: str, out: str | None) -> None:
+    text = json.dumps(openapi.document(load_app(spec)), indent=2)
+    if out is None:
+        print(text)
+    else:
+        Path(out).write_text(text + "\n")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="callcast", description="Services that talk both ways.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -153,6 +163,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     run.add_argument("--grace", type=float, default=10.0, help="seconds in-flight work gets on stop")
     run.add_argument("--log-level", default="WARNING")
+
+    described = commands.add_parser("openapi", help="print the OpenAPI 3.1 document of an app's HTTP side")
+    described.add_argument("app", help="MODULE:APP")
+    described.add_argument("--out", help="write it to this file instead of printing it")
 
     topology = commands.add_parser("topology", help="print who serves, calls, publishes and consumes what")
     topology.add_argument("app", help="MODULE:APP")
@@ -184,9 +198,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             setattr(args, name, None)
     try:
         if args.command == "run":
-            logging.basicConfig(
-                level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-            )
+            logging.basicConfig(level=args.log_level.upper(), format=correlation.LOG_FORMAT)
+            for handler in logging.getLogger().handlers:
+                handler.addFilter(correlation.CorrelationFilter())
             try:
                 import uvloop
 
@@ -194,6 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             except ImportError:
                 pass
             asyncio.run(_run(args))
+        elif args.command == "openapi":
+            _openapi(args.app, args.out)
         elif args.command == "dlq":
             return asyncio.run(_dlq(args))
         else:
