@@ -83,7 +83,7 @@ def test_breaker_stays_closed_below_min_calls_and_below_the_failure_rate() -> No
     clock = Clock()
     cb = breaker(clock)
     for _ in range(3):
-        assert cb.admit(clock()) is False
+        assert cb.admit(clock()) == 0
         cb.failed(False, clock())
     assert cb.state is BreakerState.CLOSED  # 3 failures < min_calls
     for _ in range(4):
@@ -94,11 +94,11 @@ def test_breaker_stays_closed_below_min_calls_and_below_the_failure_rate() -> No
 
 def test_breaker_fails_fast_while_open_then_probes_and_closes(caplog: pytest.LogCaptureFixture) -> None:
     clock = Clock()
-    cb = breaker(clock)
+    cb = breaker(clock, probes=3)
     with caplog.at_level(logging.INFO, logger="callcast.resilience"):
         for _ in range(4):
-            cb.admit(clock())
-            cb.failed(False, clock())
+            assert cb.admit(clock()) == 0  # a regular call
+            cb.failed(0, clock())
         assert cb.state is BreakerState.OPEN
         clock.now += 2.0
         with pytest.raises(CircuitOpenError) as caught:
@@ -106,14 +106,15 @@ def test_breaker_fails_fast_while_open_then_probes_and_closes(caplog: pytest.Log
         assert caught.value.retry_after == pytest.approx(3.0)
         assert isinstance(caught.value, ServiceUnavailableError)
         clock.now += 3.0
-        first, second = cb.admit(clock()), cb.admit(clock())
-        assert (first, second) == (True, True)
+        probes = [cb.admit(clock()) for _ in range(3)]
+        assert probes == [1, 1, 1]  # probes of the first half-open period
         assert cb.state is BreakerState.HALF_OPEN
-        with pytest.raises(CircuitOpenError):  # only `probes` calls at a time while half-open
+        with pytest.raises(CircuitOpenError):  # only `probes` calls while half-open
             cb.admit(clock())
-        cb.succeeded(True, clock())
+        cb.succeeded(probes[0], clock())
+        cb.failed(probes[1], clock())  # 1 failure < 0.5 × 3: not enough to open again
         assert cb.state is BreakerState.HALF_OPEN
-        cb.succeeded(True, clock())
+        cb.succeeded(probes[2], clock())
         assert cb.state is BreakerState.CLOSED
     assert [(t.old, t.new) for t in cb.transitions] == [
         (BreakerState.CLOSED, BreakerState.OPEN),
@@ -125,33 +126,44 @@ def test_breaker_fails_fast_while_open_then_probes_and_closes(caplog: pytest.Log
     messages = [record.getMessage() for record in caplog.records]
     assert len(messages) == 3  # one line per transition, none per call
     assert "circuit to pay opened: 4 of 4 calls failed" in messages[0]
+    assert "closed: 2 of 3 probe calls succeeded" in messages[2]
 
 
-def test_a_failed_probe_opens_again_for_another_cooldown() -> None:
+def test_failed_probes_open_again_for_another_cooldown() -> None:
     clock = Clock()
-    cb = breaker(clock)
+    cb = breaker(clock, probes=3)
     for _ in range(4):
         cb.failed(cb.admit(clock()), clock())
     clock.now += 5.0
-    probe = cb.admit(clock())
+    first, second = cb.admit(clock()), cb.admit(clock())
     clock.now += 1.0
-    cb.failed(probe, clock())
+    cb.failed(first, clock())
+    assert cb.state is BreakerState.HALF_OPEN
+    cb.failed(second, clock())  # 2 ≥ 0.5 × 3: judged without waiting for the third
     assert cb.state is BreakerState.OPEN
     assert cb.retry_after(clock()) == pytest.approx(5.0)
 
 
-def test_results_of_calls_admitted_before_opening_do_not_move_the_state() -> None:
+def test_late_results_do_not_move_the_state() -> None:
     clock = Clock()
     cb = breaker(clock, probes=1)
     stale = cb.admit(clock())  # admitted while closed
     for _ in range(4):
         cb.failed(cb.admit(clock()), clock())
     clock.now += 5.0
-    probe = cb.admit(clock())
+    old_probe = cb.admit(clock())
     cb.succeeded(stale, clock())  # a slow call from before: not a probe, ignored
     assert cb.state is BreakerState.HALF_OPEN
-    cb.abandoned(probe)  # the probe's caller was cancelled: the slot is free again
-    assert cb.admit(clock()) is True
+    cb.abandoned(old_probe)  # the probe's caller was cancelled: its place goes to another call
+    probe = cb.admit(clock())
+    cb.failed(probe, clock())
+    clock.now += 5.0
+    new_probe = cb.admit(clock())
+    assert new_probe != old_probe
+    cb.succeeded(old_probe, clock())  # a probe of the earlier half-open period: ignored
+    assert cb.state is BreakerState.HALF_OPEN
+    cb.succeeded(new_probe, clock())
+    assert cb.state is BreakerState.CLOSED
 
 
 async def test_4xx_answers_count_as_successes_so_the_breaker_stays_closed() -> None:

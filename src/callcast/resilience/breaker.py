@@ -4,7 +4,8 @@ States and transitions are those of :class:`~callcast.resilience.policy.BreakerP
 is driven by its owner: :meth:`CircuitBreaker.admit` before an attempt, then exactly one of
 :meth:`~CircuitBreaker.succeeded`, :meth:`~CircuitBreaker.failed` or :meth:`~CircuitBreaker.abandoned`
 with what ``admit`` returned. Results of attempts admitted in an earlier state (a slow call that
-started while closed and ends while open) are counted in the totals but do not move the state.
+started while closed and ends while open, or a probe of an earlier half-open period) do not move
+the state.
 Each transition is logged once, at WARNING when it opens and INFO otherwise.
 """
 
@@ -46,11 +47,13 @@ class CircuitBreaker:
     """The breaker of one target. Not thread-safe: one event loop drives it."""
 
     __slots__ = (
+        "_admitted",
         "_clock",
         "_counts",
         "_opened_at",
-        "_probe_successes",
-        "_probes_out",
+        "_trial",
+        "_trial_calls",
+        "_trial_failures",
         "policy",
         "rejected",
         "state",
@@ -65,18 +68,21 @@ class CircuitBreaker:
         self._counts = SlidingCounts(policy.window, 2)
         self.state = BreakerState.CLOSED
         self._opened_at = 0.0
-        self._probes_out = 0
-        self._probe_successes = 0
+        self._trial = 0  # numbers the half-open periods, so a late probe result is recognised
+        self._admitted = 0  # probes let through in this half-open period (and not abandoned)
+        self._trial_calls = 0
+        self._trial_failures = 0
         self.rejected = 0
         """Calls refused with CircuitOpenError so far."""
         self.transitions: deque[Transition] = deque(maxlen=TRANSITIONS_KEPT)
 
-    def admit(self, now: float) -> bool:
-        """Let an attempt through, or raise :class:`~callcast.CircuitOpenError`. Returns whether
-        the attempt is a half-open probe (pass it back with its result)."""
+    def admit(self, now: float) -> int:
+        """Let an attempt through, or raise :class:`~callcast.CircuitOpenError`. Returns a token to
+        pass back with the attempt's result: 0 for a regular call, else the half-open period the
+        attempt probes."""
         state = self.state
         if state is BreakerState.CLOSED:
-            return False
+            return 0
         if state is BreakerState.OPEN:
             wait = self._opened_at + self.policy.cooldown - now
             if wait > 0:
@@ -87,33 +93,32 @@ class CircuitBreaker:
                     retry_after=wait,
                 )
             self._move(BreakerState.HALF_OPEN, now)
-        if self._probes_out >= self.policy.probes:
+        if self._admitted >= self.policy.probes:
             self.rejected += 1
             raise CircuitOpenError(
-                f"call to {self.target}: circuit half-open, {self._probes_out} probe calls in flight",
+                f"call to {self.target}: circuit half-open, waiting for its {self._admitted} probe calls",
                 target=self.target,
                 retry_after=0.0,
             )
-        self._probes_out += 1
-        return True
+        self._admitted += 1
+        return self._trial
 
-    def succeeded(self, probe: bool, now: float) -> None:
+    def succeeded(self, token: int, now: float) -> None:
         """An admitted attempt succeeded (or got a 4xx answer: the target is healthy)."""
-        if probe:
-            self._probes_out -= 1
-            if self.state is BreakerState.HALF_OPEN:
-                self._probe_successes += 1
-                if self._probe_successes >= self.policy.probes:
-                    self._move(BreakerState.CLOSED, now)
-        elif self.state is BreakerState.CLOSED:
-            self._counts.add(_CALLS, now)
+        if token == 0:
+            if self.state is BreakerState.CLOSED:
+                self._counts.add(_CALLS, now)
+        elif self._is_current(token):
+            self._trial_calls += 1
+            self._judge_trial(now)
 
-    def failed(self, probe: bool, now: float) -> None:
+    def failed(self, token: int, now: float) -> None:
         """An admitted attempt failed: timed out, unreachable, or a 5xx answer."""
-        if probe:
-            self._probes_out -= 1
-            if self.state is BreakerState.HALF_OPEN:
-                self._move(BreakerState.OPEN, now)
+        if token:
+            if self._is_current(token):
+                self._trial_calls += 1
+                self._trial_failures += 1
+                self._judge_trial(now)
             return
         if self.state is not BreakerState.CLOSED:
             return
@@ -125,10 +130,21 @@ class CircuitBreaker:
         if calls >= policy.min_calls and counts.total(_FAILURES, now) >= policy.failure_rate * calls:
             self._move(BreakerState.OPEN, now)
 
-    def abandoned(self, probe: bool) -> None:
-        """An admitted attempt ended without a verdict (its caller was cancelled)."""
-        if probe:
-            self._probes_out -= 1
+    def abandoned(self, token: int) -> None:
+        """An admitted attempt ended without a verdict (its caller was cancelled): a probe's place
+        goes to another call."""
+        if token and self._is_current(token):
+            self._admitted -= 1
+
+    def _is_current(self, token: int) -> bool:
+        return token == self._trial and self.state is BreakerState.HALF_OPEN
+
+    def _judge_trial(self, now: float) -> None:
+        policy = self.policy
+        if self._trial_failures >= policy.failure_rate * policy.probes:
+            self._move(BreakerState.OPEN, now)
+        elif self._trial_calls >= policy.probes:
+            self._move(BreakerState.CLOSED, now)
 
     def failure_counts(self, now: float) -> tuple[int, int]:
         """(failures, calls) in the current window (closed state only; cleared on each transition)."""
@@ -157,14 +173,25 @@ class CircuitBreaker:
                     self.policy.cooldown,
                 )
             else:
-                log.warning("circuit to %s opened again: a probe call failed", self.target)
+                log.warning(
+                    "circuit to %s opened again: %d of %d probe calls failed",
+                    self.target,
+                    self._trial_failures,
+                    self._trial_calls,
+                )
         elif new is BreakerState.HALF_OPEN:
-            self._probe_successes = 0
+            self._trial += 1
+            self._admitted = self._trial_calls = self._trial_failures = 0
             log.info(
                 "circuit to %s half-open: letting %d probe calls through",
                 self.target,
                 self.policy.probes,
             )
         else:
-            log.info("circuit to %s closed: %d probe calls succeeded", self.target, self.policy.probes)
+            log.info(
+                "circuit to %s closed: %d of %d probe calls succeeded",
+                self.target,
+                self._trial_calls - self._trial_failures,
+                self._trial_calls,
+            )
         self._counts.clear()

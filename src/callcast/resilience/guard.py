@@ -101,7 +101,7 @@ class TargetGuard:
         now = clock()
         end = now + budget
         breaker = self.breaker
-        probe = False
+        probe = 0
         if breaker is not None:
             try:
                 probe = breaker.admit(now)
@@ -134,7 +134,7 @@ class TargetGuard:
                 bulkhead.leave()
 
     async def _attempts(
-        self, attempt: Attempt, policy: CallPolicy, idempotent: bool, probe: bool, now: float, end: float
+        self, attempt: Attempt, policy: CallPolicy, idempotent: bool, probe: int, now: float, end: float
     ) -> tuple[int, bytes]:
         clock = self._clock
         breaker = self.breaker

@@ -64,17 +64,19 @@ class BreakerPolicy:
 
     Closed (calls go through) → open when, over the last ``window`` seconds, at least ``min_calls``
     calls completed and at least ``failure_rate`` of them failed. Open: calls fail at once with
-    :class:`~callcast.CircuitOpenError`. After ``cooldown`` seconds, half-open: up to ``probes``
-    calls go through (others still fail fast); when ``probes`` of them succeed it closes, the first
-    failure opens it again for another ``cooldown``. Failures are timeouts, unreachable targets and
-    5xx answers; 4xx answers are successes (the target is healthy, the request was not).
+    :class:`~callcast.CircuitOpenError`. After ``cooldown`` seconds, half-open: ``probes`` calls go
+    through (others still fail fast) and are judged like the window: as soon as ``failure_rate`` ×
+    ``probes`` of them failed it opens again for another ``cooldown``; when all ``probes`` completed
+    with fewer failures it closes. So a target that is back but still fails now and then below the
+    threshold is not kept out. Failures are timeouts, unreachable targets and 5xx answers; 4xx
+    answers are successes (the target is healthy, the request was not).
     """
 
     failure_rate: float = 0.5
     min_calls: int = 20
     window: float = 10.0
     cooldown: float = 5.0
-    probes: int = 3
+    probes: int = 5
 
     def __post_init__(self) -> None:
         _require(0 < self.failure_rate <= 1, "BreakerPolicy.failure_rate must be within (0, 1]")
