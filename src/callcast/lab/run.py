@@ -23,17 +23,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import secrets
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from callcast import dlq
 from callcast.app import App
@@ -77,7 +80,8 @@ class Settings:
 
     @classmethod
     def quick(cls, **overrides: Any) -> Settings:
-        options: dict[str, Any] = {"duration": 3.0, "rate": 20.0, "drain_timeout": 6.0}
+        options: dict[str, Any] = {"duration": 4.0, "rate": 20.0, "window": (0.25, 0.75)}
+        options["drain_timeout"] = 8.0
         return cls(**{**options, **overrides})
 
     def __post_init__(self) -> None:
@@ -122,6 +126,29 @@ class _Live:
         return workflow.expected_effects(extra)
 
 
+async def run_matrix(
+    styles: Sequence[str], scenarios: Sequence[Scenario], settings: Settings, *, console: Console | None
+) -> list[dict[str, Any]]:
+    """Every style under every scenario, one after the other; a progress bar per run on ``console``
+    (none when ``None``)."""
+    runs: list[dict[str, Any]] = []
+    with Progress(
+        TextColumn("{task.description:<34}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=console is None,
+    ) as progress:
+        for scenario in scenarios:
+            for style in styles:
+                total = len(_offsets(settings, scenario))
+                task = progress.add_task(f"{style} / {scenario.name}", total=total)
+                advance = functools.partial(progress.advance, task)
+                runs.append(await run_once(style, scenario, settings, advance))
+    return runs
+
+
 async def run_once(
     style: str, scenario: Scenario, settings: Settings, answered: Callable[[], None] | None = None
 ) -> dict[str, Any]:
@@ -153,10 +180,7 @@ async def _measure(live: _Live, answered: Callable[[], None] | None) -> dict[str
     settings = live.settings
     target = Target(f"http://127.0.0.1:{live.runtimes['orders'].http_port}")
     window = (settings.duration * settings.window[0], settings.duration * settings.window[1])
-    spike = Spike(window[0], window[1], settings.spike_factor) if live.scenario.spike else None
-    offsets = arrival_offsets(
-        settings.duration, settings.rate, spike=spike, max_requests=settings.max_requests
-    )
+    offsets = _offsets(settings, live.scenario)
     limits = httpx.Limits(max_connections=2000, max_keepalive_connections=200)
     started = time.time()
     async with httpx.AsyncClient(limits=limits) as client:
@@ -195,6 +219,13 @@ async def _measure(live: _Live, answered: Callable[[], None] | None) -> dict[str
         "add_consumer": _change_record(live) if "change" in live.marks else None,
         "timeline": metrics.timeline(records, applied, live.expected, start=started, step=step),
     }
+
+
+def _offsets(settings: Settings, scenario: Scenario) -> list[float]:
+    """The send times of a run's requests, in seconds from the start of the load."""
+    window = (settings.duration * settings.window[0], settings.duration * settings.window[1])
+    spike = Spike(window[0], window[1], settings.spike_factor) if scenario.spike else None
+    return arrival_offsets(settings.duration, settings.rate, spike=spike, max_requests=settings.max_requests)
 
 
 def _window(live: _Live, started: float) -> list[float] | None:

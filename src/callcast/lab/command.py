@@ -1,0 +1,79 @@
+"""``callcast compare``: the command line of the trade-off lab.
+
+callcast compare [--broker URL] [--scenario NAME[+NAME]] ... [--style S] ... [--duration S] [--rate R]
+                 [--target SERVICE] [--quick] --out DIR
+
+Runs every style under every scenario (default: all), writes ``DIR/results.json``, the charts,
+``DIR/report.html``, and prints the summary table and the verdict.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+from callcast.brokers import redact
+from callcast.lab import workflow
+from callcast.lab.scenarios import PRESETS, parse_all
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``callcast compare``."""
+    parser.add_argument("--out", required=True, help="directory for results.json, report.html and the charts")
+    parser.add_argument("--broker", help="a callcast broker URL (default: a fresh embedded broker per run)")
+    parser.add_argument(
+        "--scenario",
+        action="append",
+        help=f"a scenario, composable with + (repeatable; default all: {', '.join(PRESETS)})",
+    )
+    parser.add_argument("--style", action="append", choices=workflow.STYLES, help="a style (default: all)")
+    parser.add_argument("--duration", type=float, help="seconds of load per run (default 20, --quick 3)")
+    parser.add_argument("--rate", type=float, help="requests per second offered (default 30, --quick 20)")
+    parser.add_argument("--target", choices=workflow.DOWNSTREAM, help="the downstream the faults hit")
+    parser.add_argument("--quick", action="store_true", help="short runs: all in under 2 minutes")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the comparison ``args`` describe; the exit status. (The charts and the terminal need the
+    ``lab`` extra, matplotlib and rich, imported here so the rest of the command line does not.)"""
+    try:
+        from rich.console import Console
+
+        from callcast.lab import report
+        from callcast.lab.run import Settings, run_matrix
+    except ImportError as error:
+        needs = "callcast compare needs the lab extra (pip install 'callcast[lab]')"
+        raise SystemExit(f"{needs}: {error}") from None
+    overrides: dict[str, Any] = {
+        name: value
+        for name, value in (
+            ("duration", args.duration),
+            ("rate", args.rate),
+            ("target", args.target),
+            ("broker", args.broker),
+        )
+        if value is not None
+    }
+    if (args.duration is not None and args.duration <= 0) or (args.rate is not None and args.rate <= 0):
+        raise SystemExit("callcast compare: --duration and --rate must be positive")
+    settings = Settings.quick(**overrides) if args.quick else Settings(**overrides)
+    scenarios = parse_all(args.scenario)
+    styles = args.style or list(workflow.STYLES)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=150)
+    logging.getLogger("callcast").setLevel(logging.CRITICAL)  # injected faults are expected, not news
+    runs = asyncio.run(
+        run_matrix(styles, scenarios, settings, console=None if args.quiet else Console(stderr=True))
+    )
+    broker_scheme = redact(settings.broker).split(":", 1)[0] if settings.broker else "sqlite"
+    results = report.assemble(runs, settings.public(), broker_scheme)
+    out = Path(args.out)
+    report.write(results, out)
+    report.print_table(results, console)
+    console.print(f"\nwrote {out / 'results.json'}, {out / 'report.html'} and the charts", markup=False)
+    return 0
