@@ -3,6 +3,7 @@
 callcast run MODULE:APP [--broker URL] [--service NAME ...] [--host H] [--port P] [--no-http]
 callcast topology MODULE:APP [--json]
 callcast openapi MODULE:APP [--out FILE]
+callcast compare [--broker URL] [--scenario NAME[+NAME]] [--duration S] [--rate R] [--quick] --out DIR
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from callcast import correlation, dlq, openapi
 from callcast.app import App
 from callcast.brokers import connect, default_url, redact
 from callcast.exceptions import CallcastError
+from callcast.lab import command as lab_command
 from callcast.topology import describe, render
 from callcast.transport import Broker
 
@@ -168,6 +170,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     described.add_argument("app", help="MODULE:APP")
     described.add_argument("--out", help="write it to this file instead of printing it")
 
+    compare = commands.add_parser("compare", help="measure request-driven vs event-driven vs hybrid")
+    lab_command.add_arguments(compare)
+
     topology = commands.add_parser("topology", help="print who serves, calls, publishes and consumes what")
     topology.add_argument("app", help="MODULE:APP")
     topology.add_argument("--json", action="store_true", help="print as JSON")
@@ -212,6 +217,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _openapi(args.app, args.out)
         elif args.command == "dlq":
             return asyncio.run(_dlq(args))
+        elif args.command == "compare":
+            return lab_command.run(args)
         else:
             app = load_app(args.app)
             print(json.dumps(describe(app), indent=2) if args.json else render(app))
