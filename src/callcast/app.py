@@ -13,18 +13,29 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from callcast.exceptions import ConfigurationError
+from callcast.resilience import CallPolicy
 from callcast.service import Service
 
 if TYPE_CHECKING:
-    from callcast.resilience import CallPolicy
     from callcast.runtime import Runtime
     from callcast.transport import Broker
 
 
 class App:
-    """Services that form one system. Names of services are unique; so are (method, path) routes."""
+    """Services that form one system. Names of services are unique; so are (method, path) routes.
 
-    def __init__(self, services: Iterable[Service], *, name: str = "app") -> None:
+    ``call_policies`` maps a service to the :class:`~callcast.CallPolicy` of calls to it from the
+    app's processes (``"*"``: every other service; default ``CallPolicy()``); ``start`` may override
+    entries. Being part of the app, they apply under ``callcast run`` too.
+    """
+
+    def __init__(
+        self,
+        services: Iterable[Service],
+        *,
+        name: str = "app",
+        call_policies: Mapping[str, CallPolicy] | None = None,
+    ) -> None:
         self.name = name
         self.services: dict[str, Service] = {}
         seen_routes: dict[tuple[str, str], str] = {}
@@ -39,6 +50,19 @@ class App:
                         f"{route.method} {route.path} is served by both {seen_routes[key]} and {service.name}"
                     )
                 seen_routes[key] = service.name
+        self.call_policies = self._checked_policies(call_policies)
+
+    def _checked_policies(self, policies: Mapping[str, CallPolicy] | None) -> dict[str, CallPolicy]:
+        """``policies`` as a dict, refusing a key that names no service (a typo would go unnoticed)."""
+        checked = dict(policies or {})
+        for target, policy in checked.items():
+            if target != "*" and target not in self.services:
+                raise ConfigurationError(
+                    f"call_policies names {target!r}, which is no service of app {self.name!r}"
+                )
+            if not isinstance(policy, CallPolicy):
+                raise ConfigurationError(f"call_policies[{target!r}] must be a CallPolicy")
+        return checked
 
     def service(self, name: str) -> Service:
         try:
@@ -63,8 +87,7 @@ class App:
         ``service_urls`` maps a service to the base URL ``ctx.call`` reaches it at over HTTP (default:
         over the broker); ``databases`` maps a service to its database URL (see
         :mod:`callcast.database`); ``call_policies`` maps a service to the
-        :class:`~callcast.CallPolicy` of this process's calls to it (``"*"``: every other service;
-        default ``CallPolicy()``).
+        :class:`~callcast.CallPolicy` of this process's calls to it, over the app's own.
         """
         from callcast.runtime import Runtime
 
@@ -74,7 +97,7 @@ class App:
             data_dir=data_dir,
             service_urls=service_urls or {},
             databases=databases,
-            call_policies=call_policies,
+            call_policies=self._checked_policies(call_policies),
         )
         await runtime.start(broker)
         return runtime

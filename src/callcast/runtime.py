@@ -70,7 +70,8 @@ class Runtime:
         call_policies: Mapping[str, CallPolicy] | None = None,
     ) -> None:
         self.app = app
-        self.call_policies = dict(call_policies or {})
+        self.call_policies = {**app.call_policies, **(call_policies or {})}
+        """Per target service, the policy of calls from this process: the app's, then ``call_policies``."""
         names = list(services) if services else list(app.services)
         self.running_services: list[Service] = [app.service(name) for name in names]
         self.data_dir = Path(data_dir or os.environ.get("CALLCAST_DATA") or DEFAULT_DATA_DIR)

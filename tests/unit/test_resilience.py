@@ -502,3 +502,21 @@ async def test_an_open_circuit_fails_fast_and_a_route_answers_503(start: StartAp
     stats = runtime.call_stats()["c"]
     assert stats.state is BreakerState.OPEN
     assert (stats.unreachable, stats.rejected_open) == (3, 2)
+
+
+async def test_the_apps_policies_apply_and_start_overrides_them(start: StartApp) -> None:
+    slow_c = CallPolicy(timeout=0.2)
+    app = App([svc_a, svc_b, svc_c], name="chain", call_policies={"c": slow_c, "*": CallPolicy(timeout=3)})
+    runtime = await start(app, services=["a", "c"], call_policies={"b": CallPolicy(timeout=1)})
+    assert runtime.rpc.guards.policy("c") is slow_c
+    assert runtime.rpc.guards.policy("b").timeout == 1
+    assert runtime.rpc.guards.policy("elsewhere").timeout == 3
+    began = time.monotonic()
+    with pytest.raises(CallTimeoutError):
+        await runtime.context("a").call(slow, Work(seconds=5))
+    assert time.monotonic() - began < 0.6
+
+
+def test_call_policies_must_name_services_of_the_app() -> None:
+    with pytest.raises(ConfigurationError, match="no service"):
+        App([svc_c], call_policies={"payment": CallPolicy()})
