@@ -122,8 +122,8 @@ def _integrity_lines(runs: Sequence[dict[str, Any]], styles: list[str]) -> list[
     orphans = [style for style, t in totals.items() if t["effects_orphaned"]]
     if orphans:
         line += (
-            f" Orphaned effects ({', '.join(orphans)}) were applied for orders the user was told had failed:"
-            " a synchronous chain that fails half way leaves the earlier effects behind."
+            f" Orphaned effects ({', '.join(orphans)}) were applied for orders whose user got a failure or"
+            " no answer in time: work done before the request failed or timed out stays done."
         )
     return [line]
 
