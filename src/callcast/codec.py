@@ -13,6 +13,7 @@ in one pass, no intermediate dict). Nothing is ever unpickled or evaluated.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -27,8 +28,16 @@ MAX_MESSAGE_BYTES = 1024 * 1024
 
 def event_type(model: type[BaseModel]) -> str:
     """The CloudEvents type (and topic) of events of class ``model``."""
-    explicit = model.__dict__.get("__event_type__")
-    return explicit if isinstance(explicit, str) and explicit else model.__name__
+    try:
+        return _event_types[model]
+    except KeyError:
+        explicit = model.__dict__.get("__event_type__")
+        kind = explicit if isinstance(explicit, str) and explicit else model.__name__
+        _event_types[model] = kind
+        return kind
+
+
+_event_types: weakref.WeakKeyDictionary[type[BaseModel], str] = weakref.WeakKeyDictionary()
 
 
 def encode(model: BaseModel) -> bytes:

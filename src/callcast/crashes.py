@@ -5,7 +5,9 @@ by the broker — the message that killed it and its innocent neighbours alike. 
 two plain files per process in ``<data dir>/crashes/<group>/`` (plain writes: they survive the
 process being killed):
 
-* ``<pid>.inflight``: the deliveries it holds (``+id`` when taken, ``-id`` when settled);
+* ``<pid>.inflight``: the deliveries it holds (``+id`` when taken, ``-id`` when settled), written
+  once per event-loop turn rather than per message (a handler that kills its process in the very
+  turn it was taken in is named by the marker below, which is written at once);
 * ``<pid>.alone``: the *suspect* it runs alone — a redelivered message this process did not see
   fail runs with no other handler of the consumer running.
 
@@ -52,7 +54,8 @@ class CrashLedger:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.marker = directory / f"{os.getpid()}.alone"
         self._journal_path = directory / f"{os.getpid()}.inflight"
-        self._journal = open(self._journal_path, "w", buffering=1)  # noqa: SIM115 - lives as long as the ledger
+        self._journal = open(self._journal_path, "w")  # noqa: SIM115 - lives as long as the ledger
+        self._flush_due = False
         self._held: set[str] = set()
         self._journal_lines = 0
         self._ledger = directory / "ledger.json"
@@ -75,6 +78,14 @@ class CrashLedger:
             self._journal.write("".join(f"+{held}\n" for held in self._held))
             self._journal_lines = len(self._held)
         self._journal.write(line)
+        if not self._flush_due:  # one write(2) per loop turn, however many messages it took
+            self._flush_due = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_due = False
+        if not self._journal.closed:
+            self._journal.flush()
 
     def close(self) -> None:
         """A clean stop: this process's files go (nothing it held crashed)."""
@@ -146,6 +157,7 @@ class CrashLedger:
     def running_alone(self, message_id: str) -> None:
         """Mark ``message_id`` as the only handler running in this process (a plain write: it
         survives the process being killed)."""
+        self._flush()
         self.marker.write_text(message_id)
 
     def finished_alone(self) -> None:
@@ -165,15 +177,17 @@ class Isolation:
 
     @contextlib.asynccontextmanager
     async def shared(self) -> AsyncIterator[None]:
-        async with self._changed:
-            await self._changed.wait_for(lambda: not self._alone and not self._waiting_alone)
-            self._running += 1
+        if self._alone or self._waiting_alone:  # the common case skips the lock: nothing to wait for
+            async with self._changed:
+                await self._changed.wait_for(lambda: not self._alone and not self._waiting_alone)
+        self._running += 1
         try:
             yield
         finally:
-            async with self._changed:
-                self._running -= 1
-                self._changed.notify_all()
+            self._running -= 1
+            if self._waiting_alone and not self._running:
+                async with self._changed:
+                    self._changed.notify_all()
 
     @contextlib.asynccontextmanager
     async def alone(self) -> AsyncIterator[None]:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from callcast.exceptions import DecodeError
@@ -43,6 +43,20 @@ _CORE = frozenset(
     ("id", "source", "specversion", "type", "time", "subject", "dataschema", "datacontenttype", "data")
 )
 _EXTENSION_NAME = re.compile(r"[a-z0-9]{1,20}")
+
+
+_VALID_NAMES: set[str] = set()
+"""Extension names already checked (a handful in practice): the check runs once per name."""
+
+
+def _check_extension_name(name: str) -> None:
+    if name in _CORE or not _EXTENSION_NAME.fullmatch(name):
+        raise ValueError(
+            f"invalid CloudEvents extension name {name!r}: 1-20 lower-case letters or digits, "
+            "not a core attribute"
+        )
+    if len(_VALID_NAMES) < 1024:
+        _VALID_NAMES.add(name)
 
 
 def new_id() -> str:
@@ -71,11 +85,8 @@ class Envelope:
 
     def __post_init__(self) -> None:
         for name in self.extensions:
-            if name in _CORE or not _EXTENSION_NAME.fullmatch(name):
-                raise ValueError(
-                    f"invalid CloudEvents extension name {name!r}: 1-20 lower-case letters or digits, "
-                    "not a core attribute"
-                )
+            if name not in _VALID_NAMES:
+                _check_extension_name(name)
 
     @property
     def correlation_id(self) -> str | None:
@@ -97,7 +108,17 @@ class Envelope:
                 merged.pop(name, None)
             else:
                 merged[name] = value
-        return replace(self, extensions=merged)
+        return Envelope(
+            self.type,
+            self.source,
+            self.data,
+            self.id,
+            self.time,
+            self.datacontenttype,
+            merged,
+            self.subject,
+            self.dataschema,
+        )
 
     def headers(self) -> dict[str, str]:
         """The binary-mode headers: ``ce-*`` attributes and extensions, plus ``content-type``."""

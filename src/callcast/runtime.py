@@ -28,6 +28,7 @@ from starlette.applications import Starlette
 from callcast import correlation, inbox
 from callcast.app import App
 from callcast.brokers import connect
+from callcast.coalescing import CoalescingBroker
 from callcast.consumer import Consumer
 from callcast.context import Context
 from callcast.database import Database, database_url
@@ -172,10 +173,11 @@ class Runtime:
 
     async def start(self, broker: str | Broker | None = None) -> None:
         if isinstance(broker, str) or broker is None:
-            self._broker = await connect(broker)
+            connected = await connect(broker)
             self._owns_broker = True
         else:
-            self._broker = broker
+            connected = broker
+        self._broker = CoalescingBroker(connected)  # concurrent single publishes go out as batches
         try:
             await self._start_services()
         except BaseException:

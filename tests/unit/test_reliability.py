@@ -59,7 +59,7 @@ async def credit(event: Credit, ctx: Context) -> None:
         raise RuntimeError("the effect above must roll back")
 
 
-@ledger.on(Versioned, sequenced=SequencePolicy(field="version", gap_timeout=0.5))
+@ledger.on(Versioned, sequenced=SequencePolicy(field="version", gap_timeout=3.0))
 async def track(event: Versioned, ctx: Context) -> None:
     applied[event.account].append(event.version)
     await ctx.db.execute(

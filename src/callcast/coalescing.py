@@ -1,0 +1,137 @@
+"""Publish coalescing: concurrent single publishes to one topic become one batch for the broker.
+
+Every broker takes a batch for about the price of one message (one pipeline, one burst of frames,
+one fsync), so a process whose handlers, requests and RPC calls each publish one envelope at a time
+gets the broker's batch throughput without asking for it:
+
+* a publish to an idle topic goes out at once, alone (no added latency at low load);
+* while a topic's publish is in flight, the publishes that arrive wait and go out together, as the
+  next batch (at most ``max_batch`` envelopes), when it returns.
+
+Contract (the seam's, unchanged for the caller): ``publish`` returns once the broker durably accepted
+the envelope; if it raises, the envelope may or may not have been stored (as for any batch). The
+envelopes of one topic reach the broker in the order their ``publish`` calls were made. A caller
+cancelled while its envelope is still waiting takes it out of the batch: it is not published.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Sequence
+
+from callcast.envelope import Envelope
+from callcast.transport import Broker, Capabilities, Subscription
+
+DEFAULT_MAX_BATCH = 256
+
+
+class _Waiting:
+    __slots__ = ("envelope", "outcome")
+
+    def __init__(self, envelope: Envelope, outcome: asyncio.Future[None]) -> None:
+        self.envelope = envelope
+        self.outcome = outcome
+
+
+class _Topic:
+    """One topic's queue of waiting publishes and whether a batch of it is in flight."""
+
+    __slots__ = ("busy", "waiting")
+
+    def __init__(self) -> None:
+        self.busy = False
+        self.waiting: deque[_Waiting] = deque()
+
+
+class CoalescingBroker:
+    """A :class:`~callcast.transport.Broker` that merges concurrent single-envelope publishes per
+    topic (see the module doc); batches and publishes to one group pass straight through, and so
+    does everything else. The runtime wraps the broker it connects with one of these."""
+
+    def __init__(self, broker: Broker, *, max_batch: int = DEFAULT_MAX_BATCH) -> None:
+        self.broker = broker
+        self.capabilities: Capabilities = broker.capabilities
+        self.url: str = broker.url
+        self.max_batch = max_batch
+        self._topics: dict[str, _Topic] = {}
+
+    async def connect(self) -> None:
+        await self.broker.connect()
+
+    async def close(self) -> None:
+        await self.broker.close()
+
+    async def declare(self, topic: str, group: str) -> None:
+        await self.broker.declare(topic, group)
+
+    async def subscribe(
+        self, topic: str, group: str, *, prefetch: int = 32, ephemeral: bool = False
+    ) -> Subscription:
+        return await self.broker.subscribe(topic, group, prefetch=prefetch, ephemeral=ephemeral)
+
+    async def publish(self, topic: str, envelopes: Sequence[Envelope], *, group: str | None = None) -> None:
+        if len(envelopes) != 1 or group is not None:
+            await self.broker.publish(topic, envelopes, group=group)
+        else:
+            await self._coalesced(topic, envelopes[0])
+
+    async def _coalesced(self, topic: str, envelope: Envelope) -> None:
+        state = self._topics.get(topic)
+        if state is None:
+            state = self._topics[topic] = _Topic()
+        if not state.busy:
+            state.busy = True
+            try:
+                await self.broker.publish(topic, [envelope])
+            finally:
+                self._next(topic, state)
+            return
+        outcome: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiting = _Waiting(envelope, outcome)
+        state.waiting.append(waiting)
+        try:
+            await outcome
+        except asyncio.CancelledError:
+            if not outcome.done():  # still waiting: it will not be sent
+                outcome.cancel()
+            raise
+
+    def _next(self, topic: str, state: _Topic) -> None:
+        """The in-flight batch of ``topic`` returned: send what waits, or mark the topic idle."""
+        batch: list[_Waiting] = []
+        while state.waiting and len(batch) < self.max_batch:
+            waiting = state.waiting.popleft()
+            if not waiting.outcome.cancelled():
+                batch.append(waiting)
+        if not batch:
+            state.busy = False
+            if not state.waiting:
+                self._topics.pop(topic, None)
+            return
+        task = asyncio.get_running_loop().create_task(self._send(topic, state, batch))
+        task.add_done_callback(_retrieve)
+
+    async def _send(self, topic: str, state: _Topic, batch: list[_Waiting]) -> None:
+        try:
+            await self.broker.publish(topic, [waiting.envelope for waiting in batch])
+        except asyncio.CancelledError:  # the loop is shutting down: so are the waiters
+            for waiting in batch:
+                waiting.outcome.cancel()
+            raise
+        except Exception as error:
+            for waiting in batch:
+                if not waiting.outcome.done():
+                    waiting.outcome.set_exception(error)
+        else:
+            for waiting in batch:
+                if not waiting.outcome.done():
+                    waiting.outcome.set_result(None)
+        finally:
+            self._next(topic, state)
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    """Errors went to the waiters; a cancelled sender (loop shutting down) needs no report."""
+    if not task.cancelled():
+        task.exception()
