@@ -26,6 +26,7 @@ from callcast.exceptions import (
     TransportError,
     UnknownEventError,
 )
+from callcast.idempotency import IdempotencyPolicy
 from callcast.resilience import BreakerPolicy, BulkheadPolicy, CallPolicy, CallRetryPolicy, CallStats
 from callcast.retry import RetryPolicy
 from callcast.runtime import Runtime
@@ -56,6 +57,7 @@ __all__ = [
     "EventHandler",
     "HTTPError",
     "HandlerError",
+    "IdempotencyPolicy",
     "MessageError",
     "PermanentError",
     "PublishError",
