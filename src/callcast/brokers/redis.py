@@ -161,6 +161,8 @@ _OPTIONS = ("prefix", "lease", "poll", "durable", "connect_timeout", "timeout")
 _TLS_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs")
 
 log = logging.getLogger("callcast.brokers.redis")
+COMMAND_CONNECTIONS = 32
+"""Connections for commands (publish, settle, claim); blocking reads have a pool of their own."""
 
 
 # -- the URL ------------------------------------------------------------------------------------
@@ -598,7 +600,15 @@ class RedisBroker:
         for name, value in options.tls:
             common[name] = value
         try:
-            pool = aioredis.ConnectionPool.from_url(self._target, socket_timeout=options.timeout, **common)
+            # Commands wait (up to the timeout) for a free connection rather than fail when many
+            # handlers settle or publish at once.
+            pool = aioredis.BlockingConnectionPool.from_url(
+                self._target,
+                socket_timeout=options.timeout,
+                max_connections=COMMAND_CONNECTIONS,
+                timeout=options.timeout,
+                **common,
+            )
             blocking_pool = aioredis.ConnectionPool.from_url(self._target, socket_timeout=None, **common)
         except (ValueError, TypeError) as error:
             raise ConfigurationError(f"redis broker: cannot use {self.url!r}: {self._scrub(error)}") from None
