@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 
 import pytest
 from pydantic import BaseModel
@@ -14,6 +15,8 @@ from callcast.database import idempotency_table
 from callcast.idempotency import IdempotencyPolicy, check_key, fingerprint
 from callcast.service import Route
 from callcast.waiting import within
+from tests.brokers.conftest import require_server
+from tests.real_brokers import new_run
 
 from .conftest import StartApp, client
 
@@ -40,9 +43,8 @@ def bank(policy: IdempotencyPolicy | str = "optional") -> tuple[App, dict[str, i
     @svc.on_startup
     async def create(ctx: Context) -> None:
         async with ctx.transaction() as db:
-            await db.execute(
-                text("CREATE TABLE IF NOT EXISTS deposits (id INTEGER PRIMARY KEY, account TEXT, cents INT)")
-            )
+            key = "SERIAL PRIMARY KEY" if db.dialect.name == "postgresql" else "INTEGER PRIMARY KEY"
+            await db.execute(text(f"CREATE TABLE IF NOT EXISTS deposits (id {key}, account TEXT, cents INT)"))
 
     @svc.post("/deposits", status_code=201, idempotency=policy)  # type: ignore[arg-type]
     async def deposit(body: Deposit, ctx: Context) -> Receipt:
@@ -279,3 +281,45 @@ def test_idempotency_needs_the_service_database() -> None:
 
     route: Route = svc.routes[0]
     assert route.idempotency == IdempotencyPolicy(required=True)
+
+
+@pytest.fixture
+async def postgres_database() -> AsyncIterator[str]:
+    """A fresh PostgreSQL database for one test (dropped after it), as a service database URL."""
+    import asyncpg
+
+    require_server("postgres", 5432, "127.0.0.1")
+    name = new_run()
+    admin = await asyncpg.connect("postgresql://postgres@127.0.0.1:5432/test", timeout=10)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+    admin = await asyncpg.connect("postgresql://postgres@127.0.0.1:5432/test", timeout=10)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest.mark.postgres
+async def test_keys_on_a_postgresql_service_database(postgres_database: str, start: StartApp) -> None:
+    app, runs = bank()
+    app.gate["slow"] = asyncio.Event()  # type: ignore[attr-defined]
+    app.gate["started"] = started = asyncio.Event()  # type: ignore[attr-defined]
+    runtime = await start(app, databases={"bank": postgres_database})
+    body = {"account": "p", "cents": 9}
+    async with client(runtime) as http:
+        requests = [
+            asyncio.create_task(http.post("/deposits", json=body, headers={KEY: "pg"})) for _ in range(10)
+        ]
+        await within(started.wait(), 5.0)
+        app.gate["slow"].set()  # type: ignore[attr-defined]
+        answers = await within(asyncio.gather(*requests), 10.0)
+        other = await http.post("/deposits", json={**body, "cents": 1}, headers={KEY: "pg"})
+    assert {answer.status_code for answer in answers} == {201}
+    assert len({answer.content for answer in answers}) == 1
+    assert other.status_code == 422
+    assert runs["count"] == 1
+    assert await deposits(runtime) == 1
