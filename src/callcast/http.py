@@ -12,6 +12,10 @@ no return annotation: 204. Bad input never reaches the handler: invalid JSON or 
 the field errors; a body over 1 MiB → 413; unknown path → 404; wrong method → 405.
 :class:`~callcast.HTTPError` → its status and detail; a failed ``ctx.call`` → 502/503/504; any other
 exception → 500 with no internals (logged with its traceback).
+
+Every answer carries ``X-Correlation-Id`` (the request's, when acceptable, else a new one). Routes
+declared with ``idempotency=`` honour ``Idempotency-Key`` (:mod:`callcast.idempotency`); the others
+do not look at it. ``GET /openapi.json`` serves the OpenAPI document of the running services.
 """
 
 from __future__ import annotations
