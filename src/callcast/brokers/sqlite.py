@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import os
 import queue
 import sqlite3
@@ -40,9 +39,12 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
+
+import orjson
 
 from callcast.brokers import seconds_option
 from callcast.envelope import Envelope, decode_or_quarantine
@@ -127,6 +129,26 @@ def parse_url(url: str) -> tuple[Path, dict[str, str]]:
     return Path(raw or DEFAULT_PATH), options
 
 
+@dataclass(eq=False)
+class _Settles:
+    """The acks and nacks of one loop turn, written by one op."""
+
+    done: asyncio.Future[None]
+    acks: list[tuple[str, int, str]] = field(default_factory=list)
+    nacks: list[tuple[float, str, int, str]] = field(default_factory=list)
+    groups: set[str] = field(default_factory=set)
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Mark a background future's outcome as seen (the waiters got it, or there are none)."""
+    if not future.cancelled():
+        future.exception()
+
+
+class _OpFailed(Exception):
+    """An op of a batch run without savepoints raised: the batch is run again op by op."""
+
+
 class _Writer(threading.Thread):
     """Owns the connection; runs queued operations in batches, one transaction per batch."""
 
@@ -181,6 +203,38 @@ class _Writer(threading.Thread):
         return conn
 
     def _run_batch(self, conn: sqlite3.Connection, batch: list[tuple[_Op, asyncio.Future[Any]]]) -> None:
+        try:
+            results = self._run_together(conn, batch)
+        except _OpFailed:  # one op failed: run them again, each in a savepoint, so only it fails
+            results = self._run_isolated(conn, batch)
+        self._hand_back(results)
+
+    def _run_together(
+        self, conn: sqlite3.Connection, batch: list[tuple[_Op, asyncio.Future[Any]]]
+    ) -> list[tuple[asyncio.Future[Any], Any, BaseException | None]]:
+        """The common case: every op of the batch in one transaction, no savepoints."""
+        results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as error:
+            return self._all_failed(conn, batch, error)
+        for op, future in batch:
+            try:
+                results.append((future, op(conn), None))
+            except Exception:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                raise _OpFailed from None
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error as error:
+            return self._all_failed(conn, batch, error)
+        return results
+
+    def _run_isolated(
+        self, conn: sqlite3.Connection, batch: list[tuple[_Op, asyncio.Future[Any]]]
+    ) -> list[tuple[asyncio.Future[Any], Any, BaseException | None]]:
+        """Each op in a savepoint of one transaction: a failing op is rolled back alone."""
         results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
@@ -199,10 +253,21 @@ class _Writer(threading.Thread):
                 conn.execute("RELEASE op")
             conn.execute("COMMIT")
         except sqlite3.Error as error:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-            failure = TransportError(f"sqlite broker: commit failed: {error}")
-            results = [(future, None, failure) for _, future in batch]
+            return self._all_failed(conn, batch, error)
+        return results
+
+    @staticmethod
+    def _all_failed(
+        conn: sqlite3.Connection, batch: list[tuple[_Op, asyncio.Future[Any]]], error: sqlite3.Error
+    ) -> list[tuple[asyncio.Future[Any], Any, BaseException | None]]:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        failure = TransportError(f"sqlite broker: commit failed: {error}")
+        return [(future, None, failure) for _, future in batch]
+
+    @staticmethod
+    def _hand_back(results: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+        """Hand the results to the futures' loops, one callback per loop."""
         by_loop: dict[
             asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any, BaseException | None]]
         ] = {}
@@ -249,6 +314,7 @@ class SqliteBroker:
         self._subscriptions: set[_SqliteSubscription] = set()
         self._closed = False
         self._gc_task: asyncio.Task[None] | None = None
+        self._settling: _Settles | None = None
 
     # -- plumbing -------------------------------------------------------------------------------
 
@@ -291,7 +357,7 @@ class SqliteBroker:
 
     async def publish(self, topic: str, envelopes: Sequence[Envelope], *, group: str | None = None) -> None:
         rows = [
-            (json.dumps(envelope.headers(), separators=(",", ":")), envelope.data, envelope.partition_key)
+            (orjson.dumps(envelope.headers()).decode(), envelope.data, envelope.partition_key)
             for envelope in envelopes
         ]
 
@@ -386,22 +452,58 @@ class SqliteBroker:
         ]
 
     async def _settle(self, group: str, seq: int, owner: str, delay: float | None) -> None:
+        """Ack (``delay`` None) or nack one delivery. The settles of one loop turn share one op
+        (one statement per kind), so a busy consumer costs the writer one op per turn, not per
+        message."""
+        if self._settling is None:
+            self._settling = _Settles(asyncio.get_running_loop().create_future())
+            asyncio.get_running_loop().call_soon(self._flush_settles)
+        batch = self._settling
+        if delay is None:
+            batch.acks.append((group, seq, owner))
+        else:
+            batch.nacks.append((time.time() + delay, group, seq, owner))
+            if delay and self._loop is not None:
+                self._loop.call_later(delay, self._wake_group, group)
+        batch.groups.add(group)
+        await asyncio.shield(batch.done)
+
+    def _flush_settles(self) -> None:
+        batch, self._settling = self._settling, None
+        if batch is None:
+            return
+
         def settle(conn: sqlite3.Connection) -> None:
-            if delay is None:
-                conn.execute(
-                    "DELETE FROM deliveries WHERE grp = ? AND seq = ? AND owner = ?", (group, seq, owner)
-                )
-            else:
-                conn.execute(
+            if batch.acks:
+                conn.executemany("DELETE FROM deliveries WHERE grp = ? AND seq = ? AND owner = ?", batch.acks)
+            if batch.nacks:
+                conn.executemany(
                     "UPDATE deliveries SET owner = NULL, lease_until = NULL, available_at = ? "
                     "WHERE grp = ? AND seq = ? AND owner = ?",
-                    (time.time() + delay, group, seq, owner),
+                    batch.nacks,
                 )
 
-        await self._run(settle)
-        self._wake_group(group)
-        if delay and self._loop is not None:
-            self._loop.call_later(delay, self._wake_group, group)
+        async def run() -> None:
+            try:
+                await self._run(settle)
+            except BaseException as error:
+                if not batch.done.done():
+                    batch.done.set_exception(
+                        error
+                        if isinstance(error, Exception)
+                        else TransportError("sqlite broker: settling was interrupted")
+                    )
+                raise
+            else:
+                if not batch.done.done():
+                    batch.done.set_result(None)
+            finally:
+                for group in batch.groups:
+                    self._wake_group(group)
+
+        task = asyncio.get_running_loop().create_task(run())
+        task.add_done_callback(_retrieve)
+        batch.done.add_done_callback(_retrieve)
 
     async def _release(
         self, owner: str, group: str, topic: str, ephemeral: bool, never_handed_out: list[int]
@@ -543,7 +645,7 @@ class _SqliteDelivery:
 
 def _load_headers(text: str) -> dict[str, str]:
     try:
-        headers = json.loads(text)
+        headers = orjson.loads(text)
     except ValueError:
         return {}
     return {str(k): str(v) for k, v in headers.items()} if isinstance(headers, dict) else {}
