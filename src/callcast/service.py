@@ -131,6 +131,11 @@ class EventHandler:
 Hook = Callable[["Context"], Awaitable[None]]
 
 
+DEFAULT_CONCURRENCY = 100
+"""Deliveries one event handler runs at once (and its broker prefetch): enough that an I/O-bound
+handler is not one-at-a-time; messages of one partition key still run one at a time."""
+
+
 @dataclass(eq=False)
 class Service:
     """A named service: its HTTP routes, RPC endpoints, event handlers and lifecycle hooks."""
@@ -270,7 +275,7 @@ class Service:
         model: type[E],
         *,
         name: str | None = None,
-        concurrency: int = 16,
+        concurrency: int = DEFAULT_CONCURRENCY,
         retry: RetryPolicy = DEFAULT_RETRY,
         idempotent: bool = False,
         sequenced: SequencePolicy | bool = False,
