@@ -60,7 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     repeats = args.repeats or (1 if args.quick else 3)
     if repeats < 1:
         raise SystemExit("--repeats must be at least 1")
-    skipped = {name: f"server down on 127.0.0.1:{BROKERS[name].port}" for name in wanted if not BROKERS[name].available()}
+    skipped = {
+        name: f"server down on 127.0.0.1:{BROKERS[name].port}"
+        for name in wanted
+        if not BROKERS[name].available()
+    }
     brokers = [name for name in wanted if name not in skipped]
     for name, why in skipped.items():
         print(f"skipping {name}: {why}", flush=True)
@@ -99,7 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(report.markdown(document))
     print(f"written: {json_path} and {md_path}")
-    failed = any("FAILED" in note or "stopped after" in note or "exit " in note for row in rows for note in row["notes"])
+    failed = any(
+        "FAILED" in note or "stopped after" in note or "exit " in note
+        for row in rows
+        for note in row["notes"]
+    )
     if args.keep or failed:
         print(f"trial logs kept in {workdir}")
     else:

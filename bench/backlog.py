@@ -13,10 +13,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from callcast.waiting import wait_event
-
 from bench.payload import Event, make_event
 from bench.sides.callcast_side import CallcastPipe
+from callcast.waiting import wait_event
 
 
 async def publish(namespace: str, workdir: Path, *, count: int, batch: int) -> dict[str, Any]:
@@ -31,7 +30,9 @@ async def publish(namespace: str, workdir: Path, *, count: int, batch: int) -> d
         context = runtime.context("bench")
         started = time.perf_counter()
         for first in range(0, count, batch):
-            envelopes = [context.envelope_for(make_event(seq)) for seq in range(first, min(count, first + batch))]
+            envelopes = [
+                context.envelope_for(make_event(seq)) for seq in range(first, min(count, first + batch))
+            ]
             await runtime.broker.publish(envelopes[0].type, envelopes)
         elapsed = time.perf_counter() - started
     finally:

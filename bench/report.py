@@ -93,7 +93,8 @@ def goals_cell(row: dict[str, Any]) -> str:
 def table(rows: list[dict[str, Any]]) -> str:
     """The Markdown table: medians with (min–max), ratios and goals."""
     lines = [
-        "| path | broker | metric | unit | callcast | raw | faststream | callcast÷raw | callcast÷faststream | goals |",
+        "| path | broker | metric | unit | callcast | raw | faststream "
+        "| callcast÷raw | callcast÷faststream | goals |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:

@@ -18,10 +18,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from callcast.waiting import within
-
 from bench import backlog, workloads
 from bench.sides import pipe, rpc_pair
+from callcast.waiting import within
 
 CLOSE_TIMEOUT = 15.0
 

@@ -11,11 +11,10 @@ import contextlib
 import time
 from typing import Any
 
-from callcast.waiting import wait_event, within
-
 from bench.payload import Event, Ping, make_event
 from bench.sides import Pipe, RpcPair
 from bench.stats import percentile
+from callcast.waiting import wait_event, within
 
 
 async def _stop(task: asyncio.Task[Any], timeout: float) -> None:
@@ -28,7 +27,9 @@ async def _stop(task: asyncio.Task[Any], timeout: float) -> None:
             await task
 
 
-async def throughput(pipe: Pipe, *, count: int, window: int, deadline: float, sleep: float = 0.0) -> dict[str, Any]:
+async def throughput(
+    pipe: Pipe, *, count: int, window: int, deadline: float, sleep: float = 0.0
+) -> dict[str, Any]:
     """Publish ``count`` events (``window`` in flight) to a running consumer whose handler awaits
     ``asyncio.sleep(sleep)`` when ``sleep`` > 0; messages/s from the first publish to the last
     handled, or to ``deadline`` seconds if that came first (counting what was handled)."""
@@ -57,7 +58,9 @@ async def throughput(pipe: Pipe, *, count: int, window: int, deadline: float, sl
     return {"throughput": seen / elapsed, "handled": seen, "notes": notes}
 
 
-async def latency(pipe: Pipe, *, rate: float, seconds: float, warmup: float, deadline: float) -> dict[str, Any]:
+async def latency(
+    pipe: Pipe, *, rate: float, seconds: float, warmup: float, deadline: float
+) -> dict[str, Any]:
     """Publish at ``rate`` per second, open loop (each publish starts on schedule, whether or not
     earlier ones returned), for ``warmup + seconds``; the latency of an event is from the moment its
     publish started (``sent_at`` in the payload) to the start of the handler. Events of the warm-up

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from callcast import App, Context, Service
-
 from bench.http.models import Order, Receipt, receipt_for
+from callcast import App, Context, Service
 
 shop = Service("shop")
 

@@ -24,7 +24,9 @@ class Receipt(BaseModel):
 
 
 def receipt_for(order: Order) -> Receipt:
-    return Receipt(customer=order.customer, lines=len(order.items), units=sum(item.qty for item in order.items))
+    return Receipt(
+        customer=order.customer, lines=len(order.items), units=sum(item.qty for item in order.items)
+    )
 
 
 BODY = (

@@ -7,7 +7,7 @@ from __future__ import annotations
 from bench.harness import Config, Measurement, run_trial
 from bench.paths import EVENT_SIDES
 
-WINDOW = 256
+WINDOW = 64
 
 
 def measurements(config: Config, brokers: list[str]) -> list[Measurement]:

@@ -21,7 +21,17 @@ HTTP_SIDES = {
     "raw": "Starlette + pydantic",
     "faststream": "FastAPI (in the faststream column)",
 }
-UVICORN_OPTIONS = ["--log-level", "warning", "--no-access-log", "--loop", "auto", "--http", "auto", "--workers", "1"]
+UVICORN_OPTIONS = [
+    "--log-level",
+    "warning",
+    "--no-access-log",
+    "--loop",
+    "auto",
+    "--http",
+    "auto",
+    "--workers",
+    "1",
+]
 
 
 def server_command(side: str, port: int, workdir: Path) -> list[str]:

@@ -57,6 +57,20 @@ async def windowed(publish: Callable[[Event], Awaitable[None]], events: Iterable
     await asyncio.gather(*(publisher() for _ in range(window)))
 
 
+async def cancel(task: asyncio.Task[Any] | None) -> None:
+    """Cancel a consuming loop and wait for it to end. Some clients swallow a cancellation that
+    meets a blocking read (redis-py), so the loop is cancelled again until it ends (at most ~3 s)."""
+    if task is None:
+        return
+    for _ in range(30):
+        if task.done():
+            break
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.1)
+    if task.done() and not task.cancelled():
+        task.exception()  # retrieved: a loop that failed while stopping is not worth a warning
+
+
 def pipe(side: str, broker: str, namespace: str, workdir: Path, options: dict[str, Any]) -> Pipe | None:
     """``side``'s event path on ``broker`` under ``namespace``, or ``None`` if it has none there."""
     if side == "callcast":

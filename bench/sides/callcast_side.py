@@ -7,11 +7,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from callcast import App, Context, Runtime, Service
-
 from bench.brokers import callcast_url
 from bench.payload import Event, Ping, Pong, answer
 from bench.sides import Handler, windowed
+from callcast import App, Context, Runtime, Service
 
 
 class CallcastPipe:
@@ -28,7 +27,9 @@ class CallcastPipe:
     def app(self, handler: Handler) -> App:
         bench = Service("bench", publishes=[Event])
         sink = Service("sink")
-        subscribe = sink.on(Event) if self.concurrency is None else sink.on(Event, concurrency=self.concurrency)
+        subscribe = (
+            sink.on(Event) if self.concurrency is None else sink.on(Event, concurrency=self.concurrency)
+        )
 
         @subscribe
         async def handle(event: Event, ctx: Context) -> None:
@@ -41,7 +42,9 @@ class CallcastPipe:
 
     async def start(self, handler: Handler, services: Sequence[str] | None = None) -> Runtime:
         """Start ``services`` of the app (default: both); every process declares both groups."""
-        self.runtime = await self.app(handler).start(broker=self.url, data_dir=self.data_dir, services=services)
+        self.runtime = await self.app(handler).start(
+            broker=self.url, data_dir=self.data_dir, services=services
+        )
         self.context = self.runtime.context("bench")
         return self.runtime
 

@@ -5,7 +5,6 @@ after the handler; RPC with core NATS request/reply (``nc.request`` and a respon
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,7 +13,7 @@ import nats.errors
 
 from bench.brokers import NATS_URL
 from bench.payload import Event, Ping, Pong, answer, to_json
-from bench.sides import Handler, windowed
+from bench.sides import Handler, cancel, windowed
 
 BATCH = 256
 
@@ -52,10 +51,7 @@ class NatsPipe:
         await windowed(self.publish, events, window)
 
     async def close(self) -> None:
-        if self.consuming is not None:
-            self.consuming.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self.consuming
+        await cancel(self.consuming)
         if self.nc is not None:
             await self.nc.close()
             self.nc = None

@@ -14,7 +14,7 @@ import asyncpg
 
 from bench.brokers import POSTGRES_DSN
 from bench.payload import Event, to_json
-from bench.sides import Handler, windowed
+from bench.sides import Handler, cancel, windowed
 
 BATCH = 256
 POOL_SIZE = 16
@@ -36,10 +36,13 @@ class PostgresPipe:
             await conn.execute(
                 f"""
                 CREATE SCHEMA {schema};
-                CREATE TABLE {self.table} (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, body bytea NOT NULL);
+                CREATE TABLE {self.table} (
+                  id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, body bytea NOT NULL
+                );
                 CREATE FUNCTION {schema}.wake() RETURNS trigger LANGUAGE plpgsql AS
                   $$ BEGIN PERFORM pg_notify('{self.schema}', ''); RETURN NULL; END $$;
-                CREATE TRIGGER wake AFTER INSERT ON {self.table} FOR EACH STATEMENT EXECUTE FUNCTION {schema}.wake();
+                CREATE TRIGGER wake AFTER INSERT ON {self.table}
+                  FOR EACH STATEMENT EXECUTE FUNCTION {schema}.wake();
                 """
             )
         wake = asyncio.Event()
@@ -74,10 +77,7 @@ class PostgresPipe:
         await windowed(self.publish, events, window)
 
     async def close(self) -> None:
-        if self.consuming is not None:
-            self.consuming.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self.consuming
+        await cancel(self.consuming)
         for conn in (self.consumer, self.listener):
             if conn is not None:
                 await conn.close()

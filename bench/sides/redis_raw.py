@@ -5,7 +5,6 @@ one ``XACK`` per batch, after the handler ran on every entry of it."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,7 +12,7 @@ import redis.asyncio
 
 from bench.brokers import REDIS_URL
 from bench.payload import Event, to_json
-from bench.sides import Handler
+from bench.sides import Handler, cancel
 
 BATCH = 256
 GROUP = "sink"
@@ -33,7 +32,9 @@ class RedisPipe:
 
         async def consume() -> None:
             while True:
-                replies = await self.reader.xreadgroup(GROUP, "c1", {self.stream: ">"}, count=BATCH, block=1000)
+                replies = await self.reader.xreadgroup(
+                    GROUP, "c1", {self.stream: ">"}, count=BATCH, block=1000
+                )
                 for _stream, entries in replies or ():
                     ids = []
                     for entry_id, fields in entries:
@@ -55,10 +56,7 @@ class RedisPipe:
                 await pipeline.execute()
 
     async def close(self) -> None:
-        if self.consuming is not None:
-            self.consuming.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self.consuming
+        await cancel(self.consuming)
         for client in (self.reader, self.client):
             if client is not None:
                 await client.aclose()
