@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: demo test test-fast lint measure clean
+.PHONY: demo test test-fast lint measure bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,13 +36,17 @@ test-fast: $(STAMP)
 
 ## make lint: ruff and mypy --strict
 lint: $(STAMP)
-	$(BIN)/ruff check src tests examples scripts
-	$(BIN)/ruff format --check src tests examples scripts
+	$(BIN)/ruff check src tests examples scripts bench
+	$(BIN)/ruff format --check src tests examples scripts bench
 	$(BIN)/mypy
 
 ## make measure: the figures of the core issue (signup→email latency, orders, kill -9 during signups)
 measure: $(STAMP)
 	$(BIN)/python scripts/measure_core.py
+
+## make bench: callcast next to the raw clients and FastStream (≤ 15 min; `python -m bench --quick` ~2 min)
+bench: $(STAMP)
+	$(BIN)/python -m bench
 
 clean:
 	rm -rf $(VENV) .callcast .pytest_cache .mypy_cache .ruff_cache

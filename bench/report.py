@@ -152,3 +152,38 @@ def write(document: dict[str, Any], directory: Path) -> tuple[Path, Path]:
     json_path.write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
     md_path.write_text(markdown(document))
     return json_path, md_path
+
+
+ROW_FIELDS = {
+    "path": str,
+    "broker": str,
+    "metric": str,
+    "unit": str,
+    "samples": dict,
+    "goals": list,
+    "notes": list,
+}
+PATHS = ("event", "latency", "rpc", "http", "io-bound")
+
+
+def check(document: dict[str, Any]) -> None:
+    """Raise ``ValueError`` unless ``document`` has the documented shape of ``latest.json``."""
+    if not isinstance(document.get("meta"), dict) or not isinstance(document.get("rows"), list):
+        raise ValueError("expected {'meta': {...}, 'rows': [...]}")
+    for key in ("date", "machine", "versions", "settings"):
+        if key not in document["meta"]:
+            raise ValueError(f"meta has no {key!r}")
+    for number_, row in enumerate(document["rows"]):
+        where = f"row {number_}"
+        for key, kind in ROW_FIELDS.items():
+            if not isinstance(row.get(key), kind):
+                raise ValueError(f"{where}: {key!r} must be a {kind.__name__}")
+        if row["path"] not in PATHS:
+            raise ValueError(f"{where}: unknown path {row['path']!r}")
+        for key in (*SIDES, "ratio_raw", "ratio_faststream"):
+            if key not in row or not (row[key] is None or isinstance(row[key], int | float)):
+                raise ValueError(f"{where}: {key!r} must be a number or null")
+        for side in SIDES:
+            values = row["samples"].get(side)
+            if not isinstance(values, list) or not all(isinstance(v, int | float) for v in values):
+                raise ValueError(f"{where}: samples[{side!r}] must be a list of numbers")

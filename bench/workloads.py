@@ -69,11 +69,12 @@ async def latency(
     first_counted = int(rate * warmup)
     samples: list[float] = []
     handled = 0
+    last_arrival = 0.0
     done = asyncio.Event()
 
     async def handler(event: Event) -> None:
-        nonlocal handled
-        arrived = time.perf_counter()
+        nonlocal handled, last_arrival
+        arrived = last_arrival = time.perf_counter()
         if event.seq >= first_counted:
             samples.append(arrived - event.sent_at)
         handled += 1
@@ -102,6 +103,9 @@ async def latency(
     notes = [] if complete else [f"deadline: {handled}/{total} handled"]
     if failures:
         notes.append(f"{failures} publishes failed")
+    lag = last_arrival - (started + total / rate)
+    if lag > 1.0:
+        notes.append(f"fell behind {rate:,.0f}/s: the last event arrived {lag:.1f}s late (queueing)")
     for task in list(in_flight):
         task.cancel()
     achieved = total / max(1e-9, time.perf_counter() - started)

@@ -47,16 +47,19 @@ def post_script(directory: Path) -> Path:
 def run_wrk(
     wrk: str, url: str, script: Path, *, seconds: float, connections: int = 64, threads: int = 1
 ) -> dict[str, Any]:
-    """Run wrk; req/s, p50 and p99 (ms), plus notes on errors and non-2xx answers."""
+    """Run wrk for ``seconds`` (whole seconds, at least 1: wrk takes no fractions); req/s, p50 and
+    p99 (ms), plus notes on errors and non-2xx answers."""
+    duration = max(1, round(seconds))
     completed = subprocess.run(
-        [wrk, f"-t{threads}", f"-c{connections}", f"-d{seconds:g}s", "--latency", "-s", str(script), url],
+        [wrk, f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--latency", "-s", str(script), url],
         capture_output=True,
         text=True,
         timeout=seconds + 60,
         check=False,
     )
     if completed.returncode != 0:
-        raise RuntimeError(f"wrk failed ({completed.returncode}): {completed.stderr.strip()[:300]}")
+        output = (completed.stderr.strip() or completed.stdout.strip())[:300]
+        raise RuntimeError(f"wrk failed ({completed.returncode}): {output}")
     return parse(completed.stdout)
 
 

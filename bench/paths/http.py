@@ -72,7 +72,7 @@ def measurements(config: Config, brokers: list[str]) -> list[Measurement]:
     wrk = ensure_wrk(config.log)
     if wrk is None:
         return []
-    seconds, warmup = (2.0, 0.5) if config.quick else (3.0, 1.0)
+    seconds, warmup = (2, 1) if config.quick else (3, 1)
     script = post_script(config.workdir)
     logs = config.workdir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
