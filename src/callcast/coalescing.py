@@ -19,9 +19,10 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Sequence
+from typing import cast
 
 from callcast.envelope import Envelope
-from callcast.transport import Broker, Capabilities, Subscription
+from callcast.transport import Broker, Capabilities, RequestReply, Subscription
 
 DEFAULT_MAX_BATCH = 256
 
@@ -69,6 +70,13 @@ class CoalescingBroker:
         self, topic: str, group: str, *, prefetch: int = 32, ephemeral: bool = False
     ) -> Subscription:
         return await self.broker.subscribe(topic, group, prefetch=prefetch, ephemeral=ephemeral)
+
+    async def request(self, topic: str, envelope: Envelope, *, timeout: float) -> Envelope:
+        """The wrapped broker's native request (only where ``capabilities.request_reply``)."""
+        return await cast(RequestReply, self.broker).request(topic, envelope, timeout=timeout)
+
+    async def serve(self, topic: str, group: str, *, prefetch: int = 32) -> Subscription:
+        return await cast(RequestReply, self.broker).serve(topic, group, prefetch=prefetch)
 
     async def publish(self, topic: str, envelopes: Sequence[Envelope], *, group: str | None = None) -> None:
         if len(envelopes) != 1 or group is not None:

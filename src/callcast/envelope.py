@@ -26,11 +26,15 @@ The attempt is never *read* from the wire: it is always taken from what the brok
 
 from __future__ import annotations
 
+import base64
+import binascii
+import os
 import re
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+
+import orjson
 
 from callcast.exceptions import DecodeError
 
@@ -59,9 +63,33 @@ def _check_extension_name(name: str) -> None:
         _VALID_NAMES.add(name)
 
 
+_RANDOM_BATCH = 16 * 256
+_random = b""
+_random_at = 0
+
+
+def _forget_random() -> None:
+    """A forked child must not hand out its parent's remaining random bytes."""
+    global _random, _random_at
+    _random, _random_at = b"", 0
+
+
+os.register_at_fork(after_in_child=_forget_random)
+
+
 def new_id() -> str:
-    """A fresh, globally unique message id."""
-    return str(uuid.uuid4())
+    """A fresh, globally unique message id: a random (version 4) UUID in its usual text form, drawn
+    from ``os.urandom`` in batches (one system call per 256 ids)."""
+    global _random, _random_at
+    if _random_at >= len(_random):
+        _random, _random_at = os.urandom(_RANDOM_BATCH), 0
+    raw = _random[_random_at : _random_at + 16]
+    _random_at += 16
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[raw[8] & 3]}{h[17:20]}-{h[20:]}"
+
+
+_VARIANT = "89ab"
 
 
 def now_rfc3339() -> str:
@@ -145,47 +173,145 @@ class Envelope:
         extensions: dict[str, str] = {}
         content_type = JSON
         for raw_name, value in headers.items():
-            name = raw_name.lower()
-            if name == "content-type":
+            kind = _HEADER_KINDS.get(raw_name) or _header_kind(raw_name)
+            if kind[0] == _CORE_ATTRIBUTE:
+                attributes[kind[1]] = value if isinstance(value, str) else str(value)
+            elif kind[0] == _EXTENSION:
+                extensions[kind[1]] = value if isinstance(value, str) else str(value)
+            elif kind[0] == _CONTENT_TYPE:
                 content_type = str(value)
-            elif name.startswith(HEADER_PREFIX):
-                attribute = name[len(HEADER_PREFIX) :]
-                if attribute in _CORE:
-                    attributes[attribute] = str(value)
-                elif _EXTENSION_NAME.fullmatch(attribute):
-                    extensions[attribute] = str(value)
-                else:
-                    raise DecodeError(f"invalid CloudEvents extension name {attribute!r}")
+            elif kind[0] == _INVALID:
+                raise DecodeError(f"invalid CloudEvents extension name {kind[1]!r}")
+        return cls._from_parts(attributes, extensions, content_type, data)
+
+    @classmethod
+    def _from_parts(
+        cls, attributes: dict[str, str], extensions: dict[str, str], content_type: str, data: bytes
+    ) -> Envelope:
         missing = [name for name in _REQUIRED if not attributes.get(name)]
         if missing:
             raise DecodeError(f"not a CloudEvent: missing attribute(s) {', '.join(missing)}")
         if attributes["specversion"] != SPEC_VERSION:
             raise DecodeError(f"unsupported CloudEvents specversion {attributes['specversion']!r}")
         return cls(
-            type=attributes["type"],
-            source=attributes["source"],
-            data=data,
-            id=attributes["id"],
-            time=attributes.get("time", ""),
-            datacontenttype=content_type,
-            extensions=extensions,
-            subject=attributes.get("subject"),
-            dataschema=attributes.get("dataschema"),
+            attributes["type"],
+            attributes["source"],
+            data,
+            attributes["id"],
+            attributes.get("time", ""),
+            content_type,
+            extensions,
+            attributes.get("subject"),
+            attributes.get("dataschema"),
         )
 
 
-def decode_or_quarantine(headers: Mapping[str, str], data: bytes) -> Envelope:
+_CORE_ATTRIBUTE, _EXTENSION, _CONTENT_TYPE, _INVALID, _OTHER = range(5)
+_HEADER_KINDS: dict[str, tuple[int, str]] = {}
+"""What a header name means, remembered per name (there are a handful): one lookup per header."""
+
+
+def _header_kind(raw_name: str) -> tuple[int, str]:
+    name = raw_name.lower()
+    kind: tuple[int, str]
+    if name == "content-type":
+        kind = (_CONTENT_TYPE, name)
+    elif name.startswith(HEADER_PREFIX):
+        attribute = name[len(HEADER_PREFIX) :]
+        if attribute in _CORE:
+            kind = (_CORE_ATTRIBUTE, attribute)
+        elif _EXTENSION_NAME.fullmatch(attribute):
+            kind = (_EXTENSION, attribute)
+        else:
+            kind = (_INVALID, attribute)
+    else:
+        kind = (_OTHER, name)
+    if len(_HEADER_KINDS) < 4096 and kind[0] != _INVALID:
+        _HEADER_KINDS[raw_name] = kind
+    return kind
+
+
+STRUCTURED = "application/cloudevents+json"
+"""The media type of the structured content mode: the whole event as one JSON document."""
+
+
+def to_structured(envelope: Envelope) -> bytes:
+    """The event in the CloudEvents JSON format (structured mode), its data as ``data_base64``
+    (byte for byte, whatever its content type). For transports where headers are costly."""
+    document: dict[str, str] = {
+        "specversion": SPEC_VERSION,
+        "id": envelope.id,
+        "source": envelope.source,
+        "type": envelope.type,
+        "time": envelope.time,
+        "datacontenttype": envelope.datacontenttype,
+    }
+    if envelope.subject is not None:
+        document["subject"] = envelope.subject
+    if envelope.dataschema is not None:
+        document["dataschema"] = envelope.dataschema
+    document.update(envelope.extensions)
+    document["data_base64"] = base64.b64encode(envelope.data).decode("ascii")
+    return orjson.dumps(document)
+
+
+def structured_or_quarantine(body: bytes) -> Envelope:
+    """The envelope of a structured-mode message (see :func:`to_structured`); anything else
+    becomes a ``callcast.undecodable`` envelope, as with :func:`decode_or_quarantine`."""
+    try:
+        document = orjson.loads(body)
+        if not isinstance(document, dict):
+            raise DecodeError("not a CloudEvent: the JSON document is not an object")
+        data = _structured_data(document)
+    except (orjson.JSONDecodeError, binascii.Error, DecodeError) as error:
+        return decode_or_quarantine({}, body, reason=str(error))
+    attributes: dict[str, str] = {}
+    extensions: dict[str, str] = {}
+    for name, value in document.items():
+        text = value if isinstance(value, str) else str(value)
+        if name in _CORE:
+            attributes[name] = text
+        elif name in _VALID_NAMES or _EXTENSION_NAME.fullmatch(name):
+            extensions[name] = text
+        else:
+            return decode_or_quarantine({}, body, reason=f"invalid CloudEvents extension name {name!r}")
+    try:
+        return Envelope._from_parts(attributes, extensions, attributes.get("datacontenttype", JSON), data)
+    except DecodeError as error:
+        return decode_or_quarantine({"ce-id": attributes.get("id", "")}, data, reason=str(error))
+
+
+def _structured_data(document: dict[str, object]) -> bytes:
+    """Take the data out of a structured event: ``data_base64``, or ``data`` (a JSON value, or
+    text for a non-JSON content type)."""
+    if "data_base64" in document:
+        encoded = document.pop("data_base64")
+        if not isinstance(encoded, str):
+            raise DecodeError("data_base64 is not a string")
+        return base64.b64decode(encoded, validate=True)
+    if "data" not in document:
+        return b""
+    value = document.pop("data")
+    content_type = str(document.get("datacontenttype", JSON))
+    if isinstance(value, str) and not content_type.endswith("json"):
+        return value.encode()
+    return orjson.dumps(value)
+
+
+def decode_or_quarantine(headers: Mapping[str, str], data: bytes, *, reason: str | None = None) -> Envelope:
     """Like :meth:`Envelope.from_headers`, but never raises: a message that is not a CloudEvent
     becomes an envelope of type ``callcast.undecodable`` that keeps the raw data and the reason
     (extension ``decodeerror``), so the consumer can dead-letter it instead of crashing."""
-    try:
-        return Envelope.from_headers(headers, data)
-    except DecodeError as error:
-        original_id = str(headers.get("ce-id") or "")
-        return Envelope(
-            type=UNDECODABLE_TYPE,
-            source="callcast",
-            data=data,
-            id=original_id or new_id(),
-            extensions={"decodeerror": str(error)},
-        )
+    if reason is None:
+        try:
+            return Envelope.from_headers(headers, data)
+        except DecodeError as error:
+            reason = str(error)
+    original_id = str(headers.get("ce-id") or "")
+    return Envelope(
+        type=UNDECODABLE_TYPE,
+        source="callcast",
+        data=data,
+        id=original_id or new_id(),
+        extensions={"decodeerror": reason},
+    )

@@ -24,7 +24,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import httpx
 import orjson
@@ -44,7 +44,7 @@ from callcast.exceptions import (
 )
 from callcast.resilience import CallGuards, CallPolicy
 from callcast.service import RpcEndpoint
-from callcast.transport import Broker, Delivery
+from callcast.transport import Broker, Delivery, RequestReply, ServedRequest
 
 if TYPE_CHECKING:
     from callcast.context import Context
@@ -105,13 +105,17 @@ class RpcServer:
         self.make_context = make_context
         self.source = source
         self._dispatcher: Dispatcher | None = None
+        self._native = native_requests(broker)
 
     @property
     def group(self) -> str:
         return self.endpoint.topic
 
     async def start(self, concurrency: int = 64) -> None:
-        subscription = await self.broker.subscribe(self.endpoint.topic, self.group, prefetch=concurrency)
+        if self._native is not None:
+            subscription = await self._native.serve(self.endpoint.topic, self.group, prefetch=concurrency)
+        else:
+            subscription = await self.broker.subscribe(self.endpoint.topic, self.group, prefetch=concurrency)
         self._dispatcher = Dispatcher(subscription, self._serve, self.group)
 
     async def stop(self, grace: float) -> None:
@@ -125,7 +129,7 @@ class RpcServer:
             deadline = float(envelope.extensions.get("deadline", "") or "nan")
         except ValueError:
             deadline = float("nan")
-        if not reply_to or deadline != deadline:  # not a request we can answer: drop it loudly
+        if (self._native is None and not reply_to) or deadline != deadline:  # cannot be answered
             log.warning("RPC %s: dropping request %s without replyto/deadline", self.group, envelope.id)
             await _settle(delivery)
             return
@@ -144,10 +148,29 @@ class RpcServer:
             },
         )
         try:
+            if self._native is not None:  # replying settles it
+                await cast(ServedRequest, delivery).reply(reply)
+                return
+            assert reply_to is not None
             await self.broker.publish(reply_to, [reply])
         except TransportError as error:
             log.warning("RPC %s: reply to %s lost: %s", self.group, envelope.id, error)
         await _settle(delivery)
+
+
+def native_requests(broker: Broker) -> RequestReply | None:
+    """The broker's own request/reply, where it has one (see :mod:`callcast.transport`)."""
+    if broker.capabilities.request_reply and isinstance(broker, RequestReply):
+        return broker
+    return None
+
+
+def _status(reply: Envelope) -> int:
+    """The HTTP-style status a reply envelope carries (500 if it carries none that parses)."""
+    try:
+        return int(reply.extensions.get("status", "500"))
+    except ValueError:
+        return 500
 
 
 async def _settle(delivery: Delivery) -> None:
@@ -175,12 +198,14 @@ class RpcClient:
         self._pending: dict[str, asyncio.Future[tuple[int, bytes]]] = {}
         self._dispatcher: Dispatcher | None = None
         self._http: httpx.AsyncClient | None = None
+        self._native = native_requests(broker)
 
     async def start(self) -> None:
-        subscription = await self.broker.subscribe(
-            self.reply_topic, self.reply_topic, prefetch=256, ephemeral=True
-        )
-        self._dispatcher = Dispatcher(subscription, self._receive, "rpc-replies")
+        if self._native is None:  # replies come back on this process's own topic
+            subscription = await self.broker.subscribe(
+                self.reply_topic, self.reply_topic, prefetch=256, ephemeral=True
+            )
+            self._dispatcher = Dispatcher(subscription, self._receive, "rpc-replies")
         if self.service_urls:
             self._http = httpx.AsyncClient()
 
@@ -188,11 +213,7 @@ class RpcClient:
         envelope = delivery.envelope
         future = self._pending.get(envelope.extensions.get("inreplyto", ""))
         if future is not None and not future.done():
-            try:
-                status = int(envelope.extensions.get("status", "500"))
-            except ValueError:
-                status = 500
-            future.set_result((status, envelope.data))
+            future.set_result((_status(envelope), envelope.data))
         await _settle(delivery)
 
     async def stop(self) -> None:
@@ -260,14 +281,14 @@ class RpcClient:
     async def _over_broker(
         self, endpoint: RpcEndpoint[Any, Any], data: bytes, budget: float, caller: Context, target: str
     ) -> tuple[int, bytes]:
-        extensions = {
-            "replyto": self.reply_topic,
-            "deadline": repr(time.time() + budget),
-            "correlationid": caller.correlation_id,
-        }
+        extensions = {"deadline": repr(time.time() + budget), "correlationid": caller.correlation_id}
         if caller.causation_id:
             extensions["causationid"] = caller.causation_id
+        if self._native is None:
+            extensions["replyto"] = self.reply_topic
         envelope = Envelope(type=endpoint.topic, source=self.source, data=data, extensions=extensions)
+        if self._native is not None:
+            return await self._natively(self._native, endpoint.topic, envelope, budget, target)
         future: asyncio.Future[tuple[int, bytes]] = asyncio.get_running_loop().create_future()
         self._pending[envelope.id] = future
         try:
@@ -285,6 +306,20 @@ class RpcClient:
             ) from None
         finally:
             self._pending.pop(envelope.id, None)
+
+    @staticmethod
+    async def _natively(
+        native: RequestReply, topic: str, envelope: Envelope, budget: float, target: str
+    ) -> tuple[int, bytes]:
+        try:
+            reply = await native.request(topic, envelope, timeout=budget)
+        except TimeoutError:
+            raise CallTimeoutError(
+                f"call to {target}: no answer within {budget:.3g}s", target=target
+            ) from None
+        except TransportError as error:
+            raise ServiceUnavailableError(f"call to {target}: {error}", target=target) from None
+        return _status(reply), reply.data
 
     async def _over_http(
         self, endpoint: RpcEndpoint[Any, Any], data: bytes, budget: float, caller: Context, target: str

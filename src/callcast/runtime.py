@@ -206,8 +206,9 @@ class Runtime:
         for service in self.app.services.values():
             for handler in service.handlers:
                 await broker.declare(handler.topic, handler.group)
-            for endpoint in service.endpoints.values():
-                await broker.declare(endpoint.topic, endpoint.topic)
+            if not broker.capabilities.request_reply:  # requests wait in a group for their server
+                for endpoint in service.endpoints.values():
+                    await broker.declare(endpoint.topic, endpoint.topic)
         self._rpc = RpcClient(
             broker,
             self.instance_id,

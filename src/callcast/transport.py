@@ -45,6 +45,18 @@ Contract
   while no one listens, and they vanish on close. An ephemeral group has exactly one subscriber
   (closing it ends the group). Request/reply uses them for per-process reply topics.
 * Adapters translate driver exceptions into :mod:`callcast.exceptions` (``TransportError`` tree).
+
+Native request/reply (optional)
+-------------------------------
+An adapter whose broker has request/reply of its own (``capabilities.request_reply``) also
+implements :class:`RequestReply`; RPC then uses it instead of a request topic plus a reply topic.
+Requests are *transient*: nothing is stored, a request goes to one server of the group listening
+at that moment, and one that is lost (no server, a server that dies) is answered by no one: the
+caller's ``request`` raises ``TimeoutError`` at its timeout, or ``BrokerUnavailableError`` at once
+where the broker tells that no server listens. Served deliveries have ``attempt`` 1, ``reply()``
+answers, ``ack()`` settles without answering and ``nack()`` drops the request (it is not handed to
+another server). ``prefetch`` bounds the requests handed out and not yet settled, as for
+``subscribe``.
 * All methods are safe to call from concurrent tasks of the event loop the broker was connected on.
 """
 
@@ -112,6 +124,29 @@ class Subscription(Protocol):
 
     async def close(self) -> None:
         """Stop iterating; unsettled deliveries return to the group. Idempotent."""
+        ...
+
+
+@runtime_checkable
+class ServedRequest(Delivery, Protocol):
+    """A request handed to a server by :meth:`RequestReply.serve`."""
+
+    async def reply(self, envelope: Envelope) -> None:
+        """Send ``envelope`` back to the caller and settle the request. Idempotent."""
+        ...
+
+
+@runtime_checkable
+class RequestReply(Protocol):
+    """Native request/reply of a broker (see "Native request/reply" above)."""
+
+    async def request(self, topic: str, envelope: Envelope, *, timeout: float) -> Envelope:
+        """Send ``envelope`` to one server of ``topic`` and return its reply envelope."""
+        ...
+
+    async def serve(self, topic: str, group: str, *, prefetch: int = 32) -> Subscription:
+        """Serve the requests of ``topic`` as one more server of ``group``; its deliveries are
+        :class:`ServedRequest`."""
         ...
 
 

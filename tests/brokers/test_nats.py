@@ -214,7 +214,7 @@ class TestNatsBroker(BrokerConformance):
             delayed_nack=True,
             delivery_count=True,
             ordered_per_key=False,
-            request_reply=False,
+            request_reply=True,
             replays_history=False,
         )
 

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 from cloudevents.core.bindings.http import HTTPMessage, from_binary_event
 
-from callcast.envelope import UNDECODABLE_TYPE, Envelope, decode_or_quarantine
+from callcast.envelope import (
+    UNDECODABLE_TYPE,
+    Envelope,
+    decode_or_quarantine,
+    structured_or_quarantine,
+    to_structured,
+)
 from callcast.exceptions import DecodeError
 
 
@@ -89,3 +95,29 @@ def test_subject_and_dataschema_survive_the_round_trip() -> None:
     again = Envelope.from_headers(envelope.headers(), envelope.data)
     assert (again.subject, again.dataschema) == ("order-1", "https://x/s.json")
     assert again.extensions == {}
+
+
+def test_structured_mode_round_trips_every_attribute_and_the_bytes() -> None:
+    sent = Envelope(
+        type="shop.OrderPlaced",
+        source="/shop/orders",
+        data=bytes(range(256)),
+        datacontenttype="application/octet-stream",
+        extensions={"correlationid": "c-1", "deadline": "12.5"},
+        subject="o-1",
+        dataschema="https://example.com/s",
+    )
+    assert structured_or_quarantine(to_structured(sent)) == sent
+
+
+def test_structured_mode_reads_json_data_written_by_other_tools() -> None:
+    body = b'{"specversion":"1.0","id":"1","source":"/x","type":"T","data":{"a":1}}'
+    got = structured_or_quarantine(body)
+    assert (got.type, got.data) == ("T", b'{"a":1}')
+
+
+def test_a_structured_message_that_is_no_cloudevent_is_quarantined() -> None:
+    for body in (b"not json", b"[1]", b'{"id":"1"}', b'{"specversion":"1.0","data_base64":"!!"}'):
+        got = structured_or_quarantine(body)
+        assert got.type == UNDECODABLE_TYPE
+        assert got.extensions["decodeerror"]

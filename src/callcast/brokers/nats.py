@@ -26,6 +26,14 @@ digits of the name's SHA-256. The encoding is injective, so distinct names never
   CloudEvents HTTP binding prescribes (bytes outside printable ASCII, space, ``"`` and ``%``), since
   NATS headers cannot carry line breaks and lose surrounding blanks. A message published with
   ``publish(group=G)`` also carries ``callcast-group: G`` (see below).
+* **RPC** (native request/reply, ``capabilities.request_reply``): core NATS, nothing stored. A
+  request is a message on ``<prefix>-rpc.<token(topic)>`` (outside the stream's subjects) with a
+  reply subject, served by a queue subscription whose queue group is ``<token(group)>``; the reply
+  is a message on the request's reply subject. Both are CloudEvents in the *structured* mode (the
+  JSON event format, data as ``data_base64``, no headers): nats-py spends more on eight headers
+  than on the rest of a request. A request that no server
+  takes fails at once (no responders); one whose server dies is never answered (the caller's
+  timeout).
 * **Bucket** ``<stream>_uncounted`` (a JetStream key/value bucket, i.e. stream
   ``KV_<stream>_uncounted``; history 1, 7-day TTL): see attempts.
 
@@ -140,7 +148,7 @@ from nats.js import JetStreamContext, api
 from nats.js.kv import KeyValue
 
 from callcast.brokers import redact, seconds_option
-from callcast.envelope import Envelope, decode_or_quarantine
+from callcast.envelope import Envelope, decode_or_quarantine, structured_or_quarantine, to_structured
 from callcast.exceptions import (
     BrokerUnavailableError,
     ConfigurationError,
@@ -158,7 +166,7 @@ CAPABILITIES = Capabilities(
     delayed_nack=True,
     delivery_count=True,
     ordered_per_key=False,
-    request_reply=False,
+    request_reply=True,
     replays_history=False,
 )
 
@@ -347,6 +355,7 @@ class NatsBroker:
         self._kv: KeyValue | None = None
         self._subscriptions: set[_NatsSubscription] = set()
         self._lingering: set[_NatsSubscription] = set()  # closed, inbox kept until the last pull expires
+        self._servers: set[_NatsServer] = set()
         self._housekeeping: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._closed = False
@@ -548,6 +557,19 @@ class NatsBroker:
         """The name of the JetStream consumer of ``group`` on ``topic``."""
         return f"{encode_name(topic)}=={encode_name(group)}"
 
+    def _headers(self, nc: Client, envelope: Envelope, group: str | None = None) -> dict[str, str]:
+        """The NATS headers of ``envelope``; :class:`PublishError` if it would exceed max_payload."""
+        headers = {name: _header_value(value) for name, value in envelope.headers().items()}
+        if group is not None:
+            headers[GROUP_HEADER] = _header_value(group)
+        size = len(envelope.data) + sum(len(k) + len(v) + 4 for k, v in headers.items()) + _HPUB_OVERHEAD
+        if size > nc.max_payload:
+            raise PublishError(
+                f"nats broker {self.url}: envelope {envelope.id} is {size} bytes with its headers, "
+                f"over the server's max_payload of {nc.max_payload}; nothing was published"
+            )
+        return headers
+
     async def publish(self, topic: str, envelopes: Sequence[Envelope], *, group: str | None = None) -> None:
         js = self._jetstream()
         nc = self._client()
@@ -556,18 +578,7 @@ class NatsBroker:
         subject = self.subject(topic)
         if group is not None:
             encode_name(group)  # the same names are refused as by declare
-        messages: list[tuple[dict[str, str], bytes]] = []
-        for envelope in envelopes:
-            headers = {name: _header_value(value) for name, value in envelope.headers().items()}
-            if group is not None:
-                headers[GROUP_HEADER] = _header_value(group)
-            size = len(envelope.data) + sum(len(k) + len(v) + 4 for k, v in headers.items()) + _HPUB_OVERHEAD
-            if size > nc.max_payload:
-                raise PublishError(
-                    f"nats broker {self.url}: envelope {envelope.id} is {size} bytes with its headers, "
-                    f"over the server's max_payload of {nc.max_payload}; nothing was published"
-                )
-            messages.append((headers, envelope.data))
+        messages = [(self._headers(nc, envelope, group), envelope.data) for envelope in envelopes]
         if not nc.is_connected:
             raise BrokerUnavailableError(
                 f"nats broker {self.url}: not connected (reconnecting); nothing was published"
@@ -639,9 +650,52 @@ class NatsBroker:
         self._subscriptions.add(subscription)
         return subscription
 
+    # -- native request/reply: core NATS, nothing stored ------------------------------------------
+
+    def request_subject(self, topic: str) -> str:
+        """The core-NATS subject of ``topic``'s requests: outside the stream, so never stored."""
+        return f"{self.prefix}-rpc.{encode_name(topic)}"
+
+    async def request(self, topic: str, envelope: Envelope, *, timeout: float) -> Envelope:
+        nc = self._client()
+        body = self._structured(nc, envelope)
+        try:
+            msg = await nc.request(self.request_subject(topic), body, timeout=timeout)
+        except nats.errors.NoRespondersError:
+            raise BrokerUnavailableError(f"nats broker {self.url}: no server listens on {topic!r}") from None
+        except TimeoutError:  # nats.errors.TimeoutError is one
+            raise TimeoutError(f"nats broker {self.url}: no reply on {topic!r} within {timeout:g}s") from None
+        except _DRIVER_ERRORS as error:
+            raise self._error(error, f"requesting on {topic!r}") from None
+        return structured_or_quarantine(msg.data)
+
+    def _structured(self, nc: Client, envelope: Envelope) -> bytes:
+        """``envelope`` as one structured-mode body; :class:`PublishError` over max_payload."""
+        body = to_structured(envelope)
+        if len(body) > nc.max_payload:
+            raise PublishError(
+                f"nats broker {self.url}: envelope {envelope.id} is {len(body)} bytes as a structured "
+                f"event, over the server's max_payload of {nc.max_payload}; nothing was sent"
+            )
+        return body
+
+    async def serve(self, topic: str, group: str, *, prefetch: int = 32) -> _NatsServer:
+        nc = self._client()
+        server = _NatsServer(self, nc, max(1, prefetch))
+        try:
+            server.sub = await nc.subscribe(
+                self.request_subject(topic), queue=encode_name(group), cb=server.receive
+            )
+        except _DRIVER_ERRORS as error:
+            raise self._error(error, f"serving requests of {topic!r}") from None
+        self._servers.add(server)
+        return server
+
     async def close(self) -> None:
         if self._closed:
             return
+        for server in list(self._servers):
+            await server.close()
         for subscription in list(self._subscriptions):
             await subscription.close()
         for subscription in list(self._lingering):
@@ -1031,3 +1085,77 @@ class _NatsDelivery:
         delay = min(max(0.0, delay), _MAX_DELAY)
         payload = _NAK if delay == 0 else _NAK + b" " + json.dumps({"delay": int(delay * 1e9)}).encode()
         await self.subscription.settle(self, payload)
+
+
+class _NatsServer:
+    """The requests of one server of a group: a core-NATS queue subscription. Requests that arrive
+    while ``prefetch`` are unsettled wait in the client's buffer (beyond its pending limit the
+    client drops them: their callers time out, as with any lost request)."""
+
+    def __init__(self, broker: NatsBroker, nc: Client, prefetch: int) -> None:
+        self.broker = broker
+        self.nc = nc
+        self.sub: NatsSubscription | None = None
+        self.free = asyncio.Semaphore(prefetch)
+        self.arrived: asyncio.Queue[Msg | None] = asyncio.Queue()
+        self.closed = False
+
+    async def receive(self, msg: Msg) -> None:
+        self.arrived.put_nowait(msg)
+
+    def __aiter__(self) -> _NatsServer:
+        return self
+
+    async def __anext__(self) -> _NatsRequest:
+        await self.free.acquire()
+        msg = None if self.closed else await self.arrived.get()
+        if msg is None:
+            self.free.release()
+            self.arrived.put_nowait(None)  # for any other waiter
+            raise StopAsyncIteration
+        return _NatsRequest(self, msg.reply, structured_or_quarantine(msg.data))
+
+    async def close(self) -> None:
+        """Stop serving; requests not yet answered are dropped (their callers time out)."""
+        if self.closed:
+            return
+        self.closed = True
+        self.broker._servers.discard(self)
+        self.arrived.put_nowait(None)
+        if self.sub is not None:
+            with contextlib.suppress(*_DRIVER_ERRORS):
+                await self.sub.unsubscribe()
+
+
+class _NatsRequest:
+    __slots__ = ("_reply_to", "_server", "_settled", "attempt", "envelope")
+
+    def __init__(self, server: _NatsServer, reply_to: str, envelope: Envelope) -> None:
+        self._server = server
+        self._reply_to = reply_to
+        self._settled = False
+        self.attempt = 1
+        self.envelope = envelope
+
+    def _settle(self) -> bool:
+        if self._settled:
+            return False
+        self._settled = True
+        self._server.free.release()
+        return True
+
+    async def reply(self, envelope: Envelope) -> None:
+        if not self._settle() or not self._reply_to or self._server.closed:
+            return
+        broker, nc = self._server.broker, self._server.nc
+        body = broker._structured(nc, envelope)
+        try:
+            await nc.publish(self._reply_to, body)
+        except _DRIVER_ERRORS as error:
+            raise broker._error(error, "replying", publishing=True) from None
+
+    async def ack(self) -> None:
+        self._settle()
+
+    async def nack(self, *, delay: float = 0.0) -> None:
+        self._settle()

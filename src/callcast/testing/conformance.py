@@ -46,7 +46,7 @@ import pytest
 
 from callcast.envelope import Envelope
 from callcast.exceptions import BrokerUnavailableError, TransportError
-from callcast.transport import Broker, Capabilities, Delivery, Subscription
+from callcast.transport import Broker, Capabilities, Delivery, RequestReply, ServedRequest, Subscription
 
 __all__ = ["BrokerConformance"]
 
@@ -750,6 +750,86 @@ class BrokerConformance:
         for key in keys:
             assert handled[key] == [f"{key}-{n}" for n in range(per_key)]
         assert most_busy >= 2, "keys were never handled in parallel"
+
+    # -- native request/reply -------------------------------------------------------------------
+
+    async def open_requests(self) -> tuple[Broker, RequestReply]:
+        """A broker with native request/reply; skips the test for one without."""
+        broker = await self.open()
+        self.require(broker, "request_reply", "RPC is built on topics above the seam")
+        assert isinstance(broker, RequestReply), "capabilities.request_reply needs request() and serve()"
+        return broker, broker
+
+    async def test_a_request_gets_the_reply_of_one_server(self) -> None:
+        """``request`` reaches a server of the group with its envelope intact (attempt 1), and
+        returns the envelope the server passed to ``reply()``, attributes and data intact."""
+        _, requests = await self.open_requests()
+        topic, group = unique("rpc"), unique("servers")
+        server = await requests.serve(topic, group)
+        sent = Envelope(
+            type=EVENT_TYPE, source=SOURCE, data=b'{"n": 1}', extensions={"deadline": "9999999999.5"}
+        )
+        pending = asyncio.create_task(requests.request(topic, sent, timeout=self.timeout))
+        delivery = await self.next(server)
+        assert isinstance(delivery, ServedRequest)
+        assert (delivery.envelope.id, delivery.envelope.data, delivery.attempt) == (sent.id, sent.data, 1)
+        assert delivery.envelope.extensions["deadline"] == "9999999999.5"
+        answer = Envelope(type="callcast.reply", source=SOURCE, data=b"ok", extensions={"status": "200"})
+        await delivery.reply(answer)
+        await delivery.reply(answer)  # idempotent: settled once
+        got = await asyncio.wait_for(pending, self.timeout)
+        assert (got.id, got.data, got.extensions["status"]) == (answer.id, b"ok", "200")
+
+    async def test_each_request_goes_to_one_server_of_the_group(self) -> None:
+        """Two servers of one group share the requests: every request is served exactly once."""
+        _, requests = await self.open_requests()
+        topic, group = unique("rpc"), unique("servers")
+        servers = [await requests.serve(topic, group) for _ in range(2)]
+        served: list[str] = []
+
+        async def answer(server: Subscription) -> None:
+            async for delivery in server:
+                served.append(label_of(delivery))
+                assert isinstance(delivery, ServedRequest)
+                await delivery.reply(envelope("re:" + label_of(delivery)))
+
+        answering = [asyncio.create_task(answer(server)) for server in servers]
+        try:
+            replies = await asyncio.gather(
+                *(requests.request(topic, envelope(f"q{n}"), timeout=self.timeout) for n in range(20))
+            )
+        finally:
+            for server in servers:
+                await server.close()
+            await asyncio.wait_for(asyncio.gather(*answering), self.timeout)
+        assert [label_of_envelope(reply) for reply in replies] == [f"re:q{n}" for n in range(20)]
+        assert sorted(served) == sorted(f"q{n}" for n in range(20))
+
+    async def test_a_request_nobody_answers_fails_by_its_timeout(self) -> None:
+        """A request its server drops (``nack``) is answered by no one: ``request`` raises
+        ``TimeoutError`` at its timeout. With no server at all it fails too, at once where the
+        broker can tell (``BrokerUnavailableError``), else by its timeout."""
+        _, requests = await self.open_requests()
+        topic, group = unique("rpc"), unique("servers")
+        with pytest.raises((TimeoutError, BrokerUnavailableError)):
+            await asyncio.wait_for(
+                requests.request(topic, envelope("nobody"), timeout=self.quiet), self.timeout
+            )
+        server = await requests.serve(topic, group)
+        pending = asyncio.create_task(requests.request(topic, envelope("dropped"), timeout=self.quiet))
+        await (await self.next(server)).nack()
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(pending, self.timeout)
+
+    async def test_closing_a_server_ends_its_iteration(self) -> None:
+        """``close()`` on a served subscription ends a waiting ``__anext__``, like any
+        subscription's."""
+        _, requests = await self.open_requests()
+        server = await requests.serve(unique("rpc"), unique("servers"))
+        waiting = asyncio.create_task(_drain(server))
+        await self.assert_pending(waiting, "no request was sent")  # type: ignore[arg-type]
+        await server.close()
+        assert await asyncio.wait_for(waiting, self.timeout) == []
 
     # -- prefetch -------------------------------------------------------------------------------
 
