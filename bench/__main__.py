@@ -38,6 +38,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--only", help=f"comma-separated paths, of: {', '.join(PATH_NAMES)}")
     parser.add_argument("--broker", help=f"comma-separated brokers, of: {', '.join(BROKERS)}")
     parser.add_argument("--repeats", type=int, help="rounds of alternating trials (default 3, quick 1)")
+    parser.add_argument(
+        "--window",
+        type=int,
+        default=64,
+        help="publishes in flight on the event and io-bound paths (default 64)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help="directory for the results")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (trial logs)")
     return parser.parse_args(argv)
@@ -58,8 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     paths = choose(args.only, PATH_NAMES, "path")
     wanted = choose(args.broker, list(BROKERS), "broker")
     repeats = args.repeats or (1 if args.quick else 3)
-    if repeats < 1:
-        raise SystemExit("--repeats must be at least 1")
+    if repeats < 1 or args.window < 1:
+        raise SystemExit("--repeats and --window must be at least 1")
     skipped = {
         name: f"server down on 127.0.0.1:{BROKERS[name].port}"
         for name in wanted
@@ -74,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         prefix="ccb" + secrets.token_hex(3),
         repeats=repeats,
         quick=args.quick,
+        window=args.window,
         log=lambda line: print(line, flush=True),
     )
     started_at = datetime.datetime.now(datetime.UTC)
@@ -88,10 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for name in brokers:
             clean(name, config.prefix)
-    full = not args.quick and not args.only and not args.broker
+    full = not (args.quick or args.only or args.broker or args.window != 64 or args.repeats not in (None, 3))
     settings = {
         "quick": args.quick,
         "repeats": repeats,
+        "window": args.window,
         "paths": paths,
         "brokers": brokers,
         "skipped": skipped,

@@ -40,6 +40,8 @@ class Config:
     """Every namespace of this run starts with it (so one sweep finds all that the run created)."""
     repeats: int
     quick: bool
+    window: int = 64
+    """Publishes in flight (or pipelined) on the event and io-bound paths, the same for every side."""
     log: Callable[[str], None] = print
     counter: itertools.count[int] = field(default_factory=itertools.count)
 
@@ -59,6 +61,8 @@ class Measurement:
     sides: dict[str, str]
     trial: Callable[[str], dict[str, Any]]
     """Run one trial of a side; its figures by metric name (plus ``notes``)."""
+    repeats: int | None = None
+    """Rounds for this measurement (``None``: the run's ``repeats``)."""
 
 
 def run_trial(
@@ -147,12 +151,12 @@ def last_line(path: Path) -> str:
 
 
 def measure(measurement: Measurement, config: Config) -> list[dict[str, Any]]:
-    """Alternate the sides for ``config.repeats`` rounds; one row per metric."""
+    """Alternate the sides for ``config.repeats`` rounds (or the measurement's own); one row per metric."""
     samples: dict[str, dict[str, list[float]]] = {
         side: {metric: [] for metric, _ in measurement.metrics} for side in SIDES
     }
     notes: list[str] = []
-    for round_number in range(1, config.repeats + 1):
+    for round_number in range(1, (measurement.repeats or config.repeats) + 1):
         for side in measurement.sides:
             started = time.monotonic()
             try:

@@ -6,6 +6,9 @@ import time
 
 from pydantic import BaseModel
 
+RPC_TIMEOUT = 5.0
+"""Seconds every side's RPC client waits for an answer."""
+
 NOTE = "n" * 60
 """Padding that brings an event's JSON to about 200 bytes."""
 

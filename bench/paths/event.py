@@ -1,18 +1,17 @@
-"""``event``: end-to-end throughput. ``count`` ~200-byte events published (``WINDOW`` in flight, or
-pipelined in batches of ``WINDOW`` by raw Redis) to a running durable consumer that validates each
-and acks after its handler; messages/s from the first publish to the last handled."""
+"""``event``: end-to-end throughput. ``count`` ~200-byte events published (``config.window``
+in flight, default 64, or pipelined in batches of that size by raw Redis) to a running durable
+consumer that validates each and acks after its handler; messages/s from the first publish to the
+last handled."""
 
 from __future__ import annotations
 
 from bench.harness import Config, Measurement, run_trial
 from bench.paths import EVENT_SIDES
 
-WINDOW = 64
-
 
 def measurements(config: Config, brokers: list[str]) -> list[Measurement]:
-    count, deadline = (2_000, 15.0) if config.quick else (5_000, 30.0)
-    params = {"count": count, "window": WINDOW, "deadline": deadline}
+    count, deadline = (2_000, 15.0) if config.quick else (8_000, 30.0)
+    params = {"count": count, "window": config.window, "deadline": deadline}
     return [
         Measurement(
             "event",

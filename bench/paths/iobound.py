@@ -6,7 +6,6 @@ the last handled, or to the deadline (one-at-a-time handling cannot finish: ~100
 from __future__ import annotations
 
 from bench.harness import Config, Measurement, run_trial
-from bench.paths.event import WINDOW
 
 SLEEP = 0.010
 IO_SIDES: dict[str, dict[str, str]] = {
@@ -24,7 +23,12 @@ def measurements(config: Config, brokers: list[str]) -> list[Measurement]:
     count, deadline = (2_000, 2.0) if config.quick else (4_000, 4.0)
 
     def trial(side: str, broker: str) -> dict[str, object]:
-        params: dict[str, object] = {"count": count, "window": WINDOW, "deadline": deadline, "sleep": SLEEP}
+        params: dict[str, object] = {
+            "count": count,
+            "window": config.window,
+            "deadline": deadline,
+            "sleep": SLEEP,
+        }
         if side == "raw":
             params["concurrency"] = 1
         workload_side = "callcast" if side == "raw" else side

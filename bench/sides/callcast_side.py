@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench.brokers import callcast_url
-from bench.payload import Event, Ping, Pong, answer
+from bench.payload import RPC_TIMEOUT, Event, Ping, Pong, answer
 from bench.sides import Handler, windowed
 from callcast import App, Context, Runtime, Service
 
@@ -84,7 +84,7 @@ class CallcastRpc:
 
     async def call(self, request: Ping) -> Pong:
         assert self.context is not None, "open() first"
-        return await self.context.call(self.endpoint, request, timeout=10.0)
+        return await self.context.call(self.endpoint, request, timeout=RPC_TIMEOUT)
 
     async def close(self) -> None:
         if self.runtime is not None:

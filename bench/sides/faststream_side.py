@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from bench.brokers import NATS_URL, RABBITMQ_URL, REDIS_URL
-from bench.payload import Event, Ping, Pong, answer
+from bench.payload import RPC_TIMEOUT, Event, Ping, Pong, answer
 from bench.sides import Handler, Pipe, RpcPair, windowed
 
 PREFETCH = 256
@@ -133,7 +133,7 @@ def _rabbit_rpc(namespace: str) -> tuple[Any, Callable[[Ping], Awaitable[Any]]]:
     async def serve(request: Ping) -> Pong:
         return answer(request)
 
-    return broker, lambda request: broker.request(request, queue=queue, timeout=10.0)
+    return broker, lambda request: broker.request(request, queue=queue, timeout=RPC_TIMEOUT)
 
 
 def _nats_rpc(namespace: str) -> tuple[Any, Callable[[Ping], Awaitable[Any]]]:
@@ -146,7 +146,7 @@ def _nats_rpc(namespace: str) -> tuple[Any, Callable[[Ping], Awaitable[Any]]]:
     async def serve(request: Ping) -> Pong:
         return answer(request)
 
-    return broker, lambda request: broker.request(request, subject, timeout=10.0)
+    return broker, lambda request: broker.request(request, subject, timeout=RPC_TIMEOUT)
 
 
 def _redis_rpc(namespace: str) -> tuple[Any, Callable[[Ping], Awaitable[Any]]]:
@@ -159,4 +159,4 @@ def _redis_rpc(namespace: str) -> tuple[Any, Callable[[Ping], Awaitable[Any]]]:
     async def serve(request: Ping) -> Pong:
         return answer(request)
 
-    return broker, lambda request: broker.request(request, channel, timeout=10.0)
+    return broker, lambda request: broker.request(request, channel, timeout=RPC_TIMEOUT)

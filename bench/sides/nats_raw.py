@@ -12,7 +12,7 @@ import nats
 import nats.errors
 
 from bench.brokers import NATS_URL
-from bench.payload import Event, Ping, Pong, answer, to_json
+from bench.payload import RPC_TIMEOUT, Event, Ping, Pong, answer, to_json
 from bench.sides import Handler, cancel, windowed
 
 BATCH = 256
@@ -72,7 +72,7 @@ class NatsRpc:
         await self.nc.flush()
 
     async def call(self, request: Ping) -> Pong:
-        reply = await self.nc.request(self.subject, to_json(request), timeout=10.0)
+        reply = await self.nc.request(self.subject, to_json(request), timeout=RPC_TIMEOUT)
         return Pong.model_validate_json(reply.data)
 
     async def close(self) -> None:

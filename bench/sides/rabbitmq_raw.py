@@ -13,7 +13,7 @@ import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 
 from bench.brokers import RABBITMQ_URL
-from bench.payload import Event, Ping, Pong, answer, to_json
+from bench.payload import RPC_TIMEOUT, Event, Ping, Pong, answer, to_json
 from bench.sides import Handler, windowed
 
 PREFETCH = 256
@@ -103,7 +103,7 @@ class RabbitRpc:
         )
         try:
             await self.client.default_exchange.publish(message, routing_key=self.queue_name)
-            async with asyncio.timeout(10.0):
+            async with asyncio.timeout(RPC_TIMEOUT):
                 body = await future
         finally:
             self.waiting.pop(correlation_id, None)
