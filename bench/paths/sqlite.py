@@ -1,8 +1,9 @@
 """The embedded SQLite broker's memory with a backlog (issue 5, point 3): ``count`` events are
 published in batches of 1,000 with nobody consuming; then a worker process (the ``sink`` service
 alone, callcast's defaults) drains them for a bounded time while the harness samples its resident
-memory from /proc. One round, whatever ``--repeats`` says (it is long, and its figures vary little). Rows (path ``event``, broker ``sqlite``): the worker's peak RSS (``VmHWM``, MB),
-its drain rate and the backlog's publish rate. Its durable end-to-end throughput and latency are the
+memory from /proc. One round, whatever ``--repeats`` says (it is long, and its figures vary
+little). Rows (path ``event``, broker ``sqlite``): the worker's peak RSS (``VmHWM``, MB), its drain
+rate and the backlog's publish rate. Its durable end-to-end throughput and latency are the
 ``event`` and ``latency`` rows of broker ``sqlite``."""
 
 from __future__ import annotations
