@@ -191,6 +191,8 @@ _PREFIX = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
 _PLAIN = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-")
 _MAX_TOKEN = 120
 _HEADER_SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in '"%')
+_NEEDS_QUOTING = re.compile(r'[^\x21-\x7e]|["%]')
+"""A character :data:`_HEADER_SAFE` does not hold: outside printable ASCII, ``"`` or ``%``."""
 _PULL_EXPIRES = 1.0
 """Seconds a pull request waits on the server for envelopes before it is renewed. Short, because a
 closing subscription hands its deliveries back only once its open request has expired (see
@@ -231,6 +233,8 @@ def encode_name(name: str) -> str:
 
 
 def _header_value(value: str) -> str:
+    if _NEEDS_QUOTING.search(value) is None:  # the common case: ids, types, times, sources
+        return value
     return quote(value, safe=_HEADER_SAFE)
 
 
