@@ -131,7 +131,14 @@ class Consumer:
     async def _isolated(self, delivery: Delivery, suspect: bool) -> None:
         """A suspect runs alone, named in this process's crash marker; the others share."""
         if not suspect:
-            async with self._isolation.shared():
+            isolation = self._isolation
+            if isolation.enter_shared_now():  # nothing runs alone: no lock, no wait
+                try:
+                    await self._process(delivery, suspect=False)
+                finally:
+                    await isolation.leave_shared()
+                return
+            async with isolation.shared():
                 await self._process(delivery, suspect=False)
             return
         assert self._crashes is not None

@@ -175,19 +175,30 @@ class Isolation:
         self._alone = False
         self._waiting_alone = 0
 
+    def enter_shared_now(self) -> bool:
+        """Start a shared run at once if nothing runs or waits to run alone (then end it with
+        :meth:`leave_shared`); ``False``: use :meth:`shared`, which waits."""
+        if self._alone or self._waiting_alone:
+            return False
+        self._running += 1
+        return True
+
+    async def leave_shared(self) -> None:
+        self._running -= 1
+        if self._waiting_alone and not self._running:
+            async with self._changed:
+                self._changed.notify_all()
+
     @contextlib.asynccontextmanager
     async def shared(self) -> AsyncIterator[None]:
-        if self._alone or self._waiting_alone:  # the common case skips the lock: nothing to wait for
+        if not self.enter_shared_now():
             async with self._changed:
                 await self._changed.wait_for(lambda: not self._alone and not self._waiting_alone)
-        self._running += 1
+            self._running += 1
         try:
             yield
         finally:
-            self._running -= 1
-            if self._waiting_alone and not self._running:
-                async with self._changed:
-                    self._changed.notify_all()
+            await self.leave_shared()
 
     @contextlib.asynccontextmanager
     async def alone(self) -> AsyncIterator[None]:
