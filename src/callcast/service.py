@@ -25,6 +25,7 @@ services.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -119,11 +120,11 @@ class EventHandler:
     sequencing: SequencePolicy | None = None
     """Apply each key's messages in sequence order: stale ones skipped, early ones parked."""
 
-    @property
+    @functools.cached_property
     def topic(self) -> str:
         return event_type(self.model)
 
-    @property
+    @functools.cached_property
     def group(self) -> str:
         return f"{self.service}.{self.name}"
 
