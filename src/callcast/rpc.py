@@ -1,4 +1,4 @@
-"""RPC: request/reply over the broker (built on topics, for every broker) or over HTTP.
+"""RPC: request/reply over the broker (native where it has it, else built on topics) or over HTTP.
 
 Over the broker
     A request is an envelope of type ``callcast.rpc.<service>.<name>`` published on the topic of the
@@ -8,13 +8,20 @@ Over the broker
     extensions ``inreplyto`` (the request's id) and ``status`` (HTTP-style: 200, 4xx, 5xx).
     A request found past its deadline is dropped unanswered: its caller has given up.
 
+Over the broker's own request/reply (``capabilities.request_reply``, e.g. NATS)
+    The same request and reply envelopes (without ``replyto``) go through
+    :class:`~callcast.transport.RequestReply`: nothing is stored and there are no reply topics. A
+    request no server is listening for fails at once (:class:`~callcast.ServiceUnavailableError`).
+
 Over HTTP
     ``POST /rpc/<service>/<name>`` with the request's JSON; the answer's status and JSON body are the
     same as the broker reply's. Used by ``ctx.call`` when the app is given a URL for the service.
 
 Error bodies are ``{"error": "<type>", "detail": "<message>"}``; tracebacks never leave the process.
-RPC is at most once per call from the caller's view, except that a request whose server process dies
-mid-handler is redelivered to another server process while the deadline allows.
+RPC is at most once per call from the caller's view, except that, on topics, a request whose server
+process dies mid-handler is redelivered to another server process while the deadline allows (over a
+broker's own request/reply it is lost, and the caller times out; idempotent calls are retried, see
+:mod:`callcast.resilience`).
 """
 
 from __future__ import annotations
