@@ -4,14 +4,17 @@ Every broker takes a batch for about the price of one message (one pipeline, one
 one fsync), so a process whose handlers, requests and RPC calls each publish one envelope at a time
 gets the broker's batch throughput without asking for it:
 
-* a publish to an idle topic goes out at once, alone (no added latency at low load);
-* while a topic's publish is in flight, the publishes that arrive wait and go out together, as the
-  next batch (at most ``max_batch`` envelopes), when it returns.
+* while fewer than ``max_in_flight`` publishes of a topic are in flight, a publish goes out at once,
+  alone (no added latency at low load);
+* beyond that, the publishes that arrive wait and go out together, as one batch (at most
+  ``max_batch`` envelopes), as soon as an in-flight one returns.
 
 Contract (the seam's, unchanged for the caller): ``publish`` returns once the broker durably accepted
-the envelope; if it raises, the envelope may or may not have been stored (as for any batch). The
-envelopes of one topic reach the broker in the order their ``publish`` calls were made. A caller
-cancelled while its envelope is still waiting takes it out of the batch: it is not published.
+the envelope; if it raises, the envelope may or may not have been stored (as for any batch).
+Successive publishes of one task keep their order (each waits for the one before); publishes made
+concurrently may reach the broker in any order, as they may without coalescing (with
+``max_in_flight=1`` they keep the order of their calls). A caller cancelled while its envelope is
+still waiting takes it out of the batch: it is not published.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from callcast.envelope import Envelope
 from callcast.transport import Broker, Capabilities, RequestReply, Subscription
 
 DEFAULT_MAX_BATCH = 256
+DEFAULT_MAX_IN_FLIGHT = 4
 
 
 class _Waiting:
@@ -36,12 +40,12 @@ class _Waiting:
 
 
 class _Topic:
-    """One topic's queue of waiting publishes and whether a batch of it is in flight."""
+    """One topic's queue of waiting publishes and how many of its publishes are in flight."""
 
-    __slots__ = ("busy", "waiting")
+    __slots__ = ("in_flight", "waiting")
 
     def __init__(self) -> None:
-        self.busy = False
+        self.in_flight = 0
         self.waiting: deque[_Waiting] = deque()
 
 
@@ -50,8 +54,15 @@ class CoalescingBroker:
     topic (see the module doc); batches and publishes to one group pass straight through, and so
     does everything else. The runtime wraps the broker it connects with one of these."""
 
-    def __init__(self, broker: Broker, *, max_batch: int = DEFAULT_MAX_BATCH) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        *,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+    ) -> None:
         self.broker = broker
+        self.max_in_flight = max(1, max_in_flight)
         self.capabilities: Capabilities = broker.capabilities
         self.url: str = broker.url
         self.max_batch = max_batch
@@ -88,11 +99,12 @@ class CoalescingBroker:
         state = self._topics.get(topic)
         if state is None:
             state = self._topics[topic] = _Topic()
-        if not state.busy:
-            state.busy = True
+        if state.in_flight < self.max_in_flight and not state.waiting:
+            state.in_flight += 1
             try:
                 await self.broker.publish(topic, [envelope])
             finally:
+                state.in_flight -= 1
                 self._next(topic, state)
             return
         outcome: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -106,19 +118,19 @@ class CoalescingBroker:
             raise
 
     def _next(self, topic: str, state: _Topic) -> None:
-        """The in-flight batch of ``topic`` returned: send what waits, or mark the topic idle."""
-        batch: list[_Waiting] = []
-        while state.waiting and len(batch) < self.max_batch:
-            waiting = state.waiting.popleft()
-            if not waiting.outcome.cancelled():
-                batch.append(waiting)
-        if not batch:
-            state.busy = False
-            if not state.waiting:
-                self._topics.pop(topic, None)
-            return
-        task = asyncio.get_running_loop().create_task(self._send(topic, state, batch))
-        task.add_done_callback(_retrieve)
+        """A publish of ``topic`` returned: send what waits while there is room, or forget the topic."""
+        while state.waiting and state.in_flight < self.max_in_flight:
+            batch: list[_Waiting] = []
+            while state.waiting and len(batch) < self.max_batch:
+                waiting = state.waiting.popleft()
+                if not waiting.outcome.cancelled():
+                    batch.append(waiting)
+            if batch:
+                state.in_flight += 1
+                task = asyncio.get_running_loop().create_task(self._send(topic, state, batch))
+                task.add_done_callback(_retrieve)
+        if not state.in_flight and not state.waiting:
+            self._topics.pop(topic, None)
 
     async def _send(self, topic: str, state: _Topic, batch: list[_Waiting]) -> None:
         try:
@@ -136,6 +148,7 @@ class CoalescingBroker:
                 if not waiting.outcome.done():
                     waiting.outcome.set_result(None)
         finally:
+            state.in_flight -= 1
             self._next(topic, state)
 
 

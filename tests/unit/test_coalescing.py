@@ -50,7 +50,7 @@ async def received(broker: MemoryBroker, count: int) -> list[str]:
 
 async def test_publishes_made_while_one_is_in_flight_go_out_together_in_call_order() -> None:
     inner = Recording()
-    broker = CoalescingBroker(inner)
+    broker = CoalescingBroker(inner, max_in_flight=1)
     await inner.declare("T", "g")
     inner.gate.clear()  # the first publish stays in flight while the others arrive
     first = asyncio.create_task(broker.publish("T", [event("e0")]))
@@ -64,9 +64,24 @@ async def test_publishes_made_while_one_is_in_flight_go_out_together_in_call_ord
     assert await received(inner, 40) == [f"e{n}" for n in range(40)]
 
 
+async def test_up_to_max_in_flight_publishes_go_out_alone_then_the_rest_wait_and_batch() -> None:
+    inner = Recording()
+    broker = CoalescingBroker(inner, max_in_flight=3)
+    await inner.declare("T", "g")
+    inner.gate.clear()
+    tasks = [asyncio.create_task(broker.publish("T", [event(f"e{n}")])) for n in range(20)]
+    await asyncio.sleep(0)
+    assert inner.calls == [["e0"], ["e1"], ["e2"]]  # three in flight, the others wait
+    inner.gate.set()
+    await asyncio.gather(*tasks)
+    assert sorted(label for batch in inner.calls for label in batch) == sorted(f"e{n}" for n in range(20))
+    assert len(inner.calls) < 20  # the waiting ones went out in batches
+    assert sorted(await received(inner, 20)) == sorted(f"e{n}" for n in range(20))
+
+
 async def test_a_batch_never_exceeds_max_batch() -> None:
     inner = Recording()
-    broker = CoalescingBroker(inner, max_batch=8)
+    broker = CoalescingBroker(inner, max_batch=8, max_in_flight=1)
     await inner.declare("T", "g")
     inner.gate.clear()
     tasks = [asyncio.create_task(broker.publish("T", [event(f"e{n}")])) for n in range(30)]
@@ -79,7 +94,7 @@ async def test_a_batch_never_exceeds_max_batch() -> None:
 
 async def test_a_failed_batch_fails_each_of_its_callers_and_the_next_batch_goes_out() -> None:
     inner = Recording()
-    broker = CoalescingBroker(inner)
+    broker = CoalescingBroker(inner, max_in_flight=1)
     await inner.declare("T", "g")
     inner.gate.clear()
     first = asyncio.create_task(broker.publish("T", [event("ok")]))
@@ -97,7 +112,7 @@ async def test_a_failed_batch_fails_each_of_its_callers_and_the_next_batch_goes_
 
 async def test_a_caller_cancelled_while_waiting_takes_its_envelope_out() -> None:
     inner = Recording()
-    broker = CoalescingBroker(inner)
+    broker = CoalescingBroker(inner, max_in_flight=1)
     await inner.declare("T", "g")
     inner.gate.clear()
     first = asyncio.create_task(broker.publish("T", [event("e0")]))
@@ -116,7 +131,7 @@ async def test_a_caller_cancelled_while_waiting_takes_its_envelope_out() -> None
 
 async def test_batches_and_publishes_to_one_group_pass_straight_through() -> None:
     inner = Recording()
-    broker = CoalescingBroker(inner)
+    broker = CoalescingBroker(inner, max_in_flight=1)
     await inner.declare("T", "g")
     await broker.publish("T", [event("a"), event("b")])
     await broker.publish("T", [event("c")], group="g")
