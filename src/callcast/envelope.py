@@ -148,23 +148,30 @@ class Envelope:
             self.dataschema,
         )
 
-    def headers(self) -> dict[str, str]:
-        """The binary-mode headers: ``ce-*`` attributes and extensions, plus ``content-type``."""
-        headers = {
-            "ce-specversion": SPEC_VERSION,
-            "ce-id": self.id,
-            "ce-type": self.type,
-            "ce-source": self.source,
-            "ce-time": self.time,
-            "content-type": self.datacontenttype,
+    def attributes(self) -> dict[str, str]:
+        """Every attribute that is set, by its CloudEvents name (``datacontenttype`` included),
+        extensions last; the data aside."""
+        attributes = {
+            "specversion": SPEC_VERSION,
+            "id": self.id,
+            "source": self.source,
+            "type": self.type,
+            "time": self.time,
+            "datacontenttype": self.datacontenttype,
         }
         if self.subject is not None:
-            headers["ce-subject"] = self.subject
+            attributes["subject"] = self.subject
         if self.dataschema is not None:
-            headers["ce-dataschema"] = self.dataschema
-        for name, value in self.extensions.items():
-            headers[HEADER_PREFIX + name] = value
-        return headers
+            attributes["dataschema"] = self.dataschema
+        attributes.update(self.extensions)
+        return attributes
+
+    def headers(self) -> dict[str, str]:
+        """The binary-mode headers: ``ce-*`` attributes and extensions, plus ``content-type``."""
+        return {
+            ("content-type" if name == "datacontenttype" else HEADER_PREFIX + name): value
+            for name, value in self.attributes().items()
+        }
 
     @classmethod
     def from_headers(cls, headers: Mapping[str, str], data: bytes) -> Envelope:
@@ -238,19 +245,7 @@ STRUCTURED = "application/cloudevents+json"
 def to_structured(envelope: Envelope) -> bytes:
     """The event in the CloudEvents JSON format (structured mode), its data as ``data_base64``
     (byte for byte, whatever its content type). For transports where headers are costly."""
-    document: dict[str, str] = {
-        "specversion": SPEC_VERSION,
-        "id": envelope.id,
-        "source": envelope.source,
-        "type": envelope.type,
-        "time": envelope.time,
-        "datacontenttype": envelope.datacontenttype,
-    }
-    if envelope.subject is not None:
-        document["subject"] = envelope.subject
-    if envelope.dataschema is not None:
-        document["dataschema"] = envelope.dataschema
-    document.update(envelope.extensions)
+    document = envelope.attributes()
     document["data_base64"] = base64.b64encode(envelope.data).decode("ascii")
     return orjson.dumps(document)
 

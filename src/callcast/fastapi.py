@@ -42,12 +42,10 @@ from callcast.context import Context
 from callcast.correlation import accept
 from callcast.exceptions import (
     CallError,
-    CallTimeoutError,
     ConfigurationError,
     HTTPError,
-    ServiceUnavailableError,
 )
-from callcast.http import error_response, service_routes
+from callcast.http import call_error_status, error_response, service_routes
 from callcast.rpc import CORRELATION_HEADER
 from callcast.runtime import Runtime
 from callcast.transport import Broker
@@ -128,14 +126,8 @@ async def _http_error(request: Request, error: Exception) -> Response:
 
 
 async def _call_error(request: Request, error: Exception) -> Response:
-    status = (
-        504
-        if isinstance(error, CallTimeoutError)
-        else 503
-        if isinstance(error, ServiceUnavailableError)
-        else 502
-    )
-    return error_response(status, str(error))
+    assert isinstance(error, CallError)
+    return error_response(call_error_status(error), str(error))
 
 
 def _describe(api: FastAPI, ours: dict[str, Any]) -> None:

@@ -142,14 +142,7 @@ async def _answer(route: ServiceRoute, returns: TypeAdapter[Any] | None, kwargs:
     except HTTPError as error:
         return error_response(error.status, error.detail)
     except CallError as error:
-        status = (
-            504
-            if isinstance(error, CallTimeoutError)
-            else 503
-            if isinstance(error, ServiceUnavailableError)
-            else 502
-        )
-        return error_response(status, str(error))
+        return error_response(call_error_status(error), str(error))
     except ClaimLostError:
         raise
     except Exception:
@@ -160,6 +153,14 @@ async def _answer(route: ServiceRoute, returns: TypeAdapter[Any] | None, kwargs:
     if returns is None:
         return Response(status_code=204 if route.status_code == 200 else route.status_code)
     return Response(returns.dump_json(result), status_code=route.status_code, media_type=JSON_TYPE)
+
+
+def call_error_status(error: CallError) -> int:
+    """The status a route answers when a call it made failed: 504 timeout, 503 unavailable (an open
+    circuit or a full bulkhead included), 502 a remote error."""
+    if isinstance(error, CallTimeoutError):
+        return 504
+    return 503 if isinstance(error, ServiceUnavailableError) else 502
 
 
 def _echo(response: Response, correlation_id: str) -> Response:
