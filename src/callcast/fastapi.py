@@ -45,8 +45,8 @@ from callcast.exceptions import (
     ConfigurationError,
     HTTPError,
 )
-from callcast.http import call_error_status, error_response, service_routes
-from callcast.rpc import CORRELATION_HEADER
+from callcast.http import error_response, service_routes
+from callcast.rpc import CORRELATION_HEADER, call_error_status
 from callcast.runtime import Runtime
 from callcast.transport import Broker
 

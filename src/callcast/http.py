@@ -41,9 +41,7 @@ from callcast.correlation import accept
 from callcast.envelope import new_id
 from callcast.exceptions import (
     CallError,
-    CallTimeoutError,
     HTTPError,
-    ServiceUnavailableError,
 )
 from callcast.idempotency import (
     KEY_HEADER,
@@ -56,7 +54,7 @@ from callcast.idempotency import (
     fingerprint,
 )
 from callcast.openapi import document
-from callcast.rpc import CORRELATION_HEADER, DEADLINE_HEADER, execute
+from callcast.rpc import CORRELATION_HEADER, DEADLINE_HEADER, call_error_status, execute
 from callcast.service import Route as ServiceRoute
 from callcast.service import RpcEndpoint
 
@@ -153,14 +151,6 @@ async def _answer(route: ServiceRoute, returns: TypeAdapter[Any] | None, kwargs:
     if returns is None:
         return Response(status_code=204 if route.status_code == 200 else route.status_code)
     return Response(returns.dump_json(result), status_code=route.status_code, media_type=JSON_TYPE)
-
-
-def call_error_status(error: CallError) -> int:
-    """The status a route answers when a call it made failed: 504 timeout, 503 unavailable (an open
-    circuit or a full bulkhead included), 502 a remote error."""
-    if isinstance(error, CallTimeoutError):
-        return 504
-    return 503 if isinstance(error, ServiceUnavailableError) else 502
 
 
 def _echo(response: Response, correlation_id: str) -> Response:

@@ -62,9 +62,16 @@ Req = TypeVar("Req", bound=BaseModel)
 Resp = TypeVar("Resp")
 
 REPLY_TYPE = "callcast.reply"
-DEFAULT_TIMEOUT = 10.0
 DEADLINE_HEADER = "x-callcast-deadline"
 CORRELATION_HEADER = "x-correlation-id"
+
+
+def call_error_status(error: CallError) -> int:
+    """The status a route or endpoint answers when a call it made failed: 504 timeout, 503
+    unavailable (an open circuit or a full bulkhead included), 502 a remote error."""
+    if isinstance(error, CallTimeoutError):
+        return 504
+    return 503 if isinstance(error, ServiceUnavailableError) else 502
 
 
 def error_body(kind: str, detail: str) -> bytes:
@@ -89,9 +96,8 @@ async def execute(endpoint: RpcEndpoint[Any, Any], data: bytes, ctx: Context) ->
         return error.status, error_body("HTTPError", error.detail)
     except TimeoutError:
         return 504, error_body("CallTimeoutError", "deadline exceeded")
-    except CallError as error:
-        status = 504 if isinstance(error, CallTimeoutError) else 502
-        return status, error_body(type(error).__name__, str(error))
+    except CallError as error:  # a call the endpoint made failed
+        return call_error_status(error), error_body(type(error).__name__, str(error))
     except Exception as error:
         log.exception("RPC %s.%s failed", endpoint.service, endpoint.name)
         return 500, error_body(type(error).__name__, "internal error")

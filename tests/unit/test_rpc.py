@@ -18,6 +18,7 @@ from callcast import (
     ServiceUnavailableError,
 )
 from callcast import Service as Svc
+from callcast.rpc import execute
 from tests.unit.conftest import StartApp
 
 
@@ -135,3 +136,23 @@ async def test_unreachable_http_service_is_service_unavailable(start: StartApp) 
     caller = await start(app, services=["front"], service_urls={"calc": "http://127.0.0.1:9"})
     with pytest.raises(ServiceUnavailableError):
         await caller.context("front").call(add, Add(a=1, b=2), timeout=2)
+
+
+gateway = Svc("gateway")
+
+
+class Probe(BaseModel):
+    n: int
+
+
+@gateway.rpc
+async def forward(request: Probe, ctx: Context) -> Probe:
+    raise ServiceUnavailableError("call to downstream.work: connection refused", target="downstream.work")
+
+
+async def test_an_endpoint_whose_own_call_found_no_one_answers_503_not_502(start: StartApp) -> None:
+    """A callee that could not reach *its* callee is unavailable, not broken: 503 (retryable)."""
+    runtime = await start(App([gateway], name="relay"))
+    status, body = await execute(forward, b'{"n": 1}', runtime.context("gateway"))
+    assert status == 503
+    assert b"connection refused" in body
