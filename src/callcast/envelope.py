@@ -53,14 +53,16 @@ _VALID_NAMES: set[str] = set()
 """Extension names already checked (a handful in practice): the check runs once per name."""
 
 
-def _check_extension_name(name: str) -> None:
+def _is_extension_name(name: str) -> bool:
+    """Whether ``name`` can name an extension: 1-20 lower-case letters or digits, not a core
+    attribute. Remembered for names that can."""
+    if name in _VALID_NAMES:
+        return True
     if name in _CORE or not _EXTENSION_NAME.fullmatch(name):
-        raise ValueError(
-            f"invalid CloudEvents extension name {name!r}: 1-20 lower-case letters or digits, "
-            "not a core attribute"
-        )
+        return False
     if len(_VALID_NAMES) < 1024:
         _VALID_NAMES.add(name)
+    return True
 
 
 _RANDOM_BATCH = 16 * 256
@@ -113,8 +115,11 @@ class Envelope:
 
     def __post_init__(self) -> None:
         for name in self.extensions:
-            if name not in _VALID_NAMES:
-                _check_extension_name(name)
+            if not _is_extension_name(name):
+                raise ValueError(
+                    f"invalid CloudEvents extension name {name!r}: 1-20 lower-case letters or digits, "
+                    "not a core attribute"
+                )
 
     @property
     def correlation_id(self) -> str | None:
@@ -227,7 +232,7 @@ def _header_kind(raw_name: str) -> tuple[int, str]:
         attribute = name[len(HEADER_PREFIX) :]
         if attribute in _CORE:
             kind = (_CORE_ATTRIBUTE, attribute)
-        elif _EXTENSION_NAME.fullmatch(attribute):
+        elif _is_extension_name(attribute):
             kind = (_EXTENSION, attribute)
         else:
             kind = (_INVALID, attribute)
@@ -236,10 +241,6 @@ def _header_kind(raw_name: str) -> tuple[int, str]:
     if len(_HEADER_KINDS) < 4096 and kind[0] != _INVALID:
         _HEADER_KINDS[raw_name] = kind
     return kind
-
-
-STRUCTURED = "application/cloudevents+json"
-"""The media type of the structured content mode: the whole event as one JSON document."""
 
 
 def to_structured(envelope: Envelope) -> bytes:
@@ -266,7 +267,7 @@ def structured_or_quarantine(body: bytes) -> Envelope:
         text = value if isinstance(value, str) else str(value)
         if name in _CORE:
             attributes[name] = text
-        elif name in _VALID_NAMES or _EXTENSION_NAME.fullmatch(name):
+        elif _is_extension_name(name):
             extensions[name] = text
         else:
             return decode_or_quarantine({}, body, reason=f"invalid CloudEvents extension name {name!r}")
