@@ -131,15 +131,11 @@ class Consumer:
     async def _isolated(self, delivery: Delivery, suspect: bool) -> None:
         """A suspect runs alone, named in this process's crash marker; the others share."""
         if not suspect:
-            isolation = self._isolation
-            if isolation.enter_shared_now():  # nothing runs alone: no lock, no wait
-                try:
-                    await self._process(delivery, suspect=False)
-                finally:
-                    await isolation.leave_shared()
-                return
-            async with isolation.shared():
+            await self._isolation.enter_shared()  # no async context manager: this is the hot path
+            try:
                 await self._process(delivery, suspect=False)
+            finally:
+                await self._isolation.leave_shared()
             return
         assert self._crashes is not None
         async with self._isolation.alone():

@@ -175,13 +175,13 @@ class Isolation:
         self._alone = False
         self._waiting_alone = 0
 
-    def enter_shared_now(self) -> bool:
-        """Start a shared run at once if nothing runs or waits to run alone (then end it with
-        :meth:`leave_shared`); ``False``: use :meth:`shared`, which waits."""
+    async def enter_shared(self) -> None:
+        """Start a shared run (end it with :meth:`leave_shared`): at once, without the lock, when
+        nothing runs or waits to run alone; else once the suspects are done."""
         if self._alone or self._waiting_alone:
-            return False
+            async with self._changed:
+                await self._changed.wait_for(lambda: not self._alone and not self._waiting_alone)
         self._running += 1
-        return True
 
     async def leave_shared(self) -> None:
         self._running -= 1
@@ -191,10 +191,7 @@ class Isolation:
 
     @contextlib.asynccontextmanager
     async def shared(self) -> AsyncIterator[None]:
-        if not self.enter_shared_now():
-            async with self._changed:
-                await self._changed.wait_for(lambda: not self._alone and not self._waiting_alone)
-            self._running += 1
+        await self.enter_shared()
         try:
             yield
         finally:
