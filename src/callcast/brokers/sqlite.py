@@ -131,12 +131,12 @@ def parse_url(url: str) -> tuple[Path, dict[str, str]]:
 
 @dataclass(eq=False)
 class _Settles:
-    """The acks and nacks of one loop turn, written by one op."""
+    """The acks and nacks of one loop turn, and the task that writes them in one op."""
 
-    done: asyncio.Future[None]
     acks: list[tuple[str, int, str]] = field(default_factory=list)
     nacks: list[tuple[float, str, int, str]] = field(default_factory=list)
     groups: set[str] = field(default_factory=set)
+    written: asyncio.Task[None] | None = None
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:
@@ -455,10 +455,11 @@ class SqliteBroker:
         """Ack (``delay`` None) or nack one delivery. The settles of one loop turn share one op
         (one statement per kind), so a busy consumer costs the writer one op per turn, not per
         message."""
-        if self._settling is None:
-            self._settling = _Settles(asyncio.get_running_loop().create_future())
-            asyncio.get_running_loop().call_soon(self._flush_settles)
         batch = self._settling
+        if batch is None:  # the first settle of this loop turn: its task writes the turn's settles
+            batch = self._settling = _Settles()
+            batch.written = asyncio.get_running_loop().create_task(self._write_settles(batch))
+            batch.written.add_done_callback(_retrieve)
         if delay is None:
             batch.acks.append((group, seq, owner))
         else:
@@ -466,12 +467,13 @@ class SqliteBroker:
             if delay and self._loop is not None:
                 self._loop.call_later(delay, self._wake_group, group)
         batch.groups.add(group)
-        await asyncio.shield(batch.done)
+        assert batch.written is not None
+        await asyncio.shield(batch.written)
 
-    def _flush_settles(self) -> None:
-        batch, self._settling = self._settling, None
-        if batch is None:
-            return
+    async def _write_settles(self, batch: _Settles) -> None:
+        """Starts once the loop turn that opened ``batch`` is over; writes its settles in one op."""
+        if self._settling is batch:
+            self._settling = None
 
         def settle(conn: sqlite3.Connection) -> None:
             if batch.acks:
@@ -483,27 +485,13 @@ class SqliteBroker:
                     batch.nacks,
                 )
 
-        async def run() -> None:
-            try:
-                await self._run(settle)
-            except BaseException as error:
-                if not batch.done.done():
-                    batch.done.set_exception(
-                        error
-                        if isinstance(error, Exception)
-                        else TransportError("sqlite broker: settling was interrupted")
-                    )
-                raise
-            else:
-                if not batch.done.done():
-                    batch.done.set_result(None)
-            finally:
-                for group in batch.groups:
-                    self._wake_group(group)
-
-        task = asyncio.get_running_loop().create_task(run())
-        task.add_done_callback(_retrieve)
-        batch.done.add_done_callback(_retrieve)
+        try:
+            await self._run(settle)
+        except asyncio.CancelledError:  # the loop is going away: the waiters learn it as a failure
+            raise TransportError("sqlite broker: settling was interrupted") from None
+        finally:
+            for group in batch.groups:
+                self._wake_group(group)
 
     async def _release(
         self, owner: str, group: str, topic: str, ephemeral: bool, never_handed_out: list[int]
