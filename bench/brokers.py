@@ -10,12 +10,12 @@ sweep per broker, by prefix, removes all of it, also after a trial that was kill
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import socket
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+
+from callcast.testing.sweep import sweep_nats, sweep_postgres, sweep_rabbitmq, sweep_redis
 
 HOST = "127.0.0.1"
 RABBITMQ_URL = f"amqp://guest:guest@{HOST}:5672/"
@@ -72,89 +72,10 @@ def callcast_url(broker: str, namespace: str, workdir: Path) -> str:
 async def sweep(broker: str, prefix: str) -> None:
     """Delete what trials created on ``broker`` under namespaces starting with ``prefix``."""
     if broker == "rabbitmq":
-        await _sweep_rabbitmq(prefix)
+        await sweep_rabbitmq(RABBITMQ_URL, prefix)
     elif broker == "nats":
-        await _sweep_nats(prefix)
+        await sweep_nats(NATS_URL, prefix)
     elif broker == "redis":
-        await _sweep_redis(prefix)
+        await sweep_redis(REDIS_URL, prefix)
     elif broker == "postgres":
-        await _sweep_postgres(prefix)
-
-
-def _rabbitmq_names(kind: str, prefix: str) -> list[str]:
-    try:
-        listing = subprocess.run(
-            ["rabbitmqctl", f"list_{kind}", "--quiet", "--no-table-headers", "name"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return []
-    return [line.split("\t")[0] for line in listing.stdout.splitlines() if line.startswith(prefix)]
-
-
-async def _sweep_rabbitmq(prefix: str) -> None:
-    import aio_pika
-    import aiormq
-
-    queues = await asyncio.to_thread(_rabbitmq_names, "queues", prefix)
-    exchanges = await asyncio.to_thread(_rabbitmq_names, "exchanges", prefix)
-    connection = await aio_pika.connect(RABBITMQ_URL, timeout=10)
-    try:
-        for name in queues:
-            channel = await connection.channel()
-            with contextlib.suppress(aiormq.exceptions.AMQPError):
-                await channel.queue_delete(name)
-            with contextlib.suppress(aiormq.exceptions.AMQPError, RuntimeError):
-                await channel.close()
-        channel = await connection.channel()
-        for name in exchanges:
-            with contextlib.suppress(aiormq.exceptions.AMQPError):
-                await channel.exchange_delete(name)
-    finally:
-        await connection.close()
-
-
-async def _sweep_nats(prefix: str) -> None:
-    import nats
-    import nats.js.errors
-
-    nc = await nats.connect(NATS_URL, allow_reconnect=False, connect_timeout=2)
-    try:
-        js = nc.jetstream(timeout=5)
-        names = [info.config.name for info in await js.streams_info()]
-        upper = prefix.upper()
-        for name in names:
-            if name and (name.startswith(upper) or name.startswith(f"KV_{upper}")):
-                with contextlib.suppress(nats.js.errors.NotFoundError):
-                    await js.delete_stream(name)
-    finally:
-        await nc.close()
-
-
-async def _sweep_redis(prefix: str) -> None:
-    import redis.asyncio
-
-    client = redis.asyncio.Redis.from_url(REDIS_URL)
-    try:
-        keys = [key async for key in client.scan_iter(match=f"{prefix}*", count=1000)]
-        for start in range(0, len(keys), 500):
-            await client.delete(*keys[start : start + 500])
-    finally:
-        await client.aclose()
-
-
-async def _sweep_postgres(prefix: str) -> None:
-    import asyncpg
-
-    conn = await asyncpg.connect(POSTGRES_DSN, timeout=10)
-    try:
-        schemas = await conn.fetch(
-            "SELECT nspname FROM pg_namespace WHERE nspname LIKE $1", prefix.replace("_", r"\_") + "%"
-        )
-        for record in schemas:
-            await conn.execute(f'DROP SCHEMA IF EXISTS "{record["nspname"]}" CASCADE')
-    finally:
-        await conn.close()
+        await sweep_postgres(POSTGRES_DSN, prefix)

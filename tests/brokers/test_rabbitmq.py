@@ -12,7 +12,6 @@ restart while the node and its quorum queues stay; it is the only test that does
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import re
 import shutil
@@ -41,6 +40,7 @@ from callcast.brokers.rabbitmq import (
 from callcast.envelope import UNDECODABLE_TYPE, Envelope
 from callcast.exceptions import BrokerUnavailableError, ConfigurationError, TransportError
 from callcast.testing import BrokerConformance
+from callcast.testing.sweep import sweep_rabbitmq
 from callcast.transport import Broker, Capabilities
 from tests.brokers.conftest import require_server, server_is_up
 
@@ -91,25 +91,6 @@ def _names(kind: str) -> list[str]:
     ]
 
 
-async def _delete_run_topology() -> None:
-    """Delete every queue and exchange whose name starts with this run's prefix."""
-    queues = [name for name in await asyncio.to_thread(_names, "queues") if name.startswith(RUN)]
-    exchanges = [name for name in await asyncio.to_thread(_names, "exchanges") if name.startswith(RUN)]
-    connection = await aio_pika.connect(RAW_URL)
-    try:
-        for name in queues:
-            channel = await connection.channel()
-            with contextlib.suppress(aiormq.exceptions.AMQPError):
-                await channel.queue_delete(name)
-            with contextlib.suppress(aiormq.exceptions.AMQPError, RuntimeError):
-                await channel.close()
-        channel = await connection.channel()
-        for name in exchanges:
-            await channel.exchange_delete(name)
-    finally:
-        await connection.close()
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _run_namespace() -> Iterator[None]:
     """The server must be up; when the module ends, the app runs again and this run's names are gone."""
@@ -118,7 +99,7 @@ def _run_namespace() -> Iterator[None]:
     if _app_stopped:
         _start_app()
     if RABBITMQCTL is not None:
-        asyncio.run(_delete_run_topology())
+        asyncio.run(sweep_rabbitmq(RAW_URL, RUN))
 
 
 @pytest.fixture
