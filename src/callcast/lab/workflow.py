@@ -55,11 +55,15 @@ HANDLER_RETRY = RetryPolicy(max_attempts=8, base_delay=0.05, max_delay=0.5)
 ORDER_ID_PATTERN = r"^[a-z0-9-]{1,64}$"
 
 
-class PlaceOrder(BaseModel):
-    """The user's request. The client chooses the order id, so every request can be followed."""
+class _Order(BaseModel):
+    """What every message about an order carries, validated the same way everywhere."""
 
     order_id: str = Field(pattern=ORDER_ID_PATTERN)
     amount_cents: int = Field(ge=0, le=10_000_000)
+
+
+class PlaceOrder(_Order):
+    """The user's request. The client chooses the order id, so every request can be followed."""
 
 
 class OrderAnswer(BaseModel):
@@ -68,16 +72,12 @@ class OrderAnswer(BaseModel):
     """``placed`` (every effect done) or ``accepted`` (some effects will follow)."""
 
 
-class OrderPlaced(BaseModel):
+class OrderPlaced(_Order):
     """The event the event-driven paths react to."""
 
-    order_id: str = Field(pattern=ORDER_ID_PATTERN)
-    amount_cents: int = Field(ge=0, le=10_000_000)
 
-
-class EffectRequest(BaseModel):
-    order_id: str = Field(pattern=ORDER_ID_PATTERN)
-    amount_cents: int = Field(ge=0, le=10_000_000)
+class EffectRequest(_Order):
+    """A synchronous call to one downstream effect."""
 
 
 class EffectDone(BaseModel):
