@@ -23,16 +23,18 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import orjson
 from pydantic import TypeAdapter, ValidationError
 from starlette.applications import Starlette
+from starlette.datastructures import QueryParams
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
+from starlette.types import Receive, Scope, Send
 
 from callcast import correlation
 from callcast.binding import Param
@@ -63,11 +65,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("callcast.http")
 JSON_TYPE = "application/json"
-_CORRELATION_HEADER_BYTES = CORRELATION_HEADER.encode()
+_CORRELATION_HEADER_BYTES = CORRELATION_HEADER.lower().encode()
+_KEY_HEADER_BYTES = KEY_HEADER.lower().encode()
+_DEADLINE_HEADER_BYTES = DEADLINE_HEADER.lower().encode()
 
 
 class BodyTooLarge(Exception):
     pass
+
+
+class ClientGone(Exception):
+    """The client disconnected before its request body arrived."""
 
 
 def json_response(status: int, payload: Any) -> Response:
@@ -78,45 +86,54 @@ def error_response(status: int, detail: Any) -> Response:
     return json_response(status, {"detail": detail})
 
 
-async def read_body(request: Request, limit: int = MAX_MESSAGE_BYTES) -> bytes:
-    """The request body, refusing (:class:`BodyTooLarge`) more than ``limit`` bytes, declared or sent."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit():
-        if int(declared) > limit:
-            raise BodyTooLarge
-        # The HTTP server holds the body to its declared length, so it can be read whole.
-        return await request.body()
+def _too_large() -> Response:
+    return error_response(413, f"request body exceeds {MAX_MESSAGE_BYTES} bytes")
+
+
+async def receive_body(receive: Receive, declared: bytes | None, limit: int = MAX_MESSAGE_BYTES) -> bytes:
+    """The request body, refusing (:class:`BodyTooLarge`) more than ``limit`` bytes, declared in
+    ``Content-Length`` or sent; :class:`ClientGone` if the client left first."""
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            raise ClientGone
+        chunk: bytes = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             raise BodyTooLarge
+        if not message.get("more_body", False):
+            if not chunks:
+                return chunk
+            chunks.append(chunk)
+            return b"".join(chunks)
         chunks.append(chunk)
-    return b"".join(chunks)
 
 
-async def _bind(
-    params: list[Param], request: Request, body: bytes | None
-) -> tuple[dict[str, Any], list[dict[str, Any]]] | Response:
-    """The route function's arguments except its context, and the field errors; or a 413 answer.
-    ``body``: the request body if already read."""
+def _bind(params: list[Param], scope: Scope, body: bytes) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The route function's arguments except its context, and the field errors."""
     kwargs: dict[str, Any] = {}
     errors: list[dict[str, Any]] = []
+    query: QueryParams | None = None
     for param in params:
         if param.kind == "context":
             continue
         if param.kind == "body":
             assert param.model is not None
             try:
-                data = body if body is not None else await read_body(request)
-                kwargs[param.name] = param.model.model_validate_json(data)
-            except BodyTooLarge:
-                return error_response(413, f"request body exceeds {MAX_MESSAGE_BYTES} bytes")
+                kwargs[param.name] = param.model.model_validate_json(body)
             except ValidationError as error:
                 errors.extend({**item, "loc": ["body", *item["loc"]]} for item in field_errors(error))
             continue
-        source = request.path_params if param.kind == "path" else request.query_params
+        if param.kind == "path":
+            source: Mapping[str, Any] = scope["path_params"]
+        else:
+            if query is None:
+                query = QueryParams(scope["query_string"])
+            source = query
         if param.name not in source:
             if param.default is inspect.Parameter.empty:
                 errors.append({"loc": [param.kind, param.name], "msg": "Field required", "type": "missing"})
@@ -153,112 +170,135 @@ async def _answer(route: ServiceRoute, returns: TypeAdapter[Any] | None, kwargs:
     return Response(returns.dump_json(result), status_code=route.status_code, media_type=JSON_TYPE)
 
 
-def _echo(response: Response, correlation_id: str) -> Response:
-    response.raw_headers.append((_CORRELATION_HEADER_BYTES, correlation_id.encode()))
-    return response
+def _correlation_id(headers: dict[bytes, bytes]) -> str | None:
+    """The request's acceptable ``X-Correlation-Id``, or ``None``."""
+    value = headers.get(_CORRELATION_HEADER_BYTES)
+    return accept(value.decode("latin-1")) if value is not None else None
 
 
-def _make_endpoint(runtime: Runtime, route: ServiceRoute) -> Callable[[Request], Awaitable[Response]]:
-    params, returns = route.binding
-    context_names = [param.name for param in params if param.kind == "context"]
-
-    async def endpoint(request: Request) -> Response:
-        ctx = runtime.context(route.service, correlation_id=accept(request.headers.get(CORRELATION_HEADER)))
-        bound = await _bind(params, request, None)
-        if isinstance(bound, Response):
-            return _echo(bound, ctx.correlation_id)
-        kwargs, errors = bound
-        if errors:
-            return _echo(error_response(422, errors), ctx.correlation_id)
-        for name in context_names:
-            kwargs[name] = ctx
-        return _echo(await _answer(route, returns, kwargs), ctx.correlation_id)
-
-    endpoint.__name__ = route.fn.__name__
-    if route.idempotency is None:
-        return endpoint
-    return _make_idempotent_endpoint(runtime, route, endpoint, route.idempotency)
+def _bound_correlation_id(headers: dict[bytes, bytes]) -> str:
+    """The request's correlation id (a new one if it brought none acceptable), made the task's."""
+    correlation_id = _correlation_id(headers) or new_id()
+    correlation.bind(correlation_id)
+    return correlation_id
 
 
-def _make_idempotent_endpoint(
-    runtime: Runtime,
-    route: ServiceRoute,
-    plain: Callable[[Request], Awaitable[Response]],
-    policy: IdempotencyPolicy,
-) -> Callable[[Request], Awaitable[Response]]:
-    """``plain`` for requests without a key; with one, at most one run per key (see
-    :mod:`callcast.idempotency`)."""
-    params, returns = route.binding
-    context_names = [param.name for param in params if param.kind == "context"]
-    reads_body = any(param.kind == "body" for param in params)
-    guard = IdempotencyGuard(
-        route.service, f"{route.method} {route.path}", policy, lambda: runtime.database(route.service)
-    )
+class _Endpoint:
+    """A route or RPC endpoint as a plain ASGI app (no per-request Starlette ``Request``): the
+    headers looked at once, the answer sent with ``X-Correlation-Id``; nothing is sent to a client
+    that left before its body arrived."""
 
-    async def endpoint(request: Request) -> Response:
-        rejected: KeyRejectedError | None = None
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            key = check_key(request.headers.get(KEY_HEADER), policy)
-        except KeyRejectedError as error:
-            key, rejected = None, error
-        else:
-            if key is None:
-                return await plain(request)
-        correlation_id = accept(request.headers.get(CORRELATION_HEADER)) or new_id()
-        correlation.bind(correlation_id)
-        if rejected is not None:
-            return _echo(error_response(400, str(rejected)), correlation_id)
-        assert key is not None
+            response, correlation_id = await self.respond(scope, receive, dict(scope["headers"]))
+        except ClientGone:
+            return
+        response.raw_headers.append((_CORRELATION_HEADER_BYTES, correlation_id.encode()))
+        await response(scope, receive, send)
+
+    async def respond(
+        self, scope: Scope, receive: Receive, headers: dict[bytes, bytes]
+    ) -> tuple[Response, str]:
+        """The answer and the correlation id of the request; ``headers`` by lower-case name."""
+        raise NotImplementedError
+
+
+class _RouteEndpoint(_Endpoint):
+    """A service's route: the body read whole (bounded), the arguments bound, the function run."""
+
+    def __init__(self, runtime: Runtime, route: ServiceRoute) -> None:
+        self.runtime = runtime
+        self.route = route
+        self.params, self.returns = route.binding
+        self.context_names = [param.name for param in self.params if param.kind == "context"]
+        self.reads_body = any(param.kind == "body" for param in self.params)
+
+    async def respond(
+        self, scope: Scope, receive: Receive, headers: dict[bytes, bytes]
+    ) -> tuple[Response, str]:
+        ctx = self.runtime.context(self.route.service, correlation_id=_correlation_id(headers))
         try:
-            body = await read_body(request) if reads_body else b""
+            body = await receive_body(receive, headers.get(b"content-length")) if self.reads_body else b""
         except BodyTooLarge:
-            return _echo(
-                error_response(413, f"request body exceeds {MAX_MESSAGE_BYTES} bytes"), correlation_id
-            )
-        bound = await _bind(params, request, body)
-        if isinstance(bound, Response):
-            return _echo(bound, correlation_id)
-        kwargs, errors = bound
+            return _too_large(), ctx.correlation_id
+        kwargs, errors = _bind(self.params, scope, body)
         if errors:
-            return _echo(error_response(422, errors), correlation_id)
+            return error_response(422, errors), ctx.correlation_id
+        for name in self.context_names:
+            kwargs[name] = ctx
+        return await _answer(self.route, self.returns, kwargs), ctx.correlation_id
+
+
+class _IdempotentRouteEndpoint(_RouteEndpoint):
+    """A route declared with ``idempotency=``: without ``Idempotency-Key`` a plain route; with one,
+    at most one run per key (see :mod:`callcast.idempotency`)."""
+
+    def __init__(self, runtime: Runtime, route: ServiceRoute, policy: IdempotencyPolicy) -> None:
+        super().__init__(runtime, route)
+        self.policy = policy
+        self.guard = IdempotencyGuard(
+            route.service, f"{route.method} {route.path}", policy, lambda: runtime.database(route.service)
+        )
+
+    async def respond(
+        self, scope: Scope, receive: Receive, headers: dict[bytes, bytes]
+    ) -> tuple[Response, str]:
+        raw_key = headers.get(_KEY_HEADER_BYTES)
+        try:
+            key = check_key(None if raw_key is None else raw_key.decode("latin-1"), self.policy)
+        except KeyRejectedError as error:
+            return error_response(400, str(error)), _bound_correlation_id(headers)
+        if key is None:
+            return await super().respond(scope, receive, headers)
+        correlation_id = _bound_correlation_id(headers)
+        try:
+            body = await receive_body(receive, headers.get(b"content-length")) if self.reads_body else b""
+        except BodyTooLarge:
+            return _too_large(), correlation_id
+        kwargs, errors = _bind(self.params, scope, body)
+        if errors:
+            return error_response(422, errors), correlation_id
 
         async def execute(claim: Claim) -> Response:
-            ctx = claim.context(runtime, route.service, correlation_id)
-            for name in context_names:
+            ctx = claim.context(self.runtime, self.route.service, correlation_id)
+            for name in self.context_names:
                 kwargs[name] = ctx
-            return await _answer(route, returns, kwargs)
+            return await _answer(self.route, self.returns, kwargs)
 
-        signature = fingerprint(route.method, request.url.path, request.url.query, body)
-        return _echo(await guard.run(key, signature, execute), correlation_id)
-
-    endpoint.__name__ = route.fn.__name__
-    return endpoint
+        query = scope["query_string"].decode("latin-1")
+        signature = fingerprint(self.route.method, scope["path"], query, body)
+        return await self.guard.run(key, signature, execute), correlation_id
 
 
-def _make_rpc_endpoint(
-    runtime: Runtime, rpc: RpcEndpoint[Any, Any]
-) -> Callable[[Request], Awaitable[Response]]:
-    async def endpoint(request: Request) -> Response:
+class _RpcEndpoint(_Endpoint):
+    """``POST /rpc/<service>/<name>``: an RPC endpoint over HTTP; ``X-Callcast-Deadline`` (UNIX
+    time) is the caller's deadline."""
+
+    def __init__(self, runtime: Runtime, rpc: RpcEndpoint[Any, Any]) -> None:
+        self.runtime = runtime
+        self.rpc = rpc
+
+    async def respond(
+        self, scope: Scope, receive: Receive, headers: dict[bytes, bytes]
+    ) -> tuple[Response, str]:
+        correlation_id = _correlation_id(headers)
         deadline: float | None = None
-        raw_deadline = request.headers.get(DEADLINE_HEADER)
+        raw_deadline = headers.get(_DEADLINE_HEADER_BYTES)
         if raw_deadline:
             try:
                 deadline = float(raw_deadline)
             except ValueError:
-                return error_response(400, f"{DEADLINE_HEADER} must be a UNIX time in seconds")
+                answer = error_response(400, f"{DEADLINE_HEADER} must be a UNIX time in seconds")
+                return answer, correlation_id or new_id()
             if deadline <= time.time():
-                return error_response(504, "deadline already passed")
+                return error_response(504, "deadline already passed"), correlation_id or new_id()
+        ctx = self.runtime.context(self.rpc.service, correlation_id=correlation_id, deadline=deadline)
         try:
-            data = await read_body(request)
+            data = await receive_body(receive, headers.get(b"content-length"))
         except BodyTooLarge:
-            return error_response(413, f"request body exceeds {MAX_MESSAGE_BYTES} bytes")
-        ctx = runtime.context(
-            rpc.service, correlation_id=accept(request.headers.get(CORRELATION_HEADER)), deadline=deadline
-        )
-        status, body = await execute(rpc, data, ctx)
-        return _echo(Response(body, status_code=status, media_type=JSON_TYPE), ctx.correlation_id)
-
-    return endpoint
+            return _too_large(), ctx.correlation_id
+        status, body = await execute(self.rpc, data, ctx)
+        return Response(body, status_code=status, media_type=JSON_TYPE), ctx.correlation_id
 
 
 async def _http_exception(request: Request, exc: Exception) -> Response:
@@ -271,9 +311,14 @@ def service_routes(runtime: Runtime) -> list[BaseRoute]:
     routes: list[BaseRoute] = []
     for service in runtime.running_services:
         for route in service.routes:
-            routes.append(Route(route.path, _make_endpoint(runtime, route), methods=[route.method]))
+            endpoint = (
+                _RouteEndpoint(runtime, route)
+                if route.idempotency is None
+                else _IdempotentRouteEndpoint(runtime, route, route.idempotency)
+            )
+            routes.append(Route(route.path, endpoint, methods=[route.method], name=route.fn.__name__))
         for rpc in service.endpoints.values():
-            routes.append(Route(rpc.http_path, _make_rpc_endpoint(runtime, rpc), methods=["POST"]))
+            routes.append(Route(rpc.http_path, _RpcEndpoint(runtime, rpc), methods=["POST"], name=rpc.name))
     return routes
 
 
