@@ -16,6 +16,9 @@ from bench.sides import Pipe, RpcPair
 from bench.stats import percentile
 from callcast.waiting import wait_event, within
 
+BACKLOG_PUBLISH_LIMIT = 60.0
+"""Seconds a backlogged throughput trial waits for its publishes before handling starts regardless."""
+
 
 async def _stop(task: asyncio.Task[Any], timeout: float) -> None:
     """Wait up to ``timeout`` for ``task``, then cancel it."""
@@ -28,16 +31,30 @@ async def _stop(task: asyncio.Task[Any], timeout: float) -> None:
 
 
 async def throughput(
-    pipe: Pipe, *, count: int, window: int, deadline: float, sleep: float = 0.0
+    pipe: Pipe,
+    *,
+    count: int,
+    window: int,
+    deadline: float,
+    sleep: float = 0.0,
+    backlogged: bool = False,
 ) -> dict[str, Any]:
     """Publish ``count`` events (``window`` in flight) to a running consumer whose handler awaits
     ``asyncio.sleep(sleep)`` when ``sleep`` > 0; messages/s from the first publish to the last
-    handled, or to ``deadline`` seconds if that came first (counting what was handled)."""
+    handled, or to ``deadline`` seconds if that came first (counting what was handled).
+
+    ``backlogged``: handlers wait (holding what the consumer took) until every event is published,
+    and the clock starts then: the rate of handling a backlog, which the publish rate does not cap."""
     handled = 0
     done = asyncio.Event()
+    released = asyncio.Event()
+    if not backlogged:
+        released.set()
 
     async def handler(event: Event) -> None:
         nonlocal handled
+        if not released.is_set():
+            await released.wait()
         if sleep:
             await asyncio.sleep(sleep)
         handled += 1
@@ -48,12 +65,20 @@ async def throughput(
     events = [make_event(seq) for seq in range(count)]
     started = time.perf_counter()
     publishing = asyncio.create_task(pipe.publish_all(events, window))
+    notes: list[str] = []
+    if backlogged:
+        await _stop(publishing, BACKLOG_PUBLISH_LIMIT)
+        started = time.perf_counter()
+        released.set()
     complete = await wait_event(done, deadline)
     elapsed = time.perf_counter() - started
     seen = handled
-    notes = [] if complete else [f"deadline: {seen}/{count} handled in {elapsed:.1f}s"]
+    if not complete:
+        notes.append(f"deadline: {seen}/{count} handled in {elapsed:.1f}s")
     await _stop(publishing, 0.0 if not complete else 5.0)
-    if publishing.done() and not publishing.cancelled() and publishing.exception() is not None:
+    if publishing.cancelled():
+        notes.append("publishing did not finish")
+    elif publishing.exception() is not None:
         notes.append(f"publish failed: {publishing.exception()!r}")
     return {"throughput": seen / elapsed, "handled": seen, "notes": notes}
 
