@@ -4,15 +4,16 @@ Run it from the repository root::
 
     .venv/bin/python -m tests.faults                      # short sizes, fresh SQLite broker (~1-2 min)
     .venv/bin/python -m tests.faults --full               # full sizes (10,000 events, 20-30 kills; minutes)
-    .venv/bin/python -m tests.faults --full --broker amqp://guest:guest@127.0.0.1:5672/
+    .venv/bin/python -m tests.faults --full --broker rabbitmq   # this machine's RabbitMQ, swept after
     .venv/bin/python -m tests.faults --broker all         # SQLite, RabbitMQ, NATS, Redis, PostgreSQL
+    .venv/bin/python -m tests.faults --broker amqp://user:pw@host/   # any broker URL (left as is)
     .venv/bin/python -m tests.faults --scenario poison --seed 42 --keep /tmp/faults
 
-Options: ``--broker URL`` (repeatable; ``sqlite`` — the default — is a fresh broker file
-``sqlite:///<tmp>/broker.db?lease=1`` per scenario; ``all`` is SQLite plus
-``amqp://guest:guest@127.0.0.1:5672/``, ``nats://127.0.0.1:4222``, ``redis://127.0.0.1:6379/0`` and
-``postgresql://postgres@127.0.0.1:5432/test``; a broker whose ``connect()`` fails is reported and
-skipped), ``--full``, ``--scenario NAME`` (repeatable), ``--seed N`` (schedules and data; process
+Options: ``--broker B`` (repeatable; ``sqlite`` — the default — is a fresh broker file
+``sqlite:///<tmp>/broker.db?lease=1`` per scenario; ``rabbitmq``, ``nats``, ``redis``, ``postgres``
+are this machine's servers on 127.0.0.1, each scenario in a namespace of its own that is swept
+afterwards, with short leases; ``all`` is SQLite plus those four; any other value is a broker URL,
+used as it is; a server that is down or a URL whose ``connect()`` fails is reported and skipped), ``--full``, ``--scenario NAME`` (repeatable), ``--seed N`` (schedules and data; process
 timing is not reproducible), ``--keep DIR`` (keep logs and databases), ``--quiet``. It prints
 progress on stderr, then a table of the figures with the command that reproduces them; the exit
 status is 1 if a checked figure is off. ``pytest`` runs every scenario at its short size

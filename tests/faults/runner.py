@@ -20,6 +20,8 @@ from types import ModuleType
 from typing import Any
 
 from callcast.brokers import connect, redact
+from tests.brokers.conftest import server_is_up
+from tests.real_brokers import BROKERS, HOST, new_run
 
 from . import kills, ordering, outbox, poison
 from .harness import Env, Result, render
@@ -32,14 +34,12 @@ SCENARIOS: dict[str, ModuleType] = {
 }
 SQLITE = "sqlite"
 """``--broker sqlite``: a fresh SQLite broker file (``?lease=1``) in each scenario's temp dir."""
-SERVERS = [
-    "amqp://guest:guest@127.0.0.1:5672/",
-    "nats://127.0.0.1:4222?ack_wait=2",
-    "redis://127.0.0.1:6379/0?lease=2",
-    "postgresql://postgres@127.0.0.1:5432/test?lease=2",
-]
-"""``--broker all``: SQLite and these, with short leases (a killed consumer's deliveries go to
-another one after the lease: the adapters' defaults of 10-30 s make every kill that slow)."""
+SERVERS: dict[str, str] = {"rabbitmq": "", "nats": "&ack_wait=2", "redis": "", "postgres": "&lease=2"}
+"""``--broker NAME`` (``all``: SQLite and every one): this machine's servers (see
+:mod:`tests.real_brokers`), each scenario in a namespace of its own that is swept afterwards, with
+these URL options on top: short leases, so a killed consumer's deliveries go to another one soon
+(the adapters' defaults of 10-30 s make every kill that slow; Redis's namespaced URL has lease=2
+already, RabbitMQ gives them back when the connection drops)."""
 
 
 def sqlite_url(workdir: Path) -> str:
@@ -66,11 +66,19 @@ async def run_scenario(
     full: bool,
     progress: Callable[[str], None] = lambda message: None,
 ) -> Result:
-    """One scenario on one broker (``sqlite``: a fresh file under ``workdir``), full or short sizes."""
+    """One scenario on one broker, full or short sizes. ``broker``: ``sqlite`` (a fresh file under
+    ``workdir``), a name of :data:`SERVERS` (a namespace of its own, swept afterwards) or a URL
+    (used as it is: what the scenario creates there stays)."""
     module = SCENARIOS[name]
     params: Any = module.FULL if full else module.SHORT
     await asyncio.to_thread(workdir.mkdir, parents=True, exist_ok=True)
-    url = sqlite_url(workdir) if broker == SQLITE else broker
+    namespace = new_run()
+    if broker == SQLITE:
+        url = sqlite_url(workdir)
+    elif broker in SERVERS:
+        url = BROKERS[broker].url(namespace) + SERVERS[broker]
+    else:
+        url = broker
     env = Env(
         broker_url=url,
         workdir=workdir,
@@ -79,7 +87,11 @@ async def run_scenario(
         time_limit=params.time_limit,
         progress=lambda message: progress(f"{name}: {message}"),
     )
-    result: Result = await module.scenario(env, params)
+    try:
+        result: Result = await module.scenario(env, params)
+    finally:
+        if broker in SERVERS:
+            await BROKERS[broker].cleanup(namespace)
     result.broker = redact(url) if broker != SQLITE else "sqlite (fresh file, lease=1)"
     return result
 
@@ -92,7 +104,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--broker",
         action="append",
-        help="broker URL, 'sqlite' (a fresh file per scenario; the default) or 'all' (repeatable)",
+        help="'sqlite' (a fresh file per scenario; the default), a server of this machine ("
+        + ", ".join(SERVERS)
+        + "), 'all' (all of them) or a broker URL (repeatable)",
     )
     parser.add_argument("--full", action="store_true", help="full sizes (default: the short ones of pytest)")
     parser.add_argument(
@@ -105,9 +119,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     brokers: list[str] = []
     for item in args.broker or [SQLITE]:
-        for url in [SQLITE, *SERVERS] if item == "all" else [item]:
-            if url not in brokers:
-                brokers.append(url)
+        for broker in [SQLITE, *SERVERS] if item == "all" else [item]:
+            if broker not in brokers:
+                brokers.append(broker)
     names = args.scenario or list(SCENARIOS)
     seed = args.seed if args.seed is not None else secrets.randbelow(1_000_000)
 
@@ -116,8 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(message, file=sys.stderr, flush=True)
 
     command = ["python", "-m", "tests.faults"]
-    for url in brokers:
-        command += ["--broker", url]
+    for broker in brokers:
+        command += ["--broker", broker]
     command += [*(["--full"] if args.full else []), "--seed", str(seed)]
     for name in args.scenario or []:
         command += ["--scenario", name]
@@ -127,27 +141,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     began = time.monotonic()
     root = Path(tempfile.mkdtemp(prefix="callcast-faults-")) if args.keep is None else args.keep
     try:
-        for url in brokers:
-            if url != SQLITE:
-                why = asyncio.run(reachable(url))
-                if why is not None:
-                    skipped.append(f"{redact(url)}: skipped, connect() failed: {why}")
-                    progress(skipped[-1])
-                    continue
+        for broker in brokers:
+            why = _unreachable(broker)
+            if why is not None:
+                skipped.append(f"{redact(broker)}: skipped, {why}")
+                progress(skipped[-1])
+                continue
             for index, name in enumerate(names):
-                workdir = root / f"{_slug(url)}-{name}"
-                progress(f"{name} on {redact(url)}: starting (work files in {workdir})")
+                workdir = root / f"{_slug(broker)}-{name}"
+                progress(f"{name} on {redact(broker)}: starting (work files in {workdir})")
                 result = asyncio.run(
                     run_scenario(
                         name,
-                        broker=url,
+                        broker=broker,
                         workdir=workdir,
                         seed=seed + index,
                         full=args.full,
                         progress=progress,
                     )
                 )
-                progress(f"{name} on {redact(url)}: {result.elapsed:.1f}s, {'ok' if result.ok else 'FAILED'}")
+                verdict = "ok" if result.ok else "FAILED"
+                progress(f"{name} on {redact(broker)}: {result.elapsed:.1f}s, {verdict}")
                 results.append(result)
     finally:
         if args.keep is None:
@@ -182,5 +196,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1 if failed else 0
 
 
-def _slug(url: str) -> str:
-    return url.split(":", 1)[0]
+def _unreachable(broker: str) -> str | None:
+    """Why ``broker`` cannot be used, or None."""
+    if broker == SQLITE:
+        return None
+    if broker in SERVERS:
+        target = BROKERS[broker]
+        return None if server_is_up(HOST, target.port) else f"nothing listens on {HOST}:{target.port}"
+    why = asyncio.run(reachable(broker))
+    return None if why is None else f"connect() failed: {why}"
+
+
+def _slug(broker: str) -> str:
+    return broker.split(":", 1)[0]
