@@ -11,7 +11,7 @@ key's row lock:
   sequenced handler idempotent);
 * ``sequence == last + 1``: applied (the handler runs; ``ctx.db`` is the transaction), ``last``
   moves on, and then any parked successors that are now next are applied, each in its own
-  transaction;
+  transaction (parked copies of sequences already applied are dropped then);
 * ``sequence > last + 1``: a gap — the message is parked in ``callcast_parked`` and acknowledged;
   it is applied when the missing one arrives, or dead-lettered with reason ``gap`` after
   ``gap_timeout`` seconds.
@@ -113,7 +113,10 @@ async def park(conn: AsyncConnection, subscriber: str, key: str, sequence: int, 
 
 
 async def take_parked(conn: AsyncConnection, subscriber: str, key: str) -> tuple[int, Envelope] | None:
-    """Remove and return the parked message that is next for ``key`` (its row lock must be held)."""
+    """Remove and return the parked message that is next for ``key`` (its row lock must be held).
+
+    Parked copies of sequences already applied are removed too: a message parked while early can
+    also be applied from a redelivered copy (its lease ran out, or its ack was lost)."""
     last = (
         await conn.execute(
             select(sequence_table.c.last_sequence).where(
@@ -123,18 +126,23 @@ async def take_parked(conn: AsyncConnection, subscriber: str, key: str) -> tuple
     ).scalar_one_or_none()
     if last is None:
         return None
-    where = and_(parked_table.c.subscriber == subscriber, parked_table.c.key == key)
-    row = (
+    where = and_(
+        parked_table.c.subscriber == subscriber,
+        parked_table.c.key == key,
+        parked_table.c.sequence <= last + 1,
+    )
+    rows = (
         await conn.execute(
-            select(parked_table.c.headers, parked_table.c.body).where(
-                where, parked_table.c.sequence == last + 1
-            )
+            select(parked_table.c.sequence, parked_table.c.headers, parked_table.c.body).where(where)
         )
-    ).first()
-    if row is None:
+    ).all()
+    if not rows:
         return None
-    await conn.execute(parked_table.delete().where(where, parked_table.c.sequence == last + 1))
-    return last + 1, decode_or_quarantine(json.loads(row[0]), bytes(row[1]))
+    await conn.execute(parked_table.delete().where(where))
+    for number, headers, body in rows:
+        if number == last + 1:
+            return number, decode_or_quarantine(json.loads(headers), bytes(body))
+    return None
 
 
 async def parked_keys(conn: AsyncConnection, subscriber: str) -> list[str]:

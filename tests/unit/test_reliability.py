@@ -6,14 +6,18 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import defaultdict
+from pathlib import Path
+from unittest import mock
 
 import pytest
 from pydantic import BaseModel
 from sqlalchemy import text
 
-from callcast import App, ConfigurationError, Context, RetryPolicy, Service
+from callcast import App, ConfigurationError, Context, RetryPolicy, Service, sequence
 from callcast.brokers.memory import MemoryBroker
+from callcast.database import Database
 from callcast.dlq import DeadLetterView, browse, original, replay
+from callcast.envelope import Envelope
 from callcast.ordering import KeyGate
 from callcast.sequence import SequencePolicy
 from tests.unit.conftest import StartApp, wait_until
@@ -254,3 +258,27 @@ class browse_when:
 
     async def __aexit__(self, *exc: object) -> None:
         await self._browse.__aexit__(None, None, None)
+
+
+async def test_a_parked_copy_of_a_sequence_applied_since_is_dropped_not_dead_lettered(tmp_path: Path) -> None:
+    """Sequence 6 was parked while early; a redelivered copy of it was applied directly after 5
+    (its lease ran out); the parked copy must go when the key's parked messages are next looked
+    at, instead of waiting out the gap timeout to be dead-lettered as a gap."""
+    database = Database(f"sqlite:///{tmp_path / 'ledger.db'}")
+    await database.setup()
+    try:
+        copy = Envelope(type="Versioned", source="test", data=b"{}", extensions={"sequence": "6"})
+        async with database.transaction() as conn:
+            assert await sequence.admit(conn, "g", "k", 6, 1) is sequence.Verdict.EARLY
+            await sequence.park(conn, "g", "k", 6, copy)
+            await sequence.park(conn, "g", "k", 8, copy.with_extensions(sequence="8"))
+            await sequence.advance(conn, "g", "k", 6)  # 1-5, then the redelivered 6, applied
+        async with database.transaction() as conn:
+            assert await sequence.take_parked(conn, "g", "k") is None  # 7 is missing
+        async with database.transaction() as conn:
+            assert await sequence.parked_keys(conn, "g") == ["k"]  # only 8 waits
+            assert await sequence.take_expired(conn, "g", -1.0) == [
+                ("k", 8, mock.ANY),
+            ]
+    finally:
+        await database.close()
