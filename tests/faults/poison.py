@@ -215,19 +215,21 @@ async def scenario(env: Env, params: Params = FULL) -> Result:
         params.poison,
     )
     result.report("poison dlqattempts (value=count)", attempts(poison_rows))
+    diagnosed = [
+        row
+        for row in poison_rows
+        if row.get("dlqreason") == "error"
+        and "RuntimeError" in row.get("dlqerror", "")
+        and "poison event" in row.get("dlqtraceback", "")
+    ]
     result.expect(
         "poison with reason error, dlqerror and dlqtraceback",
-        len(
-            {
-                row["id"]
-                for row in poison_rows
-                if row.get("dlqreason") == "error"
-                and "RuntimeError" in row.get("dlqerror", "")
-                and "poison event" in row.get("dlqtraceback", "")
-            }
-        ),
+        len({row["id"] for row in diagnosed}),
         params.poison,
     )
+    for row in poison_rows:
+        if row not in diagnosed or row.get("dlqattempts") != str(max_attempts):
+            result.notes.append(f"poison dead letter with other diagnostics: {_diagnostics(row)}")
     result.expect(
         "crashers dead-lettered with reason crashloop",
         len({row["id"] for row in crash_rows if row.get("dlqreason") == "crashloop"}),
@@ -282,3 +284,11 @@ async def scenario(env: Env, params: Params = FULL) -> Result:
     result.notes += supervisor.unexpected
     result.elapsed = time.monotonic() - started
     return result
+
+
+def _diagnostics(row: dict[str, str]) -> str:
+    """A dead letter's id and diagnostics, shortened, for a note."""
+    return ", ".join(
+        f"{name}={row.get(name, '')[-160:]!r}"
+        for name in ("id", "dlqreason", "dlqattempts", "dlqerror", "dlqtraceback")
+    )
