@@ -281,17 +281,18 @@ class _RpcEndpoint(_Endpoint):
     async def respond(
         self, scope: Scope, receive: Receive, headers: dict[bytes, bytes]
     ) -> tuple[Response, str]:
-        correlation_id = _correlation_id(headers)
+        correlation_id = _correlation_id(headers) or new_id()
         deadline: float | None = None
         raw_deadline = headers.get(_DEADLINE_HEADER_BYTES)
         if raw_deadline:
             try:
                 deadline = float(raw_deadline)
             except ValueError:
-                answer = error_response(400, f"{DEADLINE_HEADER} must be a UNIX time in seconds")
-                return answer, correlation_id or new_id()
+                return error_response(
+                    400, f"{DEADLINE_HEADER} must be a UNIX time in seconds"
+                ), correlation_id
             if deadline <= time.time():
-                return error_response(504, "deadline already passed"), correlation_id or new_id()
+                return error_response(504, "deadline already passed"), correlation_id
         ctx = self.runtime.context(self.rpc.service, correlation_id=correlation_id, deadline=deadline)
         try:
             data = await receive_body(receive, headers.get(b"content-length"))

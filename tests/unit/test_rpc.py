@@ -19,7 +19,7 @@ from callcast import (
 )
 from callcast import Service as Svc
 from callcast.rpc import execute
-from tests.unit.conftest import StartApp
+from tests.unit.conftest import StartApp, client
 
 
 class Add(BaseModel):
@@ -156,3 +156,25 @@ async def test_an_endpoint_whose_own_call_found_no_one_answers_503_not_502(start
     status, body = await execute(forward, b'{"n": 1}', runtime.context("gateway"))
     assert status == 503
     assert b"connection refused" in body
+
+
+async def test_rpc_over_http_refuses_a_bad_or_passed_deadline_and_echoes_the_correlation_id(
+    start: StartApp,
+) -> None:
+    runtime = await start(app)
+    request = {"a": 1, "b": 2}
+    async with client(runtime) as http:
+        garbled = await http.post(
+            "/rpc/calc/add", json=request, headers={"x-callcast-deadline": "soon", "x-correlation-id": "c-1"}
+        )
+        passed = await http.post("/rpc/calc/add", json=request, headers={"x-callcast-deadline": "1"})
+        ahead = await http.post(
+            "/rpc/calc/add", json=request, headers={"x-callcast-deadline": f"{time.time() + 30}"}
+        )
+    assert garbled.status_code == 400
+    assert "UNIX time" in garbled.json()["detail"]
+    assert garbled.headers["x-correlation-id"] == "c-1"
+    assert passed.status_code == 504
+    assert passed.headers["x-correlation-id"]
+    assert ahead.status_code == 200
+    assert ahead.json()["seen_deadline"] is True
