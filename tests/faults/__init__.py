@@ -13,11 +13,13 @@ Options: ``--broker B`` (repeatable; ``sqlite`` — the default — is a fresh b
 ``sqlite:///<tmp>/broker.db?lease=1`` per scenario; ``rabbitmq``, ``nats``, ``redis``, ``postgres``
 are this machine's servers on 127.0.0.1, each scenario in a namespace of its own that is swept
 afterwards, with short leases; ``all`` is SQLite plus those four; any other value is a broker URL,
-used as it is; a server that is down or a URL whose ``connect()`` fails is reported and skipped), ``--full``, ``--scenario NAME`` (repeatable), ``--seed N`` (schedules and data; process
-timing is not reproducible), ``--keep DIR`` (keep logs and databases), ``--quiet``. It prints
-progress on stderr, then a table of the figures with the command that reproduces them; the exit
-status is 1 if a checked figure is off. ``pytest`` runs every scenario at its short size
-(``tests/faults/test_faults.py``, marked ``slow``).
+used as it is; a server that is down or a URL whose ``connect()`` fails is reported and skipped),
+``--full``, ``--scenario NAME`` (repeatable), ``--seed N`` (schedules and data; process timing is
+not reproducible), ``--keep DIR`` (keep logs and databases), ``--quiet``. It prints progress on
+stderr, then a table of the figures with the command that reproduces them; the exit status is 1 if
+a checked figure is off. ``pytest`` runs every scenario at its short size on SQLite, and the
+consumer-kill scenario at its short size on RabbitMQ, NATS and Redis (``tests/faults/test_faults.py``,
+marked ``slow``).
 
 Scenarios (full sizes; each uses fresh service, topic and group names, so runs on a shared broker
 do not see each other, and bounds its own time; every process is stopped by its PID):
