@@ -57,8 +57,8 @@ ContextFactory = Callable[[str, Envelope, int], Context]
 class Consumer:
     """Runs one :class:`~callcast.service.EventHandler` against its group's subscription.
 
-    ``stats`` counts outcomes: ``handled``, ``duplicates`` (inbox), ``stale`` and ``parked``
-    (sequenced), ``retried``, ``dead_lettered``.
+    ``stats`` counts outcomes: ``handled``, ``duplicates`` (seen by the inbox, or a copy of a
+    message already parked), ``stale`` and ``parked`` (sequenced), ``retried``, ``dead_lettered``.
     """
 
     def __init__(
@@ -245,8 +245,8 @@ class Consumer:
                 if verdict is sequence.Verdict.STALE:
                     return "stale"
                 if verdict is sequence.Verdict.EARLY:
-                    await sequence.park(conn, handler.group, key, number, envelope)
-                    return "parked"
+                    parked = await sequence.park(conn, handler.group, key, number, envelope)
+                    return "parked" if parked else "duplicates"
                 await sequence.advance(conn, handler.group, key, number)
             await handler.fn(event, ctx)
         return "handled"

@@ -95,10 +95,11 @@ async def advance(conn: AsyncConnection, subscriber: str, key: str, sequence: in
     )
 
 
-async def park(conn: AsyncConnection, subscriber: str, key: str, sequence: int, envelope: Envelope) -> None:
-    """Keep an early message until its predecessors are applied (a parked duplicate is ignored)."""
+async def park(conn: AsyncConnection, subscriber: str, key: str, sequence: int, envelope: Envelope) -> bool:
+    """Keep an early message until its predecessors are applied; False if a copy of it is parked
+    already (this one is ignored)."""
     insert = postgresql_insert if conn.dialect.name == "postgresql" else sqlite_insert
-    await conn.execute(
+    result = await conn.execute(
         insert(parked_table)
         .values(
             subscriber=subscriber,
@@ -110,6 +111,7 @@ async def park(conn: AsyncConnection, subscriber: str, key: str, sequence: int, 
         )
         .on_conflict_do_nothing(index_elements=["subscriber", "key", "sequence"])
     )
+    return bool(result.rowcount == 1)
 
 
 async def take_parked(conn: AsyncConnection, subscriber: str, key: str) -> tuple[int, Envelope] | None:

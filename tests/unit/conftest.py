@@ -9,6 +9,8 @@ import pytest
 
 from callcast import App, Runtime
 from callcast.brokers.memory import MemoryBroker
+from tests.brokers.conftest import require_server
+from tests.real_brokers import new_run
 
 
 async def wait_until(condition: Callable[[], bool | Awaitable[bool]], timeout: float = 5.0) -> None:
@@ -52,3 +54,23 @@ async def start(broker: MemoryBroker, tmp_path: Path) -> AsyncIterator[StartApp]
 
 def client(runtime: Runtime) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=runtime.asgi), base_url="http://test")
+
+
+@pytest.fixture
+async def postgres_database() -> AsyncIterator[str]:
+    """A fresh PostgreSQL database for one test (dropped after it), as a service database URL."""
+    import asyncpg
+
+    require_server("postgres", 5432, "127.0.0.1")
+    name = new_run()
+    admin = await asyncpg.connect("postgresql://postgres@127.0.0.1:5432/test", timeout=10)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+    admin = await asyncpg.connect("postgresql://postgres@127.0.0.1:5432/test", timeout=10)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 
 import pytest
 from pydantic import BaseModel
@@ -15,8 +14,6 @@ from callcast.database import idempotency_table
 from callcast.idempotency import IdempotencyPolicy, check_key, fingerprint
 from callcast.service import Route
 from callcast.waiting import within
-from tests.brokers.conftest import require_server
-from tests.real_brokers import new_run
 
 from .conftest import StartApp, client
 
@@ -281,26 +278,6 @@ def test_idempotency_needs_the_service_database() -> None:
 
     route: Route = svc.routes[0]
     assert route.idempotency == IdempotencyPolicy(required=True)
-
-
-@pytest.fixture
-async def postgres_database() -> AsyncIterator[str]:
-    """A fresh PostgreSQL database for one test (dropped after it), as a service database URL."""
-    import asyncpg
-
-    require_server("postgres", 5432, "127.0.0.1")
-    name = new_run()
-    admin = await asyncpg.connect("postgresql://postgres@127.0.0.1:5432/test", timeout=10)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    yield f"postgresql://postgres@127.0.0.1:5432/{name}"
-    admin = await asyncpg.connect("postgresql://postgres@127.0.0.1:5432/test", timeout=10)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
 
 
 @pytest.mark.postgres

@@ -260,18 +260,29 @@ class browse_when:
         await self._browse.__aexit__(None, None, None)
 
 
-async def test_a_parked_copy_of_a_sequence_applied_since_is_dropped_not_dead_lettered(tmp_path: Path) -> None:
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def service_database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A service database URL: a SQLite file, or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'ledger.db'}"
+    return str(request.getfixturevalue("postgres_database"))
+
+
+async def test_a_parked_copy_of_a_sequence_applied_since_is_dropped_not_dead_lettered(
+    service_database: str,
+) -> None:
     """Sequence 6 was parked while early; a redelivered copy of it was applied directly after 5
     (its lease ran out); the parked copy must go when the key's parked messages are next looked
     at, instead of waiting out the gap timeout to be dead-lettered as a gap."""
-    database = Database(f"sqlite:///{tmp_path / 'ledger.db'}")
+    database = Database(service_database)
     await database.setup()
     try:
         copy = Envelope(type="Versioned", source="test", data=b"{}", extensions={"sequence": "6"})
         async with database.transaction() as conn:
             assert await sequence.admit(conn, "g", "k", 6, 1) is sequence.Verdict.EARLY
-            await sequence.park(conn, "g", "k", 6, copy)
-            await sequence.park(conn, "g", "k", 8, copy.with_extensions(sequence="8"))
+            assert await sequence.park(conn, "g", "k", 6, copy)
+            assert not await sequence.park(conn, "g", "k", 6, copy)  # a copy parked already
+            assert await sequence.park(conn, "g", "k", 8, copy.with_extensions(sequence="8"))
             await sequence.advance(conn, "g", "k", 6)  # 1-5, then the redelivered 6, applied
         async with database.transaction() as conn:
             assert await sequence.take_parked(conn, "g", "k") is None  # 7 is missing
