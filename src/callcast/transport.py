@@ -45,6 +45,7 @@ Contract
   while no one listens, and they vanish on close. An ephemeral group has exactly one subscriber
   (closing it ends the group). Request/reply uses them for per-process reply topics.
 * Adapters translate driver exceptions into :mod:`callcast.exceptions` (``TransportError`` tree).
+* All methods are safe to call from concurrent tasks of the event loop the broker was connected on.
 
 Native request/reply (optional)
 -------------------------------
@@ -57,7 +58,6 @@ where the broker tells that no server listens. Served deliveries have ``attempt`
 answers, ``ack()`` settles without answering and ``nack()`` drops the request (it is not handed to
 another server). ``prefetch`` bounds the requests handed out and not yet settled, as for
 ``subscribe``.
-* All methods are safe to call from concurrent tasks of the event loop the broker was connected on.
 """
 
 from __future__ import annotations

@@ -31,9 +31,8 @@ digits of the name's SHA-256. The encoding is injective, so distinct names never
   reply subject, served by a queue subscription whose queue group is ``<token(group)>``; the reply
   is a message on the request's reply subject. Both are CloudEvents in the *structured* mode (the
   JSON event format, data as ``data_base64``, no headers): nats-py spends more on eight headers
-  than on the rest of a request. A request that no server
-  takes fails at once (no responders); one whose server dies is never answered (the caller's
-  timeout).
+  than on the rest of a request. A request that no server takes fails at once (no responders);
+  one whose server dies is never answered (the caller's timeout).
 * **Bucket** ``<stream>_uncounted`` (a JetStream key/value bucket, i.e. stream
   ``KV_<stream>_uncounted``; history 1, 7-day TTL): see attempts.
 
