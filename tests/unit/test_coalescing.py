@@ -31,6 +31,19 @@ class Recording(MemoryBroker):
             raise PublishError("refused")
         await super().publish(topic, envelopes, group=group)
 
+    def labels(self) -> list[str]:
+        """The labels of every publish call, in call order."""
+        return [label for batch in self.calls for label in batch]
+
+
+async def held(**options: int) -> tuple[Recording, CoalescingBroker]:
+    """A recording broker with group ``g`` on ``T`` whose publishes are held until the test sets its
+    gate, and a coalescing broker (``options``: its settings) over it."""
+    inner = Recording()
+    await inner.declare("T", "g")
+    inner.gate.clear()
+    return inner, CoalescingBroker(inner, **options)
+
 
 def event(label: str) -> Envelope:
     return Envelope(type="T", source="/test", data=label.encode())
@@ -49,10 +62,7 @@ async def received(broker: MemoryBroker, count: int) -> list[str]:
 
 
 async def test_publishes_made_while_one_is_in_flight_go_out_together_in_call_order() -> None:
-    inner = Recording()
-    broker = CoalescingBroker(inner, max_in_flight=1)
-    await inner.declare("T", "g")
-    inner.gate.clear()  # the first publish stays in flight while the others arrive
+    inner, broker = await held(max_in_flight=1)  # the first publish stays in flight meanwhile
     first = asyncio.create_task(broker.publish("T", [event("e0")]))
     await asyncio.sleep(0)
     rest = [asyncio.create_task(broker.publish("T", [event(f"e{n}")])) for n in range(1, 40)]
@@ -65,38 +75,29 @@ async def test_publishes_made_while_one_is_in_flight_go_out_together_in_call_ord
 
 
 async def test_up_to_max_in_flight_publishes_go_out_alone_then_the_rest_wait_and_batch() -> None:
-    inner = Recording()
-    broker = CoalescingBroker(inner, max_in_flight=3)
-    await inner.declare("T", "g")
-    inner.gate.clear()
+    inner, broker = await held(max_in_flight=3)
     tasks = [asyncio.create_task(broker.publish("T", [event(f"e{n}")])) for n in range(20)]
     await asyncio.sleep(0)
     assert inner.calls == [["e0"], ["e1"], ["e2"]]  # three in flight, the others wait
     inner.gate.set()
     await asyncio.gather(*tasks)
-    assert sorted(label for batch in inner.calls for label in batch) == sorted(f"e{n}" for n in range(20))
+    assert sorted(inner.labels()) == sorted(f"e{n}" for n in range(20))
     assert len(inner.calls) < 20  # the waiting ones went out in batches
     assert sorted(await received(inner, 20)) == sorted(f"e{n}" for n in range(20))
 
 
 async def test_a_batch_never_exceeds_max_batch() -> None:
-    inner = Recording()
-    broker = CoalescingBroker(inner, max_batch=8, max_in_flight=1)
-    await inner.declare("T", "g")
-    inner.gate.clear()
+    inner, broker = await held(max_batch=8, max_in_flight=1)
     tasks = [asyncio.create_task(broker.publish("T", [event(f"e{n}")])) for n in range(30)]
     await asyncio.sleep(0)
     inner.gate.set()
     await asyncio.gather(*tasks)
     assert max(len(batch) for batch in inner.calls) <= 8
-    assert [label for batch in inner.calls for label in batch] == [f"e{n}" for n in range(30)]
+    assert inner.labels() == [f"e{n}" for n in range(30)]
 
 
 async def test_a_failed_batch_fails_each_of_its_callers_and_the_next_batch_goes_out() -> None:
-    inner = Recording()
-    broker = CoalescingBroker(inner, max_in_flight=1)
-    await inner.declare("T", "g")
-    inner.gate.clear()
+    inner, broker = await held(max_in_flight=1)
     first = asyncio.create_task(broker.publish("T", [event("ok")]))
     await asyncio.sleep(0)
     doomed = [asyncio.create_task(broker.publish("T", [event(f"bad{n}")])) for n in range(3)]
@@ -111,10 +112,7 @@ async def test_a_failed_batch_fails_each_of_its_callers_and_the_next_batch_goes_
 
 
 async def test_a_caller_cancelled_while_waiting_takes_its_envelope_out() -> None:
-    inner = Recording()
-    broker = CoalescingBroker(inner, max_in_flight=1)
-    await inner.declare("T", "g")
-    inner.gate.clear()
+    inner, broker = await held(max_in_flight=1)
     first = asyncio.create_task(broker.publish("T", [event("e0")]))
     await asyncio.sleep(0)
     kept = asyncio.create_task(broker.publish("T", [event("kept")]))
@@ -125,7 +123,7 @@ async def test_a_caller_cancelled_while_waiting_takes_its_envelope_out() -> None
     await asyncio.gather(first, kept)
     with pytest.raises(asyncio.CancelledError):
         await dropped
-    assert "dropped" not in [label for batch in inner.calls for label in batch]
+    assert "dropped" not in inner.labels()
     assert await received(inner, 2) == ["e0", "kept"]
 
 
