@@ -115,6 +115,10 @@ _DROP_GROUP = f"DELETE FROM deliveries WHERE grp = ? AND {_OF_TOPIC.format(row='
 
 T = TypeVar("T")
 _Op = Callable[[sqlite3.Connection], Any]
+_Batch = list[tuple[_Op, asyncio.Future[Any]]]
+"""Queued operations and the futures their callers wait on."""
+_Results = list[tuple[asyncio.Future[Any], Any, BaseException | None]]
+"""Per future: the operation's value, or the exception it failed with."""
 
 
 def parse_url(url: str) -> tuple[Path, dict[str, str]]:
@@ -202,18 +206,16 @@ class _Writer(threading.Thread):
         conn.executescript(_SCHEMA)
         return conn
 
-    def _run_batch(self, conn: sqlite3.Connection, batch: list[tuple[_Op, asyncio.Future[Any]]]) -> None:
+    def _run_batch(self, conn: sqlite3.Connection, batch: _Batch) -> None:
         try:
             results = self._run_together(conn, batch)
         except _OpFailed:  # one op failed: run them again, each in a savepoint, so only it fails
             results = self._run_isolated(conn, batch)
         self._hand_back(results)
 
-    def _run_together(
-        self, conn: sqlite3.Connection, batch: list[tuple[_Op, asyncio.Future[Any]]]
-    ) -> list[tuple[asyncio.Future[Any], Any, BaseException | None]]:
+    def _run_together(self, conn: sqlite3.Connection, batch: _Batch) -> _Results:
         """The common case: every op of the batch in one transaction, no savepoints."""
-        results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        results: _Results = []
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as error:
@@ -231,11 +233,9 @@ class _Writer(threading.Thread):
             return self._all_failed(conn, batch, error)
         return results
 
-    def _run_isolated(
-        self, conn: sqlite3.Connection, batch: list[tuple[_Op, asyncio.Future[Any]]]
-    ) -> list[tuple[asyncio.Future[Any], Any, BaseException | None]]:
+    def _run_isolated(self, conn: sqlite3.Connection, batch: _Batch) -> _Results:
         """Each op in a savepoint of one transaction: a failing op is rolled back alone."""
-        results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        results: _Results = []
         try:
             conn.execute("BEGIN IMMEDIATE")
             for op, future in batch:
@@ -257,20 +257,16 @@ class _Writer(threading.Thread):
         return results
 
     @staticmethod
-    def _all_failed(
-        conn: sqlite3.Connection, batch: list[tuple[_Op, asyncio.Future[Any]]], error: sqlite3.Error
-    ) -> list[tuple[asyncio.Future[Any], Any, BaseException | None]]:
+    def _all_failed(conn: sqlite3.Connection, batch: _Batch, error: sqlite3.Error) -> _Results:
         with contextlib.suppress(sqlite3.Error):
             conn.execute("ROLLBACK")
         failure = TransportError(f"sqlite broker: commit failed: {error}")
         return [(future, None, failure) for _, future in batch]
 
     @staticmethod
-    def _hand_back(results: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+    def _hand_back(results: _Results) -> None:
         """Hand the results to the futures' loops, one callback per loop."""
-        by_loop: dict[
-            asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any, BaseException | None]]
-        ] = {}
+        by_loop: dict[asyncio.AbstractEventLoop, _Results] = {}
         for item in results:
             by_loop.setdefault(item[0].get_loop(), []).append(item)
         for loop, items in by_loop.items():
@@ -278,7 +274,7 @@ class _Writer(threading.Thread):
                 loop.call_soon_threadsafe(_resolve, items)
 
 
-def _resolve(items: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+def _resolve(items: _Results) -> None:
     for future, value, error in items:
         if future.done():
             continue
