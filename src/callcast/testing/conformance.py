@@ -753,17 +753,17 @@ class BrokerConformance:
 
     # -- native request/reply -------------------------------------------------------------------
 
-    async def open_requests(self) -> tuple[Broker, RequestReply]:
+    async def open_requests(self) -> RequestReply:
         """A broker with native request/reply; skips the test for one without."""
         broker = await self.open()
         self.require(broker, "request_reply", "RPC is built on topics above the seam")
         assert isinstance(broker, RequestReply), "capabilities.request_reply needs request() and serve()"
-        return broker, broker
+        return broker
 
     async def test_a_request_gets_the_reply_of_one_server(self) -> None:
         """``request`` reaches a server of the group with its envelope intact (attempt 1), and
         returns the envelope the server passed to ``reply()``, attributes and data intact."""
-        _, requests = await self.open_requests()
+        requests = await self.open_requests()
         topic, group = unique("rpc"), unique("servers")
         server = await requests.serve(topic, group)
         sent = Envelope(
@@ -782,7 +782,7 @@ class BrokerConformance:
 
     async def test_each_request_goes_to_one_server_of_the_group(self) -> None:
         """Two servers of one group share the requests: every request is served exactly once."""
-        _, requests = await self.open_requests()
+        requests = await self.open_requests()
         topic, group = unique("rpc"), unique("servers")
         servers = [await requests.serve(topic, group) for _ in range(2)]
         served: list[str] = []
@@ -809,7 +809,7 @@ class BrokerConformance:
         """A request its server drops (``nack``) is answered by no one: ``request`` raises
         ``TimeoutError`` at its timeout. With no server at all it fails too, at once where the
         broker can tell (``BrokerUnavailableError``), else by its timeout."""
-        _, requests = await self.open_requests()
+        requests = await self.open_requests()
         topic, group = unique("rpc"), unique("servers")
         with pytest.raises((TimeoutError, BrokerUnavailableError)):
             await asyncio.wait_for(
@@ -824,7 +824,7 @@ class BrokerConformance:
     async def test_closing_a_server_ends_its_iteration(self) -> None:
         """``close()`` on a served subscription ends a waiting ``__anext__``, like any
         subscription's."""
-        _, requests = await self.open_requests()
+        requests = await self.open_requests()
         server = await requests.serve(unique("rpc"), unique("servers"))
         waiting = asyncio.create_task(_drain(server))
         await self.assert_pending(waiting, "no request was sent")  # type: ignore[arg-type]
