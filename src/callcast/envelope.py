@@ -271,7 +271,9 @@ def structured_or_quarantine(body: bytes) -> Envelope:
         if not isinstance(document, dict):
             raise DecodeError("not a CloudEvent: the JSON document is not an object")
         data = _structured_data(document)
-    except (orjson.JSONDecodeError, binascii.Error, DecodeError) as error:
+    except orjson.JSONDecodeError as error:
+        return decode_or_quarantine({}, body, reason=f"not a CloudEvent: not a JSON event document ({error})")
+    except (binascii.Error, DecodeError) as error:
         return decode_or_quarantine({}, body, reason=str(error))
     attributes: dict[str, str] = {}
     extensions: dict[str, str] = {}

@@ -11,7 +11,9 @@ the server run a private ``nats-server`` on a free port, started and stopped by 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import json
 import os
 import re
 import signal
@@ -321,8 +323,9 @@ def test_distinct_names_never_share_a_token() -> None:
 async def test_topology_is_what_the_docstring_says(raw: nats.NATS) -> None:
     """The stream takes ``<prefix>.>`` with interest retention; a group is a durable pull consumer
     ``<topic>==<group>`` on the topic's subject with deliver policy ``new`` and the URL's ack wait;
-    a tool subscribed to the subject sees the envelope in CloudEvents binary mode, header values
-    percent-encoded, and a ``publish(group=...)`` carries the group header."""
+    a tool subscribed to the subject sees the envelope as a CloudEvents JSON document (structured
+    mode, the data as ``data_base64``, no headers), and a ``publish(group=...)`` carries the group
+    header."""
     topic, group = "nats.orders v2", "billing.charge_card"
     broker = await connect(SHARED_URL)
     try:
@@ -344,11 +347,13 @@ async def test_topology_is_what_the_docstring_says(raw: nats.NATS) -> None:
         await broker.publish(topic, [sent])
         await broker.publish(topic, [_envelope("replayed")], group=group)
         seen = await tool.next_msg(5)
-        assert seen.data == b"seen"
-        assert seen.headers is not None
-        assert seen.headers["ce-id"] == sent.id
-        assert seen.headers["ce-type"] == "callcast.test.Nats"
-        assert seen.headers["ce-note"] == "50%25%20%22off%22%20%E2%9C%93"
+        assert not seen.headers
+        document = json.loads(seen.data)
+        assert document["specversion"] == "1.0"
+        assert document["id"] == sent.id
+        assert document["type"] == "callcast.test.Nats"
+        assert document["note"] == '50% "off" ✓'
+        assert base64.b64decode(document["data_base64"]) == b"seen"
         replayed = await tool.next_msg(5)
         assert replayed.headers is not None
         assert replayed.headers[GROUP_HEADER] == "billing.charge_card"
@@ -358,9 +363,10 @@ async def test_topology_is_what_the_docstring_says(raw: nats.NATS) -> None:
 
 
 async def test_a_foreign_message_is_delivered_quarantined(raw: nats.NATS) -> None:
-    """A message put on a topic's subject by something other than callcast (no CloudEvent headers,
-    or none at all) does not crash the subscription: it arrives as ``callcast.undecodable`` with
-    its body and the reason; the next envelope follows normally."""
+    """A message put on a topic's subject by something other than callcast (not a JSON event, or
+    incomplete CloudEvent headers) does not crash the subscription: it arrives as
+    ``callcast.undecodable`` with its body and the reason; a binary-mode CloudEvent (headers) from
+    another tool is read as such; the next envelope follows normally."""
     topic, group = _unique("foreign"), _unique("group")
     broker = await connect(SHARED_URL)
     try:
@@ -369,14 +375,20 @@ async def test_a_foreign_message_is_delivered_quarantined(raw: nats.NATS) -> Non
         js = raw.jetstream()
         await js.publish(broker.subject(topic), b"no headers at all")
         await js.publish(broker.subject(topic), b"half", headers={"ce-id": "bad-1", "ce-source": "/x"})
+        binary = _envelope("binary")
+        headers = {"ce-id": binary.id, "ce-source": binary.source, "ce-specversion": "1.0"}
+        headers |= {"ce-type": binary.type, "ce-time": binary.time, "content-type": binary.datacontenttype}
+        await js.publish(broker.subject(topic), b"binary", headers=headers)
         good = _envelope("good")
         await broker.publish(topic, [good])
-        received = [await _next(subscription) for _ in range(3)]
+        received = [await _next(subscription) for _ in range(4)]
         assert [d.envelope.type for d in received[:2]] == [UNDECODABLE_TYPE] * 2
         assert [d.envelope.data for d in received[:2]] == [b"no headers at all", b"half"]
         assert received[1].envelope.id == "bad-1"
-        assert "missing attribute" in received[0].envelope.extensions["decodeerror"]
-        assert received[2].envelope == good
+        assert "not a JSON event" in received[0].envelope.extensions["decodeerror"]
+        assert "missing attribute" in received[1].envelope.extensions["decodeerror"]
+        assert received[2].envelope == binary
+        assert received[3].envelope == good
         for delivery in received:
             await delivery.ack()
     finally:
@@ -490,8 +502,8 @@ async def test_a_server_without_jetstream_is_broker_unavailable(tmp_path: Path) 
 async def test_driver_errors_surface_as_callcast_errors(raw: nats.NATS) -> None:
     """What goes wrong on the server reaches the caller as the ``TransportError`` tree: an envelope
     over the server's ``max_payload`` is refused before anything is sent; a publish whose stream
-    was deleted is a :class:`PublishError`; a stream that does not take the prefix is a
-    configuration error."""
+    was deleted, or whose subjects another stream took, is a :class:`PublishError`; a stream that
+    does not take the prefix is a configuration error."""
     stream = f"CCERR_{uuid.uuid4().hex[:10]}"
     prefix = f"ccerr{uuid.uuid4().hex[:10]}"
     js = raw.jetstream()
@@ -513,10 +525,15 @@ async def test_driver_errors_surface_as_callcast_errors(raw: nats.NATS) -> None:
         assert isinstance(raised.value, TransportError)
         with pytest.raises(TransportError):
             await broker.declare(topic, group)
+
+        await js.add_stream(name=f"{stream}_X", subjects=[f"{prefix}.>"])  # another stream took the subjects
+        with pytest.raises(PublishError, match=f"stored in stream '{stream}_X', not '{stream}'"):
+            await broker.publish(topic, [_envelope("elsewhere")])
     finally:
         await broker.close()
-        with contextlib.suppress(nats.js.errors.NotFoundError):
-            await js.delete_stream(stream)
+        for name in (stream, f"{stream}_X"):
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                await js.delete_stream(name)
         with contextlib.suppress(nats.js.errors.NotFoundError):
             await js.delete_stream(f"KV_{stream}_uncounted")
 

@@ -21,18 +21,18 @@ digits of the name's SHA-256. The encoding is injective, so distinct names never
   30 s), unlimited ``max_deliver`` (dead letters are the framework's), ``max_ack_pending``
   (``?max_ack_pending=``, default 10000) as the group's overall bound. Its description names the
   topic and group in clear.
-* **Messages**: the CloudEvents binary mode of :mod:`callcast.envelope`: the data is the body, the
-  attributes are ``ce-*`` headers plus ``content-type``. Header values are percent-encoded as the
-  CloudEvents HTTP binding prescribes (bytes outside printable ASCII, space, ``"`` and ``%``), since
-  NATS headers cannot carry line breaks and lose surrounding blanks. A message published with
-  ``publish(group=G)`` also carries ``callcast-group: G`` (see below).
+* **Messages**: CloudEvents in the *structured* mode (the JSON event format: attributes and
+  extensions as members, the data byte for byte as ``data_base64``), with no headers: nats-py
+  parses headers line by line in Python, which cost more per message than the rest of the event
+  path. A message published with ``publish(group=G)`` carries one header, ``callcast-group: G``
+  (see below). Subscriptions also read CloudEvents in the binary mode (``ce-*`` headers, the data
+  as the body), as other tools and earlier callcast versions write them.
 * **RPC** (native request/reply, ``capabilities.request_reply``): core NATS, nothing stored. A
   request is a message on ``<prefix>-rpc.<token(topic)>`` (outside the stream's subjects) with a
   reply subject, served by a queue subscription whose queue group is ``<token(group)>``; the reply
-  is a message on the request's reply subject. Both are CloudEvents in the *structured* mode (the
-  JSON event format, data as ``data_base64``, no headers): nats-py spends more on eight headers
-  than on the rest of a request. A request that no server takes fails at once (no responders);
-  one whose server dies is never answered (the caller's timeout).
+  is a message on the request's reply subject, both structured-mode events as above. A request
+  that no server takes fails at once (no responders); one whose server dies is never answered
+  (the caller's timeout).
 * **Bucket** ``<stream>_uncounted`` (a JetStream key/value bucket, i.e. stream
   ``KV_<stream>_uncounted``; history 1, 7-day TTL): see attempts.
 
@@ -40,7 +40,8 @@ How the contract is met
 -----------------------
 durability
     ``publish`` returns once JetStream acknowledged every envelope (a JetStream publish ack is sent
-    after the message is in the stream's file store). The batch is written back to back and the
+    after the message is in the stream's file store) and named this adapter's stream. The batch is
+    written back to back, each with a reply subject under one inbox of the connection, and the
     acks are awaited together: one round trip per call, not per envelope. A crash of any process,
     the server included, loses nothing acknowledged; a power cut can lose what the server had not
     yet synced to disk (it syncs periodically) unless the stream is replicated (``?replicas=3``).
@@ -113,8 +114,9 @@ URL options (query string): ``stream``, ``prefix``, ``ack_wait``, ``max_ack_pend
 unlimited), ``replicas``, ``timeout``, ``reconnect_wait``, ``ephemeral_ttl``. A user without a
 password is sent as a token. The password (or token) never appears in ``url``, logs or errors.
 
-Limits: the server's ``max_payload`` (1 MB by default) bounds one envelope, headers included; a
-larger one is refused by ``publish`` before anything is sent. Declaring a group again with other
+Limits: the server's ``max_payload`` (1 MB by default) bounds one envelope as a structured event
+(base64 makes the data a third larger), headers included; a larger one is refused by ``publish``
+before anything is sent. Declaring a group again with other
 options (``ack_wait``, ``max_ack_pending``) updates its consumer: the last declaration wins. One
 server per URL (no seed list of a cluster, no TLS). Names are case-sensitive, so on a server whose
 store is on a case-insensitive file system two consumers whose names differ only in case would
@@ -147,7 +149,13 @@ from nats.js import JetStreamContext, api
 from nats.js.kv import KeyValue
 
 from callcast.brokers import redact, seconds_option
-from callcast.envelope import Envelope, decode_or_quarantine, structured_or_quarantine, to_structured
+from callcast.envelope import (
+    HEADER_PREFIX,
+    Envelope,
+    decode_or_quarantine,
+    structured_or_quarantine,
+    to_structured,
+)
 from callcast.exceptions import (
     BrokerUnavailableError,
     ConfigurationError,
@@ -204,8 +212,8 @@ deliveries are available to the group again."""
 _CLOSE_WAIT = 1.0
 """Seconds ``close`` waits for the server (flushing naks, deleting a consumer) before giving up."""
 _HPUB_OVERHEAD = 128
-"""Bytes of a message's header block besides its headers: ``NATS/1.0``, line ends and the
-``Nats-Expected-Stream`` header (a stream name is at most 64 characters)."""
+"""Bytes of a message's header block besides its headers (``NATS/1.0``, line ends), with room to
+spare."""
 _ACK = b"+ACK"
 _NAK = b"-NAK"
 _IN_PROGRESS = b"+WPI"
@@ -325,6 +333,13 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
 _DRIVER_ERRORS: tuple[type[BaseException], ...] = (nats.errors.Error, OSError, TimeoutError)
 _READ_ERRORS: tuple[type[BaseException], ...] = (*_DRIVER_ERRORS, ValueError)
 _PULL_ERRORS: tuple[type[BaseException], ...] = (*_DRIVER_ERRORS, TransportError)
+_API_ERRORS: dict[int, type[nats.js.errors.APIError]] = {
+    400: nats.js.errors.BadRequestError,
+    404: nats.js.errors.NotFoundError,
+    500: nats.js.errors.ServerError,
+    503: nats.js.errors.ServiceUnavailableError,
+}
+"""The nats-py exception of a JetStream API error code, as ``APIError.from_error`` picks it."""
 
 
 class NatsBroker:
@@ -355,6 +370,7 @@ class NatsBroker:
         self._secrets = [secret for secret in secrets if secret]
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
+        self._acks: _PublishAcks | None = None
         self._kv: KeyValue | None = None
         self._subscriptions: set[_NatsSubscription] = set()
         self._lingering: set[_NatsSubscription] = set()  # closed, inbox kept until the last pull expires
@@ -431,7 +447,9 @@ class NatsBroker:
         nc.options["max_reconnect_attempts"] = -1  # from now on: reconnect forever
         self._nc = nc
         self._js = nc.jetstream(timeout=self.timeout)
+        self._acks = _PublishAcks(nc, self.stream)
         try:
+            await self._acks.start()
             await self._ensure_stream()
             self._kv = await self._ensure_bucket()
         except BaseException:
@@ -560,43 +578,41 @@ class NatsBroker:
         """The name of the JetStream consumer of ``group`` on ``topic``."""
         return f"{encode_name(topic)}=={encode_name(group)}"
 
-    def _headers(self, nc: Client, envelope: Envelope, group: str | None = None) -> dict[str, str]:
-        """The NATS headers of ``envelope``; :class:`PublishError` if it would exceed max_payload."""
-        headers = {name: _header_value(value) for name, value in envelope.headers().items()}
-        if group is not None:
-            headers[GROUP_HEADER] = _header_value(group)
-        size = len(envelope.data) + sum(len(k) + len(v) + 4 for k, v in headers.items()) + _HPUB_OVERHEAD
-        if size > nc.max_payload:
-            raise PublishError(
-                f"nats broker {self.url}: envelope {envelope.id} is {size} bytes with its headers, "
-                f"over the server's max_payload of {nc.max_payload}; nothing was published"
-            )
-        return headers
+    def _message(
+        self, nc: Client, envelope: Envelope, group: str | None
+    ) -> tuple[bytes, dict[str, str] | None]:
+        """The body and headers of ``envelope``: a structured-mode body, and ``callcast-group``
+        (the one header) for ``publish(group=...)``; :class:`PublishError` over max_payload."""
+        if group is None:
+            return self._structured(nc, envelope), None
+        headers = {GROUP_HEADER: _header_value(group)}
+        body = self._structured(nc, envelope, len(GROUP_HEADER) + len(headers[GROUP_HEADER]) + _HPUB_OVERHEAD)
+        return body, headers
 
     async def publish(self, topic: str, envelopes: Sequence[Envelope], *, group: str | None = None) -> None:
-        js = self._jetstream()
         nc = self._client()
+        acks = self._acks
+        assert acks is not None
         if not envelopes:
             return
         subject = self.subject(topic)
         if group is not None:
             encode_name(group)  # the same names are refused as by declare
-        messages = [(self._headers(nc, envelope, group), envelope.data) for envelope in envelopes]
+        messages = [self._message(nc, envelope, group) for envelope in envelopes]
         if not nc.is_connected:
             raise BrokerUnavailableError(
                 f"nats broker {self.url}: not connected (reconnecting); nothing was published"
             )
-        futures: list[asyncio.Future[api.PubAck]] = []
-
-        async def send_and_confirm() -> None:
-            # Written back to back (publish_async does not wait for the server unless 4000 acks are
-            # outstanding), then the acks are awaited together: one round trip for the batch.
-            for headers, data in messages:
-                futures.append(await js.publish_async(subject, data, stream=self.stream, headers=headers))
-            await asyncio.gather(*futures)
-
+        waiting: list[tuple[str, asyncio.Future[None]]] = []
         try:
-            await within(send_and_confirm(), self.timeout)
+            # Written back to back, then the acks are awaited together: one round trip per batch.
+            async with asyncio.timeout(self.timeout):
+                for body, headers in messages:
+                    reply, future = acks.expect()
+                    waiting.append((reply, future))
+                    await nc.publish(subject, body, reply=reply, headers=headers)
+                for _, future in waiting:
+                    await future
         except TimeoutError:
             raise PublishError(
                 f"nats broker {self.url}: publishing to {subject}: not confirmed within {self.timeout:g}s; "
@@ -610,9 +626,7 @@ class NatsBroker:
         except _DRIVER_ERRORS as error:
             raise self._error(error, f"publishing to {subject}", publishing=True) from None
         finally:
-            for future in futures:
-                if not future.done():
-                    future.cancel()
+            acks.forget(waiting)
 
     async def declare(self, topic: str, group: str) -> None:
         self._jetstream()
@@ -672,13 +686,14 @@ class NatsBroker:
             raise self._error(error, f"requesting on {topic!r}") from None
         return structured_or_quarantine(msg.data)
 
-    def _structured(self, nc: Client, envelope: Envelope) -> bytes:
-        """``envelope`` as one structured-mode body; :class:`PublishError` over max_payload."""
+    def _structured(self, nc: Client, envelope: Envelope, extra: int = 0) -> bytes:
+        """``envelope`` as one structured-mode body; :class:`PublishError` if it and ``extra``
+        bytes of headers exceed max_payload."""
         body = to_structured(envelope)
-        if len(body) > nc.max_payload:
+        if len(body) + extra > nc.max_payload:
             raise PublishError(
-                f"nats broker {self.url}: envelope {envelope.id} is {len(body)} bytes as a structured "
-                f"event, over the server's max_payload of {nc.max_payload}; nothing was sent"
+                f"nats broker {self.url}: envelope {envelope.id} is {len(body) + extra} bytes as a "
+                f"structured event, over the server's max_payload of {nc.max_payload}; nothing was sent"
             )
         return body
 
@@ -769,6 +784,80 @@ class NatsBroker:
         self._spawn(forget(), "callcast-nats-forget")
 
 
+class _PublishAcks:
+    """The JetStream publish acks of one connection: one wildcard inbox subscription and a future
+    per envelope in flight, resolved by the ack whose subject names it.
+
+    What nats-py's ``publish_async`` does, without its per-message task (it waits on a stall
+    semaphore with ``wait_for``) and without the ``Nats-Expected-Stream`` header: the stream the
+    server names in the ack is checked instead.
+    """
+
+    def __init__(self, nc: Client, stream: str) -> None:
+        self._nc = nc
+        self._stream = stream
+        self._prefix = f"{nc.new_inbox()}."
+        self._waiting: dict[str, asyncio.Future[None]] = {}
+        self._count = 0
+
+    async def start(self) -> None:
+        await self._nc.subscribe(f"{self._prefix}*", cb=self._on_ack)
+
+    def expect(self) -> tuple[str, asyncio.Future[None]]:
+        """A reply subject for one publish, and the future its ack resolves."""
+        self._count += 1
+        token = str(self._count)
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting[token] = future
+        return self._prefix + token, future
+
+    def forget(self, expected: Iterable[tuple[str, asyncio.Future[None]]]) -> None:
+        """Stop waiting for these acks (answered or not); a late ack is then ignored."""
+        start = len(self._prefix)
+        for reply, future in expected:
+            self._waiting.pop(reply[start:], None)
+            if not future.done():
+                future.cancel()
+            elif not future.cancelled():
+                future.exception()  # retrieved: a failure after the first one is not logged as lost
+
+    async def _on_ack(self, msg: Msg) -> None:
+        future = self._waiting.pop(msg.subject[len(self._prefix) :], None)
+        if future is None or future.done():
+            return
+        if msg.headers and msg.headers.get("Status") == "503":  # no stream takes the subject
+            future.set_exception(nats.js.errors.NoStreamResponseError())
+            return
+        try:
+            answer = json.loads(msg.data)
+            error, stream = answer.get("error"), answer.get("stream")
+        except (ValueError, AttributeError):
+            error, stream = f"unreadable publish ack {msg.data[:200]!r}", None
+        if error is not None:
+            future.set_exception(_api_error(error))
+        elif stream != self._stream:
+            future.set_exception(
+                nats.js.errors.APIError(description=f"stored in stream {stream!r}, not {self._stream!r}")
+            )
+        else:
+            future.set_result(None)
+
+
+def _api_error(error: object) -> nats.js.errors.APIError:
+    """The nats-py exception for the ``error`` of a JetStream API answer (as ``APIError.from_error``
+    picks it, but never raising on an odd one)."""
+    if not isinstance(error, dict):
+        return nats.js.errors.APIError(description=str(error))
+    code, err_code = error.get("code"), error.get("err_code")
+    code = code if isinstance(code, int) else None
+    kind = _API_ERRORS.get(code, nats.js.errors.APIError) if code is not None else nats.js.errors.APIError
+    return kind(
+        code=code,
+        description=str(error.get("description", "")),
+        err_code=err_code if isinstance(err_code, int) else None,
+    )
+
+
 def _covers(pattern: str, prefix: str) -> bool:
     """Whether a stream subject ``pattern`` takes every subject ``<prefix>.<token>``."""
     wanted = [*prefix.split("."), "*"]
@@ -778,6 +867,18 @@ def _covers(pattern: str, prefix: str) -> bool:
         if position >= len(wanted) or (token != "*" and token != wanted[position]):
             return False
     return pattern.split(".")[-1] == "*" and len(pattern.split(".")) == len(wanted)
+
+
+def _delivery_numbers(reply: str) -> tuple[int, int]:
+    """(deliveries so far, stream sequence) of a JetStream message, from its ack subject
+    ``$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<time>.<pending>``, or
+    the longer form with a domain and account hash after ``ACK``; ``ValueError`` for anything else."""
+    tokens = reply.split(".")
+    if len(tokens) == 9:
+        return int(tokens[4]) or 1, int(tokens[5])
+    if len(tokens) >= 11:
+        return int(tokens[6]) or 1, int(tokens[7])
+    raise ValueError(f"not a JetStream ack subject: {reply!r}")
 
 
 class _NatsSubscription:
@@ -913,26 +1014,27 @@ class _NatsSubscription:
         if self._in_flight == 0:
             self._kick.set()
         try:
-            metadata = msg.metadata
-            delivered = metadata.num_delivered or 1
-            seq = metadata.sequence.stream if metadata.sequence else 0
-        except (nats.errors.Error, ValueError, IndexError):
+            delivered, seq = _delivery_numbers(reply)
+        except (ValueError, IndexError):
             log.warning("nats broker %s: dropped a message with a malformed ack subject", self.broker.url)
             return
-        headers = {name: unquote(value) for name, value in (msg.headers or {}).items()}
-        addressee = headers.get(GROUP_HEADER)
-        if addressee is not None and addressee != self.group:
-            # publish(group=...) for another group: settled here, never handed out.
-            with contextlib.suppress(*_DRIVER_ERRORS):
-                await self.nc.publish(reply, _ACK)
-            return
+        headers: dict[str, str] = {}
+        if msg.headers:  # publish(group=...), or a binary-mode envelope (another tool, an older callcast)
+            headers = {name: unquote(value) for name, value in msg.headers.items()}
+            addressee = headers.get(GROUP_HEADER)
+            if addressee is not None and addressee != self.group:
+                # publish(group=...) for another group: settled here, never handed out.
+                with contextlib.suppress(*_DRIVER_ERRORS):
+                    await self.nc.publish(reply, _ACK)
+                return
         uncounted = 0
         if delivered > 1 and not self.ephemeral:
             uncounted = await self.broker._uncounted(self.consumer, seq)
         if self.closed:  # checked after the lookup: close() may have run meanwhile
             await self._hand_back_late(reply, seq, uncounted)
             return
-        envelope = decode_or_quarantine(headers, msg.data)
+        binary = any(name[:3].lower() == HEADER_PREFIX for name in headers)
+        envelope = decode_or_quarantine(headers, msg.data) if binary else structured_or_quarantine(msg.data)
         attempt = max(1, delivered - uncounted)
         self.buffer.append(_NatsDelivery(self, reply, seq, envelope, attempt, uncounted))
         self._wake()
