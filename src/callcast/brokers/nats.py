@@ -370,7 +370,7 @@ class NatsBroker:
         self._secrets = [secret for secret in secrets if secret]
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
-        self._acks: _PublishAcks | None = None
+        self._replies: _Replies | None = None
         self._kv: KeyValue | None = None
         self._subscriptions: set[_NatsSubscription] = set()
         self._lingering: set[_NatsSubscription] = set()  # closed, inbox kept until the last pull expires
@@ -447,9 +447,9 @@ class NatsBroker:
         nc.options["max_reconnect_attempts"] = -1  # from now on: reconnect forever
         self._nc = nc
         self._js = nc.jetstream(timeout=self.timeout)
-        self._acks = _PublishAcks(nc, self.stream)
+        self._replies = _Replies(nc)
         try:
-            await self._acks.start()
+            await self._replies.start()
             await self._ensure_stream()
             self._kv = await self._ensure_bucket()
         except BaseException:
@@ -591,8 +591,8 @@ class NatsBroker:
 
     async def publish(self, topic: str, envelopes: Sequence[Envelope], *, group: str | None = None) -> None:
         nc = self._client()
-        acks = self._acks
-        assert acks is not None
+        replies = self._replies
+        assert replies is not None
         if not envelopes:
             return
         subject = self.subject(topic)
@@ -603,16 +603,18 @@ class NatsBroker:
             raise BrokerUnavailableError(
                 f"nats broker {self.url}: not connected (reconnecting); nothing was published"
             )
-        waiting: list[tuple[str, asyncio.Future[None]]] = []
+        waiting: list[tuple[str, asyncio.Future[Msg]]] = []
         try:
             # Written back to back, then the acks are awaited together: one round trip per batch.
             async with asyncio.timeout(self.timeout):
                 for body, headers in messages:
-                    reply, future = acks.expect()
+                    reply, future = replies.expect()
                     waiting.append((reply, future))
                     await nc.publish(subject, body, reply=reply, headers=headers)
                 for _, future in waiting:
-                    await future
+                    error = _ack_error(await future, self.stream)
+                    if error is not None:
+                        raise error
         except TimeoutError:
             raise PublishError(
                 f"nats broker {self.url}: publishing to {subject}: not confirmed within {self.timeout:g}s; "
@@ -626,7 +628,7 @@ class NatsBroker:
         except _DRIVER_ERRORS as error:
             raise self._error(error, f"publishing to {subject}", publishing=True) from None
         finally:
-            acks.forget(waiting)
+            replies.forget(waiting)
 
     async def declare(self, topic: str, group: str) -> None:
         self._jetstream()
@@ -675,15 +677,22 @@ class NatsBroker:
 
     async def request(self, topic: str, envelope: Envelope, *, timeout: float) -> Envelope:
         nc = self._client()
+        replies = self._replies
+        assert replies is not None
         body = self._structured(nc, envelope)
+        reply, future = replies.expect()
         try:
-            msg = await nc.request(self.request_subject(topic), body, timeout=timeout)
-        except nats.errors.NoRespondersError:
-            raise BrokerUnavailableError(f"nats broker {self.url}: no server listens on {topic!r}") from None
-        except TimeoutError:  # nats.errors.TimeoutError is one
+            async with asyncio.timeout(timeout):
+                await nc.publish(self.request_subject(topic), body, reply=reply)
+                msg = await future
+        except TimeoutError:
             raise TimeoutError(f"nats broker {self.url}: no reply on {topic!r} within {timeout:g}s") from None
         except _DRIVER_ERRORS as error:
             raise self._error(error, f"requesting on {topic!r}") from None
+        finally:
+            replies.forget([(reply, future)])
+        if _no_responders(msg):
+            raise BrokerUnavailableError(f"nats broker {self.url}: no server listens on {topic!r}")
         return structured_or_quarantine(msg.data)
 
     def _structured(self, nc: Client, envelope: Envelope, extra: int = 0) -> bytes:
@@ -784,63 +793,65 @@ class NatsBroker:
         self._spawn(forget(), "callcast-nats-forget")
 
 
-class _PublishAcks:
-    """The JetStream publish acks of one connection: one wildcard inbox subscription and a future
-    per envelope in flight, resolved by the ack whose subject names it.
+class _Replies:
+    """Replies to this connection's requests (publish acks, RPC requests): one wildcard inbox
+    subscription, and a future per request resolved by the message whose subject names it.
 
-    What nats-py's ``publish_async`` does, without its per-message task (it waits on a stall
-    semaphore with ``wait_for``) and without the ``Nats-Expected-Stream`` header: the stream the
-    server names in the ack is checked instead.
+    What nats-py's ``request`` and ``publish_async`` do, without what they pay per message: a
+    system call for random bytes, ``wait_for`` (with a task, for ``publish_async``'s stall
+    semaphore), and the ``Nats-Expected-Stream`` header (the stream an ack names is checked instead,
+    by :func:`_ack_error`).
     """
 
-    def __init__(self, nc: Client, stream: str) -> None:
+    def __init__(self, nc: Client) -> None:
         self._nc = nc
-        self._stream = stream
         self._prefix = f"{nc.new_inbox()}."
-        self._waiting: dict[str, asyncio.Future[None]] = {}
+        self._waiting: dict[str, asyncio.Future[Msg]] = {}
         self._count = 0
 
     async def start(self) -> None:
-        await self._nc.subscribe(f"{self._prefix}*", cb=self._on_ack)
+        await self._nc.subscribe(f"{self._prefix}*", cb=self._on_reply)
 
-    def expect(self) -> tuple[str, asyncio.Future[None]]:
-        """A reply subject for one publish, and the future its ack resolves."""
+    def expect(self) -> tuple[str, asyncio.Future[Msg]]:
+        """A reply subject for one request, and the future its reply resolves."""
         self._count += 1
         token = str(self._count)
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
         self._waiting[token] = future
         return self._prefix + token, future
 
-    def forget(self, expected: Iterable[tuple[str, asyncio.Future[None]]]) -> None:
-        """Stop waiting for these acks (answered or not); a late ack is then ignored."""
+    def forget(self, expected: Iterable[tuple[str, asyncio.Future[Msg]]]) -> None:
+        """Stop waiting for these replies (come or not); a late one is then ignored."""
         start = len(self._prefix)
         for reply, future in expected:
             self._waiting.pop(reply[start:], None)
-            if not future.done():
-                future.cancel()
-            elif not future.cancelled():
-                future.exception()  # retrieved: a failure after the first one is not logged as lost
+            future.cancel()
 
-    async def _on_ack(self, msg: Msg) -> None:
+    async def _on_reply(self, msg: Msg) -> None:
         future = self._waiting.pop(msg.subject[len(self._prefix) :], None)
-        if future is None or future.done():
-            return
-        if msg.headers and msg.headers.get("Status") == "503":  # no stream takes the subject
-            future.set_exception(nats.js.errors.NoStreamResponseError())
-            return
-        try:
-            answer = json.loads(msg.data)
-            error, stream = answer.get("error"), answer.get("stream")
-        except (ValueError, AttributeError):
-            error, stream = f"unreadable publish ack {msg.data[:200]!r}", None
-        if error is not None:
-            future.set_exception(_api_error(error))
-        elif stream != self._stream:
-            future.set_exception(
-                nats.js.errors.APIError(description=f"stored in stream {stream!r}, not {self._stream!r}")
-            )
-        else:
-            future.set_result(None)
+        if future is not None and not future.done():
+            future.set_result(msg)
+
+
+def _no_responders(msg: Msg) -> bool:
+    """Whether ``msg`` is the server's answer that no one listens on the request's subject."""
+    return bool(msg.headers) and msg.headers.get("Status") == "503"  # type: ignore[union-attr]
+
+
+def _ack_error(msg: Msg, stream: str) -> Exception | None:
+    """What went wrong with a JetStream publish, from its ack ``msg`` (``None``: stored in ``stream``)."""
+    if _no_responders(msg):  # no stream takes the subject
+        return nats.js.errors.NoStreamResponseError()
+    try:
+        answer = json.loads(msg.data)
+        error, stored_in = answer.get("error"), answer.get("stream")
+    except (ValueError, AttributeError):
+        error, stored_in = f"unreadable publish ack {msg.data[:200]!r}", None
+    if error is not None:
+        return _api_error(error)
+    if stored_in != stream:
+        return nats.js.errors.APIError(description=f"stored in stream {stored_in!r}, not {stream!r}")
+    return None
 
 
 def _api_error(error: object) -> nats.js.errors.APIError:
