@@ -111,10 +111,11 @@ class Consumer:
         if self._crashes is not None:
             self._crashes.took(delivery.envelope.id)
         try:
-            if self._gate is None:
+            key = delivery.envelope.partition_key
+            if self._gate is None or key is None:  # no order to keep here
                 await self._isolated(delivery, suspect)
             else:
-                async with self._gate.turn(delivery.envelope.partition_key, delivery.envelope.id):
+                async with self._gate.turn(key, delivery.envelope.id):
                     await self._isolated(delivery, suspect)
         except TransportError as error:  # could not settle: the lease runs out, it comes back
             log.warning(

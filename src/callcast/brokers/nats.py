@@ -956,9 +956,11 @@ class _NatsSubscription:
         raise StopAsyncIteration
 
     def _wake(self) -> None:
-        # Set the event the waiters hold and give later ones a fresh one, so no wake-up is lost.
-        self._changed.set()
-        self._changed = asyncio.Event()
+        # Set the event the waiters hold and give later ones a fresh one, so no wake-up is lost
+        # (with no waiter, nobody holds it: nothing to do).
+        if self.waiters:
+            self._changed.set()
+            self._changed = asyncio.Event()
 
     # -- pulling --------------------------------------------------------------------------------
 
