@@ -142,6 +142,7 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit, urlunsplit
 
 import nats.errors
 import nats.js.errors
+import orjson
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription as NatsSubscription
@@ -843,7 +844,7 @@ def _ack_error(msg: Msg, stream: str) -> Exception | None:
     if _no_responders(msg):  # no stream takes the subject
         return nats.js.errors.NoStreamResponseError()
     try:
-        answer = json.loads(msg.data)
+        answer = orjson.loads(msg.data)
         error, stored_in = answer.get("error"), answer.get("stream")
     except (ValueError, AttributeError):
         error, stored_in = f"unreadable publish ack {msg.data[:200]!r}", None
