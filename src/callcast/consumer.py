@@ -51,7 +51,8 @@ HOLD_MARGIN = 2.0
 """Seconds a key stays held past its retried message's delay, waiting for it to come back here."""
 
 ContextFactory = Callable[[str, Envelope, int], Context]
-"""Builds the context of one delivery: (service, envelope, attempt) -> Context."""
+"""Builds the context of one delivery: (service, envelope, attempt) -> Context, whose ``envelope``
+carries the extension ``attempt``."""
 
 
 class Consumer:
@@ -194,10 +195,9 @@ class Consumer:
         except DecodeError as error:
             await self._dead_letter(delivery, "invalid", error, own)
             return
-        stamped = envelope.with_extensions(attempt=str(delivery.attempt))
-        ctx = self.make_context(handler.service, stamped, delivery.attempt)
+        ctx = self.make_context(handler.service, envelope, delivery.attempt)
         try:
-            outcome = await self._apply(event, ctx)
+            outcome = await self._apply(event, envelope, ctx)
         except PermanentError as error:
             await self._dead_letter(delivery, "permanent", error, own)
         except Exception as error:
@@ -227,11 +227,9 @@ class Consumer:
         async with self.database.transaction() as conn:
             return await inbox.recorded(conn, self.handler.group, message_id)
 
-    async def _apply(self, event: BaseModel, ctx: Context) -> str:
+    async def _apply(self, event: BaseModel, envelope: Envelope, ctx: Context) -> str:
         """Run the handler as the handler's options say; the outcome's name."""
         handler = self.handler
-        envelope = ctx.envelope
-        assert envelope is not None
         if not handler.idempotent:
             await handler.fn(event, ctx)
             return "handled"

@@ -35,14 +35,15 @@ class Context:
     """What a unit of work of one service may do: publish events, call other services, read state."""
 
     __slots__ = (
+        "_envelope",
         "_runtime",
         "_staged",
+        "_stamp_attempt",
         "_tx",
         "attempt",
         "causation_id",
         "correlation_id",
         "deadline",
-        "envelope",
         "service",
     )
 
@@ -56,19 +57,36 @@ class Context:
         envelope: Envelope | None = None,
         attempt: int = 1,
         deadline: float | None = None,
+        stamp_attempt: bool = False,
     ) -> None:
         self._runtime = runtime
         self.service = service
         self.correlation_id = correlation_id or new_id()
         self.causation_id = causation_id
-        self.envelope = envelope
-        """The envelope being handled, in an event handler or RPC endpoint."""
+        self._envelope = envelope
+        self._stamp_attempt = stamp_attempt and envelope is not None
         self.attempt = attempt
         """Which delivery of ``envelope`` this is (1 = first), as counted by the broker."""
         self.deadline = deadline
         """UNIX time by which the caller gives up (RPC), or ``None``."""
         self._tx: AsyncConnection | None = None
         self._staged: list[outbox.Staged] = []
+
+    @property
+    def envelope(self) -> Envelope | None:
+        """The envelope being handled, in an event handler or RPC endpoint. With
+        ``stamp_attempt`` (event deliveries) it carries the extension ``attempt``, added when it is
+        first read (most handlers never read it)."""
+        if self._stamp_attempt:
+            assert self._envelope is not None
+            self._envelope = self._envelope.with_extensions(attempt=str(self.attempt))
+            self._stamp_attempt = False
+        return self._envelope
+
+    @envelope.setter
+    def envelope(self, envelope: Envelope | None) -> None:
+        self._envelope = envelope
+        self._stamp_attempt = False
 
     @property
     def state(self) -> SimpleNamespace:

@@ -153,6 +153,7 @@ class Runtime:
             causation_id=envelope.id,
             envelope=envelope,
             attempt=attempt,
+            stamp_attempt=True,
         )
         correlation.bind(ctx.correlation_id)
         return ctx
