@@ -116,11 +116,10 @@ password is sent as a token. The password (or token) never appears in ``url``, l
 
 Limits: the server's ``max_payload`` (1 MB by default) bounds one envelope as a structured event
 (base64 makes the data a third larger), headers included; a larger one is refused by ``publish``
-before anything is sent. Declaring a group again with other
-options (``ack_wait``, ``max_ack_pending``) updates its consumer: the last declaration wins. One
-server per URL (no seed list of a cluster, no TLS). Names are case-sensitive, so on a server whose
-store is on a case-insensitive file system two consumers whose names differ only in case would
-share a directory. An ephemeral subscription whose buffer stays full (nobody consumes) for longer
+before anything is sent. Declaring a group again with other options (``ack_wait``,
+``max_ack_pending``) updates its consumer: the last declaration wins. One server per URL (no seed
+list of a cluster, no TLS). Names are case-sensitive, so on a server whose store is on a
+case-insensitive file system two consumers whose names differ only in case would share a directory. An ephemeral subscription whose buffer stays full (nobody consumes) for longer
 than ``ephemeral_ttl`` stops pulling, and the server deletes its consumer; it is declared again
 when the subscription pulls next, without what was published meanwhile.
 """
@@ -836,7 +835,8 @@ class _Replies:
 
 def _no_responders(msg: Msg) -> bool:
     """Whether ``msg`` is the server's answer that no one listens on the request's subject."""
-    return bool(msg.headers) and msg.headers.get("Status") == "503"  # type: ignore[union-attr]
+    headers = msg.headers
+    return headers is not None and headers.get("Status") == "503"
 
 
 def _ack_error(msg: Msg, stream: str) -> Exception | None:
@@ -861,9 +861,9 @@ def _api_error(error: object) -> nats.js.errors.APIError:
     if not isinstance(error, dict):
         return nats.js.errors.APIError(description=str(error))
     code, err_code = error.get("code"), error.get("err_code")
-    code = code if isinstance(code, int) else None
-    kind = _API_ERRORS.get(code, nats.js.errors.APIError) if code is not None else nats.js.errors.APIError
-    return kind(
+    if not isinstance(code, int):
+        code = None
+    return _API_ERRORS.get(code or 0, nats.js.errors.APIError)(
         code=code,
         description=str(error.get("description", "")),
         err_code=err_code if isinstance(err_code, int) else None,
@@ -1029,7 +1029,7 @@ class _NatsSubscription:
             self._kick.set()
         try:
             delivered, seq = _delivery_numbers(reply)
-        except (ValueError, IndexError):
+        except ValueError:
             log.warning("nats broker %s: dropped a message with a malformed ack subject", self.broker.url)
             return
         headers: dict[str, str] = {}
