@@ -119,9 +119,10 @@ Limits: the server's ``max_payload`` (1 MB by default) bounds one envelope as a 
 before anything is sent. Declaring a group again with other options (``ack_wait``,
 ``max_ack_pending``) updates its consumer: the last declaration wins. One server per URL (no seed
 list of a cluster, no TLS). Names are case-sensitive, so on a server whose store is on a
-case-insensitive file system two consumers whose names differ only in case would share a directory. An ephemeral subscription whose buffer stays full (nobody consumes) for longer
-than ``ephemeral_ttl`` stops pulling, and the server deletes its consumer; it is declared again
-when the subscription pulls next, without what was published meanwhile.
+case-insensitive file system two consumers whose names differ only in case would share a directory.
+An ephemeral subscription whose buffer stays full (nobody consumes) for longer than
+``ephemeral_ttl`` stops pulling, and the server deletes its consumer; it is declared again when the
+subscription pulls next, without what was published meanwhile.
 """
 
 from __future__ import annotations
