@@ -22,6 +22,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from callcast import App, Context, Service
+from callcast.service import DEFAULT_CONCURRENCY
 
 RECORDS_SCHEMA = """
 CREATE TABLE IF NOT EXISTS handled (
@@ -82,7 +83,7 @@ async def publish_ticks(body: TickBatch, ctx: Context) -> Published:
     return Published(published=body.count)
 
 
-def recording_service(name: str) -> Service:
+def recording_service(name: str, concurrency: int = DEFAULT_CONCURRENCY) -> Service:
     service = Service(name)
 
     @service.on_startup
@@ -93,7 +94,7 @@ def recording_service(name: str) -> Service:
     async def close_records(ctx: Context) -> None:
         ctx.state.records.close()
 
-    @service.on(Tick, name="record")
+    @service.on(Tick, name="record", concurrency=concurrency)
     async def record(event: Tick, ctx: Context) -> None:
         assert ctx.envelope is not None
         await asyncio.sleep(WORK_SECONDS)
@@ -102,7 +103,9 @@ def recording_service(name: str) -> Service:
     return service
 
 
-workers = recording_service("workers")
+workers = recording_service("workers", concurrency=8)
+"""Fewer deliveries at once than a /ticks batch: a worker cannot claim a whole batch, the other
+competes for the rest."""
 audit = recording_service("audit")
 
 app = App([feed, workers, audit], name="fanout")
