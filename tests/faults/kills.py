@@ -15,8 +15,8 @@ Every kill also takes down the other deliveries in flight in that process (up to
 concurrency), at whatever point they were. When every event is applied before all K kills were
 carried out (a broker may hand a whole batch to one consumer, so a kill's passage never comes),
 N/10 more events are published, up to ``TOP_UPS_AT_MOST`` × N in all, and every figure counts
-them. Figures: lost (events never applied, must be 0), effects
-applied twice (must be 0), redeliveries absorbed by the inbox (``sum(duplicates)``, a figure).
+them. Figures: lost (events never applied, must be 0), effects applied twice (must be 0),
+redeliveries absorbed by the inbox (``sum(duplicates)``, a figure).
 """
 
 from __future__ import annotations
