@@ -334,13 +334,6 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
 _DRIVER_ERRORS: tuple[type[BaseException], ...] = (nats.errors.Error, OSError, TimeoutError)
 _READ_ERRORS: tuple[type[BaseException], ...] = (*_DRIVER_ERRORS, ValueError)
 _PULL_ERRORS: tuple[type[BaseException], ...] = (*_DRIVER_ERRORS, TransportError)
-_API_ERRORS: dict[int, type[nats.js.errors.APIError]] = {
-    400: nats.js.errors.BadRequestError,
-    404: nats.js.errors.NotFoundError,
-    500: nats.js.errors.ServerError,
-    503: nats.js.errors.ServiceUnavailableError,
-}
-"""The nats-py exception of a JetStream API error code, as ``APIError.from_error`` picks it."""
 
 
 class NatsBroker:
@@ -857,18 +850,16 @@ def _ack_error(msg: Msg, stream: str) -> Exception | None:
 
 
 def _api_error(error: object) -> nats.js.errors.APIError:
-    """The nats-py exception for the ``error`` of a JetStream API answer (as ``APIError.from_error``
-    picks it, but never raising on an odd one)."""
-    if not isinstance(error, dict):
-        return nats.js.errors.APIError(description=str(error))
-    code, err_code = error.get("code"), error.get("err_code")
-    if not isinstance(code, int):
-        code = None
-    return _API_ERRORS.get(code or 0, nats.js.errors.APIError)(
-        code=code,
-        description=str(error.get("description", "")),
-        err_code=err_code if isinstance(err_code, int) else None,
-    )
+    """The nats-py exception for the ``error`` of a JetStream API answer: what
+    ``APIError.from_error`` raises for it, or a plain ``APIError`` for an answer it cannot read."""
+    try:
+        nats.js.errors.APIError.from_error(error)  # type: ignore[arg-type]  # raises, always
+    except nats.js.errors.APIError as raised:
+        return raised
+    except (KeyError, TypeError):
+        pass
+    description = error.get("description", error) if isinstance(error, dict) else error
+    return nats.js.errors.APIError(description=str(description))
 
 
 def _covers(pattern: str, prefix: str) -> bool:
