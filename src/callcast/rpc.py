@@ -37,6 +37,7 @@ import httpx
 import orjson
 from pydantic import BaseModel
 
+from callcast import alarms
 from callcast.codec import decode
 from callcast.dispatch import Dispatcher
 from callcast.envelope import Envelope
@@ -87,7 +88,7 @@ async def execute(endpoint: RpcEndpoint[Any, Any], data: bytes, ctx: Context) ->
     remaining = ctx.remaining()
     try:
         if remaining is not None:
-            async with asyncio.timeout(remaining):
+            with alarms.timeout(remaining):
                 result = await endpoint.fn(request, ctx)
         else:
             result = await endpoint.fn(request, ctx)
@@ -311,7 +312,7 @@ class RpcClient:
                 raise ServiceUnavailableError(
                     f"call to {target}: broker failed: {error}", target=target
                 ) from None
-            async with asyncio.timeout(budget):
+            with alarms.timeout(budget):
                 return await future
         except TimeoutError:
             raise CallTimeoutError(

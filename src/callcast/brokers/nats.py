@@ -149,6 +149,7 @@ from nats.aio.subscription import Subscription as NatsSubscription
 from nats.js import JetStreamContext, api
 from nats.js.kv import KeyValue
 
+from callcast import alarms
 from callcast.brokers import redact, seconds_option
 from callcast.envelope import (
     HEADER_PREFIX,
@@ -676,7 +677,7 @@ class NatsBroker:
         body = self._structured(nc, envelope)
         reply, future = replies.expect()
         try:
-            async with asyncio.timeout(timeout):
+            with alarms.timeout(timeout):
                 await nc.publish(self.request_subject(topic), body, reply=reply)
                 msg = await future
         except TimeoutError:
