@@ -121,3 +121,20 @@ def test_a_structured_message_that_is_no_cloudevent_is_quarantined() -> None:
         got = structured_or_quarantine(body)
         assert got.type == UNDECODABLE_TYPE
         assert got.extensions["decodeerror"]
+
+
+def test_structured_attributes_other_tools_write_differently_are_read_the_careful_way() -> None:
+    """Values that are not strings, extensions not seen before and broken base64 miss the fast
+    path for documents callcast writes; each still gets its answer."""
+    numbers = b'{"specversion":"1.0","id":7,"source":"/x","type":"T","sequence":3,"data_base64":"e30="}'
+    got = structured_or_quarantine(numbers)
+    assert (got.id, got.extensions, got.data) == ("7", {"sequence": "3"}, b"{}")
+    fresh = b'{"specversion":"1.0","id":"1","source":"/x","type":"T","neverseen42":"y","data_base64":""}'
+    assert structured_or_quarantine(fresh).extensions == {"neverseen42": "y"}
+    for bad in (
+        b'{"specversion":"1.0","id":"1","source":"/x","type":"T","data_base64":"e30"}',
+        b'{"specversion":"1.0","id":"1","source":"/x","type":"T","Bad-Name":"y","data_base64":""}',
+        b'{"specversion":"0.3","id":"1","source":"/x","type":"T","data_base64":""}',
+        b'{"specversion":"1.0","id":"","source":"/x","type":"T","data_base64":""}',
+    ):
+        assert structured_or_quarantine(bad).type == UNDECODABLE_TYPE, bad
