@@ -55,8 +55,12 @@ How the transport contract is met:
   while no earlier row of its key is in the table (handed out, or nacked and waiting): per-key
   order holds across processes (``ordered_per_key``). Rows waiting behind their key's head are not
   in the index claims scan, so a long backlog of one busy key costs nothing per claim.
-  A claim sets ``owner``, ``lease_until`` and ``attempts + 1``.
-* **wake-up**: a subscriber waiting for work sleeps until a local publish/settle, a ``NOTIFY`` from
+  A claim sets ``owner``, ``lease_until`` and ``attempts + 1``. Claims and acks commit without
+  waiting for the WAL flush: a PostgreSQL crash can lose one, which means a redelivery (the ack) or
+  an attempt not counted (the claim), never a lost message; publishes stay durable.
+* **wake-up**: a subscriber whose last claim came back short sleeps until a local publish, nack,
+  ack of a keyed row (its key's next row is claimable) or ack that gives a full subscription
+  room, a ``NOTIFY`` from
   another process (one dedicated ``LISTEN`` connection per broker object), the due time of one of
   this process's delayed nacks, or a low-rate fallback poll (``?poll=``, default 1 s) that finds
   retries delayed by other processes and leases that ran out.
@@ -249,6 +253,14 @@ def parse_url(url: str) -> Settings:
     )
 
 
+_NOT_FLUSHED = "set_config('synchronous_commit', 'off', true)"
+"""In a claim or an ack: its commit returns without waiting for the WAL flush (``synchronous_commit``
+off for that transaction). One is lost only if the PostgreSQL server itself crashes in the fraction
+of a second before the flush, and then the row is delivered again (an ack) or its attempt is not
+counted (a claim): at-least-once holds. Publishes (and nacks, which are rare) keep the durable
+default. Halves the claim and the ack (0.8 -> 0.35 ms each at 1,000 msg/s on this machine)."""
+
+
 def _lock_id(*parts: str) -> int:
     """A stable signed 32-bit id for an advisory lock (a collision only serializes needlessly)."""
     digest = hashlib.blake2b("\x00".join(parts).encode(), digest_size=4).digest()
@@ -406,14 +418,15 @@ WITH picked AS (
         attempts = d.attempts + 1
     -- By the locked rows' ctid (a TID scan): whatever the planner thinks of the table's size.
     WHERE d.ctid = ANY(ARRAY(SELECT ctid FROM picked))
-    RETURNING d.seq, d.attempts
+    RETURNING d.seq, d.attempts, d.pkey IS NOT NULL AS keyed
 )
-SELECT c.seq, c.attempts, m.headers::text AS headers, m.body
+SELECT c.seq, c.attempts, c.keyed, m.headers::text AS headers, m.body
 FROM claimed AS c LEFT JOIN {s}.messages AS m ON m.seq = c.seq
+CROSS JOIN (SELECT {_NOT_FLUSHED}) AS relaxed
 ORDER BY c.seq
 """
         # $1 topic, $2 group, $3 seq, $4 owner, $5 channel, $6 payload.
-        self.ack = f"SELECT {s}.ack($1, $2, $3, $4, $5, $6)"
+        self.ack = f"SELECT {s}.ack($1, $2, $3, $4, $5, $6), {_NOT_FLUSHED}"
         # $1 topic, $2 group, $3 seq, $4 owner, $5 delay seconds, $6 channel, $7 payload.
         self.nack = f"""
 WITH back AS (
@@ -823,7 +836,7 @@ class PostgresBroker:
 
     async def _claim(
         self, subscription: _PostgresSubscription, limit: int
-    ) -> list[tuple[int, int, Envelope]]:
+    ) -> list[tuple[int, int, bool, Envelope]]:
         rows = await self._call(
             "fetch",
             self._sql.claim,
@@ -838,12 +851,17 @@ class PostgresBroker:
             (
                 row["seq"],
                 row["attempts"],
+                row["keyed"],
                 decode_or_quarantine(_load_headers(row["headers"]), row["body"] or b""),
             )
             for row in rows
         ]
 
-    async def _settle(self, subscription: _PostgresSubscription, seq: int, delay: float | None) -> None:
+    async def _settle(
+        self, subscription: _PostgresSubscription, seq: int, delay: float | None, *, wake: bool
+    ) -> None:
+        """Ack (``delay`` None) or nack one row; ``wake``: this process's subscribers of the group
+        look for work afterwards (a nack, a key's next row, room in a full subscription)."""
         topic, group = subscription.topic, subscription.group
         payload = self._payload(topic, group)
         if delay is None:
@@ -874,7 +892,8 @@ class PostgresBroker:
             if delay > 0 and self._loop is not None:
                 # Our own subscribers look again when it is due; others find it by their fallback poll.
                 self._loop.call_later(delay + 0.002, self._wake_group, topic, group)
-        self._wake_group(topic, group)
+        if wake:
+            self._wake_group(topic, group)
 
     async def _release(self, subscription: _PostgresSubscription, never_handed_out: list[int]) -> None:
         topic, group = subscription.topic, subscription.group
@@ -916,6 +935,8 @@ class _PostgresSubscription:
         self.wake = asyncio.Event()
         self.claiming: asyncio.Task[None] | None = None
         self.claim_error: TransportError | None = None
+        self.drained = False
+        """The last claim found fewer rows than it asked for."""
         self.failing = False
         self.closed = False
 
@@ -926,6 +947,12 @@ class _PostgresSubscription:
         while not self.closed:
             if self.buffer:
                 return self.buffer.popleft()
+            if self.drained and not self.wake.is_set():
+                # The last claim found fewer rows than it asked for and nothing woke us since: a
+                # claim now would come back empty. Wait for a wake-up (or the fallback poll).
+                self.drained = False
+                await wait_event(self.wake, self.broker.poll)
+                continue
             self.wake.clear()  # before looking: whatever changes from here on sets it again
             room = self.prefetch - len(self.outstanding)
             if room > 0:
@@ -971,17 +998,22 @@ class _PostgresSubscription:
             log.info("%s: %r takes deliveries again", self.broker.url, self.group)
         # Kept even if the subscription closed meanwhile: close() waits for this claim and hands
         # these rows back as never handed out.
-        for seq, attempt, envelope in claimed:
+        self.drained = len(claimed) < limit
+        for seq, attempt, keyed, envelope in claimed:
             self.outstanding.add(seq)
-            self.buffer.append(_PostgresDelivery(self, seq, attempt, envelope))
+            self.buffer.append(_PostgresDelivery(self, seq, attempt, keyed, envelope))
 
-    async def settle(self, seq: int, delay: float | None) -> None:
+    async def settle(self, seq: int, delay: float | None, *, keyed: bool) -> None:
         if self.closed or seq not in self.outstanding:
             return
+        # Wake-ups after an ack only where it may have made work: the key's next row is its head
+        # now, or a full subscription has room again. An unkeyed ack frees nothing to claim, and
+        # waking for it would cost an empty claim per message.
+        wake = keyed or delay is not None or len(self.outstanding) >= self.prefetch
         # Forgotten first: if settling fails, the row is no longer renewed, so it returns to the
         # group when its lease runs out.
         self.outstanding.discard(seq)
-        await self.broker._settle(self, seq, delay)
+        await self.broker._settle(self, seq, delay, wake=wake)
 
     async def close(self) -> None:
         if self.closed:
@@ -1007,21 +1039,22 @@ class _PostgresSubscription:
 
 
 class _PostgresDelivery:
-    __slots__ = ("_seq", "_subscription", "attempt", "envelope")
+    __slots__ = ("_keyed", "_seq", "_subscription", "attempt", "envelope")
 
     def __init__(
-        self, subscription: _PostgresSubscription, seq: int, attempt: int, envelope: Envelope
+        self, subscription: _PostgresSubscription, seq: int, attempt: int, keyed: bool, envelope: Envelope
     ) -> None:
         self._subscription = subscription
         self._seq = seq
+        self._keyed = keyed
         self.attempt = attempt
         self.envelope = envelope
 
     async def ack(self) -> None:
-        await self._subscription.settle(self._seq, None)
+        await self._subscription.settle(self._seq, None, keyed=self._keyed)
 
     async def nack(self, *, delay: float = 0.0) -> None:
-        await self._subscription.settle(self._seq, max(0.0, delay))
+        await self._subscription.settle(self._seq, max(0.0, delay), keyed=self._keyed)
 
 
 async def _init_connection(conn: Any) -> None:
