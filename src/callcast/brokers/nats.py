@@ -601,7 +601,7 @@ class NatsBroker:
         waiting: list[tuple[str, asyncio.Future[Msg]]] = []
         try:
             # Written back to back, then the acks are awaited together: one round trip per batch.
-            async with asyncio.timeout(self.timeout):
+            with alarms.timeout(self.timeout):
                 for body, headers in messages:
                     reply, future = replies.expect()
                     waiting.append((reply, future))

@@ -158,6 +158,7 @@ import aiormq.abc
 import aiormq.exceptions
 from pamqp import commands as spec
 
+from callcast import alarms
 from callcast.brokers import redact, seconds_option
 from callcast.envelope import Envelope, decode_or_quarantine
 from callcast.exceptions import BrokerUnavailableError, ConfigurationError, PublishError, TransportError
@@ -685,7 +686,7 @@ class RabbitBroker:
         # The concrete channel's basic_publish can skip waiting for each frame to drain.
         channel = cast(aiormq.Channel, await self._channel("publish"))
         try:
-            async with asyncio.timeout(self.timeout):
+            with alarms.timeout(self.timeout):
                 if len(messages) == 1:
                     body, properties = messages[0]
                     outcomes: list[Any] = [

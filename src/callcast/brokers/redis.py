@@ -133,6 +133,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from callcast import alarms
 from callcast.brokers import redact, seconds_option
 from callcast.envelope import Envelope, decode_or_quarantine
 from callcast.exceptions import BrokerUnavailableError, ConfigurationError, PublishError, TransportError
@@ -826,11 +827,11 @@ class RedisBroker:
         if self._closed or self._blocking is None:
             raise BrokerUnavailableError(f"redis broker {self.url} is closed")
         block = max(1, round(timeout * 1000))
-        with self._translate("wait for entries"):
-            async with asyncio.timeout(timeout + self.options.timeout):  # keeps an outside cancellation
-                await self._blocking.xread(
-                    {keys.topic: last_ids[0], keys.direct: last_ids[1]}, count=1, block=block
-                )
+        # The alarm keeps an outside cancellation a cancellation.
+        with self._translate("wait for entries"), alarms.timeout(timeout + self.options.timeout):
+            await self._blocking.xread(
+                {keys.topic: last_ids[0], keys.direct: last_ids[1]}, count=1, block=block
+            )
 
     def _queue_settle(
         self, subscription: _RedisSubscription, token: str, delay_ms: float
