@@ -135,11 +135,13 @@ def parse_url(url: str) -> tuple[Path, dict[str, str]]:
 
 @dataclass(eq=False)
 class _Settles:
-    """The acks and nacks of one loop turn, and the task that writes them in one op."""
+    """The acks and nacks of one loop turn, the task that writes them in one op, and a future per
+    settle that learns the outcome (a settle whose caller is cancelled leaves the others alone)."""
 
     acks: list[tuple[str, int, str]] = field(default_factory=list)
     nacks: list[tuple[float, str, int, str]] = field(default_factory=list)
     groups: set[str] = field(default_factory=set)
+    waiters: list[asyncio.Future[None]] = field(default_factory=list)
     written: asyncio.Task[None] | None = None
 
 
@@ -452,9 +454,10 @@ class SqliteBroker:
         (one statement per kind), so a busy consumer costs the writer one op per turn, not per
         message."""
         batch = self._settling
+        loop = asyncio.get_running_loop()
         if batch is None:  # the first settle of this loop turn: its task writes the turn's settles
             batch = self._settling = _Settles()
-            batch.written = asyncio.get_running_loop().create_task(self._write_settles(batch))
+            batch.written = loop.create_task(self._write_settles(batch))
             batch.written.add_done_callback(_retrieve)
         if delay is None:
             batch.acks.append((group, seq, owner))
@@ -463,8 +466,9 @@ class SqliteBroker:
             if delay and self._loop is not None:
                 self._loop.call_later(delay, self._wake_group, group)
         batch.groups.add(group)
-        assert batch.written is not None
-        await asyncio.shield(batch.written)
+        settled: asyncio.Future[None] = loop.create_future()
+        batch.waiters.append(settled)
+        await settled
 
     async def _write_settles(self, batch: _Settles) -> None:
         """Starts once the loop turn that opened ``batch`` is over; writes its settles in one op."""
@@ -481,13 +485,24 @@ class SqliteBroker:
                     batch.nacks,
                 )
 
+        outcome: BaseException | None = None
         try:
             await self._run(settle)
         except asyncio.CancelledError:  # the loop is going away: the waiters learn it as a failure
-            raise TransportError("sqlite broker: settling was interrupted") from None
+            outcome = TransportError("sqlite broker: settling was interrupted")
+            raise
+        except Exception as error:
+            outcome = error
         finally:
             for group in batch.groups:
                 self._wake_group(group)
+            for settled in batch.waiters:
+                if settled.done():  # its caller was cancelled
+                    continue
+                if outcome is None:
+                    settled.set_result(None)
+                else:
+                    settled.set_exception(outcome)
 
     async def _release(
         self, owner: str, group: str, topic: str, ephemeral: bool, never_handed_out: list[int]
