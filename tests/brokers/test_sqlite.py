@@ -253,3 +253,27 @@ async def test_an_undecodable_row_is_delivered_quarantined(tmp_path: Path) -> No
             await delivery.ack()
     finally:
         await broker.close()
+
+
+async def test_acks_of_one_loop_turn_are_written_together_even_when_one_caller_is_cancelled(
+    tmp_path: Path,
+) -> None:
+    """The acks of a loop turn share one write; cancelling one ack's caller neither stops that write
+    nor fails the others: all three rows are gone, nothing is redelivered."""
+    url = f"sqlite:///{tmp_path / 'broker.db'}?lease={LEASE:g}"
+    broker = await connect(url)
+    try:
+        subscription = await broker.subscribe("orders", "billing")
+        await broker.publish("orders", [Envelope(type="T", source="/s", data=b"%d" % n) for n in range(3)])
+        deliveries = [await asyncio.wait_for(subscription.__anext__(), 5) for _ in range(3)]
+        acks = [asyncio.create_task(delivery.ack()) for delivery in deliveries]
+        await asyncio.sleep(0)  # the three acks joined one turn's batch
+        acks[1].cancel()
+        outcomes = await asyncio.wait_for(asyncio.gather(*acks, return_exceptions=True), 5)
+        assert outcomes[0] is None and outcomes[2] is None
+        assert isinstance(outcomes[1], asyncio.CancelledError)
+        await subscription.close()
+        with contextlib.closing(sqlite3.connect(tmp_path / "broker.db")) as conn:
+            assert conn.execute("SELECT count(*) FROM deliveries").fetchone()[0] == 0
+    finally:
+        await broker.close()
