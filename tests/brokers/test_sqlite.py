@@ -270,7 +270,8 @@ async def test_acks_of_one_loop_turn_are_written_together_even_when_one_caller_i
         await asyncio.sleep(0)  # the three acks joined one turn's batch
         acks[1].cancel()
         outcomes = await asyncio.wait_for(asyncio.gather(*acks, return_exceptions=True), 5)
-        assert outcomes[0] is None and outcomes[2] is None
+        assert outcomes[0] is None
+        assert outcomes[2] is None
         assert isinstance(outcomes[1], asyncio.CancelledError)
         await subscription.close()
         with contextlib.closing(sqlite3.connect(tmp_path / "broker.db")) as conn:
