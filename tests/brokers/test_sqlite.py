@@ -17,7 +17,7 @@ import pytest
 from callcast.brokers import connect
 from callcast.brokers.sqlite import SqliteBroker, parse_url
 from callcast.envelope import UNDECODABLE_TYPE, Envelope
-from callcast.exceptions import BrokerUnavailableError, ConfigurationError
+from callcast.exceptions import BrokerUnavailableError, ConfigurationError, TransportError
 from callcast.testing import BrokerConformance
 from callcast.transport import Broker, Capabilities
 
@@ -276,5 +276,28 @@ async def test_acks_of_one_loop_turn_are_written_together_even_when_one_caller_i
         await subscription.close()
         with contextlib.closing(sqlite3.connect(tmp_path / "broker.db")) as conn:
             assert conn.execute("SELECT count(*) FROM deliveries").fetchone()[0] == 0
+    finally:
+        await broker.close()
+
+
+async def test_an_ack_whose_write_is_cancelled_before_it_ran_fails_instead_of_hanging(
+    tmp_path: Path,
+) -> None:
+    """If the loop turn's write is cancelled before it even started (the loop going away), the acks
+    waiting on it fail with a TransportError; none waits forever."""
+    broker = SqliteBroker(f"sqlite:///{tmp_path / 'broker.db'}?lease={LEASE:g}")
+    await broker.connect()
+    try:
+        subscription = await broker.subscribe("orders", "billing")
+        await broker.publish("orders", [Envelope(type="T", source="/s", data=b"x")])
+        delivery = await asyncio.wait_for(subscription.__anext__(), 5)
+        ack = asyncio.create_task(delivery.ack())
+        await asyncio.sleep(0)  # the ack queued itself; the turn's write has not started yet
+        batch = broker._settling
+        assert batch is not None
+        assert batch.written is not None
+        batch.written.cancel()
+        with pytest.raises(TransportError, match="interrupted"):
+            await asyncio.wait_for(ack, 5)
     finally:
         await broker.close()

@@ -144,11 +144,20 @@ class _Settles:
     waiters: list[asyncio.Future[None]] = field(default_factory=list)
     written: asyncio.Task[None] | None = None
 
-
-def _retrieve(future: asyncio.Future[Any]) -> None:
-    """Mark a background future's outcome as seen (the waiters got it, or there are none)."""
-    if not future.cancelled():
-        future.exception()
+    def tell_waiters(self, written: asyncio.Task[None]) -> None:
+        """The write ended: every settle still waiting learns how (cancelled before or while it
+        ran, e.g. as the loop goes away, is a failure to them)."""
+        if written.cancelled():
+            error: BaseException | None = TransportError("sqlite broker: settling was interrupted")
+        else:
+            error = written.exception()
+        for settled in self.waiters:
+            if settled.done():  # its caller was cancelled
+                continue
+            if error is None:
+                settled.set_result(None)
+            else:
+                settled.set_exception(error)
 
 
 class _OpFailed(Exception):
@@ -458,7 +467,7 @@ class SqliteBroker:
         if batch is None:  # the first settle of this loop turn: its task writes the turn's settles
             batch = self._settling = _Settles()
             batch.written = loop.create_task(self._write_settles(batch))
-            batch.written.add_done_callback(_retrieve)
+            batch.written.add_done_callback(batch.tell_waiters)
         if delay is None:
             batch.acks.append((group, seq, owner))
         else:
@@ -485,24 +494,11 @@ class SqliteBroker:
                     batch.nacks,
                 )
 
-        outcome: BaseException | None = None
         try:
             await self._run(settle)
-        except asyncio.CancelledError:  # the loop is going away: the waiters learn it as a failure
-            outcome = TransportError("sqlite broker: settling was interrupted")
-            raise
-        except Exception as error:
-            outcome = error
         finally:
             for group in batch.groups:
                 self._wake_group(group)
-            for settled in batch.waiters:
-                if settled.done():  # its caller was cancelled
-                    continue
-                if outcome is None:
-                    settled.set_result(None)
-                else:
-                    settled.set_exception(outcome)
 
     async def _release(
         self, owner: str, group: str, topic: str, ephemeral: bool, never_handed_out: list[int]
