@@ -528,6 +528,11 @@ class NatsBroker:
             raise BrokerUnavailableError(f"nats broker {self.url} is closed")
         return self._nc
 
+    def _inbox(self) -> _Replies:
+        if self._closed or self._replies is None:
+            raise BrokerUnavailableError(f"nats broker {self.url} is closed")
+        return self._replies
+
     def _spawn(self, coroutine: Any, name: str) -> None:
         task = asyncio.create_task(coroutine, name=name)
         self._background.add(task)
@@ -586,8 +591,7 @@ class NatsBroker:
 
     async def publish(self, topic: str, envelopes: Sequence[Envelope], *, group: str | None = None) -> None:
         nc = self._client()
-        replies = self._replies
-        assert replies is not None
+        replies = self._inbox()
         if not envelopes:
             return
         subject = self.subject(topic)
@@ -672,8 +676,7 @@ class NatsBroker:
 
     async def request(self, topic: str, envelope: Envelope, *, timeout: float) -> Envelope:
         nc = self._client()
-        replies = self._replies
-        assert replies is not None
+        replies = self._inbox()
         body = self._structured(nc, envelope)
         reply, future = replies.expect()
         try:
