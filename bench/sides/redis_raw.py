@@ -8,6 +8,7 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
+import redis
 import redis.asyncio
 
 from bench.brokers import REDIS_URL
@@ -18,6 +19,17 @@ BATCH = 256
 GROUP = "sink"
 
 
+def _identity() -> dict[str, Any]:
+    """Connection options naming the client once: left to itself, redis-py 7.2+ reads its package
+    metadata from disk for every new connection, on the event loop, and a stalled loop grows the
+    pool until it runs out of connections (FastStream and callcast pass theirs too)."""
+    try:
+        from redis.driver_info import DriverInfo
+    except ImportError:
+        return {}
+    return {"driver_info": DriverInfo(lib_version=redis.__version__)}
+
+
 class RedisPipe:
     def __init__(self, namespace: str) -> None:
         self.stream = f"{namespace}:raw:events"
@@ -26,8 +38,9 @@ class RedisPipe:
         self.consuming: asyncio.Task[None] | None = None
 
     async def open(self, handler: Handler) -> None:
-        self.client = redis.asyncio.Redis.from_url(REDIS_URL)
-        self.reader = redis.asyncio.Redis.from_url(REDIS_URL)
+        identity = _identity()
+        self.client = redis.asyncio.Redis.from_url(REDIS_URL, **identity)
+        self.reader = redis.asyncio.Redis.from_url(REDIS_URL, **identity)
         await self.client.xgroup_create(self.stream, GROUP, id="$", mkstream=True)
 
         async def consume() -> None:

@@ -531,6 +531,31 @@ async def test_a_batch_is_one_round_trip(broker: RedisBroker, monkeypatch: pytes
     assert writes == 1
 
 
+async def test_new_connections_do_not_read_package_metadata(
+    broker: RedisBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client identity is built once: a pool growing under load never reads redis-py's package
+    metadata from disk on the event loop (redis-py 7.2+ does so per connection unless given one)."""
+    import redis.utils
+
+    reads = 0
+    original = redis.utils.get_lib_version
+
+    def counting() -> str:
+        nonlocal reads
+        reads += 1
+        return str(original())
+
+    monkeypatch.setattr(redis.utils, "get_lib_version", counting)
+    for pool in broker._pools:
+        for _ in range(3):
+            pool.make_connection()
+    assert reads == 0
+    # The check can fail: a connection given no identity reads the metadata (on redis-py 7.2+).
+    plain = redis.asyncio.connection.Connection(host=HOST, port=PORT)
+    assert reads == (1 if hasattr(plain, "driver_info") else 0)
+
+
 async def test_driver_errors_become_transport_errors(broker: RedisBroker, raw: redis.Redis) -> None:
     """What the driver raises reaches callers as the ``TransportError`` tree: a key of another type
     where a stream belongs, a server that is not there, a server that is not durable enough."""
