@@ -27,11 +27,12 @@ import redis
 import redis.asyncio.connection
 
 from callcast.brokers import connect
-from callcast.brokers.redis import PARKED, RedisBroker, RedisOptions, parse_url
-from callcast.envelope import UNDECODABLE_TYPE, Envelope
+from callcast.brokers.redis import PARKED, RedisBroker, RedisOptions, _Taken, parse_url
+from callcast.envelope import UNDECODABLE_TYPE, Envelope, to_structured
 from callcast.exceptions import BrokerUnavailableError, ConfigurationError, PublishError, TransportError
 from callcast.testing import BrokerConformance
 from callcast.transport import Broker, Capabilities, Delivery, Subscription
+from tests.unit.conftest import wait_until
 
 from .conftest import require_server
 
@@ -622,6 +623,60 @@ async def test_a_failed_call_loses_nothing_and_counts_right(
     marker = _envelope("marker")
     await broker.publish(topic, [marker])
     assert (await _next(subscription)).envelope == marker
+
+
+async def test_a_nack_here_ends_the_blocking_read_of_a_subscriber_here() -> None:
+    """A subscriber of this connection blocked in its read (which would last 30 s here) is interrupted
+    by a nack of the same connection (``CLIENT UNBLOCK``), takes the nacked delivery as the next
+    attempt, and keeps its reading connection (the same client id)."""
+    patient = await connect(f"redis://{HOST}:{PORT}/0?prefix={SHARED_PREFIX}&lease=60&poll=60")
+    assert isinstance(patient, RedisBroker)
+    try:
+        topic, group = _unique("unblock"), _unique("workers")
+        holder = await patient.subscribe(topic, group, prefetch=1)
+        reader = await patient.subscribe(topic, group, prefetch=1)
+        await patient.publish(topic, [_envelope("retried")])
+        held = await _next(holder)
+        waiting = asyncio.create_task(_next(reader, timeout=30))
+        await wait_until(lambda: reader.blocked)
+        client_id = reader.reader_id
+        await held.nack()
+        got = await asyncio.wait_for(waiting, 10)
+        assert (got.envelope.data, got.attempt) == (b"retried", 2)
+        assert reader.reader_id == client_id
+        await got.ack()
+    finally:
+        await patient.close()
+
+
+async def test_a_blocking_read_never_leaves_more_than_the_prefetch_held(
+    broker: RedisBroker, raw: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The blocking read counts per stream: when entries reach the direct and the topic stream between
+    a take that found nothing and the read, both are claimed, and the one beyond the free prefetch goes
+    straight back, uncounted."""
+    topic, group = _unique("surplus"), _unique("one-at-a-time")
+    subscription = await broker.subscribe(topic, group, prefetch=1)
+    keys = broker.keys(topic, group)
+    raw.xadd(keys.direct, {"event": to_structured(_envelope("direct"))})
+    topic_id = raw.xadd(keys.topic, {"event": to_structured(_envelope("topic"))})
+    take = broker._take
+    takes = 0
+
+    async def first_finds_nothing(*args: Any) -> Any:
+        nonlocal takes
+        takes += 1
+        return _Taken([]) if takes == 1 else await take(*args)
+
+    monkeypatch.setattr(broker, "_take", first_finds_nothing)
+    first = await _next(subscription)
+    assert (first.envelope.data, first.attempt) == (b"direct", 1)
+    assert subscription.held() == [first.token]
+    assert raw.zrange(keys.retry, 0, -1) == [b"t:" + topic_id]  # the surplus, parked and due now
+    await first.ack()
+    second = await _next(subscription)
+    assert (second.envelope.data, second.attempt) == (b"topic", 1)
+    await second.ack()
 
 
 async def test_another_connection_sees_a_nack_or_a_close_within_poll(broker: RedisBroker) -> None:

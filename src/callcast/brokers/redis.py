@@ -51,12 +51,16 @@ How the contract is met
 * **Taking deliveries** happens in one Lua script per batch (never more than the free prefetch): first
   the group's retries that are due (``XCLAIM`` from ``callcast:retry``), then the deliveries of
   subscribers that vanished (below), then new entries of the direct stream, then of the topic stream
-  (``XREADGROUP ... COUNT <free prefetch> ... >``). When there is nothing, the subscriber waits with a
-  plain ``XREAD BLOCK`` (which takes nothing) on both streams from their last entry ids, on a connection
-  of its own (a second pool, so waiting never starves publishes and acks), at most ``poll`` seconds or
-  until its group's next retry is due; a nack or close on this connection interrupts that wait (the
-  cancelled ``XREAD`` costs a reconnect of that connection, nothing else). Entries are fetched only
-  when ``__anext__`` asks and there is free prefetch, so nothing is fetched ahead of the prefetch bound.
+  (``XREADGROUP ... COUNT <free prefetch> ... >``). When there is nothing, the subscriber blocks in
+  ``XREADGROUP ... COUNT <free prefetch> BLOCK <ms> STREAMS <direct> <topic> > >`` on a connection of
+  its own (so waiting never starves publishes and acks), at most ``poll`` seconds or until its group's
+  next retry is due: an entry published meanwhile is claimed and delivered by that one reply. A nack
+  or close on this connection ends the wait early with ``CLIENT UNBLOCK`` (which makes it return as if
+  it had timed out, claiming nothing; where ACLs forbid it, the wait runs out). Entries are fetched only
+  when ``__anext__`` asks and there is free prefetch, so nothing is fetched ahead of the prefetch bound,
+  with one exception: the blocking read counts per stream, so when entries reach both streams at once
+  it can claim more than the free prefetch; the surplus is given back at once (due now, its delivery
+  count taken back).
 * **Competing consumers** are the consumer group's: each ``XREADGROUP`` entry goes to one consumer.
 * **Ack** is ``XACK``, **nack** moves the pending entry to the ``callcast:retry`` consumer with
   ``XCLAIM ... JUSTID`` (its delivery count unchanged) and adds it to the group's ``:retry`` sorted set,
@@ -129,6 +133,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -161,6 +166,7 @@ _DATA = b"data"
 _EVENT = b"event"
 _MAX_DELAY_MS = 10 * 365 * 24 * 3600 * 1000.0
 _MAX_TAKE = 500  # entries per take script (Lua's unpack has a limit)
+_UNBLOCK_TRIES = 5
 _OPTIONS = ("prefix", "lease", "poll", "durable", "connect_timeout", "timeout")
 _TLS_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs")
 
@@ -334,7 +340,7 @@ return 1
 
 # KEYS: topic stream, direct stream, retry set.
 # ARGV: group, consumer, room, lease (ms), reclaim ('1'/'0'), parked consumer.
-# Returns 'missing', {entries} or {{}, ms until the next retry is due (-1: none), last ids of both streams};
+# Returns 'missing', {entries} or {{}, ms until the next retry is due (-1: none)};
 # an entry is {tag, id, delivery count, fields}.
 _TAKE = """
 local keys = {t = KEYS[1], d = KEYS[2]}
@@ -402,12 +408,7 @@ if #out > 0 then return {out} end
 local next_due = -1
 local first = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
 if first[2] then next_due = math.max(0, math.ceil(tonumber(first[2]) - now)) + 1 end
-local function last_id(key)
-  local e = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)[1]
-  if e then return e[1] end
-  return '0-0'
-end
-return {out, next_due, last_id(KEYS[1]), last_id(KEYS[2])}
+return {out, next_due}
 """
 
 # KEYS: topic stream, direct stream, retry set.
@@ -579,11 +580,13 @@ _SCRIPTS = {
 _Call = tuple[_Script, Sequence[str], Sequence[str | int | float]]
 
 
+_Entry = tuple[str, int, list[bytes]]  # token, delivery count, fields
+
+
 @dataclasses.dataclass(slots=True)
 class _Taken:
-    entries: list[tuple[str, int, list[bytes]]]  # token, delivery count, fields
+    entries: list[_Entry]
     next_due: float | None = None  # seconds until the group's next retry is due
-    last_ids: tuple[bytes, bytes] = (b"0-0", b"0-0")
 
 
 # -- the broker -----------------------------------------------------------------------------------
@@ -604,8 +607,9 @@ class RedisBroker:
         self.poll = self.options.poll
         self.registry = f"{self.options.prefix}::ephemeral"
         self._redis: aioredis.Redis | None = None
-        self._blocking: aioredis.Redis | None = None
+        self._reader_pool: aioredis.ConnectionPool | None = None  # makes the subscriptions' own connections
         self._pools: list[aioredis.ConnectionPool] = []
+        self._unblocking: set[asyncio.Task[None]] = set()
         self._subscriptions: set[_RedisSubscription] = set()
         self._settles: list[tuple[_RedisSubscription, str, float, asyncio.Future[None]]] = []
         self._settling: asyncio.Task[None] | None = None
@@ -635,12 +639,12 @@ class RedisBroker:
                 timeout=options.timeout,
                 **common,
             )
-            blocking_pool = aioredis.ConnectionPool.from_url(self._target, socket_timeout=None, **common)
+            reader_pool = aioredis.ConnectionPool.from_url(self._target, socket_timeout=None, **common)
         except (ValueError, TypeError) as error:
             raise ConfigurationError(f"redis broker: cannot use {self.url!r}: {self._scrub(error)}") from None
-        self._pools = [pool, blocking_pool]
+        self._pools = [pool, reader_pool]
         self._redis = aioredis.Redis(connection_pool=pool)
-        self._blocking = aioredis.Redis(connection_pool=blocking_pool)
+        self._reader_pool = reader_pool
         try:
             with self._translate("connect"):
                 server = await self._redis.info("server")
@@ -682,10 +686,9 @@ class RedisBroker:
         return True, ""
 
     async def _dispose(self) -> None:
-        for client in (self._redis, self._blocking):
-            if client is not None:
-                with contextlib.suppress(Exception):
-                    await client.aclose()
+        if self._redis is not None:
+            with contextlib.suppress(Exception):
+                await self._redis.aclose()
         for pool in self._pools:
             with contextlib.suppress(Exception):
                 await pool.aclose()
@@ -805,6 +808,8 @@ class RedisBroker:
         if self._settling is not None:
             with contextlib.suppress(Exception):
                 await self._settling
+        if self._unblocking:
+            await asyncio.wait(self._unblocking)
         self._closed = True
         if self._housekeeping_task is not None:
             self._housekeeping_task.cancel()
@@ -842,19 +847,76 @@ class RedisBroker:
         )
         if len(reply) > 1:
             taken.next_due = None if int(reply[1]) < 0 else int(reply[1]) / 1000
-            taken.last_ids = (reply[2], reply[3])
         return taken
 
-    async def _wait_for_entries(self, keys: _Keys, last_ids: tuple[bytes, bytes], timeout: float) -> None:
-        """Return when an entry is added to either stream after ``last_ids``, or after ``timeout``."""
-        if self._closed or self._blocking is None:
+    async def _read_new(self, subscription: _RedisSubscription, room: int, timeout: float) -> list[_Entry]:
+        """Wait up to ``timeout`` seconds for entries published to the group after those it was given, and
+        claim up to ``room`` of each stream (``XREADGROUP ... BLOCK``), on the subscription's own
+        connection. Returns early, with nothing, when :meth:`_unblock` interrupts it. If this raises or
+        is cancelled, entries may have been claimed that the caller never saw."""
+        if self._closed or self._reader_pool is None:
             raise BrokerUnavailableError(f"redis broker {self.url} is closed")
-        block = max(1, round(timeout * 1000))
-        # The alarm keeps an outside cancellation a cancellation.
-        with self._translate("wait for entries"), alarms.timeout(timeout + self.options.timeout):
-            await self._blocking.xread(
-                {keys.topic: last_ids[0], keys.direct: last_ids[1]}, count=1, block=block
-            )
+        keys = subscription.keys
+        connection = subscription.reader
+        if connection is None:
+            pool = self._reader_pool
+            connection = subscription.reader = pool.connection_class(**pool.connection_kwargs)
+        try:
+            # The alarm keeps an outside cancellation a cancellation.
+            with (
+                self._translate(f"read from {subscription.topic!r}/{keys.group!r}"),
+                alarms.timeout(timeout + self.options.timeout),
+            ):
+                if subscription.reader_id is None:
+                    await connection.connect()  # type: ignore[no-untyped-call]
+                    await connection.send_command("CLIENT", "ID")
+                    subscription.reader_id = int(await connection.read_response())
+                if subscription.interrupted:
+                    return []
+                await connection.send_command(
+                    "XREADGROUP", "GROUP", keys.group, subscription.consumer, "COUNT", room,
+                    "BLOCK", max(1, round(timeout * 1000)), "STREAMS", keys.direct, keys.topic, ">", ">",
+                )  # fmt: skip
+                subscription.blocked = True
+                if subscription.interrupted:  # woken while the command was written
+                    self._unblock(subscription)
+                reply = await connection.read_response()
+        except BaseException:
+            subscription.reader_id = None
+            with contextlib.suppress(Exception):
+                await connection.disconnect(nowait=True)
+            raise
+        finally:
+            subscription.blocked = False
+        entries: list[_Entry] = []
+        direct = keys.direct.encode()
+        for stream, stream_entries in reply or ():
+            tag = "d" if stream == direct else "t"
+            entries += [(f"{tag}:{id_.decode()}", 1, fields) for id_, fields in stream_entries]
+        return entries
+
+    def _unblock(self, subscription: _RedisSubscription) -> None:
+        """End the subscription's blocking read early, if one is under way (``CLIENT UNBLOCK``: the read
+        returns as if it had timed out and claims nothing)."""
+        reader_id = subscription.reader_id
+        if not subscription.blocked or reader_id is None or self._closed or self._redis is None:
+            return
+        client = self._redis
+
+        async def unblock() -> None:
+            try:
+                with self._translate("interrupt a blocking read"):
+                    # The server may not have seen the read yet: try again while it is under way.
+                    for _ in range(_UNBLOCK_TRIES):
+                        if await client.client_unblock(reader_id) or not subscription.blocked:
+                            return
+                        await asyncio.sleep(0.001)
+            except TransportError as error:  # the read runs out after at most ``poll`` seconds
+                log.debug("%s", error)
+
+        task = asyncio.create_task(unblock(), name="callcast-redis-unblock")
+        self._unblocking.add(task)
+        task.add_done_callback(self._unblocking.discard)
 
     def _queue_settle(
         self, subscription: _RedisSubscription, token: str, delay_ms: float
@@ -891,7 +953,7 @@ class RedisBroker:
                 )
             nudged: set[_Keys] = set()
             for (subscription, items), outcome in zip(by_subscription.items(), outcomes, strict=True):
-                subscription.written(len(items))
+                subscription.written([token for token, _, _ in items])
                 if isinstance(outcome, BaseException):
                     if isinstance(outcome, TransportError):
                         kind, message = type(outcome), str(outcome)
@@ -998,11 +1060,15 @@ class _RedisSubscription:
         self._recover = False
         self._lost: set[str] = set()  # handed out, but their settle failed
         self._pump_task: asyncio.Task[None] | None = None
-        self._unwritten = 0  # settles queued and not yet written (or failed)
+        self._unwritten: set[str] = set()  # settles queued and not yet written (or failed)
         self._all_written = asyncio.Event()
         self._all_written.set()
         self._next_reclaim = 0.0
         self._reclaim_every = broker.lease / 2
+        # The connection of the blocking reads, its CLIENT ID (None: not connected), whether one is on.
+        self.reader: AbstractConnection | None = None
+        self.reader_id: int | None = None
+        self.blocked = False
 
     def __aiter__(self) -> _RedisSubscription:
         return self
@@ -1038,6 +1104,12 @@ class _RedisSubscription:
     def nudge(self) -> None:
         self._nudged = True
         self._wake.set()
+        self.broker._unblock(self)
+
+    @property
+    def interrupted(self) -> bool:
+        """Whether a nack or close asked the current take or read to end."""
+        return self._wake.is_set()
 
     def held(self) -> list[str]:
         return [*self.outstanding, *(delivery.token for delivery in self.buffer)]
@@ -1084,8 +1156,7 @@ class _RedisSubscription:
                 if reclaim:
                     self._next_reclaim = loop.time() + self._reclaim_every
                 if taken.entries:
-                    for token, count, fields in taken.entries:
-                        self.buffer.append(_RedisDelivery(self, token, count, _decode(fields)))
+                    self._fill(taken.entries)
                     return
                 if self._nudged:
                     continue
@@ -1093,39 +1164,37 @@ class _RedisSubscription:
                 if taken.next_due is not None:
                     timeout = min(timeout, taken.next_due)
                 try:
-                    await self._wait(taken.last_ids, timeout)
+                    entries = await self.broker._read_new(self, room, timeout)
                 except TransportError as error:
+                    self._recover = True  # the read may have claimed entries for us: give them back
                     failures += 1
                     if failures == 1:
                         log.warning("%s/%s: %s; retrying", self.topic, self.keys.group, error)
                     await self._pause(failures)
+                    continue
+                if entries:
+                    self._fill(entries[:room])
+                    if len(entries) > room:  # both streams had entries: the surplus goes back
+                        self._recover = True
+                        with contextlib.suppress(TransportError):  # if not now, at the next take
+                            await self._give_back_unknown()
+                    return
         finally:
             self._notify()
 
+    def _fill(self, entries: list[_Entry]) -> None:
+        for token, count, fields in entries:
+            self.buffer.append(_RedisDelivery(self, token, count, _decode(fields)))
+
     async def _give_back_unknown(self) -> None:
         """After a failed call: entries the server may have given us that we do not know go back to the
-        group (those fetched, uncounted; those handed out whose settle failed, counted)."""
-        kinds = {token: "k" for token in self.held()}
+        group (those fetched, uncounted; those handed out whose settle failed, counted). Those held, and
+        those whose settle is on its way, stay."""
+        kinds = {token: "k" for token in [*self.held(), *self._unwritten]}
         kinds.update({token: "h" for token in self._lost})
         await self.broker._release(self, kinds, close=False)
         self._lost.clear()
         self._recover = False
-
-    async def _wait(self, last_ids: tuple[bytes, bytes], timeout: float) -> None:
-        if self._wake.is_set():
-            return
-        reading = asyncio.create_task(self.broker._wait_for_entries(self.keys, last_ids, timeout))
-        woken = asyncio.create_task(self._wake.wait())
-        try:
-            await asyncio.wait({reading, woken}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (reading, woken):
-                task.cancel()
-            # A cancelled XREAD took nothing; its connection is closed and replaced.
-            await asyncio.wait({reading, woken})
-        error = None if reading.cancelled() else reading.exception()
-        if error is not None:
-            raise error
 
     async def _pause(self, failures: int) -> None:
         await wait_event(self._wake, min(1.0, 0.05 * 2 ** min(failures, 5)))
@@ -1135,17 +1204,16 @@ class _RedisSubscription:
             return
         self._notify()
         delay_ms = -1.0 if delay is None else min(_MAX_DELAY_MS, max(0.0, delay * 1000))
-        self._unwritten += 1
+        self._unwritten.add(token)
         self._all_written.clear()
         # Awaited directly: a cancelled caller cancels only its own future; the settle is written
-        # anyway, and close() waits for it by the count.
+        # anyway, and close() waits until it is.
         await self.broker._queue_settle(self, token, delay_ms)
 
-    def written(self, count: int) -> None:
-        """``count`` queued settles were written, or failed."""
-        self._unwritten -= count
-        if self._unwritten <= 0:
-            self._unwritten = 0
+    def written(self, tokens: list[str]) -> None:
+        """The queued settles of ``tokens`` were written, or failed."""
+        self._unwritten.difference_update(tokens)
+        if not self._unwritten:
             self._all_written.set()
 
     async def close(self) -> None:
@@ -1154,6 +1222,7 @@ class _RedisSubscription:
         self.closed = True
         self.broker._subscriptions.discard(self)
         self._wake.set()
+        self.broker._unblock(self)
         self._notify()
         pump = self._pump_task
         if pump is not None and not pump.done():
@@ -1167,6 +1236,10 @@ class _RedisSubscription:
         kinds = {token: "h" for token in [*self.outstanding, *self._lost]}
         self.outstanding.clear()
         self.buffer.clear()
+        if self.reader is not None:
+            with contextlib.suppress(Exception):
+                await self.reader.disconnect()
+            self.reader = self.reader_id = None
         try:
             if self.ephemeral:
                 await self.broker._drop(self.keys)
