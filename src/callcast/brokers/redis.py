@@ -1065,6 +1065,7 @@ class _RedisSubscription:
         self._all_written.set()
         self._next_reclaim = 0.0
         self._reclaim_every = broker.lease / 2
+        self._take_by = 0.0  # when the next take is due at the latest (loop time)
         # The connection of the blocking reads, its CLIENT ID (None: not connected), whether one is on.
         self.reader: AbstractConnection | None = None
         self.reader_id: int | None = None
@@ -1121,7 +1122,11 @@ class _RedisSubscription:
 
     async def _pump(self) -> None:
         """Take deliveries into the buffer, waiting for them as long as needed; ends once some were
-        taken, the prefetch is used up, or the subscription closed."""
+        taken, the prefetch is used up, or the subscription closed.
+
+        A take (the script) runs when a nack or close here asked for one, after a failure, when
+        reclaiming is due, and at least every ``poll`` seconds or when the group's next retry is due;
+        in between, only new entries can have come, and the blocking read fetches those by itself."""
         loop = asyncio.get_running_loop()
         failures = 0
         try:
@@ -1129,20 +1134,31 @@ class _RedisSubscription:
                 room = self._room()
                 if room <= 0:
                     return
+                must_take = (
+                    self._nudged or self._recover or loop.time() >= min(self._take_by, self._next_reclaim)
+                )
                 self._nudged = False
                 self._wake.clear()
                 try:
-                    if self._recover:
-                        await self._give_back_unknown()
-                    reclaim = loop.time() >= self._next_reclaim
-                    taken = await self.broker._take(self, room, reclaim)
-                    if taken is None:  # the server lost the group (restarted without persistence)
-                        failures += 1
-                        self._recover = True
-                        await self.broker._declare(self.keys, ephemeral=self.ephemeral)
-                        if failures > 1:
-                            await self._pause(failures)
-                        continue
+                    if must_take:
+                        taken = await self._take(room)
+                        if taken is None:  # the server lost the group (restarted without persistence)
+                            failures += 1
+                            self._recover = True
+                            await self.broker._declare(self.keys, ephemeral=self.ephemeral)
+                            if failures > 1:
+                                await self._pause(failures)
+                            continue
+                        if taken.entries:
+                            self._take_by = 0.0  # more may be due
+                            self._fill(taken.entries)
+                            return
+                        if self._nudged:
+                            continue
+                        wait = self.broker.poll if taken.next_due is None else taken.next_due
+                        self._take_by = loop.time() + min(self.broker.poll, wait)
+                    timeout = max(0.001, min(self._take_by, self._next_reclaim) - loop.time())
+                    entries = await self.broker._read_new(self, room, timeout)
                 except TransportError as error:
                     self._recover = True  # the call may have claimed entries for us: give them back
                     failures += 1
@@ -1153,25 +1169,6 @@ class _RedisSubscription:
                 if failures:
                     log.info("%s/%s: taking works again", self.topic, self.keys.group)
                     failures = 0
-                if reclaim:
-                    self._next_reclaim = loop.time() + self._reclaim_every
-                if taken.entries:
-                    self._fill(taken.entries)
-                    return
-                if self._nudged:
-                    continue
-                timeout = min(self.broker.poll, max(0.001, self._next_reclaim - loop.time()))
-                if taken.next_due is not None:
-                    timeout = min(timeout, taken.next_due)
-                try:
-                    entries = await self.broker._read_new(self, room, timeout)
-                except TransportError as error:
-                    self._recover = True  # the read may have claimed entries for us: give them back
-                    failures += 1
-                    if failures == 1:
-                        log.warning("%s/%s: %s; retrying", self.topic, self.keys.group, error)
-                    await self._pause(failures)
-                    continue
                 if entries:
                     self._fill(entries[:room])
                     if len(entries) > room:  # both streams had entries: the surplus goes back
@@ -1181,6 +1178,17 @@ class _RedisSubscription:
                     return
         finally:
             self._notify()
+
+    async def _take(self, room: int) -> _Taken | None:
+        """Give back what a failed call may have claimed, then run the take script."""
+        if self._recover:
+            await self._give_back_unknown()
+        loop = asyncio.get_running_loop()
+        reclaim = loop.time() >= self._next_reclaim
+        taken = await self.broker._take(self, room, reclaim)
+        if reclaim and taken is not None:
+            self._next_reclaim = loop.time() + self._reclaim_every
+        return taken
 
     def _fill(self, entries: list[_Entry]) -> None:
         for token, count, fields in entries:
