@@ -60,7 +60,9 @@ How the contract is met
   when ``__anext__`` asks and there is free prefetch, so nothing is fetched ahead of the prefetch bound,
   with one exception: the blocking read counts per stream, so when entries reach both streams at once
   it can claim more than the free prefetch; the surplus is given back at once (due now, its delivery
-  count taken back).
+  count taken back). The take script runs again at the latest after ``poll`` seconds or when the
+  group's next retry is due, at once after a nack or a failure here; in between, only new entries
+  can have come, and a subscriber goes straight to its blocking read, which returns those at once.
 * **Competing consumers** are the consumer group's: each ``XREADGROUP`` entry goes to one consumer.
 * **Ack** is ``XACK``, **nack** moves the pending entry to the ``callcast:retry`` consumer with
   ``XCLAIM ... JUSTID`` (its delivery count unchanged) and adds it to the group's ``:retry`` sorted set,
