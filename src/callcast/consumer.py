@@ -147,14 +147,15 @@ class Consumer:
             finally:
                 self._crashes.finished_alone()
 
-    def _crash_loop(self, delivery: Delivery, confirmed: int) -> str | None:
-        """Why this delivery counts as a crash loop, or None."""
+    def _crash_loop(self, delivery: Delivery, confirmed: int, own: int) -> str | None:
+        """Why this delivery counts as a crash loop, or None. ``own``: its deliveries that witnessed
+        crashes (other messages killing the process that held it) do not explain."""
         limit = self.handler.retry.max_attempts
         if self._crashes is None:
             if delivery.attempt > limit:
                 return f"delivered {delivery.attempt} times without being settled"
             return None
-        if delivery.attempt > ABSOLUTE_FACTOR * limit:
+        if own > ABSOLUTE_FACTOR * limit:
             return f"delivered {delivery.attempt} times without being settled"
         if confirmed and confirmed >= limit - 1:
             return f"crashed its process {confirmed} times running alone (delivered {delivery.attempt} times)"
@@ -179,7 +180,7 @@ class Consumer:
             unknown = UnknownEventError(f"{handler.group} handles {handler.topic!r}, got {envelope.type!r}")
             await self._dead_letter(delivery, "unknown-type", unknown)
             return
-        crash_loop = self._crash_loop(delivery, confirmed)
+        crash_loop = self._crash_loop(delivery, confirmed, own)
         if crash_loop is not None:
             if await self._already_applied(envelope.id):  # its effects committed before a crash
                 await delivery.ack()

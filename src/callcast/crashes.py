@@ -18,8 +18,10 @@ gets a *confirmed crash*; every other delivery the dead process held gets a *wit
 The consumer then judges a message by ``attempt - witnessed`` (the deliveries that were its own)
 for retries and dead letters, and dead-letters a crash loop once the message crashed a process
 while running alone ``max_attempts - 1`` times (its first, not yet suspected, delivery being the
-first crash) — or, whatever the evidence (crashes on other machines leave none here), once the
-broker counted more than ``3 × max_attempts`` deliveries.
+first crash) — or, without evidence (crashes on other machines leave none here), once more than
+``3 × max_attempts`` of its deliveries are not explained by witnessed crashes (a message held by
+processes that other messages crashed, say while it waited for a suspect running alone, is not
+dead-lettered for that however often it happens).
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 ABSOLUTE_FACTOR = 3
-"""Deliveries beyond ``ABSOLUTE_FACTOR × max_attempts`` end in the DLQ without further evidence."""
+"""Deliveries beyond ``ABSOLUTE_FACTOR × max_attempts`` that witnessed crashes do not explain end in the
+DLQ without further evidence."""
 
 
 def _alive(pid: int) -> bool:

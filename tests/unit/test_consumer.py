@@ -9,6 +9,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import pytest
 from pydantic import BaseModel
 
 from callcast import App, Context, Envelope, PermanentError, RetryPolicy, Service
@@ -174,22 +175,24 @@ async def test_confirmed_crashes_dead_letter_a_crash_loop_without_running_the_ha
     assert calls[9] == 0
 
 
+@pytest.mark.parametrize("witnessed", [2, ABSOLUTE_FACTOR * FAST.max_attempts])
 async def test_deliveries_cut_short_by_another_crash_are_not_the_messages_own_attempts(
-    broker: MemoryBroker, start: StartApp, tmp_path: Path
+    broker: MemoryBroker, start: StartApp, tmp_path: Path, witnessed: int
 ) -> None:
-    """Held twice by processes that another message crashed (their journals say so), a poison
-    message still gets max_attempts runs of its own before it is dead-lettered."""
+    """Held by processes that another message crashed (their journals say so), however often, a poison
+    message still gets max_attempts runs of its own before it is dead-lettered (as a failure, not
+    as a crash loop: those deliveries are explained, so the bound on unexplained ones does not apply)."""
     reset()
     await broker.declare("Job", "worker.work")
     sent = Envelope(type="Job", source="/test", data=b'{"n": 8, "fail_times": 99}')
     await broker.publish("Job", [sent])
     crashing = await broker.subscribe("Job", "worker.work")
-    for _ in range(2):
+    for _ in range(witnessed):
         await (await asyncio.wait_for(crashing.__anext__(), 5)).nack()
     await crashing.close()
     journals = tmp_path / "crashes" / "worker.work"
     journals.mkdir(parents=True)
-    for _ in range(2):
+    for _ in range(witnessed):
         pid = dead_pid()
         (journals / f"{pid}.inflight").write_text(f"+{sent.id}\n+the-crasher\n")
         (journals / f"{pid}.alone").write_text("the-crasher")
@@ -198,7 +201,7 @@ async def test_deliveries_cut_short_by_another_crash_are_not_the_messages_own_at
     assert letter.extensions["dlqreason"] == "error"
     assert calls[8] == FAST.max_attempts
     assert letter.extensions["dlqattempts"] == str(FAST.max_attempts)
-    assert letter.extensions["dlqdeliveries"] == str(FAST.max_attempts + 2)
+    assert letter.extensions["dlqdeliveries"] == str(FAST.max_attempts + witnessed)
 
 
 async def test_a_redelivered_neighbour_without_crash_evidence_runs(
