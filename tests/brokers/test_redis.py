@@ -679,6 +679,42 @@ async def test_a_blocking_read_never_leaves_more_than_the_prefetch_held(
     await second.ack()
 
 
+@pytest.mark.parametrize(
+    ("rule", "warns"),
+    [("-@dangerous", True), ("-client", False)],  # no CLIENT UNBLOCK; no CLIENT command at all
+)
+async def test_a_user_without_client_commands_still_reads_and_retries(
+    raw: redis.Redis, rule: str, warns: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Where ACLs forbid ``CLIENT ID`` or ``CLIENT UNBLOCK``, blocking reads still deliver, and a
+    nack here reaches a waiting subscriber within ``poll`` (0.5 s here) instead of at once, said
+    once in a warning when the unblock was refused."""
+    require_server("redis", PORT)
+    user, password = f"callcast-test-{RUN}", uuid.uuid4().hex
+    raw.acl_setuser(
+        user, enabled=True, passwords=[f"+{password}"], keys="*", channels="*", commands=["+@all", rule]
+    )
+    restricted = await connect(f"redis://{user}:{password}@{HOST}:{PORT}/0?prefix={SHARED_PREFIX}&{OPTIONS}")
+    try:
+        topic, group = _unique("acl"), _unique("workers")
+        holder = await restricted.subscribe(topic, group, prefetch=1)
+        reader = await restricted.subscribe(topic, group, prefetch=1)
+        await restricted.publish(topic, [_envelope("first")])
+        held = await _next(holder)  # a blocking read or a take, whichever came first
+        waiting = asyncio.create_task(_next(reader, timeout=10))
+        await wait_until(lambda: reader.blocked)
+        await held.nack()
+        got = await waiting
+        assert (got.envelope.data, got.attempt) == (b"first", 2)
+        await got.ack()
+        refusals = [r for r in caplog.records if "CLIENT UNBLOCK is not allowed" in r.getMessage()]
+        assert len(refusals) == (1 if warns else 0)
+        assert password not in caplog.text
+    finally:
+        await restricted.close()
+        raw.acl_deluser(user)
+
+
 async def test_another_connection_sees_a_nack_or_a_close_within_poll(broker: RedisBroker) -> None:
     """A subscriber of another connection (as in another process) that already waits is not woken by
     a nack or a close here, but finds what they gave back within ``poll`` seconds (0.5 here),

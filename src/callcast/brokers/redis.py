@@ -139,7 +139,7 @@ from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import NoPermissionError, NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from callcast import alarms
@@ -612,6 +612,7 @@ class RedisBroker:
         self._reader_pool: aioredis.ConnectionPool | None = None  # makes the subscriptions' own connections
         self._pools: list[aioredis.ConnectionPool] = []
         self._unblocking: set[asyncio.Task[None]] = set()
+        self._unblock_refused = False
         self._subscriptions: set[_RedisSubscription] = set()
         self._settles: list[tuple[_RedisSubscription, str, float, asyncio.Future[None]]] = []
         self._settling: asyncio.Task[None] | None = None
@@ -649,8 +650,11 @@ class RedisBroker:
         self._reader_pool = reader_pool
         try:
             with self._translate("connect"):
-                server = await self._redis.info("server")
-                version = tuple(int(part) for part in str(server.get("redis_version", "0.0")).split(".")[:2])
+                try:
+                    server = await self._redis.info("server")
+                except NoPermissionError:  # ACLs forbid INFO: the version goes unchecked
+                    server = {}
+                version = tuple(int(part) for part in str(server.get("redis_version", "99.0")).split(".")[:2])
                 if version < MIN_VERSION:
                     raise ConfigurationError(
                         f"redis broker at {self.url}: needs Redis {'.'.join(map(str, MIN_VERSION))} or "
@@ -872,7 +876,10 @@ class RedisBroker:
                 if subscription.reader_id is None:
                     await connection.connect()  # type: ignore[no-untyped-call]
                     await connection.send_command("CLIENT", "ID")
-                    subscription.reader_id = int(await connection.read_response())
+                    try:
+                        subscription.reader_id = int(await connection.read_response())
+                    except ResponseError:  # ACLs forbid it: nothing will interrupt the reads
+                        subscription.reader_id = 0
                 if subscription.interrupted:
                     return []
                 await connection.send_command(
@@ -901,7 +908,7 @@ class RedisBroker:
         """End the subscription's blocking read early, if one is under way (``CLIENT UNBLOCK``: the read
         returns as if it had timed out and claims nothing)."""
         reader_id = subscription.reader_id
-        if not subscription.blocked or reader_id is None or self._closed or self._redis is None:
+        if not subscription.blocked or not reader_id or self._closed or self._redis is None:
             return
         client = self._redis
 
@@ -915,6 +922,14 @@ class RedisBroker:
                         await asyncio.sleep(0.001)
             except TransportError as error:  # the read runs out after at most ``poll`` seconds
                 log.debug("%s", error)
+                if isinstance(error.__context__, NoPermissionError) and not self._unblock_refused:
+                    self._unblock_refused = True
+                    log.warning(
+                        "redis broker %s: CLIENT UNBLOCK is not allowed (ACL): a nack or close here "
+                        "reaches this connection's waiting subscribers within poll=%gs, not at once",
+                        self.url,
+                        self.poll,
+                    )
 
         task = asyncio.create_task(unblock(), name="callcast-redis-unblock")
         self._unblocking.add(task)
@@ -1068,7 +1083,8 @@ class _RedisSubscription:
         self._next_reclaim = 0.0
         self._reclaim_every = broker.lease / 2
         self._take_by = 0.0  # when the next take is due at the latest (loop time)
-        # The connection of the blocking reads, its CLIENT ID (None: not connected), whether one is on.
+        # The connection of the blocking reads, its CLIENT ID (None: not connected; 0: not known, ACLs
+        # forbid asking, so its reads cannot be interrupted), and whether a read is under way.
         self.reader: AbstractConnection | None = None
         self.reader_id: int | None = None
         self.blocked = False
