@@ -15,6 +15,8 @@ writers never deadlock upgrading a read); WAL mode; a 30 s busy timeout.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -35,11 +37,16 @@ from sqlalchemy import (
     event,
 )
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from callcast.brokers import redact
 from callcast.exceptions import ConfigurationError, TransportError
+
+SETUP_TRIES = 5
+"""Tries to create callcast's tables when they fail with a conflict (~1.5 s of pauses in all)."""
+
+log = logging.getLogger("callcast.database")
 
 metadata = MetaData()
 
@@ -160,14 +167,22 @@ class Database:
             _sqlite_immediate_transactions(self.engine)
 
     async def setup(self) -> None:
-        """Create callcast's tables if missing (safe to run from several processes)."""
-        try:
-            async with self.engine.begin() as conn:
-                await conn.run_sync(metadata.create_all)
-        except SQLAlchemyError as error:
-            raise TransportError(
-                f"database {self.url}: cannot create callcast tables: {type(error).__name__}"
-            ) from None
+        """Create callcast's tables if missing (safe to run from several processes: a conflict with
+        another process doing the same, or with one that died holding a lock, is tried again)."""
+        for attempt in range(1, SETUP_TRIES + 1):
+            try:
+                async with self.engine.begin() as conn:
+                    await conn.run_sync(metadata.create_all)
+                return
+            except SQLAlchemyError as error:
+                # The driver's own message (not SQLAlchemy's, which quotes the statement).
+                reason = str(getattr(error, "orig", None) or type(error).__name__).splitlines()[0]
+                if not isinstance(error, OperationalError) or attempt == SETUP_TRIES:
+                    raise TransportError(
+                        f"database {self.url}: cannot create callcast tables: {reason}"
+                    ) from None
+                log.info("database %s: creating callcast tables failed (%s); trying again", self.url, reason)
+                await asyncio.sleep(0.05 * 2**attempt)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncConnection]:
@@ -184,9 +199,9 @@ def _sqlite_immediate_transactions(engine: AsyncEngine) -> None:
     def on_connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None  # we issue BEGIN ourselves
         cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA busy_timeout = 30000")  # first: switching to WAL may wait for a lock
         cursor.execute("PRAGMA journal_mode = WAL")
         cursor.execute("PRAGMA synchronous = NORMAL")
-        cursor.execute("PRAGMA busy_timeout = 30000")
         cursor.close()
 
     @event.listens_for(engine.sync_engine, "begin")
