@@ -26,8 +26,9 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -107,10 +108,16 @@ class Consumer:
             and delivery.envelope.id not in self._first_failures
         )
 
-    async def _handle(self, delivery: Delivery) -> None:
-        suspect = self._is_suspect(delivery)
+    def _handle(self, delivery: Delivery) -> Coroutine[Any, Any, None]:
+        """The dispatcher's callback: journals ``delivery`` as held at once, as the dispatcher takes
+        it (not when its task first runs, by which time another handler may have killed the
+        process), and returns the coroutine that handles it."""
         if self._crashes is not None:
             self._crashes.took(delivery.envelope.id)
+        return self._handle_held(delivery)
+
+    async def _handle_held(self, delivery: Delivery) -> None:
+        suspect = self._is_suspect(delivery)
         try:
             key = delivery.envelope.partition_key
             if self._gate is None or key is None:  # no order to keep here

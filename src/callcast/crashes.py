@@ -2,12 +2,13 @@
 
 When a process dies in a handler, every delivery it held comes back with one more attempt counted
 by the broker — the message that killed it and its innocent neighbours alike. So each consumer keeps
-two plain files per process in ``<data dir>/crashes/<group>/`` (plain writes: they survive the
-process being killed):
+two files per process in ``<data dir>/crashes/<group>/``, whose writes survive the process being
+killed:
 
-* ``<pid>.inflight``: the deliveries it holds (``+id`` when taken, ``-id`` when settled), written
-  once per event-loop turn rather than per message (a handler that kills its process in the very
-  turn it was taken in is named by the marker below, which is written at once);
+* ``<pid>.inflight``: the deliveries it holds (``+id`` when the handler is given one, ``-id`` when
+  it is settled), a :class:`~callcast.journal.Journal`: each line is in the file when it was written,
+  at the cost of a memory copy. (Deliveries a broker adapter fetched ahead and had not handed out yet
+  are not in it: if the process dies, their redelivery counts as one of their own attempts.)
 * ``<pid>.alone``: the *suspect* it runs alone — a redelivered message this process did not see
   fail runs with no other handler of the consumer running.
 
@@ -34,6 +35,8 @@ import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+from callcast.journal import Journal, read_journal
+
 ABSOLUTE_FACTOR = 3
 """Deliveries beyond ``ABSOLUTE_FACTOR × max_attempts`` that witnessed crashes do not explain end in the
 DLQ without further evidence."""
@@ -56,44 +59,26 @@ class CrashLedger:
         self.directory = directory
         self.directory.mkdir(parents=True, exist_ok=True)
         self.marker = directory / f"{os.getpid()}.alone"
-        self._journal_path = directory / f"{os.getpid()}.inflight"
-        self._journal = open(self._journal_path, "w")  # noqa: SIM115 - lives as long as the ledger
-        self._flush_due = False
         self._held: set[str] = set()
-        self._journal_lines = 0
+        self._journal = Journal(
+            directory / f"{os.getpid()}.inflight", lambda: "".join(f"+{held}\n" for held in self._held)
+        )
         self._ledger = directory / "ledger.json"
         self._lock = directory / "ledger.lock"
 
     def took(self, message_id: str) -> None:
-        """This process now holds ``message_id`` (it is counted if the process dies)."""
+        """This process now holds ``message_id`` (it is counted if the process dies from now on)."""
         self._held.add(message_id)
-        self._write(f"+{message_id}\n")
+        self._journal.append(f"+{message_id}\n")
 
     def settled(self, message_id: str) -> None:
         self._held.discard(message_id)
-        self._write(f"-{message_id}\n")
-
-    def _write(self, line: str) -> None:
-        self._journal_lines += 1
-        if self._journal_lines > 10_000:  # compact: only what is held now
-            self._journal.seek(0)
-            self._journal.truncate()
-            self._journal.write("".join(f"+{held}\n" for held in self._held))
-            self._journal_lines = len(self._held)
-        self._journal.write(line)
-        if not self._flush_due:  # one write(2) per loop turn, however many messages it took
-            self._flush_due = True
-            asyncio.get_running_loop().call_soon(self._flush)
-
-    def _flush(self) -> None:
-        self._flush_due = False
-        if not self._journal.closed:
-            self._journal.flush()
+        self._journal.append(f"-{message_id}\n")
 
     def close(self) -> None:
         """A clean stop: this process's files go (nothing it held crashed)."""
         self._journal.close()
-        for path in (self._journal_path, self.marker):
+        for path in (self._journal.path, self.marker):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 
@@ -132,7 +117,7 @@ class CrashLedger:
                 culprit = marker.read_text().strip()
             held: set[str] = set()
             with contextlib.suppress(FileNotFoundError):
-                for line in journal.read_text().splitlines():
+                for line in read_journal(journal).splitlines():
                     if line.startswith("+"):
                         held.add(line[1:])
                     elif line.startswith("-"):
@@ -160,7 +145,6 @@ class CrashLedger:
     def running_alone(self, message_id: str) -> None:
         """Mark ``message_id`` as the only handler running in this process (a plain write: it
         survives the process being killed)."""
-        self._flush()
         self.marker.write_text(message_id)
 
     def finished_alone(self) -> None:

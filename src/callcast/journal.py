@@ -1,0 +1,66 @@
+"""An append-only text log that survives its process being killed, at the cost of a memory copy.
+
+The file is mapped into memory (``MAP_SHARED``): an append copies the line into the kernel's page
+cache, so it is in the file the moment the call returns, even if the process is killed right after
+(``SIGKILL``, the OOM killer, a crashing extension), and without a system call per line. It does not
+survive the machine crashing, which the crash journal of :mod:`callcast.crashes` does not need.
+
+The file has a fixed size and holds text up to its first NUL byte. When an append would fill it,
+the log is rewritten from the lines its owner says still matter (``compacted``).
+"""
+
+from __future__ import annotations
+
+import mmap
+from collections.abc import Callable
+from pathlib import Path
+
+SIZE = 1 << 20
+"""Bytes of a journal file by default (sparse until written): ~27,000 lines of a UUID each between
+rewrites."""
+
+
+class Journal:
+    """Lines appended to ``path`` (created or emptied), readable by others with :func:`read_journal`."""
+
+    def __init__(self, path: Path, compacted: Callable[[], str], size: int = SIZE) -> None:
+        self.path = path
+        self.size = size
+        self._compacted = compacted
+        self._file = open(path, "w+b")  # noqa: SIM115 - lives as long as the journal
+        self._file.truncate(size)
+        self._map = mmap.mmap(self._file.fileno(), size)
+        self._end = 0
+
+    def append(self, line: str) -> None:
+        """Add ``line`` (it should end with a newline); it is in the file when this returns."""
+        data = line.encode()
+        if self._end + len(data) >= self.size:  # keep a NUL after the text
+            self._rewrite(self._compacted().encode())
+            if self._end + len(data) >= self.size:
+                raise ValueError(f"{self.path}: more than {self.size} bytes of lines still matter")
+        end = self._end + len(data)
+        self._map[self._end : end] = data
+        self._end = end
+
+    def _rewrite(self, text: bytes) -> None:
+        """Replace the log with ``text``. Killed meanwhile, the file reads as empty (its first byte is a
+        NUL until the rest is in place), never as a mix of the old and the new."""
+        if len(text) >= self.size:
+            raise ValueError(f"{self.path}: more than {self.size} bytes of lines still matter")
+        old_end, self._end = self._end, len(text)
+        self._map[0:1] = b"\0"
+        self._map[1 : len(text)] = text[1:]
+        if old_end > len(text):
+            self._map[len(text) : old_end] = bytes(old_end - len(text))
+        self._map[0:1] = text[:1] or b"\0"
+
+    def close(self) -> None:
+        if not self._map.closed:
+            self._map.close()
+            self._file.close()
+
+
+def read_journal(path: Path) -> str:
+    """The text of a journal file (also of one written by plain appends, with no NUL in it)."""
+    return path.read_bytes().split(b"\0", 1)[0].decode("utf-8", "replace")

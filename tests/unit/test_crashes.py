@@ -1,0 +1,23 @@
+"""The crash ledger's journal: what a process holds is in its file the moment it takes it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from callcast.crashes import CrashLedger
+from callcast.journal import read_journal
+
+
+def test_a_ledger_names_what_it_holds_the_moment_it_takes_it(tmp_path: Path) -> None:
+    """No event loop turn and no flush are needed: a process killed right after ``took`` is known to
+    have held the message."""
+    ledger = CrashLedger(tmp_path)
+    journal = tmp_path / f"{os.getpid()}.inflight"
+    ledger.took("a")
+    ledger.took("b")
+    assert read_journal(journal) == "+a\n+b\n"
+    ledger.settled("a")
+    assert read_journal(journal) == "+a\n+b\n-a\n"
+    ledger.close()
+    assert not journal.exists()
