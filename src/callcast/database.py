@@ -176,7 +176,8 @@ class Database:
                 return
             except SQLAlchemyError as error:
                 # The driver's own message (not SQLAlchemy's, which quotes the statement).
-                reason = str(getattr(error, "orig", None) or type(error).__name__).splitlines()[0]
+                driver_error = getattr(error, "orig", None)
+                reason = (str(driver_error or "") or type(error).__name__).splitlines()[0]
                 if not isinstance(error, OperationalError) or attempt == SETUP_TRIES:
                     raise TransportError(
                         f"database {self.url}: cannot create callcast tables: {reason}"

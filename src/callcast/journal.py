@@ -5,8 +5,8 @@ cache, so it is in the file the moment the call returns, even if the process is 
 (``SIGKILL``, the OOM killer, a crashing extension), and without a system call per line. It does not
 survive the machine crashing, which the crash journal of :mod:`callcast.crashes` does not need.
 
-The file has a fixed size and holds text up to its first NUL byte. When an append would fill it,
-the log is rewritten from the lines its owner says still matter (``compacted``).
+The file holds text up to its first NUL byte. When an append would fill it, the log is rewritten from
+the lines its owner says still matter (``compacted``); if those alone fill half of it, it grows.
 """
 
 from __future__ import annotations
@@ -36,18 +36,23 @@ class Journal:
         """Add ``line`` (it should end with a newline); it is in the file when this returns."""
         data = line.encode()
         if self._end + len(data) >= self.size:  # keep a NUL after the text
-            self._rewrite(self._compacted().encode())
-            if self._end + len(data) >= self.size:
-                raise ValueError(f"{self.path}: more than {self.size} bytes of lines still matter")
+            text = self._compacted().encode()
+            if 2 * (len(text) + len(data)) >= self.size:
+                self._grow(4 * (len(text) + len(data)))
+            self._rewrite(text)
         end = self._end + len(data)
         self._map[self._end : end] = data
         self._end = end
 
+    def _grow(self, size: int) -> None:
+        self._map.close()
+        self._file.truncate(size)
+        self._map = mmap.mmap(self._file.fileno(), size)
+        self.size = size
+
     def _rewrite(self, text: bytes) -> None:
         """Replace the log with ``text``. Killed meanwhile, the file reads as empty (its first byte is a
         NUL until the rest is in place), never as a mix of the old and the new."""
-        if len(text) >= self.size:
-            raise ValueError(f"{self.path}: more than {self.size} bytes of lines still matter")
         old_end, self._end = self._end, len(text)
         self._map[0:1] = b"\0"
         self._map[1 : len(text)] = text[1:]

@@ -9,8 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from callcast.journal import Journal, read_journal
 
 
@@ -52,13 +50,15 @@ def test_a_full_journal_is_rewritten_from_what_still_matters(tmp_path: Path) -> 
     assert (tmp_path / "j").stat().st_size == 24
 
 
-def test_what_still_matters_must_fit(tmp_path: Path) -> None:
-    journal = Journal(tmp_path / "j", lambda: "+" + "y" * 40 + "\n", size=32)
-    for _ in range(10):  # 30 bytes: fits
+def test_a_journal_grows_when_what_still_matters_fills_half_of_it(tmp_path: Path) -> None:
+    held = ["y" * 40]
+    journal = Journal(tmp_path / "j", lambda: "".join(f"+{h}\n" for h in held), size=32)
+    for _ in range(12):  # 36 bytes: the 11th append finds it full, with 42 bytes that still matter
         journal.append("-z\n")
-    with pytest.raises(ValueError, match="still matter"):
-        journal.append("-z\n")
+    assert journal.size > 32
+    assert read_journal(tmp_path / "j") == "+" + "y" * 40 + "\n" + "-z\n" * 2
     journal.close()
+    assert (tmp_path / "j").stat().st_size == journal.size
 
 
 def test_a_journal_written_by_plain_appends_is_read_too(tmp_path: Path) -> None:
