@@ -178,7 +178,7 @@ log = logging.getLogger("callcast.brokers.redis")
 def _client_identity() -> dict[str, Any]:
     """The connection options that name the client to the server (``CLIENT SETINFO``), built once.
 
-    Left to itself, redis-py 7 and later build that identity for every new connection, reading its own
+    Left to itself, redis-py 7.2 and later build that identity for every new connection, reading its own
     package metadata from disk (~0.6 ms): on the event loop, so a pool that grows under load stalls
     the loop, which makes the pool grow further (a publish burst went from 0.3 ms to 180 ms and ran
     out of connections). Built once here, and naming callcast as the upstream driver, it costs
@@ -194,7 +194,8 @@ def _client_identity() -> dict[str, Any]:
 
 
 COMMAND_CONNECTIONS = 32
-"""Connections for commands (publish, settle, claim); blocking reads have a pool of their own."""
+"""Connections for commands (publish, settle, claim); each subscription's blocking reads have a
+connection of their own."""
 _CLIENT_IDENTITY = _client_identity()
 
 
@@ -609,7 +610,8 @@ class RedisBroker:
         self.poll = self.options.poll
         self.registry = f"{self.options.prefix}::ephemeral"
         self._redis: aioredis.Redis | None = None
-        self._reader_pool: aioredis.ConnectionPool | None = None  # makes the subscriptions' own connections
+        # Never lends connections: it makes each subscription's own reading connection.
+        self._reader_pool: aioredis.ConnectionPool | None = None
         self._pools: list[aioredis.ConnectionPool] = []
         self._unblocking: set[asyncio.Task[None]] = set()
         self._unblock_refused = False
