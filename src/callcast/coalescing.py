@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from typing import cast
 
 from callcast.envelope import Envelope
-from callcast.transport import Broker, Capabilities, RequestReply, Subscription
+from callcast.transport import Broker, Capabilities, Holding, RequestReply, Subscription
 
 DEFAULT_MAX_BATCH = 256
 DEFAULT_MAX_IN_FLIGHT = 4
@@ -78,9 +78,17 @@ class CoalescingBroker:
         await self.broker.declare(topic, group)
 
     async def subscribe(
-        self, topic: str, group: str, *, prefetch: int = 32, ephemeral: bool = False
+        self,
+        topic: str,
+        group: str,
+        *,
+        prefetch: int = 32,
+        ephemeral: bool = False,
+        holding: Holding | None = None,
     ) -> Subscription:
-        return await self.broker.subscribe(topic, group, prefetch=prefetch, ephemeral=ephemeral)
+        return await self.broker.subscribe(
+            topic, group, prefetch=prefetch, ephemeral=ephemeral, holding=holding
+        )
 
     async def request(self, topic: str, envelope: Envelope, *, timeout: float) -> Envelope:
         """The wrapped broker's native request (only where ``capabilities.request_reply``)."""

@@ -26,9 +26,8 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from pydantic import BaseModel
 
@@ -85,7 +84,9 @@ class Consumer:
 
     async def start(self) -> None:
         handler = self.handler
-        subscription = await self.broker.subscribe(handler.topic, handler.group, prefetch=handler.concurrency)
+        subscription = await self.broker.subscribe(
+            handler.topic, handler.group, prefetch=handler.concurrency, holding=self._crashes
+        )
         self._dispatcher = Dispatcher(subscription, self._handle, handler.group)
         if handler.sequencing is not None:
             self._sweeper = asyncio.create_task(self._sweep_parked(), name=f"parked:{handler.group}")
@@ -108,15 +109,8 @@ class Consumer:
             and delivery.envelope.id not in self._first_failures
         )
 
-    def _handle(self, delivery: Delivery) -> Coroutine[Any, Any, None]:
-        """The dispatcher's callback: journals ``delivery`` as held at once, as the dispatcher takes
-        it (not when its task first runs, by which time another handler may have killed the
-        process), and returns the coroutine that handles it."""
-        if self._crashes is not None:
-            self._crashes.took(delivery.envelope.id)
-        return self._handle_held(delivery)
-
-    async def _handle_held(self, delivery: Delivery) -> None:
+    async def _handle(self, delivery: Delivery) -> None:
+        """Handle one delivery; the subscription has journaled it as held (``holding``)."""
         suspect = self._is_suspect(delivery)
         try:
             key = delivery.envelope.partition_key

@@ -5,10 +5,10 @@ by the broker — the message that killed it and its innocent neighbours alike. 
 two files per process in ``<data dir>/crashes/<group>/``, whose writes survive the process being
 killed:
 
-* ``<pid>.inflight``: the deliveries it holds (``+id`` when the handler is given one, ``-id`` when
-  it is settled), a :class:`~callcast.journal.Journal`: each line is in the file when it was written,
-  at the cost of a memory copy. (Deliveries a broker adapter fetched ahead and had not handed out yet
-  are not in it: if the process dies, their redelivery counts as one of their own attempts.)
+* ``<pid>.inflight``: the deliveries it holds (``+id`` as the subscription receives one, also one
+  read ahead and not handed out yet; ``-id`` when it is settled or given back), a
+  :class:`~callcast.journal.Journal`: each line is in the file when it was written, at the cost of a
+  memory copy. The ledger is the subscription's :class:`~callcast.transport.Holding`.
 * ``<pid>.alone``: the *suspect* it runs alone — a redelivered message this process did not see
   fail runs with no other handler of the consumer running.
 
@@ -35,6 +35,7 @@ import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+from callcast.envelope import Envelope
 from callcast.journal import Journal, read_journal
 
 ABSOLUTE_FACTOR = 3
@@ -66,12 +67,17 @@ class CrashLedger:
         self._ledger = directory / "ledger.json"
         self._lock = directory / "ledger.lock"
 
-    def took(self, message_id: str) -> None:
-        """This process now holds ``message_id`` (it is counted if the process dies from now on)."""
-        self._held.add(message_id)
-        self._journal.append(f"+{message_id}\n")
+    def fetched(self, envelope: Envelope) -> None:
+        """This process now holds a delivery of ``envelope`` (witnessed if the process dies)."""
+        self._held.add(envelope.id)
+        self._journal.append(f"+{envelope.id}\n")
+
+    def returned(self, envelope: Envelope) -> None:
+        """The delivery of ``envelope`` left this process unhandled (given back, not counted)."""
+        self.settled(envelope.id)
 
     def settled(self, message_id: str) -> None:
+        """This process no longer holds ``message_id``."""
         self._held.discard(message_id)
         self._journal.append(f"-{message_id}\n")
 

@@ -35,6 +35,13 @@ Contract
 * A subscription hands out at most ``prefetch`` (at least 1) deliveries that are neither acked nor
   nacked; iteration waits until one is settled. This is the consumer's memory bound. Envelopes an
   adapter fetched ahead but never handed out do not count as delivery attempts.
+* ``subscribe(..., holding=H)`` tells ``H`` which deliveries the subscriber holds: ``H.fetched(e)``
+  as soon as a delivery of envelope ``e`` is counted by the broker for this subscriber and known to
+  the adapter (at the latest when it is handed out; for an adapter that fetches ahead, when it lands
+  in the adapter's buffer), and ``H.returned(e)`` when one that was never handed out leaves the
+  subscriber again (given back on close, or taken back by the broker with a lost channel). Both are
+  plain calls on the event loop and must not block. The consumer journals them, so a process
+  killed with deliveries read ahead leaves evidence of all it held (:mod:`callcast.crashes`).
 * ``__anext__`` waits through a broker outage (the adapter reconnects) or raises a
   ``TransportError`` that the caller may retry; it ends iteration (``StopAsyncIteration``) only
   when the subscription is closed.
@@ -113,6 +120,19 @@ class Delivery(Protocol):
 
 
 @runtime_checkable
+class Holding(Protocol):
+    """Told by a subscription which deliveries it holds (see ``subscribe(..., holding=...)``)."""
+
+    def fetched(self, envelope: Envelope) -> None:
+        """The broker counted a delivery of ``envelope`` to this subscriber, which now holds it."""
+        ...
+
+    def returned(self, envelope: Envelope) -> None:
+        """A delivery announced by :meth:`fetched` left without being handed out."""
+        ...
+
+
+@runtime_checkable
 class Subscription(Protocol):
     """The deliveries of one subscriber in a group; iterate with ``async for``."""
 
@@ -168,9 +188,16 @@ class Broker(Protocol):
         ...
 
     async def subscribe(
-        self, topic: str, group: str, *, prefetch: int = 32, ephemeral: bool = False
+        self,
+        topic: str,
+        group: str,
+        *,
+        prefetch: int = 32,
+        ephemeral: bool = False,
+        holding: Holding | None = None,
     ) -> Subscription:
-        """Join ``group`` on ``topic`` (declaring it) as one more competing subscriber."""
+        """Join ``group`` on ``topic`` (declaring it) as one more competing subscriber; ``holding``
+        is told what it holds."""
         ...
 
     async def connect(self) -> None:

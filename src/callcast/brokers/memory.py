@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from callcast.envelope import Envelope
 from callcast.exceptions import BrokerUnavailableError
-from callcast.transport import Capabilities, Delivery
+from callcast.transport import Capabilities, Delivery, Holding
 from callcast.waiting import wait_event
 
 CAPABILITIES = Capabilities(
@@ -111,11 +111,17 @@ class MemoryBroker:
         self._group(topic, group, ephemeral=False)
 
     async def subscribe(
-        self, topic: str, group: str, *, prefetch: int = 32, ephemeral: bool = False
+        self,
+        topic: str,
+        group: str,
+        *,
+        prefetch: int = 32,
+        ephemeral: bool = False,
+        holding: Holding | None = None,
     ) -> _MemorySubscription:
         self._check_open()
         subscription = _MemorySubscription(
-            self, topic, group, self._group(topic, group, ephemeral=ephemeral), prefetch
+            self, topic, group, self._group(topic, group, ephemeral=ephemeral), prefetch, holding
         )
         self._subscriptions.add(subscription)
         return subscription
@@ -133,8 +139,17 @@ class MemoryBroker:
 
 
 class _MemorySubscription:
-    def __init__(self, broker: MemoryBroker, topic: str, group: str, state: _Group, prefetch: int) -> None:
+    def __init__(
+        self,
+        broker: MemoryBroker,
+        topic: str,
+        group: str,
+        state: _Group,
+        prefetch: int,
+        holding: Holding | None,
+    ) -> None:
         self.broker = broker
+        self.holding = holding
         self.topic = topic
         self.group = group
         self.group_state = state
@@ -155,6 +170,8 @@ class _MemorySubscription:
                 entry, next_due = state.take(self, loop.time())
                 if entry is not None:
                     self.outstanding.add(entry)
+                    if self.holding is not None:
+                        self.holding.fetched(entry.envelope)
                     return _MemoryDelivery(self, entry)
                 if next_due is not None:
                     timeout = max(0.0, next_due - loop.time())

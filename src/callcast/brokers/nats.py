@@ -57,8 +57,10 @@ publish(group=G)
 ack / nack / delayed nack
     ``ack`` sends ``+ACK``; ``nack(delay=d)`` sends ``-NAK {"delay": d}``, so the *server* holds
     the envelope back for ``d`` seconds and then redelivers it to any subscriber of the group.
-    Both are written to the connection without waiting for the server's answer (as JetStream
-    clients do): an ack lost with a dropped connection means one more delivery, never a loss.
+    JetStream does not answer them; each returns once the server has read it (one ``PING``/``PONG``
+    shared by the settles of a loop turn), so a process killed after a settle returned has settled
+    (its crash journal may say so). A settle lost with a dropped connection means one more delivery,
+    never a loss.
 attempts
     ``Delivery.attempt`` is the server's ``num_delivered`` (from the message's ack subject), so
     redeliveries after crashes count. A subscription pulls envelopes in batches of up to its free
@@ -66,8 +68,10 @@ attempts
     each, one *uncounted* delivery in the bucket (key ``<consumer>.<stream sequence>``, value the
     count) before it gives them back; a redelivery (``num_delivered > 1``) subtracts what is
     recorded there (one key lookup, for redeliveries only), and an ack deletes the key. So a
-    fetched-ahead envelope is no attempt, across processes. (A subscriber that is *killed* with
-    envelopes in its buffer records nothing: those count, as a crash does.) Ephemeral groups skip
+    fetched-ahead envelope is no attempt, across processes. The lookup runs in the background and
+    is awaited when the delivery is handed out, so a received envelope reaches the buffer (and
+    ``holding``) at once. (A subscriber that is *killed* with envelopes in its buffer records
+    nothing: those count, as a crash does, and ``holding`` knew of them.) Ephemeral groups skip
     the bucket: their consumer is deleted on close, so nothing they fetched is ever redelivered.
 prefetch
     A subscription hands out at most ``prefetch`` unsettled deliveries, and pulls only when a
@@ -164,7 +168,7 @@ from callcast.exceptions import (
     PublishError,
     TransportError,
 )
-from callcast.transport import Capabilities, Delivery
+from callcast.transport import Capabilities, Delivery, Holding
 from callcast.waiting import wait_event, within
 
 log = logging.getLogger("callcast.brokers.nats")
@@ -372,6 +376,7 @@ class NatsBroker:
         self._servers: set[_NatsServer] = set()
         self._housekeeping: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
+        self._flushing: asyncio.Future[None] | None = None
         self._closed = False
 
     # -- errors ---------------------------------------------------------------------------------
@@ -656,11 +661,19 @@ class NatsBroker:
         return name
 
     async def subscribe(
-        self, topic: str, group: str, *, prefetch: int = 32, ephemeral: bool = False
+        self,
+        topic: str,
+        group: str,
+        *,
+        prefetch: int = 32,
+        ephemeral: bool = False,
+        holding: Holding | None = None,
     ) -> _NatsSubscription:
         nc = self._client()
         consumer = await self._declare(topic, group, ephemeral=ephemeral)
-        subscription = _NatsSubscription(self, nc, topic, group, consumer, max(1, prefetch), ephemeral)
+        subscription = _NatsSubscription(
+            self, nc, topic, group, consumer, max(1, prefetch), ephemeral, holding
+        )
         try:
             await subscription.start()
         except _DRIVER_ERRORS as error:
@@ -739,6 +752,23 @@ class NatsBroker:
                     await within(nc.flush(), _CLOSE_WAIT)  # the last acks and naks
             with contextlib.suppress(*_DRIVER_ERRORS):
                 await nc.close()
+
+    async def _read_by_server(self) -> None:
+        """Return once the server has read everything written so far: one ``flush`` (``PING``,
+        then the ``PONG``) shared by the callers of one loop turn. A lost connection ends the wait
+        (what it did not carry is lost with it)."""
+        flushing = self._flushing
+        if flushing is None:
+            flushing = self._flushing = asyncio.ensure_future(self._flush())
+        await asyncio.shield(flushing)
+
+    async def _flush(self) -> None:
+        self._flushing = None  # who writes from now on waits for the next flush
+        nc = self._nc
+        if nc is None:
+            return
+        with contextlib.suppress(*_DRIVER_ERRORS):
+            await nc.flush(self.timeout)  # type: ignore[arg-type]
 
     # -- deliveries the server counted but callcast does not ------------------------------------
 
@@ -901,8 +931,10 @@ class _NatsSubscription:
         consumer: str,
         prefetch: int,
         ephemeral: bool,
+        holding: Holding | None,
     ) -> None:
         self.broker = broker
+        self.holding = holding
         self.nc = nc
         self.topic = topic
         self.group = group
@@ -942,7 +974,13 @@ class _NatsSubscription:
         try:
             while not self.closed:
                 if self.buffer and len(self.outstanding) < self.prefetch:
-                    delivery = self.buffer.popleft()
+                    delivery = self.buffer[0]
+                    if delivery.lookup is not None and not delivery.lookup.done():
+                        # Cancelling this wait loses nothing: the delivery stays first in the buffer.
+                        await asyncio.wait({delivery.lookup})
+                        continue
+                    self.buffer.popleft()
+                    delivery.counted()
                     self.outstanding[delivery] = None
                     return delivery
                 changed = self._changed
@@ -1037,16 +1075,19 @@ class _NatsSubscription:
                 with contextlib.suppress(*_DRIVER_ERRORS):
                     await self.nc.publish(reply, _ACK)
                 return
-        uncounted = 0
+        lookup = None
         if delivered > 1 and not self.ephemeral:
-            uncounted = await self.broker._uncounted(self.consumer, seq)
-        if self.closed:  # checked after the lookup: close() may have run meanwhile
-            await self._hand_back_late(reply, seq, uncounted)
+            # Looked up in the background and awaited when handed out: this callback does not wait,
+            # so what the server sent is announced to ``holding`` without delay.
+            lookup = asyncio.ensure_future(self.broker._uncounted(self.consumer, seq))
+        if self.closed:
+            await self._hand_back_late(reply, seq, 0 if lookup is None else await lookup)
             return
         binary = any(name[:3].lower() == HEADER_PREFIX for name in headers)
         envelope = decode_or_quarantine(headers, msg.data) if binary else structured_or_quarantine(msg.data)
-        attempt = max(1, delivered - uncounted)
-        self.buffer.append(_NatsDelivery(self, reply, seq, envelope, attempt, uncounted))
+        self.buffer.append(_NatsDelivery(self, reply, seq, envelope, delivered, lookup))
+        if self.holding is not None:
+            self.holding.fetched(envelope)
         self._wake()
 
     async def _hand_back_late(self, reply: str, seq: int, uncounted: int) -> None:
@@ -1095,6 +1136,7 @@ class _NatsSubscription:
             await self.nc.publish(delivery.reply, payload)
         except _DRIVER_ERRORS as error:
             raise self.broker._error(error, f"settling a delivery of group {self.group!r}") from None
+        await self.broker._read_by_server()
         if payload == _ACK and delivery.uncounted:
             self.broker._forget_uncounted(delivery)
 
@@ -1132,16 +1174,23 @@ class _NatsSubscription:
         self.outstanding.clear()
         self.buffer.clear()
         if self.ephemeral:
+            self._returned(never_handed_out)
             with contextlib.suppress(*_DRIVER_ERRORS, TransportError):
                 await within(
                     self.broker._jetstream().delete_consumer(self.broker.stream, self.consumer), _CLOSE_WAIT
                 )
             await self._unsubscribe()
             return
+        lookups = [d.lookup for d in never_handed_out if d.lookup is not None]
+        if lookups:
+            await asyncio.wait(lookups)
+        for delivery in never_handed_out:
+            delivery.counted()
         if never_handed_out and self.nc.is_connected:
             await self.broker._record_uncounted(
                 self.consumer, [(d.seq, d.uncounted) for d in never_handed_out]
             )
+        self._returned(never_handed_out)
         with contextlib.suppress(*_DRIVER_ERRORS):
             for delivery in sorted([*held, *never_handed_out], key=lambda d: d.seq):
                 await self.nc.publish(delivery.reply, self._handback())
@@ -1152,6 +1201,11 @@ class _NatsSubscription:
             self.broker._spawn(self._unsubscribe(at=self._handback_at), "callcast-nats-unsubscribe")
         else:
             await self._unsubscribe()
+
+    def _returned(self, deliveries: list[_NatsDelivery]) -> None:
+        if self.holding is not None:
+            for delivery in deliveries:
+                self.holding.returned(delivery.envelope)
 
     async def _unsubscribe(self, at: float | None = None) -> None:
         if at is not None:
@@ -1169,7 +1223,10 @@ class _NatsSubscription:
 
 
 class _NatsDelivery:
-    __slots__ = ("attempt", "envelope", "reply", "seq", "subscription", "uncounted")
+    """``attempt`` is the server's count less the uncounted deliveries, which a redelivery looks up
+    (``lookup``) before it is handed out (:meth:`counted`)."""
+
+    __slots__ = ("attempt", "delivered", "envelope", "lookup", "reply", "seq", "subscription", "uncounted")
 
     def __init__(
         self,
@@ -1177,15 +1234,24 @@ class _NatsDelivery:
         reply: str,
         seq: int,
         envelope: Envelope,
-        attempt: int,
-        uncounted: int,
+        delivered: int,
+        lookup: asyncio.Future[int] | None,
     ) -> None:
         self.subscription = subscription
         self.reply = reply
         self.seq = seq
         self.envelope = envelope
-        self.attempt = attempt
-        self.uncounted = uncounted
+        self.delivered = delivered
+        self.lookup = lookup
+        self.uncounted = 0
+        self.attempt = delivered
+
+    def counted(self) -> None:
+        """Take the looked-up uncounted deliveries off ``attempt`` (none if the lookup failed)."""
+        lookup, self.lookup = self.lookup, None
+        if lookup is not None and lookup.done() and not lookup.cancelled() and lookup.exception() is None:
+            self.uncounted = lookup.result()
+            self.attempt = max(1, self.delivered - self.uncounted)
 
     @property
     def consumer(self) -> str:

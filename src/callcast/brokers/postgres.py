@@ -73,7 +73,8 @@ How the transport contract is met:
   Both only touch a row still owned by the settling subscriber, so a settle after close (or after
   the lease ran out and another subscriber took the row) is ignored.
 * **prefetch** bounds the rows a subscription holds; rows claimed ahead but never handed out get
-  their attempt taken back when the subscription closes.
+  their attempt taken back when the subscription closes (a killed subscriber's keep it; ``holding``
+  knew of them).
 * **ephemeral** groups are deleted with their rows on close; their subscriber refreshes
   ``heartbeat`` with the leases, and a group whose heartbeat is older than ``max(60, 6 * lease)``
   seconds (its process died) is collected.
@@ -132,7 +133,7 @@ import asyncpg  # type: ignore[import-untyped, unused-ignore]
 from callcast.brokers import redact, seconds_option
 from callcast.envelope import Envelope, decode_or_quarantine
 from callcast.exceptions import BrokerUnavailableError, ConfigurationError, PublishError, TransportError
-from callcast.transport import Capabilities, Delivery
+from callcast.transport import Capabilities, Delivery, Holding
 from callcast.waiting import wait_event, within
 
 CAPABILITIES = Capabilities(
@@ -793,11 +794,17 @@ class PostgresBroker:
         await self._call("execute", sql, topic, group, what=f"declare {group!r}", public=True)
 
     async def subscribe(
-        self, topic: str, group: str, *, prefetch: int = 32, ephemeral: bool = False
+        self,
+        topic: str,
+        group: str,
+        *,
+        prefetch: int = 32,
+        ephemeral: bool = False,
+        holding: Holding | None = None,
     ) -> _PostgresSubscription:
         await self._declare(topic, group, ephemeral=ephemeral)
         self._check_open()
-        subscription = _PostgresSubscription(self, topic, group, max(1, prefetch), ephemeral)
+        subscription = _PostgresSubscription(self, topic, group, max(1, prefetch), ephemeral, holding)
         self._subscriptions.add(subscription)
         return subscription
 
@@ -922,9 +929,16 @@ class PostgresBroker:
 
 class _PostgresSubscription:
     def __init__(
-        self, broker: PostgresBroker, topic: str, group: str, prefetch: int, ephemeral: bool
+        self,
+        broker: PostgresBroker,
+        topic: str,
+        group: str,
+        prefetch: int,
+        ephemeral: bool,
+        holding: Holding | None,
     ) -> None:
         self.broker = broker
+        self.holding = holding
         self.topic = topic
         self.group = group
         self.prefetch = prefetch
@@ -1002,6 +1016,8 @@ class _PostgresSubscription:
         for seq, attempt, keyed, envelope in claimed:
             self.outstanding.add(seq)
             self.buffer.append(_PostgresDelivery(self, seq, attempt, keyed, envelope))
+            if self.holding is not None:
+                self.holding.fetched(envelope)
 
     async def settle(self, seq: int, delay: float | None, *, keyed: bool) -> None:
         if self.closed or seq not in self.outstanding:
@@ -1025,6 +1041,7 @@ class _PostgresSubscription:
             await asyncio.wait({claiming})
         self.broker._subscriptions.discard(self)
         never_handed_out = [delivery._seq for delivery in self.buffer]
+        returned = [delivery.envelope for delivery in self.buffer]
         self.buffer.clear()
         self.outstanding.clear()
         try:
@@ -1036,6 +1053,9 @@ class _PostgresSubscription:
                 self.group,
                 error,
             )
+        if self.holding is not None:  # after the release: a kill before it counts them
+            for envelope in returned:
+                self.holding.returned(envelope)
 
 
 class _PostgresDelivery:

@@ -79,7 +79,9 @@ Fetched ahead
     Envelopes RabbitMQ pushed to the buffer but no subscription took count no attempt: when the
     last subscription of a group closes, they go back through the ``0ms`` retry bucket stamped with
     the deliveries made before, instead of being requeued (which would count one). They go to the
-    back of the queue. (If the connection is lost instead, RabbitMQ requeues and counts them.)
+    back of the queue. (If the connection is lost instead, RabbitMQ requeues and counts them.) Every
+    member's ``holding`` hears of a buffered delivery; those of the members that did not take it
+    hear it returned when one does.
 Close
     ``Subscription.close()`` cancels its consumer and requeues the deliveries it handed out and did
     not settle, in delivery order; acks and nacks afterwards are ignored. The last subscription of
@@ -162,7 +164,7 @@ from callcast import alarms
 from callcast.brokers import redact, seconds_option
 from callcast.envelope import Envelope, decode_or_quarantine
 from callcast.exceptions import BrokerUnavailableError, ConfigurationError, PublishError, TransportError
-from callcast.transport import Capabilities, Delivery
+from callcast.transport import Capabilities, Delivery, Holding
 from callcast.waiting import wait_event, within
 
 CAPABILITIES = Capabilities(
@@ -735,12 +737,18 @@ class RabbitBroker:
         await self._declare_queue(topic, group, ephemeral=False)
 
     async def subscribe(
-        self, topic: str, group: str, *, prefetch: int = 32, ephemeral: bool = False
+        self,
+        topic: str,
+        group: str,
+        *,
+        prefetch: int = 32,
+        ephemeral: bool = False,
+        holding: Holding | None = None,
     ) -> _RabbitSubscription:
         if self._closing:
             raise self._closed_error()
         _check_topic(topic)
-        subscription = _RabbitSubscription(max(1, min(prefetch, 65535)))
+        subscription = _RabbitSubscription(max(1, min(prefetch, 65535)), holding)
         while True:
             async with self._subscribe_lock:
                 reader = self._readers.get((topic, group))
@@ -804,6 +812,17 @@ class _GroupReader:
         self.changed.set()
         self.changed = asyncio.Event()
 
+    def _holdings(self) -> list[Holding]:
+        """Whom to tell about buffered deliveries: any member may take them."""
+        return [member.holding for member in self.members if member.holding is not None]
+
+    def _drop_buffer(self) -> None:
+        """The channel's buffered deliveries are gone (RabbitMQ requeues them with the channel)."""
+        for holding in self._holdings():
+            for delivery in self.buffer:
+                holding.returned(delivery.envelope)
+        self.buffer.clear()
+
     # -- the channel ----------------------------------------------------------------------------
 
     async def start(self, first: _RabbitSubscription) -> None:
@@ -853,7 +872,7 @@ class _GroupReader:
                 self.members[member] = await self._consume(underlay, member.prefetch, generation)
         except Exception as error:
             self.generation += 1  # what that channel delivered meanwhile is stale
-            self.buffer.clear()
+            self._drop_buffer()
             if channel is not None:
                 await _quietly(channel.close(), broker.timeout)
             raise broker._error(f"cannot consume from {self.queue!r}", error) from None
@@ -888,7 +907,7 @@ class _GroupReader:
             return
         self.channel = None
         self.generation += 1  # deliveries of the old channel are stale: RabbitMQ requeued them
-        self.buffer.clear()
+        self._drop_buffer()
         self.counts.clear()
         for member in self.members:
             self.members[member] = None
@@ -935,6 +954,8 @@ class _GroupReader:
             log.exception("rabbitmq broker %s: cannot read a message of %s", self.broker.url, self.queue)
             return
         self.buffer.append(delivery)
+        for holding in self._holdings():
+            holding.fetched(delivery.envelope)
         self.wake()
 
     def _delivery(self, message: aiormq.abc.DeliveredMessage, generation: int) -> _RabbitDelivery:
@@ -1023,45 +1044,53 @@ class _GroupReader:
     async def leave(self, member: _RabbitSubscription) -> None:
         """Remove a closed subscription: cancel its consumer, requeue what it held; the last one
         also hands the buffer back (uncounted) and closes the channel."""
-        broker = self.broker
         async with self.lock:
             tag = self.members.pop(member, None)
-            held = sorted(
-                (d for d in member.outstanding if d.generation == self.generation), key=lambda d: d.tag
-            )
-            member.outstanding.clear()
-            last = not self.members
-            if last:
-                self.closing = True
-                if broker._readers.get((self.topic, self.group)) is self:
-                    del broker._readers[(self.topic, self.group)]
-                if self.restoring is not None:
-                    self.restoring.cancel()
-            channel = self.channel
-            if channel is None or channel.is_closed:
-                if last:
-                    self.channel = None
-                self.wake()
-                return
-            timeout = broker.timeout
-            with contextlib.suppress(Exception):
-                underlay = await channel.get_underlay_channel()
-                if tag is not None:
-                    await _quietly(underlay.basic_cancel(tag, timeout=timeout), timeout)
-                for delivery in held:
-                    delivery.settled = True
-                    await underlay.basic_nack(delivery.tag, requeue=True)
-                if last:
-                    buffered = [d for d in self.buffer if d.generation == self.generation]
-                    self.buffer.clear()
-                    if not self.ephemeral:
-                        await self._hand_back(underlay, buffered)
+            buffered = [delivery.envelope for delivery in self.buffer]
+            try:
+                await self._leave(member, tag)
+            finally:
+                if member.holding is not None:  # handed back, or left to the other members
+                    for envelope in buffered:
+                        member.holding.returned(envelope)
+
+    async def _leave(self, member: _RabbitSubscription, tag: str | None) -> None:
+        """:meth:`leave` once ``member`` is no longer a member. Under ``lock``."""
+        broker = self.broker
+        held = sorted((d for d in member.outstanding if d.generation == self.generation), key=lambda d: d.tag)
+        member.outstanding.clear()
+        last = not self.members
+        if last:
+            self.closing = True
+            if broker._readers.get((self.topic, self.group)) is self:
+                del broker._readers[(self.topic, self.group)]
+            if self.restoring is not None:
+                self.restoring.cancel()
+        channel = self.channel
+        if channel is None or channel.is_closed:
             if last:
                 self.channel = None
-                await _quietly(channel.close(), timeout)
-                if self.ephemeral:
-                    await self._delete_ephemeral_queues()
             self.wake()
+            return
+        timeout = broker.timeout
+        with contextlib.suppress(Exception):
+            underlay = await channel.get_underlay_channel()
+            if tag is not None:
+                await _quietly(underlay.basic_cancel(tag, timeout=timeout), timeout)
+            for delivery in held:
+                delivery.settled = True
+                await underlay.basic_nack(delivery.tag, requeue=True)
+            if last:
+                buffered = [d for d in self.buffer if d.generation == self.generation]
+                self.buffer.clear()
+                if not self.ephemeral:
+                    await self._hand_back(underlay, buffered)
+        if last:
+            self.channel = None
+            await _quietly(channel.close(), timeout)
+            if self.ephemeral:
+                await self._delete_ephemeral_queues()
+        self.wake()
 
     async def _hand_back(self, underlay: aiormq.abc.AbstractChannel, buffered: list[_RabbitDelivery]) -> None:
         """Give back deliveries that were fetched but never handed out, without counting an attempt:
@@ -1096,8 +1125,9 @@ async def _delete_queue(channel: aiormq.abc.AbstractChannel, *, queue: str, time
 class _RabbitSubscription:
     """One subscriber of a group: a consumer of the group's queue with its own prefetch."""
 
-    def __init__(self, prefetch: int) -> None:
+    def __init__(self, prefetch: int, holding: Holding | None) -> None:
         self.prefetch = prefetch
+        self.holding = holding
         self.reader: _GroupReader | None = None
         self.outstanding: set[_RabbitDelivery] = set()
         self.closed = False
@@ -1115,6 +1145,9 @@ class _RabbitSubscription:
                 delivery = reader.buffer.popleft()
                 delivery.owner = self
                 self.outstanding.add(delivery)
+                for holding in reader._holdings():
+                    if holding is not self.holding:  # announced to every member: now it is ours
+                        holding.returned(delivery.envelope)
                 return delivery
             if reader.failure is not None:
                 raise TransportError(str(reader.failure))

@@ -77,7 +77,7 @@ How the contract is met
   ``XCLAIM`` that hands it out again (retry or reclaim). ``RETRYCOUNT`` is used only to take back a count
   for an entry that was fetched but never handed out (given back on close, or after a take whose reply
   was lost), so such entries are no attempt. An entry a *killed* subscriber had fetched but not yet
-  handed out keeps its count (the buffer never exceeds the free prefetch).
+  handed out keeps its count (the buffer never exceeds the free prefetch; ``holding`` knew of it).
 * **Leases, dead subscribers**: every ``lease``/3 seconds a subscriber resets the idle time of what it
   holds (``XCLAIM <own consumer> 0 ... JUSTID`` on entries it still owns). Entries of another consumer that
   were idle for ``lease`` seconds are claimed (``XPENDING ... IDLE <lease>`` per consumer, then ``XCLAIM
@@ -146,7 +146,7 @@ from callcast import alarms
 from callcast.brokers import redact, seconds_option
 from callcast.envelope import Envelope, decode_or_quarantine, structured_or_quarantine, to_structured
 from callcast.exceptions import BrokerUnavailableError, ConfigurationError, PublishError, TransportError
-from callcast.transport import Capabilities, Delivery
+from callcast.transport import Capabilities, Delivery, Holding
 from callcast.waiting import wait_event
 
 CAPABILITIES = Capabilities(
@@ -799,12 +799,18 @@ class RedisBroker:
             )
 
     async def subscribe(
-        self, topic: str, group: str, *, prefetch: int = 32, ephemeral: bool = False
+        self,
+        topic: str,
+        group: str,
+        *,
+        prefetch: int = 32,
+        ephemeral: bool = False,
+        holding: Holding | None = None,
     ) -> _RedisSubscription:
         self._client()
         keys = self.keys(topic, group)
         await self._declare(keys, ephemeral=ephemeral)
-        subscription = _RedisSubscription(self, topic, keys, max(1, prefetch), ephemeral)
+        subscription = _RedisSubscription(self, topic, keys, max(1, prefetch), ephemeral, holding)
         self._subscriptions.add(subscription)
         return subscription
 
@@ -1063,8 +1069,17 @@ class RedisBroker:
 
 
 class _RedisSubscription:
-    def __init__(self, broker: RedisBroker, topic: str, keys: _Keys, prefetch: int, ephemeral: bool) -> None:
+    def __init__(
+        self,
+        broker: RedisBroker,
+        topic: str,
+        keys: _Keys,
+        prefetch: int,
+        ephemeral: bool,
+        holding: Holding | None,
+    ) -> None:
         self.broker = broker
+        self.holding = holding
         self.topic = topic
         self.keys = keys
         self.prefetch = prefetch
@@ -1212,7 +1227,10 @@ class _RedisSubscription:
 
     def _fill(self, entries: list[_Entry]) -> None:
         for token, count, fields in entries:
-            self.buffer.append(_RedisDelivery(self, token, count, _decode(fields)))
+            delivery = _RedisDelivery(self, token, count, _decode(fields))
+            self.buffer.append(delivery)
+            if self.holding is not None:
+                self.holding.fetched(delivery.envelope)
 
     async def _give_back_unknown(self) -> None:
         """After a failed call: entries the server may have given us that we do not know go back to the
@@ -1262,6 +1280,7 @@ class _RedisSubscription:
         if self._unwritten:
             await wait_event(self._all_written, self.broker.options.timeout)
         kinds = {token: "h" for token in [*self.outstanding, *self._lost]}
+        returned = [delivery.envelope for delivery in self.buffer]
         self.outstanding.clear()
         self.buffer.clear()
         if self.reader is not None:
@@ -1280,6 +1299,9 @@ class _RedisSubscription:
                 self.keys.group,
                 error,
             )
+        if self.holding is not None:  # after the release: a kill before it counts them
+            for envelope in returned:
+                self.holding.returned(envelope)
 
 
 class _RedisDelivery:

@@ -49,7 +49,7 @@ import orjson
 from callcast.brokers import seconds_option
 from callcast.envelope import Envelope, decode_or_quarantine
 from callcast.exceptions import BrokerUnavailableError, ConfigurationError, TransportError
-from callcast.transport import Capabilities, Delivery
+from callcast.transport import Capabilities, Delivery, Holding
 from callcast.waiting import wait_event
 
 CAPABILITIES = Capabilities(
@@ -404,10 +404,16 @@ class SqliteBroker:
         await self._run(upsert)
 
     async def subscribe(
-        self, topic: str, group: str, *, prefetch: int = 32, ephemeral: bool = False
+        self,
+        topic: str,
+        group: str,
+        *,
+        prefetch: int = 32,
+        ephemeral: bool = False,
+        holding: Holding | None = None,
     ) -> _SqliteSubscription:
         await self._declare(topic, group, ephemeral=ephemeral)
-        subscription = _SqliteSubscription(self, topic, group, max(1, prefetch), ephemeral)
+        subscription = _SqliteSubscription(self, topic, group, max(1, prefetch), ephemeral, holding)
         self._subscriptions.add(subscription)
         return subscription
 
@@ -554,8 +560,17 @@ def _renew_and_collect(
 
 
 class _SqliteSubscription:
-    def __init__(self, broker: SqliteBroker, topic: str, group: str, prefetch: int, ephemeral: bool) -> None:
+    def __init__(
+        self,
+        broker: SqliteBroker,
+        topic: str,
+        group: str,
+        prefetch: int,
+        ephemeral: bool,
+        holding: Holding | None,
+    ) -> None:
         self.broker = broker
+        self.holding = holding
         self.topic = topic
         self.group = group
         self.prefetch = prefetch
@@ -602,6 +617,8 @@ class _SqliteSubscription:
                 break
             self.outstanding.add(seq)
             self.buffer.append(_SqliteDelivery(self, seq, attempt, envelope))
+            if self.holding is not None:
+                self.holding.fetched(envelope)
 
     async def settle(self, seq: int, delay: float | None) -> None:
         if self.closed or seq not in self.outstanding:
@@ -614,12 +631,16 @@ class _SqliteSubscription:
             return
         self.closed = True
         never_handed_out = [delivery._seq for delivery in self.buffer]
+        returned = [delivery.envelope for delivery in self.buffer]
         self.buffer.clear()
         self.outstanding.clear()
         self.wake.set()
         self.broker._subscriptions.discard(self)
         with contextlib.suppress(TransportError):
             await self.broker._release(self.owner, self.group, self.topic, self.ephemeral, never_handed_out)
+        if self.holding is not None:  # after the release: a kill before it counts them
+            for envelope in returned:
+                self.holding.returned(envelope)
 
 
 class _SqliteDelivery:

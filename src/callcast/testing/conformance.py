@@ -33,6 +33,7 @@ Rules the suite keeps, so that it can run against real brokers:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import signal
@@ -53,18 +54,43 @@ __all__ = ["BrokerConformance"]
 EVENT_TYPE = "callcast.conformance.Tested"
 SOURCE = "/callcast/testing/conformance"
 
-# A subscriber in another process: takes COUNT deliveries, says which, then holds them unsettled
-# until it is killed (or, if the test runner died, gives up after a minute).
+# A subscriber in another process: takes COUNT deliveries (with a prefetch of PREFETCH), says
+# which, then holds them unsettled until it is killed (or, if the test runner died, gives up after
+# a minute). It prints what its subscription tells its ``holding`` as it happens.
 _HOLDER_SCRIPT = """
 import asyncio, sys
+from callcast.brokers import connect
+
+class Printed:
+    def fetched(self, envelope):
+        print("fetched", envelope.id, flush=True)
+
+    def returned(self, envelope):
+        print("returned", envelope.id, flush=True)
+
+async def main(url, topic, group, count, prefetch):
+    broker = await connect(url)
+    subscription = await broker.subscribe(topic, group, prefetch=prefetch, holding=Printed())
+    held = [await asyncio.wait_for(subscription.__anext__(), 30) for _ in range(count)]
+    print("holding", *[delivery.envelope.id for delivery in held], flush=True)
+    await asyncio.sleep(60)
+
+asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])))
+"""
+
+# A subscriber in another process: takes COUNT deliveries, acks them one after the other, and kills
+# itself (SIGKILL) the moment the last ack returned.
+_SETTLE_AND_DIE_SCRIPT = """
+import asyncio, os, signal, sys
 from callcast.brokers import connect
 
 async def main(url, topic, group, count):
     broker = await connect(url)
     subscription = await broker.subscribe(topic, group, prefetch=count)
-    held = [await asyncio.wait_for(subscription.__anext__(), 30) for _ in range(count)]
-    print("holding", *[delivery.envelope.id for delivery in held], flush=True)
-    await asyncio.sleep(60)
+    taken = [await asyncio.wait_for(subscription.__anext__(), 30) for _ in range(count)]
+    for delivery in taken:
+        await delivery.ack()
+    os.kill(os.getpid(), signal.SIGKILL)
 
 asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])))
 """
@@ -129,16 +155,44 @@ class _ChildProcess:
             )
         return line
 
+    async def read_until(self, word: str, timeout: float) -> tuple[list[str], str]:
+        """The lines before the first that starts with ``word``, and that line's other words."""
+        before: list[str] = []
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            line = await self.read_line(max(0.001, deadline - asyncio.get_running_loop().time()))
+            if line.startswith(word):
+                return before, line[len(word) :].strip()
+            before.append(line)
+
     def kill(self) -> None:
         if self.process.poll() is None:
             os.kill(self.process.pid, signal.SIGKILL)
 
-    async def finish(self) -> tuple[str, str]:
-        """Kill the process if it still runs, reap it, close its pipes; its remaining output."""
+    async def finish(self, wait: float = 0.0) -> tuple[str, str]:
+        """Kill the process if it still runs after ``wait`` seconds, reap it, close its pipes; its
+        remaining output."""
+        if wait:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                await asyncio.to_thread(self.process.wait, wait)
         self.kill()
         if self.output is None:
             self.output = await asyncio.to_thread(self.process.communicate, None, 30)
         return self.output
+
+
+class _Held:
+    """A :class:`~callcast.transport.Holding` that keeps the ids it holds."""
+
+    def __init__(self) -> None:
+        self.ids: set[str] = set()
+
+    def fetched(self, envelope: Envelope) -> None:
+        self.ids.add(envelope.id)
+
+    def returned(self, envelope: Envelope) -> None:
+        assert envelope.id in self.ids, f"{envelope.id} returned but never announced"
+        self.ids.discard(envelope.id)
 
 
 class _Pulls:
@@ -235,6 +289,18 @@ class BrokerConformance:
         if not getattr(broker.capabilities, capability):
             pytest.skip(f"capabilities.{capability} is False: {why}")
 
+    def killable_process_url(self, broker: Broker) -> str:
+        """:meth:`process_url`, for a test that kills a subscriber in another process: skips the
+        test where there is no such process (or no SIGKILL)."""
+        __tracebackhide__ = True
+        self.require(broker, "shared", "no other process can share this broker")
+        url = self.process_url()
+        if url is None:
+            pytest.skip("process_url() is None: the adapter cannot be reached from another process")
+        if not hasattr(signal, "SIGKILL"):
+            pytest.skip("this platform has no SIGKILL")
+        return url
+
     async def next(self, subscription: Subscription, timeout: float | None = None) -> Delivery:
         """The subscription's next delivery; fails the test if none comes within the deadline."""
         __tracebackhide__ = True
@@ -248,13 +314,14 @@ class BrokerConformance:
         """The next ``count`` deliveries, unsettled."""
         return [await self.next(subscription) for _ in range(count)]
 
-    async def assert_pending(self, task: asyncio.Task[Delivery], why: str) -> None:
-        """``task`` (waiting in ``__anext__``) stays waiting for :attr:`quiet` seconds."""
+    async def assert_pending(self, task: asyncio.Task[Delivery], why: str, longer: float = 0.0) -> None:
+        """``task`` (waiting in ``__anext__``) stays waiting for :attr:`quiet` (+ ``longer``) seconds."""
         __tracebackhide__ = True
-        done, _ = await asyncio.wait({task}, timeout=self.quiet)
+        seconds = self.quiet + longer
+        done, _ = await asyncio.wait({task}, timeout=seconds)
         if done:
             outcome = "nothing" if task.exception() else repr(label_of(task.result()))
-            pytest.fail(f"{why}, but __anext__ returned {outcome} within {self.quiet}s")
+            pytest.fail(f"{why}, but __anext__ returned {outcome} within {seconds:g}s")
 
     async def finish(self, task: asyncio.Task[Delivery], timeout: float | None = None) -> Delivery:
         """The delivery a waiting ``__anext__`` task returns, within the deadline."""
@@ -544,14 +611,18 @@ class BrokerConformance:
 
     async def test_envelopes_fetched_ahead_but_never_handed_out_are_no_attempt(self) -> None:
         """Prefetch is the adapter's business: closing a subscription that fetched envelopes ahead
-        but handed out only one counts an attempt for that one only."""
+        but handed out only one counts an attempt for that one only; its ``holding`` was told of
+        each delivery by the time it was handed out, and of those given back on close."""
         broker = await self.open()
         topic, group = unique("topic"), unique("group")
-        first = await broker.subscribe(topic, group, prefetch=10)
+        holding = _Held()
+        first = await broker.subscribe(topic, group, prefetch=10, holding=holding)
         await broker.publish(topic, [envelope(f"e{n}") for n in range(3)])
         taken = await self.next(first)
         assert taken.attempt == 1
+        assert taken.envelope.id in holding.ids
         await first.close()
+        assert holding.ids == {taken.envelope.id}
         second = await broker.subscribe(topic, group, prefetch=10)
         again = await self.take(second, 3)
         assert {label_of(d): d.attempt for d in again} == {"e0": 2, "e1": 1, "e2": 1}
@@ -629,21 +700,16 @@ class BrokerConformance:
         deliveries loses them to the group's other subscribers, after the adapter's lease; while
         it lives, it keeps them past the lease. The redeliveries count as attempt 2."""
         broker = await self.open()
-        self.require(broker, "shared", "no other process can share this broker")
-        url = self.process_url()
-        if url is None:
-            pytest.skip("process_url() is None: the adapter cannot be reached from another process")
-        if not hasattr(signal, "SIGKILL"):
-            pytest.skip("this platform has no SIGKILL")
+        url = self.killable_process_url(broker)
         topic, group = unique("topic"), unique("group")
         await broker.declare(topic, group)
         sent = [envelope(f"held{n}") for n in range(3)]
         await broker.publish(topic, sent)
-        child = _ChildProcess(_HOLDER_SCRIPT, url, topic, group, str(len(sent)))
+        child = _ChildProcess(_HOLDER_SCRIPT, url, topic, group, str(len(sent)), str(len(sent)))
         waiting: asyncio.Task[Delivery] | None = None
         try:
-            line = await child.read_line(self.timeout + 25)  # the child first imports callcast
-            assert sorted(line.split()) == sorted(["holding", *[e.id for e in sent]])
+            _, held = await child.read_until("holding", self.timeout + 25)  # it first imports callcast
+            assert sorted(held.split()) == sorted(e.id for e in sent)
             subscription = await broker.subscribe(topic, group)
             waiting = asyncio.create_task(_next(subscription))
             if self.lease is not None:
@@ -662,6 +728,61 @@ class BrokerConformance:
         assert [d.attempt for d in redelivered] == [2] * len(sent)
         for delivery in redelivered:
             await delivery.ack()
+
+    async def test_an_ack_that_returned_survives_the_process_being_killed(self) -> None:
+        """``ack()`` returns once the settle is the broker's (not only queued in the process): a
+        subscriber that acks and is killed the moment the acks returned does not get its envelopes
+        redelivered to the group, past the adapter's lease."""
+        broker = await self.open()
+        url = self.killable_process_url(broker)
+        topic, group = unique("topic"), unique("group")
+        await broker.declare(topic, group)
+        await broker.publish(topic, [envelope(f"acked{n}") for n in range(20)])
+        child = _ChildProcess(_SETTLE_AND_DIE_SCRIPT, url, topic, group, "20")
+        _, errors = await child.finish(self.timeout + 25)  # it first imports callcast
+        assert child.process.returncode == -signal.SIGKILL, errors
+        subscription = await broker.subscribe(topic, group)
+        waiting = asyncio.create_task(_next(subscription))
+        try:
+            await self.assert_pending(waiting, "every envelope was acked", (self.lease or 0.0) * 1.5)
+        finally:
+            waiting.cancel()
+        marker = await self.publish_marker(broker, topic)
+        assert label_of(await self.next(subscription)) == marker
+
+    async def test_what_a_killed_subscriber_was_counted_for_it_had_announced(self) -> None:
+        """``subscribe(..., holding=H)``: a delivery is announced to ``H.fetched`` by the time it is
+        counted for the subscriber (at the latest when handed out; when read ahead, as it lands in
+        the adapter's buffer). So after a subscriber that read ahead is killed, every envelope
+        redelivered with its attempt counted is one it had announced and not returned."""
+        broker = await self.open()
+        url = self.killable_process_url(broker)
+        topic, group = unique("topic"), unique("group")
+        await broker.declare(topic, group)
+        sent = [envelope(f"read-ahead{n}") for n in range(4)]
+        await broker.publish(topic, sent)
+        child = _ChildProcess(_HOLDER_SCRIPT, url, topic, group, "2", str(len(sent)))
+        try:
+            announced, held = await child.read_until("holding", self.timeout + 25)
+        finally:
+            output, _ = await child.finish()
+        fetched: set[str] = set()
+        for line in [*announced, *output.splitlines()]:
+            what, _, envelope_id = line.strip().partition(" ")
+            if what == "fetched":
+                fetched.add(envelope_id)
+            elif what == "returned":
+                fetched.discard(envelope_id)
+        assert set(held.split()) <= fetched, "a delivery was handed out before it was announced"
+        subscription = await broker.subscribe(topic, group)
+        deadline = (self.lease or 0.0) + self.timeout
+        redelivered = [await self.next(subscription, deadline) for _ in sent]
+        for delivery in redelivered:
+            await delivery.ack()
+        assert sorted(d.envelope.id for d in redelivered) == sorted(e.id for e in sent)
+        counted = {d.envelope.id for d in redelivered if d.attempt > 1}
+        assert set(held.split()) <= counted
+        assert counted <= fetched, f"counted for the killed subscriber, never announced: {counted - fetched}"
 
     # -- per-key order --------------------------------------------------------------------------
 

@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from callcast.envelope import Envelope
-from callcast.transport import Broker, Capabilities, Delivery, Subscription
+from callcast.transport import Broker, Capabilities, Delivery, Holding, Subscription
 
 ENV_PLAN = "CALLCAST_FAULTS"
 ENV_TOPICS = "CALLCAST_FAULTS_TOPICS"
@@ -247,9 +247,17 @@ class FaultyBroker:
         await self.inner.declare(topic, group)
 
     async def subscribe(
-        self, topic: str, group: str, *, prefetch: int = 32, ephemeral: bool = False
+        self,
+        topic: str,
+        group: str,
+        *,
+        prefetch: int = 32,
+        ephemeral: bool = False,
+        holding: Holding | None = None,
     ) -> FaultySubscription:
-        subscription = await self.inner.subscribe(topic, group, prefetch=prefetch, ephemeral=ephemeral)
+        subscription = await self.inner.subscribe(
+            topic, group, prefetch=prefetch, ephemeral=ephemeral, holding=holding
+        )
         return FaultySubscription(subscription, topic, self.plan)
 
     async def connect(self) -> None:
