@@ -110,7 +110,8 @@ class Consumer:
         )
 
     async def _handle(self, delivery: Delivery) -> None:
-        """Handle one delivery; the subscription has journaled it as held (``holding``)."""
+        """Handle one delivery. The subscription journals it as held (``holding=self._crashes``)
+        from when it is received until its settle reaches the broker."""
         suspect = self._is_suspect(delivery)
         try:
             key = delivery.envelope.partition_key
@@ -127,9 +128,6 @@ class Consumer:
             log.exception("%s: unexpected failure handling %s", self.handler.group, delivery.envelope.id)
             with contextlib.suppress(TransportError):
                 await delivery.nack(delay=self.handler.retry.delay(delivery.attempt))
-        finally:
-            if self._crashes is not None:
-                self._crashes.settled(delivery.envelope.id)
 
     async def _isolated(self, delivery: Delivery, suspect: bool) -> None:
         """A suspect runs alone, named in this process's crash marker; the others share."""

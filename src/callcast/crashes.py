@@ -6,7 +6,8 @@ two files per process in ``<data dir>/crashes/<group>/``, whose writes survive t
 killed:
 
 * ``<pid>.inflight``: the deliveries it holds (``+id`` as the subscription receives one, also one
-  read ahead and not handed out yet; ``-id`` when it is settled or given back), a
+  read ahead and not handed out yet; ``-id`` once its settle reached the broker, or it was given
+  back), a
   :class:`~callcast.journal.Journal`: each line is in the file when it was written, at the cost of a
   memory copy. The ledger is the subscription's :class:`~callcast.transport.Holding`.
 * ``<pid>.alone``: the *suspect* it runs alone — a redelivered message this process did not see
@@ -73,13 +74,9 @@ class CrashLedger:
         self._journal.append(f"+{envelope.id}\n")
 
     def returned(self, envelope: Envelope) -> None:
-        """The delivery of ``envelope`` left this process unhandled (given back, not counted)."""
-        self.settled(envelope.id)
-
-    def settled(self, message_id: str) -> None:
-        """This process no longer holds ``message_id``."""
-        self._held.discard(message_id)
-        self._journal.append(f"-{message_id}\n")
+        """This process no longer holds the delivery of ``envelope`` (settled, or given back)."""
+        self._held.discard(envelope.id)
+        self._journal.append(f"-{envelope.id}\n")
 
     def close(self) -> None:
         """A clean stop: this process's files go (nothing it held crashed)."""

@@ -35,13 +35,16 @@ Contract
 * A subscription hands out at most ``prefetch`` (at least 1) deliveries that are neither acked nor
   nacked; iteration waits until one is settled. This is the consumer's memory bound. Envelopes an
   adapter fetched ahead but never handed out do not count as delivery attempts.
-* ``subscribe(..., holding=H)`` tells ``H`` which deliveries the subscriber holds: ``H.fetched(e)``
-  as soon as a delivery of envelope ``e`` is counted by the broker for this subscriber and known to
-  the adapter (at the latest when it is handed out; for an adapter that fetches ahead, when it lands
-  in the adapter's buffer), and ``H.returned(e)`` when one that was never handed out leaves the
-  subscriber again (given back on close, or taken back by the broker with a lost channel). Both are
-  plain calls on the event loop and must not block. The consumer journals them, so a process
-  killed with deliveries read ahead leaves evidence of all it held (:mod:`callcast.crashes`).
+* ``subscribe(..., holding=H)`` tells ``H`` which deliveries the subscriber holds, that is, which
+  the broker would count once more if the process died now: ``H.fetched(e)`` as soon as a delivery
+  of envelope ``e`` is counted for this subscriber and known to the adapter (at the latest when it
+  is handed out; for an adapter that fetches ahead, when it lands in the adapter's buffer), and
+  ``H.returned(e)`` once the subscriber no longer holds it: its ``ack``/``nack`` reached the broker
+  (which may be after the call returned, where the adapter writes settles without waiting), it was
+  given back unhandled (on close, uncounted), or the broker took it back with a lost channel.
+  Deliveries handed out and given back by ``close()`` are not reported. Both are plain calls on
+  the event loop and must not block. The consumer journals them (:mod:`callcast.crashes`), so a
+  process killed while holding deliveries leaves evidence of exactly those.
 * ``__anext__`` waits through a broker outage (the adapter reconnects) or raises a
   ``TransportError`` that the caller may retry; it ends iteration (``StopAsyncIteration``) only
   when the subscription is closed.
@@ -128,7 +131,8 @@ class Holding(Protocol):
         ...
 
     def returned(self, envelope: Envelope) -> None:
-        """A delivery announced by :meth:`fetched` left without being handed out."""
+        """A delivery announced by :meth:`fetched` is no longer held: settled with the broker, or
+        given back unhandled."""
         ...
 
 

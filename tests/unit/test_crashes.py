@@ -15,11 +15,11 @@ def test_a_ledger_names_what_it_holds_the_moment_it_takes_it(tmp_path: Path) -> 
     to have held the message."""
     ledger = CrashLedger(tmp_path)
     journal = tmp_path / f"{os.getpid()}.inflight"
-    ledger.fetched(Envelope(type="T", source="s", data=b"{}", id="a"))
-    b = Envelope(type="T", source="s", data=b"{}", id="b")
+    a, b = (Envelope(type="T", source="s", data=b"{}", id=name) for name in "ab")
+    ledger.fetched(a)
     ledger.fetched(b)
     assert read_journal(journal) == "+a\n+b\n"
-    ledger.settled("a")
+    ledger.returned(a)
     ledger.returned(b)
     assert read_journal(journal) == "+a\n+b\n-a\n-b\n"
     ledger.close()

@@ -188,6 +188,8 @@ class _MemorySubscription:
         else:
             entry.available_at = asyncio.get_running_loop().time() + delay
         self.group_state.wake()
+        if self.holding is not None:
+            self.holding.returned(entry.envelope)
 
     async def close(self) -> None:
         if self.closed:

@@ -57,10 +57,10 @@ publish(group=G)
 ack / nack / delayed nack
     ``ack`` sends ``+ACK``; ``nack(delay=d)`` sends ``-NAK {"delay": d}``, so the *server* holds
     the envelope back for ``d`` seconds and then redelivers it to any subscriber of the group.
-    JetStream does not answer them; each returns once the server has read it (one ``PING``/``PONG``
-    shared by the settles of a loop turn), so a process killed after a settle returned has settled
-    (its crash journal may say so). A settle lost with a dropped connection means one more delivery,
-    never a loss.
+    Both are written to the connection without waiting for the server (JetStream does not answer
+    them); ``holding`` hears of the settle once the server has read it (a ``PING``/``PONG`` shared
+    by the settles written while the one before was under way). A settle lost with a dropped
+    connection means one more delivery, never a loss.
 attempts
     ``Delivery.attempt`` is the server's ``num_delivered`` (from the message's ack subject), so
     redeliveries after crashes count. A subscription pulls envelopes in batches of up to its free
@@ -376,7 +376,8 @@ class NatsBroker:
         self._servers: set[_NatsServer] = set()
         self._housekeeping: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
-        self._flushing: asyncio.Future[None] | None = None
+        self._flusher: asyncio.Future[None] | None = None
+        self._unflushed: list[tuple[Holding, Envelope]] = []  # settles written since the last flush
         self._closed = False
 
     # -- errors ---------------------------------------------------------------------------------
@@ -753,22 +754,25 @@ class NatsBroker:
             with contextlib.suppress(*_DRIVER_ERRORS):
                 await nc.close()
 
-    async def _read_by_server(self) -> None:
-        """Return once the server has read everything written so far: one ``flush`` (``PING``,
-        then the ``PONG``) shared by the callers of one loop turn. A lost connection ends the wait
-        (what it did not carry is lost with it)."""
-        flushing = self._flushing
-        if flushing is None:
-            flushing = self._flushing = asyncio.ensure_future(self._flush())
-        await asyncio.shield(flushing)
+    def _when_read(self, holding: Holding, envelope: Envelope) -> None:
+        """Tell ``holding`` that the settle of ``envelope`` just written was returned, once the server
+        has read it: after a ``flush`` (``PING``, then the ``PONG``) that starts after this call.
+        One flush is under way at a time, for all settles written before it: one round trip per
+        batch, and none of them waits for it. A lost connection ends the wait (what it did not
+        carry is lost with it, and comes back counted)."""
+        self._unflushed.append((holding, envelope))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.ensure_future(self._flush())
 
     async def _flush(self) -> None:
-        self._flushing = None  # who writes from now on waits for the next flush
-        nc = self._nc
-        if nc is None:
-            return
-        with contextlib.suppress(*_DRIVER_ERRORS):
-            await nc.flush(self.timeout)  # type: ignore[arg-type]
+        while self._unflushed:
+            written, self._unflushed = self._unflushed, []
+            nc = self._nc
+            if nc is not None:
+                with contextlib.suppress(*_DRIVER_ERRORS):
+                    await nc.flush(self.timeout)  # type: ignore[arg-type]
+            for holding, envelope in written:
+                holding.returned(envelope)
 
     # -- deliveries the server counted but callcast does not ------------------------------------
 
@@ -1136,7 +1140,8 @@ class _NatsSubscription:
             await self.nc.publish(delivery.reply, payload)
         except _DRIVER_ERRORS as error:
             raise self.broker._error(error, f"settling a delivery of group {self.group!r}") from None
-        await self.broker._read_by_server()
+        if self.holding is not None:
+            self.broker._when_read(self.holding, delivery.envelope)
         if payload == _ACK and delivery.uncounted:
             self.broker._forget_uncounted(delivery)
 

@@ -1019,7 +1019,8 @@ class _PostgresSubscription:
             if self.holding is not None:
                 self.holding.fetched(envelope)
 
-    async def settle(self, seq: int, delay: float | None, *, keyed: bool) -> None:
+    async def settle(self, delivery: _PostgresDelivery, delay: float | None) -> None:
+        seq, keyed = delivery._seq, delivery._keyed
         if self.closed or seq not in self.outstanding:
             return
         # Wake-ups after an ack only where it may have made work: the key's next row is its head
@@ -1030,6 +1031,8 @@ class _PostgresSubscription:
         # group when its lease runs out.
         self.outstanding.discard(seq)
         await self.broker._settle(self, seq, delay, wake=wake)
+        if self.holding is not None:
+            self.holding.returned(delivery.envelope)
 
     async def close(self) -> None:
         if self.closed:
@@ -1071,10 +1074,10 @@ class _PostgresDelivery:
         self.envelope = envelope
 
     async def ack(self) -> None:
-        await self._subscription.settle(self._seq, None, keyed=self._keyed)
+        await self._subscription.settle(self, None)
 
     async def nack(self, *, delay: float = 0.0) -> None:
-        await self._subscription.settle(self._seq, max(0.0, delay), keyed=self._keyed)
+        await self._subscription.settle(self, max(0.0, delay))
 
 
 async def _init_connection(conn: Any) -> None:

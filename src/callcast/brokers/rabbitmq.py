@@ -1009,6 +1009,7 @@ class _GroupReader:
         self.wake()
         channel = self.channel
         if delivery.generation != self.generation or channel is None:
+            owner.returned(delivery)  # RabbitMQ took it back with the channel
             if delay is None:
                 raise BrokerUnavailableError(
                     f"rabbitmq broker {self.broker.url}: the channel was lost since this delivery; "
@@ -1029,6 +1030,7 @@ class _GroupReader:
                     )
                 except TransportError as error:
                     await underlay.basic_nack(delivery.tag, requeue=True)
+                    owner.returned(delivery)
                     raise PublishError(
                         f"{error}; the envelope was given back for an immediate retry instead"
                     ) from None
@@ -1038,6 +1040,7 @@ class _GroupReader:
             raise
         except Exception as error:
             raise self.broker._error("cannot settle a delivery", error) from None
+        owner.returned(delivery)  # written to the socket (aiormq drains before returning)
 
     # -- leaving --------------------------------------------------------------------------------
 
@@ -1152,6 +1155,10 @@ class _RabbitSubscription:
             if reader.failure is not None:
                 raise TransportError(str(reader.failure))
             await reader.changed.wait()
+
+    def returned(self, delivery: _RabbitDelivery) -> None:
+        if self.holding is not None:
+            self.holding.returned(delivery.envelope)
 
     async def close(self) -> None:
         if self.closed:

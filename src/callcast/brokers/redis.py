@@ -1245,7 +1245,8 @@ class _RedisSubscription:
     async def _pause(self, failures: int) -> None:
         await wait_event(self._wake, min(1.0, 0.05 * 2 ** min(failures, 5)))
 
-    async def settle(self, token: str, delay: float | None) -> None:
+    async def settle(self, delivery: _RedisDelivery, delay: float | None) -> None:
+        token = delivery.token
         if self.closed or self.outstanding.pop(token, None) is None:
             return
         self._notify()
@@ -1255,6 +1256,8 @@ class _RedisSubscription:
         # Awaited directly: a cancelled caller cancels only its own future; the settle is written
         # anyway, and close() waits until it is.
         await self.broker._queue_settle(self, token, delay_ms)
+        if self.holding is not None:
+            self.holding.returned(delivery.envelope)
 
     def written(self, tokens: list[str]) -> None:
         """The queued settles of ``tokens`` were written, or failed."""
@@ -1316,10 +1319,10 @@ class _RedisDelivery:
         self.envelope = envelope
 
     async def ack(self) -> None:
-        await self._subscription.settle(self.token, None)
+        await self._subscription.settle(self, None)
 
     async def nack(self, *, delay: float = 0.0) -> None:
-        await self._subscription.settle(self.token, delay)
+        await self._subscription.settle(self, delay)
 
 
 def _decode(fields: list[bytes]) -> Envelope:

@@ -620,11 +620,14 @@ class _SqliteSubscription:
             if self.holding is not None:
                 self.holding.fetched(envelope)
 
-    async def settle(self, seq: int, delay: float | None) -> None:
+    async def settle(self, delivery: _SqliteDelivery, delay: float | None) -> None:
+        seq = delivery._seq
         if self.closed or seq not in self.outstanding:
             return
         self.outstanding.discard(seq)
         await self.broker._settle(self.group, seq, self.owner, delay)
+        if self.holding is not None:
+            self.holding.returned(delivery.envelope)
 
     async def close(self) -> None:
         if self.closed:
@@ -653,10 +656,10 @@ class _SqliteDelivery:
         self.envelope = envelope
 
     async def ack(self) -> None:
-        await self._subscription.settle(self._seq, None)
+        await self._subscription.settle(self, None)
 
     async def nack(self, *, delay: float = 0.0) -> None:
-        await self._subscription.settle(self._seq, max(0.0, delay))
+        await self._subscription.settle(self, max(0.0, delay))
 
 
 def _load_headers(text: str) -> dict[str, str]:

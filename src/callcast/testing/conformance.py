@@ -79,18 +79,31 @@ asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sy
 """
 
 # A subscriber in another process: takes COUNT deliveries, acks them one after the other, and kills
-# itself (SIGKILL) the moment the last ack returned.
+# itself (SIGKILL) the moment its ``holding`` has heard all of them returned (else it exits with 3).
 _SETTLE_AND_DIE_SCRIPT = """
 import asyncio, os, signal, sys
 from callcast.brokers import connect
 
+class DieWhenAllReturned:
+    def __init__(self, count):
+        self.left = count
+
+    def fetched(self, envelope):
+        pass
+
+    def returned(self, envelope):
+        self.left -= 1
+        if self.left == 0:
+            os.kill(os.getpid(), signal.SIGKILL)
+
 async def main(url, topic, group, count):
     broker = await connect(url)
-    subscription = await broker.subscribe(topic, group, prefetch=count)
+    subscription = await broker.subscribe(topic, group, prefetch=count, holding=DieWhenAllReturned(count))
     taken = [await asyncio.wait_for(subscription.__anext__(), 30) for _ in range(count)]
     for delivery in taken:
         await delivery.ack()
-    os.kill(os.getpid(), signal.SIGKILL)
+    await asyncio.sleep(15)
+    sys.exit(3)  # not every ack was returned
 
 asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])))
 """
@@ -729,18 +742,18 @@ class BrokerConformance:
         for delivery in redelivered:
             await delivery.ack()
 
-    async def test_an_ack_that_returned_survives_the_process_being_killed(self) -> None:
-        """``ack()`` returns once the settle is the broker's (not only queued in the process): a
-        subscriber that acks and is killed the moment the acks returned does not get its envelopes
-        redelivered to the group, past the adapter's lease."""
+    async def test_an_ack_reported_returned_survives_the_process_being_killed(self) -> None:
+        """``holding.returned`` hears of a settle once it is the broker's (not only queued in the
+        process): a subscriber killed the moment its holding heard all its acks returned does not
+        get its envelopes redelivered to the group, past the adapter's lease."""
         broker = await self.open()
         url = self.killable_process_url(broker)
         topic, group = unique("topic"), unique("group")
         await broker.declare(topic, group)
         await broker.publish(topic, [envelope(f"acked{n}") for n in range(20)])
         child = _ChildProcess(_SETTLE_AND_DIE_SCRIPT, url, topic, group, "20")
-        _, errors = await child.finish(self.timeout + 25)  # it first imports callcast
-        assert child.process.returncode == -signal.SIGKILL, errors
+        _, errors = await child.finish(self.timeout + 40)  # it first imports callcast
+        assert child.process.returncode == -signal.SIGKILL, f"not every ack was returned: {errors}"
         subscription = await broker.subscribe(topic, group)
         waiting = asyncio.create_task(_next(subscription))
         try:
