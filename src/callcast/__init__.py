@@ -32,7 +32,7 @@ from callcast.retry import RetryPolicy
 from callcast.runtime import Runtime
 from callcast.sequence import SequencePolicy
 from callcast.service import EventHandler, Route, RpcEndpoint, Service
-from callcast.transport import Broker, Capabilities, Delivery, Subscription
+from callcast.transport import Broker, Capabilities, Delivery, Holding, Subscription
 
 __all__ = [
     "App",
@@ -57,6 +57,7 @@ __all__ = [
     "EventHandler",
     "HTTPError",
     "HandlerError",
+    "Holding",
     "IdempotencyPolicy",
     "MessageError",
     "PermanentError",

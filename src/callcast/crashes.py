@@ -7,9 +7,8 @@ killed:
 
 * ``<pid>.inflight``: the deliveries it holds (``+id`` as the subscription receives one, also one
   read ahead and not handed out yet; ``-id`` once its settle reached the broker, or it was given
-  back), a
-  :class:`~callcast.journal.Journal`: each line is in the file when it was written, at the cost of a
-  memory copy. The ledger is the subscription's :class:`~callcast.transport.Holding`.
+  back), a :class:`~callcast.journal.Journal`: each line is in the file when it was written, at the
+  cost of a memory copy. The ledger is the subscription's :class:`~callcast.transport.Holding`.
 * ``<pid>.alone``: the *suspect* it runs alone — a redelivered message this process did not see
   fail runs with no other handler of the consumer running.
 
