@@ -301,3 +301,28 @@ async def test_an_ack_whose_write_is_cancelled_before_it_ran_fails_instead_of_ha
             await asyncio.wait_for(ack, 5)
     finally:
         await broker.close()
+
+
+async def test_closing_while_a_claim_is_under_way_counts_no_attempt(tmp_path: Path) -> None:
+    """A claim the writer thread is running when the subscription closes lands in the buffer, and
+    close() hands it back as never handed out: the next subscriber gets attempt 1, not 2."""
+    broker = await connect(f"sqlite:///{tmp_path / 'broker.db'}")
+    try:
+        await broker.declare("T", "g")
+        await broker.publish("T", [Envelope(type="T", source="s", data=b"1")])
+        first = await broker.subscribe("T", "g", prefetch=4)
+        waiting = asyncio.create_task(first.__anext__())
+        await asyncio.sleep(0)  # __anext__ starts the claim task
+        await asyncio.sleep(0)  # the claim task queues its op for the writer thread
+        claiming = first.claiming
+        assert claiming is not None
+        assert not claiming.done()
+        await first.close()
+        with contextlib.suppress(StopAsyncIteration):
+            await waiting
+        second = await broker.subscribe("T", "g")
+        delivery = await asyncio.wait_for(second.__anext__(), 5)
+        assert (delivery.envelope.data, delivery.attempt) == (b"1", 1)
+        await delivery.ack()
+    finally:
+        await broker.close()

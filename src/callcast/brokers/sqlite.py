@@ -612,9 +612,9 @@ class _SqliteSubscription:
         if self.closed:  # checked before queueing the claim, so close()'s release comes after it
             return
         claimed = await self.broker._claim(self.topic, self.group, self.owner, limit)
+        # Kept even if the subscription closed meanwhile: close() waits for this claim and hands
+        # these rows back as never handed out.
         for envelope, seq, attempt in claimed:
-            if self.closed:
-                break
             self.outstanding.add(seq)
             self.buffer.append(_SqliteDelivery(self, seq, attempt, envelope))
             if self.holding is not None:
@@ -633,6 +633,9 @@ class _SqliteSubscription:
         if self.closed:
             return
         self.closed = True
+        claiming = self.claiming
+        if claiming is not None:
+            await asyncio.wait({claiming})
         never_handed_out = [delivery._seq for delivery in self.buffer]
         returned = [delivery.envelope for delivery in self.buffer]
         self.buffer.clear()
