@@ -654,9 +654,18 @@ async def test_a_blocking_read_never_leaves_more_than_the_prefetch_held(
 ) -> None:
     """The blocking read counts per stream: when entries reach the direct and the topic stream between
     a take that found nothing and the read, both are claimed, and the one beyond the free prefetch goes
-    straight back, uncounted."""
+    straight back, uncounted. ``holding`` hears of the surplus while the server counts it as ours."""
     topic, group = _unique("surplus"), _unique("one-at-a-time")
-    subscription = await broker.subscribe(topic, group, prefetch=1)
+    told: list[tuple[str, bytes]] = []
+
+    class Told:
+        def fetched(self, envelope: Envelope) -> None:
+            told.append(("fetched", envelope.data))
+
+        def returned(self, envelope: Envelope) -> None:
+            told.append(("returned", envelope.data))
+
+    subscription = await broker.subscribe(topic, group, prefetch=1, holding=Told())
     keys = broker.keys(topic, group)
     raw.xadd(keys.direct, {"event": to_structured(_envelope("direct"))})
     topic_id = raw.xadd(keys.topic, {"event": to_structured(_envelope("topic"))})
@@ -673,6 +682,7 @@ async def test_a_blocking_read_never_leaves_more_than_the_prefetch_held(
     assert (first.envelope.data, first.attempt) == (b"direct", 1)
     assert subscription.held() == [first.token]
     assert raw.zrange(keys.retry, 0, -1) == [b"t:" + topic_id]  # the surplus, parked and due now
+    assert told == [("fetched", b"direct"), ("fetched", b"topic"), ("returned", b"topic")]
     await first.ack()
     second = await _next(subscription)
     assert (second.envelope.data, second.attempt) == (b"topic", 1)

@@ -1095,6 +1095,7 @@ class _RedisSubscription:
         self._lost: set[str] = set()  # handed out, but their settle failed
         self._pump_task: asyncio.Task[None] | None = None
         self._unwritten: set[str] = set()  # settles queued and not yet written (or failed)
+        self._surplus: list[Envelope] = []  # claimed beyond the free prefetch, not yet given back
         self._all_written = asyncio.Event()
         self._all_written.set()
         self._next_reclaim = 0.0
@@ -1207,6 +1208,7 @@ class _RedisSubscription:
                 if entries:
                     self._fill(entries[:room])
                     if len(entries) > room:  # both streams had entries: the surplus goes back
+                        self._hold_surplus(entries[room:])
                         self._recover = True
                         with contextlib.suppress(TransportError):  # if not now, at the next take
                             await self._give_back_unknown()
@@ -1241,6 +1243,22 @@ class _RedisSubscription:
         await self.broker._release(self, kinds, close=False)
         self._lost.clear()
         self._recover = False
+        self._surplus_returned()
+
+    def _hold_surplus(self, entries: list[_Entry]) -> None:
+        """Entries a blocking read claimed beyond the free prefetch: counted by the server until they
+        are given back, so ``holding`` hears of them (and of their return)."""
+        if self.holding is not None:
+            for _, _, fields in entries:
+                envelope = _decode(fields)
+                self.holding.fetched(envelope)
+                self._surplus.append(envelope)
+
+    def _surplus_returned(self) -> None:
+        surplus, self._surplus = self._surplus, []
+        if self.holding is not None:
+            for envelope in surplus:
+                self.holding.returned(envelope)
 
     async def _pause(self, failures: int) -> None:
         await wait_event(self._wake, min(1.0, 0.05 * 2 ** min(failures, 5)))
@@ -1305,6 +1323,7 @@ class _RedisSubscription:
         if self.holding is not None:  # after the release: a kill before it counts them
             for envelope in returned:
                 self.holding.returned(envelope)
+        self._surplus_returned()
 
 
 class _RedisDelivery:
