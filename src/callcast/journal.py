@@ -33,7 +33,11 @@ class Journal:
         self._end = 0
 
     def append(self, line: str) -> None:
-        """Add ``line`` (it should end with a newline); it is in the file when this returns."""
+        """Add ``line`` (it should end with a newline); it is in the file when this returns. After
+        :meth:`close`, nothing (a settle the broker confirms late may still report to a closed
+        ledger)."""
+        if self._map.closed:
+            return
         data = line.encode()
         if self._end + len(data) >= self.size:  # keep a NUL after the text
             text = self._compacted().encode()

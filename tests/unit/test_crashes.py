@@ -24,3 +24,12 @@ def test_a_ledger_names_what_it_holds_the_moment_it_takes_it(tmp_path: Path) -> 
     assert read_journal(journal) == "+a\n+b\n-a\n-b\n"
     ledger.close()
     assert not journal.exists()
+
+
+def test_what_a_closed_ledger_is_told_is_ignored(tmp_path: Path) -> None:
+    """A NATS settle is reported returned once the server read it, which may be after the consumer
+    stopped and closed its ledger: that report is dropped, not an error in the reporting task."""
+    ledger = CrashLedger(tmp_path)
+    ledger.close()
+    ledger.returned(Envelope(type="T", source="s", data=b"{}", id="late"))
+    assert not (tmp_path / f"{os.getpid()}.inflight").exists()
