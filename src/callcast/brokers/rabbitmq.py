@@ -1049,13 +1049,12 @@ class _GroupReader:
         also hands the buffer back (uncounted) and closes the channel."""
         async with self.lock:
             tag = self.members.pop(member, None)
-            buffered = [delivery.envelope for delivery in self.buffer]
+            buffered = list(self.buffer)
             try:
                 await self._leave(member, tag)
             finally:
-                if member.holding is not None:  # handed back, or left to the other members
-                    for envelope in buffered:
-                        member.holding.returned(envelope)
+                for delivery in buffered:  # handed back, or left to the other members
+                    member.returned(delivery)
 
     async def _leave(self, member: _RabbitSubscription, tag: str | None) -> None:
         """:meth:`leave` once ``member`` is no longer a member. Under ``lock``."""
