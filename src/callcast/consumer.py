@@ -34,7 +34,7 @@ from pydantic import BaseModel
 from callcast import inbox, sequence
 from callcast.codec import decode
 from callcast.context import Context
-from callcast.crashes import ABSOLUTE_FACTOR, CrashLedger, Isolation
+from callcast.crashes import ABSOLUTE_FACTOR, CrashLedger, Evidence, Isolation
 from callcast.database import Database
 from callcast.deadletter import dead_letter, dead_letter_envelope
 from callcast.dispatch import Dispatcher
@@ -147,8 +147,8 @@ class Consumer:
                 self._crashes.finished_alone()
 
     def _crash_loop(self, delivery: Delivery, confirmed: int, own: int) -> str | None:
-        """Why this delivery counts as a crash loop, or None. ``own``: its deliveries that witnessed
-        crashes (other messages killing the process that held it) do not explain."""
+        """Why this delivery counts as a crash loop, or None. ``own``: its deliveries that were its
+        own runs (:meth:`~callcast.crashes.Evidence.own`)."""
         limit = self.handler.retry.max_attempts
         if self._crashes is None:
             if delivery.attempt > limit:
@@ -167,10 +167,10 @@ class Consumer:
     async def _process(self, delivery: Delivery, *, suspect: bool) -> None:
         handler = self.handler
         envelope = delivery.envelope
-        confirmed, witnessed = (0, 0)
+        evidence = Evidence()
         if self._crashes is not None and delivery.attempt > 1:
-            confirmed, witnessed = self._crashes.evidence(envelope.id)
-        own = max(1, delivery.attempt - witnessed)  # the deliveries that were this message's own
+            evidence = self._crashes.evidence(envelope)
+        own = evidence.own(delivery.attempt)
         if envelope.type == UNDECODABLE_TYPE:
             reason = envelope.extensions.get("decodeerror", "not a CloudEvent")
             await self._dead_letter(delivery, "undecodable", DecodeError(reason))
@@ -179,7 +179,7 @@ class Consumer:
             unknown = UnknownEventError(f"{handler.group} handles {handler.topic!r}, got {envelope.type!r}")
             await self._dead_letter(delivery, "unknown-type", unknown)
             return
-        crash_loop = self._crash_loop(delivery, confirmed, own)
+        crash_loop = self._crash_loop(delivery, evidence.confirmed, own)
         if crash_loop is not None:
             if await self._already_applied(envelope.id):  # its effects committed before a crash
                 await delivery.ack()
@@ -210,6 +210,8 @@ class Consumer:
                 if len(self._first_failures) >= FIRST_FAILURES_KEPT:
                     self._first_failures.pop(next(iter(self._first_failures)))
                 self._first_failures.setdefault(envelope.id, now_rfc3339())
+                if self._crashes is not None:
+                    self._crashes.failed(envelope.id)
                 await delivery.nack(delay=delay)
                 if self._gate is not None:
                     self._gate.hold(envelope.partition_key, envelope.id, delay + HOLD_MARGIN)
@@ -318,7 +320,7 @@ class Consumer:
     async def _dead_letter(
         self, delivery: Delivery, reason: str, error: BaseException, attempts: int | None = None
     ) -> None:
-        """Dead-letter ``delivery``; ``attempts``: its own deliveries, witnessed crashes not counted."""
+        """Dead-letter ``delivery``; ``attempts``: its own runs, if known to differ from its deliveries."""
         log.warning("%s: dead-lettering %s (%s): %s", self.handler.group, delivery.envelope.id, reason, error)
         await dead_letter(
             self.broker,

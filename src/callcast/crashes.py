@@ -1,9 +1,10 @@
 """Which message crashed the process: the evidence behind crash loops and attempt counts.
 
 When a process dies in a handler, every delivery it held comes back with one more attempt counted
-by the broker — the message that killed it and its innocent neighbours alike. So each consumer keeps
-two files per process in ``<data dir>/crashes/<group>/``, whose writes survive the process being
-killed:
+by the broker — the message that killed it and its innocent neighbours alike, and also deliveries
+that were still on their way into it (in the socket, in the client library's queues), which nothing
+in the process knew of yet. So each consumer keeps two files per process in
+``<data dir>/crashes/<group>/``, whose writes survive the process being killed:
 
 * ``<pid>.inflight``: the deliveries it holds (``+id`` as the subscription receives one, also one
   read ahead and not handed out yet; ``-id`` once its settle reached the broker, or it was given
@@ -12,35 +13,57 @@ killed:
 * ``<pid>.alone``: the *suspect* it runs alone — a redelivered message this process did not see
   fail runs with no other handler of the consumer running.
 
-At start and before each redelivery, a consumer turns the files of dead processes into a ledger
-shared by the processes of one machine (updated under ``flock``): the suspect that was running alone
-gets a *confirmed crash*; every other delivery the dead process held gets a *witnessed crash*.
+and ``ledger.sqlite3``, shared by the processes of one machine. Before each redelivery is judged, a
+consumer turns the files of dead processes into it: the suspect that was running alone gets a
+*confirmed crash*; every other delivery the dead process held gets a *witnessed crash*; the death
+itself is recorded with its time. A handler that raises records a *failure* there before its
+message goes back.
 
-The consumer then judges a message by ``attempt - witnessed`` (the deliveries that were its own)
-for retries and dead letters, and dead-letters a crash loop once the message crashed a process
-while running alone ``max_attempts - 1`` times (its first, not yet suspected, delivery being the
-first crash) — or, without evidence (crashes on other machines leave none here), once more than
-``3 × max_attempts`` of its deliveries are not explained by witnessed crashes (a message held by
-processes that other messages crashed, say while it waited for a suspect running alone, is not
-dead-lettered for that however often it happens).
+The consumer then judges a message by its own runs (:meth:`Evidence.own`): the broker's count less
+the witnessed crashes, and less the deliveries lost in transit — the broker's deliveries this
+machine has no account of (no failure, crash or witness), as many as processes of the group died
+here since the message was published. On one machine that count is exact. Across machines the
+deliveries another machine ran are not accounted for here either, so a machine whose processes
+died since a message was published may give it up to that many extra runs.
+
+A crash loop is dead-lettered once the message crashed a process while running alone
+``max_attempts - 1`` times (its first, not yet suspected, delivery being the first crash) — or,
+without evidence (crashes on other machines leave none here), once more than
+``3 × max_attempts`` of its deliveries are its own (a message held by processes that other
+messages crashed, say while it waited for a suspect running alone, is not dead-lettered for that
+however often it happens).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
-import json
 import os
-from collections.abc import AsyncIterator, Iterator
+import sqlite3
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 from callcast.envelope import Envelope
 from callcast.journal import Journal, read_journal
 
 ABSOLUTE_FACTOR = 3
-"""Deliveries beyond ``ABSOLUTE_FACTOR × max_attempts`` that witnessed crashes do not explain end in the
-DLQ without further evidence."""
+"""Own deliveries beyond ``ABSOLUTE_FACTOR × max_attempts`` end in the DLQ without further evidence."""
+
+DEATHS_KEPT = 1000
+"""Deaths the ledger remembers (the most recent); older ones no longer explain lost deliveries."""
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS evidence (
+    message_id TEXT PRIMARY KEY,
+    confirmed INTEGER NOT NULL DEFAULT 0,
+    witnessed INTEGER NOT NULL DEFAULT 0,
+    failed INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS deaths (at REAL NOT NULL);
+"""
 
 
 def _alive(pid: int) -> bool:
@@ -53,8 +76,40 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _published_at(envelope: Envelope) -> float | None:
+    """The envelope's ``time`` as a UNIX time, or None if it has none that parses."""
+    try:
+        return datetime.fromisoformat(envelope.time).timestamp()
+    except (TypeError, ValueError):
+        return None
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What this machine knows of one message's earlier deliveries."""
+
+    confirmed: int = 0
+    """It crashed a process while running alone."""
+    witnessed: int = 0
+    """It was held by a process that something else crashed."""
+    failed: int = 0
+    """Its handler raised, in a process of this machine."""
+    deaths: int = 0
+    """Processes of its group on this machine died since it was published."""
+
+    def own(self, attempt: int) -> int:
+        """Of the ``attempt`` deliveries the broker counted (this one included), those that were this
+        message's own runs: not cut short by another message's crash, nor lost in transit when a
+        process died. Each death loses at most one delivery of a message (the broker does not
+        deliver it again before that one is given up), so the lost ones are the earlier deliveries
+        with no account here, at most ``deaths`` of them."""
+        unaccounted = attempt - 1 - self.failed - self.confirmed - self.witnessed
+        lost = min(max(0, unaccounted), self.deaths)
+        return max(1, attempt - self.witnessed - lost)
+
+
 class CrashLedger:
-    """Markers and confirmed crash counts of one consumer group on this machine."""
+    """The crash evidence of one consumer group on this machine, and this process's part of it."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
@@ -64,8 +119,12 @@ class CrashLedger:
         self._journal = Journal(
             directory / f"{os.getpid()}.inflight", lambda: "".join(f"+{held}\n" for held in self._held)
         )
-        self._ledger = directory / "ledger.json"
-        self._lock = directory / "ledger.lock"
+        # Autocommit: each statement is its own transaction, or one opened explicitly. A commit is
+        # in the write-ahead log when it returns, which survives the process (not the machine).
+        self._db = sqlite3.connect(directory / "ledger.sqlite3", timeout=30, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=OFF")
+        self._db.executescript(_SCHEMA)
 
     def fetched(self, envelope: Envelope) -> None:
         """This process now holds a delivery of ``envelope`` (witnessed if the process dies)."""
@@ -80,69 +139,93 @@ class CrashLedger:
     def close(self) -> None:
         """A clean stop: this process's files go (nothing it held crashed)."""
         self._journal.close()
+        self._db.close()
         for path in (self._journal.path, self.marker):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[dict[str, int]]:
-        with open(self._lock, "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                counts: dict[str, int] = {}
-                with contextlib.suppress(FileNotFoundError, ValueError):
-                    loaded = json.loads(self._ledger.read_text())
-                    if isinstance(loaded, dict):
-                        counts = {str(k): int(v) for k, v in loaded.items()}
-                before = dict(counts)
-                self._collect(counts)
-                yield counts
-                if counts != before:
-                    temporary = self._ledger.with_suffix(".tmp")
-                    temporary.write_text(json.dumps(counts))
-                    temporary.replace(self._ledger)
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
-
-    def _collect(self, counts: dict[str, int]) -> None:
-        """Turn the files of processes that died into confirmed and witnessed crashes."""
+    def _dead_journals(self) -> list[tuple[int, Path]]:
+        found = []
         for journal in self.directory.glob("*.inflight"):
             try:
                 pid = int(journal.stem)
             except ValueError:
                 continue
-            if pid == os.getpid() or _alive(pid):
-                continue
-            marker = self.directory / f"{pid}.alone"
-            culprit = ""
-            with contextlib.suppress(FileNotFoundError):
-                culprit = marker.read_text().strip()
-            held: set[str] = set()
-            with contextlib.suppress(FileNotFoundError):
-                for line in read_journal(journal).splitlines():
-                    if line.startswith("+"):
-                        held.add(line[1:])
-                    elif line.startswith("-"):
-                        held.discard(line[1:])
-            for message_id in held - {culprit}:
-                counts[f"w:{message_id}"] = counts.get(f"w:{message_id}", 0) + 1
-            if culprit:
-                counts[f"c:{culprit}"] = counts.get(f"c:{culprit}", 0) + 1
-            for path in (journal, marker):
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
+            if pid != os.getpid() and not _alive(pid):
+                found.append((pid, journal))
+        return found
 
-    def evidence(self, message_id: str) -> tuple[int, int]:
-        """(confirmed, witnessed): how often ``message_id`` crashed a process while running alone,
-        and how often it was held by a process that something else crashed."""
-        with self._locked() as counts:
-            return counts.get(f"c:{message_id}", 0), counts.get(f"w:{message_id}", 0)
+    def _collect(self) -> None:
+        """Turn the files of processes that died into confirmed and witnessed crashes and deaths.
+
+        Under the ledger's write lock, each file is removed before the commit: two processes never
+        count one death twice (killed in between, the death is not counted at all)."""
+        if not self._dead_journals():
+            return
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            for pid, journal in self._dead_journals():
+                marker = self.directory / f"{pid}.alone"
+                culprit = ""
+                with contextlib.suppress(FileNotFoundError):
+                    culprit = marker.read_text().strip()
+                held: set[str] = set()
+                with contextlib.suppress(FileNotFoundError):
+                    for line in read_journal(journal).splitlines():
+                        if line.startswith("+"):
+                            held.add(line[1:])
+                        elif line.startswith("-"):
+                            held.discard(line[1:])
+                self._db.executemany(
+                    "INSERT INTO evidence (message_id, witnessed) VALUES (?, 1) "
+                    "ON CONFLICT (message_id) DO UPDATE SET witnessed = witnessed + 1",
+                    [(message_id,) for message_id in held - {culprit}],
+                )
+                if culprit:
+                    self._db.execute(
+                        "INSERT INTO evidence (message_id, confirmed) VALUES (?, 1) "
+                        "ON CONFLICT (message_id) DO UPDATE SET confirmed = confirmed + 1",
+                        (culprit,),
+                    )
+                self._db.execute("INSERT INTO deaths (at) VALUES (?)", (time.time(),))
+                for path in (journal, marker):
+                    with contextlib.suppress(FileNotFoundError):
+                        path.unlink()
+            self._db.execute(
+                "DELETE FROM deaths WHERE rowid <= (SELECT max(rowid) FROM deaths) - ?", (DEATHS_KEPT,)
+            )
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
+    def evidence(self, envelope: Envelope) -> Evidence:
+        """What this machine knows of the earlier deliveries of ``envelope`` (the files of processes
+        that died are collected first)."""
+        self._collect()
+        row = self._db.execute(
+            "SELECT confirmed, witnessed, failed FROM evidence WHERE message_id = ?", (envelope.id,)
+        ).fetchone()
+        confirmed, witnessed, failed = row or (0, 0, 0)
+        published = _published_at(envelope)
+        deaths = 0
+        if published is not None:
+            (deaths,) = self._db.execute("SELECT count(*) FROM deaths WHERE at >= ?", (published,)).fetchone()
+        return Evidence(confirmed=confirmed, witnessed=witnessed, failed=failed, deaths=deaths)
+
+    def failed(self, message_id: str) -> None:
+        """Its handler raised here, and it is about to go back to the broker: an account of this
+        delivery (recorded first, so a process killed before the broker has the nack is only
+        over-explained, never under)."""
+        self._db.execute(
+            "INSERT INTO evidence (message_id, failed) VALUES (?, 1) "
+            "ON CONFLICT (message_id) DO UPDATE SET failed = failed + 1",
+            (message_id,),
+        )
 
     def forget(self, message_id: str) -> None:
-        """The message was settled: its crash record is no longer needed."""
-        with self._locked() as counts:
-            counts.pop(f"c:{message_id}", None)
-            counts.pop(f"w:{message_id}", None)
+        """The message was settled: its record is no longer needed."""
+        self._db.execute("DELETE FROM evidence WHERE message_id = ?", (message_id,))
 
     def running_alone(self, message_id: str) -> None:
         """Mark ``message_id`` as the only handler running in this process (a plain write: it

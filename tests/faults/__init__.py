@@ -45,8 +45,9 @@ Kill points inside a process come from :mod:`callcast.testing.faults` (a broker 
 wrapped broker.
 
 Crashers and their neighbours: a process killed by a crasher takes the other deliveries it held
-with it, and the broker counts a delivery for each. :mod:`callcast.crashes` keeps the evidence (a
-journal of what each process holds, and a marker for the suspect it runs alone), so a crash loop is
-dead-lettered on evidence, the neighbours are not, and ``dlqattempts`` counts a message's own
-deliveries; scenario 2 checks all three.
+with it, and those still on their way into it, and the broker counts a delivery for each.
+:mod:`callcast.crashes` keeps the evidence (a journal of what each process holds, a marker for the
+suspect it runs alone, the failures and the deaths), so a crash loop is dead-lettered on evidence,
+the neighbours are not, and ``dlqattempts`` counts a message's own runs; scenario 2 checks all
+three.
 """

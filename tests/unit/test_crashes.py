@@ -1,11 +1,17 @@
-"""The crash ledger's journal: what a process holds is in its file the moment it takes it."""
+"""The crash ledger: what a process holds is in its file the moment it takes it; what dead processes
+held, failures and deaths are the evidence that tells a message's own runs from its deliveries."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
-from callcast.crashes import CrashLedger
+import pytest
+
+from callcast.crashes import CrashLedger, Evidence
 from callcast.envelope import Envelope
 from callcast.journal import read_journal
 
@@ -33,3 +39,64 @@ def test_what_a_closed_ledger_is_told_is_ignored(tmp_path: Path) -> None:
     ledger.close()
     ledger.returned(Envelope(type="T", source="s", data=b"{}", id="late"))
     assert not (tmp_path / f"{os.getpid()}.inflight").exists()
+
+
+def dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait(10)
+    return process.pid
+
+
+def published(seconds_from_now: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + seconds_from_now))
+
+
+@pytest.mark.parametrize(
+    ("evidence", "attempt", "own"),
+    [
+        (Evidence(), 5, 5),  # nothing known: the broker's count
+        (Evidence(witnessed=2), 5, 3),
+        (Evidence(failed=2, deaths=3), 4, 3),  # one delivery no one accounted for, lost in a death
+        (Evidence(failed=1, deaths=1), 5, 4),  # three unaccounted (run elsewhere?), one death: one lost
+        (Evidence(failed=3, deaths=4), 4, 4),  # every earlier delivery accounted for: none lost
+        (Evidence(confirmed=1, witnessed=1, deaths=2), 4, 2),
+    ],
+)
+def test_a_messages_own_runs_are_its_deliveries_less_the_witnessed_and_the_lost(
+    evidence: Evidence, attempt: int, own: int
+) -> None:
+    assert evidence.own(attempt) == own
+
+
+def test_a_dead_processes_files_become_evidence_once(tmp_path: Path) -> None:
+    ledger = CrashLedger(tmp_path)
+    pid = dead_pid()
+    (tmp_path / f"{pid}.inflight").write_text("+held\n+culprit\n+settled\n-settled\n")
+    (tmp_path / f"{pid}.alone").write_text("culprit")
+    before = published(-60)
+
+    def seen(message_id: str, time: str = before) -> Evidence:
+        return ledger.evidence(Envelope(type="T", source="s", data=b"{}", id=message_id, time=time))
+
+    assert seen("held") == Evidence(witnessed=1, deaths=1)
+    assert not (tmp_path / f"{pid}.inflight").exists()
+    assert not (tmp_path / f"{pid}.alone").exists()
+    assert seen("culprit") == Evidence(confirmed=1, deaths=1)
+    assert seen("settled") == Evidence(deaths=1)
+    assert seen("held", published(60)) == Evidence(witnessed=1)  # published after the death
+    assert seen("held", "not a time") == Evidence(witnessed=1)
+    ledger.close()
+
+
+def test_failures_are_recorded_until_the_message_is_forgotten(tmp_path: Path) -> None:
+    ledger = CrashLedger(tmp_path)
+    envelope = Envelope(type="T", source="s", data=b"{}", id="poison")
+    ledger.failed("poison")
+    ledger.failed("poison")
+    assert ledger.evidence(envelope) == Evidence(failed=2)
+    other = CrashLedger(tmp_path / ".." / tmp_path.name)  # the machine's other processes see it too
+    assert other.evidence(envelope) == Evidence(failed=2)
+    ledger.forget("poison")
+    assert other.evidence(envelope) == Evidence()
+    other.close()
+    ledger.close()
