@@ -67,13 +67,21 @@ CREATE TABLE IF NOT EXISTS deaths (at REAL NOT NULL);
 
 
 def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs. A process killed but not yet reaped by its parent (a zombie, which
+    ``kill(pid, 0)`` still finds) is dead: the broker redelivers its messages the moment its
+    connections close, often before the parent reaps it."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # not Linux, or gone meanwhile: kill said it ran
+        return True
+    state = stat.rpartition(")")[2].split()[:1]
+    return state not in (["Z"], ["X"])
 
 
 def _published_at(envelope: Envelope) -> float | None:

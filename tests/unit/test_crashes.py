@@ -100,3 +100,22 @@ def test_failures_are_recorded_until_the_message_is_forgotten(tmp_path: Path) ->
     assert other.evidence(envelope) == Evidence()
     other.close()
     ledger.close()
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="zombies are told apart through /proc")
+def test_a_process_killed_but_not_yet_reaped_is_dead(tmp_path: Path) -> None:
+    """Its connections are closed and its messages redelivered before its parent waits for it."""
+    ledger = CrashLedger(tmp_path)
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        stat = Path(f"/proc/{process.pid}/stat")
+        deadline = time.monotonic() + 10
+        while stat.read_text().rpartition(")")[2].split()[0] != "Z":
+            assert time.monotonic() < deadline, "the child did not exit"
+            time.sleep(0.01)
+        (tmp_path / f"{process.pid}.inflight").write_text("+held\n")
+        envelope = Envelope(type="T", source="s", data=b"{}", id="held", time=published(-60))
+        assert ledger.evidence(envelope) == Evidence(witnessed=1, deaths=1)
+    finally:
+        process.wait(10)
+        ledger.close()
