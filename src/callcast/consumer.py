@@ -34,7 +34,7 @@ from pydantic import BaseModel
 from callcast import inbox, sequence
 from callcast.codec import decode
 from callcast.context import Context
-from callcast.crashes import ABSOLUTE_FACTOR, CrashLedger, Evidence, Isolation
+from callcast.crashes import ABSOLUTE_FACTOR, NO_EVIDENCE, CrashLedger, Isolation
 from callcast.database import Database
 from callcast.deadletter import dead_letter, dead_letter_envelope
 from callcast.dispatch import Dispatcher
@@ -167,7 +167,7 @@ class Consumer:
     async def _process(self, delivery: Delivery, *, suspect: bool) -> None:
         handler = self.handler
         envelope = delivery.envelope
-        evidence = Evidence()
+        evidence = NO_EVIDENCE
         if self._crashes is not None and delivery.attempt > 1:
             evidence = self._crashes.evidence(envelope)
         own = evidence.own(delivery.attempt)

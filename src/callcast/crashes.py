@@ -116,6 +116,10 @@ class Evidence:
         return max(1, attempt - self.witnessed - lost)
 
 
+NO_EVIDENCE = Evidence()
+"""A first delivery's (nothing to know), or any delivery's without a crash ledger."""
+
+
 class CrashLedger:
     """The crash evidence of one consumer group on this machine, and this process's part of it."""
 
