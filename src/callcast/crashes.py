@@ -55,15 +55,31 @@ ABSOLUTE_FACTOR = 3
 DEATHS_KEPT = 1000
 """Deaths the ledger remembers (the most recent); older ones no longer explain lost deliveries."""
 
+EVIDENCE_KEPT = 7 * 24 * 3600.0
+"""Seconds the evidence of a message is kept after it last changed. A message settled on another
+machine is never forgotten here; this bounds the ledger. Evidence dropped early only makes the
+broker's count weigh more (fewer runs, never more)."""
+
+PRUNE_EVERY = 3600.0
+"""Seconds between two prunes of old evidence by one process (also done whenever a death is collected)."""
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS evidence (
     message_id TEXT PRIMARY KEY,
     confirmed INTEGER NOT NULL DEFAULT 0,
     witnessed INTEGER NOT NULL DEFAULT 0,
-    failed INTEGER NOT NULL DEFAULT 0
+    failed INTEGER NOT NULL DEFAULT 0,
+    changed REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS deaths (at REAL NOT NULL);
 """
+
+_COUNT = {
+    kind: f"INSERT INTO evidence (message_id, {kind}, changed) VALUES (?, 1, ?) "
+    f"ON CONFLICT (message_id) DO UPDATE SET {kind} = {kind} + 1, changed = excluded.changed"
+    for kind in ("confirmed", "witnessed", "failed")
+}
+"""One more of a kind of evidence for a message: (message id, time)."""
 
 
 def _alive(pid: int) -> bool:
@@ -137,6 +153,7 @@ class CrashLedger:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=OFF")
         self._db.executescript(_SCHEMA)
+        self._next_prune = 0.0
 
     def fetched(self, envelope: Envelope) -> None:
         """This process now holds a delivery of ``envelope`` (witnessed if the process dies)."""
@@ -188,24 +205,20 @@ class CrashLedger:
                             held.add(line[1:])
                         elif line.startswith("-"):
                             held.discard(line[1:])
+                now = time.time()
                 self._db.executemany(
-                    "INSERT INTO evidence (message_id, witnessed) VALUES (?, 1) "
-                    "ON CONFLICT (message_id) DO UPDATE SET witnessed = witnessed + 1",
-                    [(message_id,) for message_id in held - {culprit}],
+                    _COUNT["witnessed"], [(message_id, now) for message_id in held - {culprit}]
                 )
                 if culprit:
-                    self._db.execute(
-                        "INSERT INTO evidence (message_id, confirmed) VALUES (?, 1) "
-                        "ON CONFLICT (message_id) DO UPDATE SET confirmed = confirmed + 1",
-                        (culprit,),
-                    )
-                self._db.execute("INSERT INTO deaths (at) VALUES (?)", (time.time(),))
+                    self._db.execute(_COUNT["confirmed"], (culprit, now))
+                self._db.execute("INSERT INTO deaths (at) VALUES (?)", (now,))
                 for path in (journal, marker):
                     with contextlib.suppress(FileNotFoundError):
                         path.unlink()
             self._db.execute(
                 "DELETE FROM deaths WHERE rowid <= (SELECT max(rowid) FROM deaths) - ?", (DEATHS_KEPT,)
             )
+            self._prune()
             self._db.execute("COMMIT")
         except BaseException:
             self._db.execute("ROLLBACK")
@@ -229,11 +242,14 @@ class CrashLedger:
         """Its handler raised here, and it is about to go back to the broker: an account of this
         delivery (recorded first, so a process killed before the broker has the nack is only
         over-explained, never under)."""
-        self._db.execute(
-            "INSERT INTO evidence (message_id, failed) VALUES (?, 1) "
-            "ON CONFLICT (message_id) DO UPDATE SET failed = failed + 1",
-            (message_id,),
-        )
+        self._db.execute(_COUNT["failed"], (message_id, time.time()))
+        if time.monotonic() >= self._next_prune:
+            self._prune()
+
+    def _prune(self) -> None:
+        """Drop the evidence that did not change for :data:`EVIDENCE_KEPT` seconds."""
+        self._next_prune = time.monotonic() + PRUNE_EVERY
+        self._db.execute("DELETE FROM evidence WHERE changed < ?", (time.time() - EVIDENCE_KEPT,))
 
     def forget(self, message_id: str) -> None:
         """The message was settled: its record is no longer needed."""

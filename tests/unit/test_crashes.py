@@ -3,7 +3,9 @@ held, failures and deaths are the evidence that tells a message's own runs from 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sqlite3
 import subprocess
 import sys
 import time
@@ -11,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from callcast.crashes import CrashLedger, Evidence
+from callcast.crashes import EVIDENCE_KEPT, CrashLedger, Evidence
 from callcast.envelope import Envelope
 from callcast.journal import read_journal
 
@@ -119,3 +121,20 @@ def test_a_process_killed_but_not_yet_reaped_is_dead(tmp_path: Path) -> None:
     finally:
         process.wait(10)
         ledger.close()
+
+
+def test_evidence_unchanged_for_longer_than_it_is_kept_is_dropped(tmp_path: Path) -> None:
+    """A message settled on another machine is never forgotten here: old evidence goes."""
+    ledger = CrashLedger(tmp_path)
+    ledger.failed("old")
+    ledger.failed("recent")
+    with contextlib.closing(sqlite3.connect(tmp_path / "ledger.sqlite3")) as db, db:
+        db.execute("UPDATE evidence SET changed = changed - ? WHERE message_id = 'old'", (EVIDENCE_KEPT + 1,))
+    (tmp_path / f"{dead_pid()}.inflight").write_text("")  # collecting a death prunes too
+
+    def seen(message_id: str) -> Evidence:
+        return ledger.evidence(Envelope(type="T", source="s", data=b"{}", id=message_id, time=published(-60)))
+
+    assert seen("old") == Evidence(deaths=1)
+    assert seen("recent") == Evidence(failed=1, deaths=1)
+    ledger.close()
