@@ -9,7 +9,8 @@ For each delivery: decode → validate → (order gate) → (inbox / sequence) �
 * Undecodable or invalid payloads, an event type the handler does not take, and
   :class:`~callcast.PermanentError` are dead-lettered at once.
 * A message that keeps killing its process is dead-lettered before the handler runs again: crash
-  loops are bounded. Redelivered messages that did not fail here run alone, so the one that crashes
+  loops are bounded. Redelivered messages that did not fail here run alone once a process of their
+  group died on this machine since they were published, so the one that crashes
   a process is known (:mod:`callcast.crashes`) and its innocent neighbours are not dead-lettered
   with it; without a data directory the broker's delivery count alone decides (``max_attempts``).
 * Up to ``concurrency`` deliveries are handled at once (the subscription's prefetch bounds them).
@@ -102,12 +103,15 @@ class Consumer:
             self._crashes.close()
 
     def _is_suspect(self, delivery: Delivery) -> bool:
-        """Redelivered, and not because it failed here: maybe it crashed a process."""
-        return (
-            self._crashes is not None
-            and delivery.attempt > 1
-            and delivery.envelope.id not in self._first_failures
-        )
+        """Redelivered, not because it failed here, and a process of the group died on this machine
+        since it was published: maybe it crashed one. (Without a death here it came back because a
+        lease ran out, or its process was stopped, or it crashed one elsewhere; running those alone
+        would slow the consumer down when it is slow already, and a crasher among them is a
+        suspect once it crashed a process here.)"""
+        if self._crashes is None or delivery.attempt == 1 or delivery.envelope.id in self._first_failures:
+            return False
+        evidence = self._crashes.evidence(delivery.envelope)
+        return evidence.deaths > 0 or evidence.witnessed > 0 or evidence.confirmed > 0
 
     async def _handle(self, delivery: Delivery) -> None:
         """Handle one delivery. The subscription journals it as held (``holding=self._crashes``)

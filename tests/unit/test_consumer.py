@@ -31,6 +31,7 @@ class Job(BaseModel):
 calls: Counter[int] = Counter()
 done: list[int] = []
 attempts_seen: dict[int, list[int]] = {}
+running: Counter[str] = Counter()  # "now": handlers running; "peak": the most at once
 
 producer = Service("producer", publishes=[Job])
 worker = Service("worker")
@@ -46,7 +47,12 @@ async def work(job: Job, ctx: Context) -> None:
         raise PermanentError("cannot ever work")
     if calls[job.n] <= job.fail_times:
         raise ValueError(f"transient failure {calls[job.n]}")
-    await asyncio.sleep(job.hold)
+    running["now"] += 1
+    running["peak"] = max(running["peak"], running["now"])
+    try:
+        await asyncio.sleep(job.hold)
+    finally:
+        running["now"] -= 1
     done.append(job.n)
 
 
@@ -54,6 +60,7 @@ app = App([producer, worker])
 
 
 def reset() -> None:
+    running.clear()
     calls.clear()
     done.clear()
     attempts_seen.clear()
@@ -214,11 +221,37 @@ async def test_a_redelivered_neighbour_without_crash_evidence_runs(
     broker: MemoryBroker, start: StartApp
 ) -> None:
     """Deliveries counted because a crasher took their process down are not crash loops: without
-    evidence against them they run (alone, as suspects) and succeed."""
+    evidence against them they run and succeed."""
     reset()
     await crash(broker, FAST.max_attempts)
     await start(app, services=["worker"])
     await wait_until(lambda: done == [9])
+
+
+@pytest.mark.parametrize("died_here", [True, False])
+async def test_a_redelivery_runs_alone_once_a_process_of_its_group_died_here(
+    broker: MemoryBroker, start: StartApp, tmp_path: Path, died_here: bool
+) -> None:
+    """A redelivered message is a crash suspect, run with no other handler of the consumer, only if
+    a process of its group died on this machine since it was published. Otherwise (a lease ran out,
+    a process was stopped) it runs beside the others: running those alone would slow a consumer down
+    when it is slow already."""
+    reset()
+    await broker.declare("Job", "worker.work")
+    redelivered = Envelope(type="Job", source="/test", data=b'{"n": 1, "hold": 0.3}')
+    await broker.publish("Job", [redelivered])
+    taken = await broker.subscribe("Job", "worker.work")
+    await (await asyncio.wait_for(taken.__anext__(), 5)).nack()
+    await taken.close()
+    await broker.publish("Job", [Envelope(type="Job", source="/test", data=b'{"n": 2, "hold": 0.3}')])
+    if died_here:
+        journals = tmp_path / "crashes" / "worker.work"
+        journals.mkdir(parents=True)
+        (journals / f"{dead_pid()}.inflight").write_text("+someone-else\n")
+    await start(app, services=["worker"])
+    await wait_until(lambda: sorted(done) == [1, 2])
+    assert attempts_seen[1] == [2]
+    assert running["peak"] == (1 if died_here else 2)
 
 
 async def test_without_any_evidence_the_broker_count_still_bounds_a_crash_loop(
