@@ -138,7 +138,7 @@ class Consumer:
         if not suspect:
             await self._isolation.enter_shared()  # no async context manager: this is the hot path
             try:
-                await self._process(delivery, suspect=False)
+                await self._process(delivery)
             finally:
                 await self._isolation.leave_shared()
             return
@@ -146,7 +146,7 @@ class Consumer:
         async with self._isolation.alone():
             self._crashes.running_alone(delivery.envelope.id)
             try:
-                await self._process(delivery, suspect=True)
+                await self._process(delivery)
             finally:
                 self._crashes.finished_alone()
 
@@ -168,7 +168,7 @@ class Consumer:
         if self._crashes is not None and delivery.attempt > 1:
             self._crashes.forget(delivery.envelope.id)
 
-    async def _process(self, delivery: Delivery, *, suspect: bool) -> None:
+    async def _process(self, delivery: Delivery) -> None:
         handler = self.handler
         envelope = delivery.envelope
         evidence = NO_EVIDENCE
