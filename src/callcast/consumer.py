@@ -35,7 +35,7 @@ from pydantic import BaseModel
 from callcast import inbox, sequence
 from callcast.codec import decode
 from callcast.context import Context
-from callcast.crashes import ABSOLUTE_FACTOR, NO_EVIDENCE, CrashLedger, Isolation
+from callcast.crashes import ABSOLUTE_FACTOR, NO_EVIDENCE, CrashLedger, Evidence, Isolation
 from callcast.database import Database
 from callcast.deadletter import dead_letter, dead_letter_envelope
 from callcast.dispatch import Dispatcher
@@ -102,28 +102,30 @@ class Consumer:
         if self._crashes is not None:
             self._crashes.close()
 
-    def _is_suspect(self, delivery: Delivery) -> bool:
+    def _is_suspect(self, delivery: Delivery, evidence: Evidence) -> bool:
         """Redelivered, not because it failed here, and a process of the group died on this machine
         since it was published: maybe it crashed one. (Without a death here it came back because a
         lease ran out, or its process was stopped, or it crashed one elsewhere; running those alone
         would slow the consumer down when it is slow already, and a crasher among them is a
-        suspect once it crashed a process here.)"""
-        if self._crashes is None or delivery.attempt == 1 or delivery.envelope.id in self._first_failures:
-            return False
-        evidence = self._crashes.evidence(delivery.envelope)
-        return evidence.deaths > 0 or evidence.witnessed > 0 or evidence.confirmed > 0
+        suspect once it crashed a process here.) A first delivery has :data:`NO_EVIDENCE`."""
+        return evidence.near_a_crash and delivery.envelope.id not in self._first_failures
 
     async def _handle(self, delivery: Delivery) -> None:
         """Handle one delivery. The subscription journals it as held (``holding=self._crashes``)
-        from when it is received until its settle reaches the broker."""
-        suspect = self._is_suspect(delivery)
+        from when it is received until its settle reaches the broker. A redelivery's evidence is
+        read once, here: what is collected while it waits for its turn cannot explain its earlier
+        deliveries."""
+        evidence = NO_EVIDENCE
+        if self._crashes is not None and delivery.attempt > 1:
+            evidence = self._crashes.evidence(delivery.envelope)
+        suspect = self._is_suspect(delivery, evidence)
         try:
             key = delivery.envelope.partition_key
             if self._gate is None or key is None:  # no order to keep here
-                await self._isolated(delivery, suspect)
+                await self._isolated(delivery, evidence, suspect)
             else:
                 async with self._gate.turn(key, delivery.envelope.id):
-                    await self._isolated(delivery, suspect)
+                    await self._isolated(delivery, evidence, suspect)
         except TransportError as error:  # could not settle: the lease runs out, it comes back
             log.warning(
                 "%s: could not settle message %s: %s", self.handler.group, delivery.envelope.id, error
@@ -133,12 +135,12 @@ class Consumer:
             with contextlib.suppress(TransportError):
                 await delivery.nack(delay=self.handler.retry.delay(delivery.attempt))
 
-    async def _isolated(self, delivery: Delivery, suspect: bool) -> None:
+    async def _isolated(self, delivery: Delivery, evidence: Evidence, suspect: bool) -> None:
         """A suspect runs alone, named in this process's crash marker; the others share."""
         if not suspect:
             await self._isolation.enter_shared()  # no async context manager: this is the hot path
             try:
-                await self._process(delivery)
+                await self._process(delivery, evidence)
             finally:
                 await self._isolation.leave_shared()
             return
@@ -146,7 +148,7 @@ class Consumer:
         async with self._isolation.alone():
             self._crashes.running_alone(delivery.envelope.id)
             try:
-                await self._process(delivery)
+                await self._process(delivery, evidence)
             finally:
                 self._crashes.finished_alone()
 
@@ -168,12 +170,9 @@ class Consumer:
         if self._crashes is not None and delivery.attempt > 1:
             self._crashes.forget(delivery.envelope.id)
 
-    async def _process(self, delivery: Delivery) -> None:
+    async def _process(self, delivery: Delivery, evidence: Evidence) -> None:
         handler = self.handler
         envelope = delivery.envelope
-        evidence = NO_EVIDENCE
-        if self._crashes is not None and delivery.attempt > 1:
-            evidence = self._crashes.evidence(envelope)
         own = evidence.own(delivery.attempt)
         if envelope.type == UNDECODABLE_TYPE:
             reason = envelope.extensions.get("decodeerror", "not a CloudEvent")

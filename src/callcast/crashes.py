@@ -121,6 +121,11 @@ class Evidence:
     deaths: int = 0
     """Processes of its group on this machine died since it was published."""
 
+    @property
+    def near_a_crash(self) -> bool:
+        """A process of its group died here since it was published, or one that held it did."""
+        return self.deaths > 0 or self.witnessed > 0 or self.confirmed > 0
+
     def own(self, attempt: int) -> int:
         """Of the ``attempt`` deliveries the broker counted (this one included), those that were this
         message's own runs: not cut short by another message's crash, nor lost in transit when a
