@@ -9,10 +9,11 @@ For each delivery: decode → validate → (order gate) → (inbox / sequence) �
 * Undecodable or invalid payloads, an event type the handler does not take, and
   :class:`~callcast.PermanentError` are dead-lettered at once.
 * A message that keeps killing its process is dead-lettered before the handler runs again: crash
-  loops are bounded. Redelivered messages that did not fail here run alone once a process of their
-  group died on this machine since they were published, so the one that crashes
-  a process is known (:mod:`callcast.crashes`) and its innocent neighbours are not dead-lettered
-  with it; without a data directory the broker's delivery count alone decides (``max_attempts``).
+  loops are bounded. Redelivered messages that did not fail here run alone (no other event handler
+  of the process running) once a process of their group died on this machine since they were
+  published, so the one that crashes a process is known (:mod:`callcast.crashes`) and its innocent
+  neighbours are not dead-lettered with it; without a data directory, or when its crash ledger
+  cannot be used, the broker's delivery count alone decides (``max_attempts``).
 * Up to ``concurrency`` deliveries are handled at once (the subscription's prefetch bounds them).
   Messages of one partition key run one at a time, in the order they arrived: the broker
   guarantees that across processes where ``capabilities.ordered_per_key``; otherwise the
@@ -26,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sqlite3
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -70,13 +72,14 @@ class Consumer:
         make_context: ContextFactory,
         database: Database | None = None,
         crash_dir: Path | None = None,
+        isolation: Isolation | None = None,
     ) -> None:
         self.broker = broker
         self.handler = handler
         self.make_context = make_context
         self.database = database
-        self._crashes = CrashLedger(crash_dir / _file_name(handler.group)) if crash_dir is not None else None
-        self._isolation = Isolation()
+        self._crashes = _open_ledger(crash_dir / _file_name(handler.group)) if crash_dir is not None else None
+        self._isolation = isolation or Isolation()
         self.stats: Counter[str] = Counter()
         self._first_failures: dict[str, str] = {}  # message id -> first failure seen here (bounded)
         self._gate = None if broker.capabilities.ordered_per_key else KeyGate()
@@ -97,10 +100,12 @@ class Consumer:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
-        if self._dispatcher is not None:
-            await self._dispatcher.stop(grace)
-        if self._crashes is not None:
-            self._crashes.close()
+        try:
+            if self._dispatcher is not None:
+                await self._dispatcher.stop(grace)
+        finally:  # left open, its journal would later be taken for a dead process's
+            if self._crashes is not None:
+                self._crashes.close()
 
     def _is_suspect(self, delivery: Delivery, evidence: Evidence) -> bool:
         """Redelivered, not because it failed here, and a process of the group died on this machine
@@ -115,11 +120,11 @@ class Consumer:
         from when it is received until its settle reaches the broker. A redelivery's evidence is
         read once, here: what is collected while it waits for its turn cannot explain its earlier
         deliveries."""
-        evidence = NO_EVIDENCE
-        if self._crashes is not None and delivery.attempt > 1:
-            evidence = self._crashes.evidence(delivery.envelope)
-        suspect = self._is_suspect(delivery, evidence)
         try:
+            evidence = NO_EVIDENCE
+            if self._crashes is not None and delivery.attempt > 1:
+                evidence = self._crashes.evidence(delivery.envelope)
+            suspect = self._is_suspect(delivery, evidence)
             key = delivery.envelope.partition_key
             if self._gate is None or key is None:  # no order to keep here
                 await self._isolated(delivery, evidence, suspect)
@@ -337,6 +342,20 @@ class Consumer:
         )
         self.stats["dead_lettered"] += 1
         self._settled_for_good(delivery)
+
+
+def _open_ledger(directory: Path) -> CrashLedger | None:
+    """The group's crash ledger, or None (with a warning) if it cannot be opened: the broker's
+    delivery count then decides alone, as without a data directory."""
+    try:
+        return CrashLedger(directory)
+    except (sqlite3.Error, OSError) as error:
+        log.warning(
+            "crash ledger %s cannot be opened (%s): crash loops are bounded by delivery counts",
+            directory,
+            error,
+        )
+        return None
 
 
 def _file_name(group: str) -> str:

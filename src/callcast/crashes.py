@@ -11,7 +11,7 @@ in the process knew of yet. So each consumer keeps two files per process in
   back), a :class:`~callcast.journal.Journal`: each line is in the file when it was written, at the
   cost of a memory copy. The ledger is the subscription's :class:`~callcast.transport.Holding`.
 * ``<pid>.alone``: the *suspect* it runs alone — a redelivered message this process did not see
-  fail runs with no other handler of the consumer running.
+  fail runs with no other event handler of the process running (:class:`Isolation`).
 
 and ``ledger.sqlite3``, shared by the processes of one machine. Before each redelivery is judged, a
 consumer turns the files of dead processes into it: the suspect that was running alone gets a
@@ -27,7 +27,8 @@ deliveries another machine ran are not accounted for here either, so a machine w
 died since a message was published may give it up to that many extra runs.
 
 A crash loop is dead-lettered once the message crashed a process while running alone
-``max_attempts - 1`` times (its first, not yet suspected, delivery being the first crash) — or,
+``max_attempts - 1`` times, and at least once (its first, not yet suspected, delivery being the
+first crash) — or,
 without evidence (crashes on other machines leave none here), once more than
 ``3 × max_attempts`` of its deliveries are its own (a message held by processes that other
 messages crashed, say while it waited for a suspect running alone, is not dead-lettered for that
@@ -38,16 +39,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import sqlite3
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 from callcast.envelope import Envelope
 from callcast.journal import Journal, read_journal
+
+log = logging.getLogger("callcast.crashes")
 
 ABSOLUTE_FACTOR = 3
 """Own deliveries beyond ``ABSOLUTE_FACTOR × max_attempts`` end in the DLQ without further evidence."""
@@ -62,6 +66,13 @@ broker's count weigh more (fewer runs, never more)."""
 
 PRUNE_EVERY = 3600.0
 """Seconds between two prunes of old evidence by one process (also done whenever a death is collected)."""
+
+BUSY_TIMEOUT = 1.0
+"""Seconds a ledger statement waits for another process's write lock before it gives up (the ledger
+runs on the event loop: a longer wait would stall every handler of the process)."""
+
+WARN_EVERY = 60.0
+"""Seconds between two warnings of one ledger that it cannot be read or written."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS evidence (
@@ -130,10 +141,11 @@ class Evidence:
         """Of the ``attempt`` deliveries the broker counted (this one included), those that were this
         message's own runs: not cut short by another message's crash, nor lost in transit when a
         process died. Each death loses at most one delivery of a message (the broker does not
-        deliver it again before that one is given up), so the lost ones are the earlier deliveries
-        with no account here, at most ``deaths`` of them."""
+        deliver it again before that one is given up), and a death that witnessed or confirmed it
+        lost none, so the lost ones are the earlier deliveries with no account here, at most one
+        per other death."""
         unaccounted = attempt - 1 - self.failed - self.confirmed - self.witnessed
-        lost = min(max(0, unaccounted), self.deaths)
+        lost = min(max(0, unaccounted), max(0, self.deaths - self.witnessed - self.confirmed))
         return max(1, attempt - self.witnessed - lost)
 
 
@@ -141,64 +153,147 @@ NO_EVIDENCE = Evidence()
 """A first delivery's (nothing to know), or any delivery's without a crash ledger."""
 
 
+_LIVE: set[tuple[int, Path]] = set()
+"""(pid, directory) of the ledgers open in this process: a second one of a directory (two runtimes
+of one app in one process) must not take the first one's files for a dead predecessor's."""
+
+
+def _open_ledger(path: Path) -> sqlite3.Connection:
+    """The machine's ledger database at ``path``. One that is not a database (corrupt, say after a
+    power loss: it is written with ``synchronous=OFF``) is moved aside and made anew: it only held
+    evidence, whose loss makes the broker's count weigh more."""
+    try:
+        return _connect(path)
+    except sqlite3.DatabaseError as error:
+        aside = path.with_name(f"{path.name}.unreadable-{int(time.time())}")
+        log.warning("crash ledger %s is unreadable (%s): moved to %s, starting a new one", path, error, aside)
+        with contextlib.suppress(FileNotFoundError):
+            path.rename(aside)
+        for suffix in ("-wal", "-shm"):
+            path.with_name(path.name + suffix).unlink(missing_ok=True)
+        return _connect(path)
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    # Autocommit: each statement is its own transaction, or one opened explicitly. A commit is in
+    # the write-ahead log when it returns, which survives the process (not the machine).
+    db = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=OFF")
+        db.executescript(_SCHEMA)
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
 class CrashLedger:
-    """The crash evidence of one consumer group on this machine, and this process's part of it."""
+    """The crash evidence of one consumer group on this machine, and this process's part of it.
+
+    The ledger is an aid, never a risk: when its database or journal cannot be used (locked past
+    :data:`BUSY_TIMEOUT`, corrupt, a full disk), it logs a warning and the consumer judges by the
+    broker's count alone, as without a data directory. Only :meth:`running_alone` raises (a suspect
+    whose marker cannot be written must not run: its crash would go unconfirmed)."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.directory.mkdir(parents=True, exist_ok=True)
         self.marker = directory / f"{os.getpid()}.alone"
         self._held: set[str] = set()
-        self._journal = Journal(
-            directory / f"{os.getpid()}.inflight", lambda: "".join(f"+{held}\n" for held in self._held)
-        )
-        # Autocommit: each statement is its own transaction, or one opened explicitly. A commit is
-        # in the write-ahead log when it returns, which survives the process (not the machine).
-        self._db = sqlite3.connect(directory / "ledger.sqlite3", timeout=30, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=OFF")
-        self._db.executescript(_SCHEMA)
         self._next_prune = 0.0
+        self._quiet_until = 0.0
+        self._db = _open_ledger(directory / "ledger.sqlite3")
+        self._live = (os.getpid(), directory.resolve())
+        if self._live not in _LIVE:
+            # Files of our pid are then a dead predecessor's (a restarted container often gets the
+            # same pid): counted before our journal empties them.
+            self._guarded("collecting the files of processes that died", lambda: self._collect(own_pid=True))
+        _LIVE.add(self._live)
+        self._journal: Journal | None = None
+        try:
+            self._journal = Journal(
+                directory / f"{os.getpid()}.inflight", lambda: "".join(f"+{held}\n" for held in self._held)
+            )
+        except OSError as error:
+            self._degraded("creating this process's journal", error)
+
+    def _degraded(self, doing: str, error: BaseException) -> None:
+        now = time.monotonic()
+        if now >= self._quiet_until:
+            self._quiet_until = now + WARN_EVERY
+            log.warning(
+                "crash ledger %s: %s failed (%s); messages are judged by the broker's delivery count",
+                self.directory,
+                doing,
+                error,
+            )
+
+    def _guarded(self, doing: str, action: Callable[[], object]) -> bool:
+        """Run ``action``; whether it worked (if not, the reason is logged)."""
+        try:
+            action()
+        except (sqlite3.Error, OSError) as error:
+            self._degraded(doing, error)
+            return False
+        return True
 
     def fetched(self, envelope: Envelope) -> None:
         """This process now holds a delivery of ``envelope`` (witnessed if the process dies)."""
         self._held.add(envelope.id)
-        self._journal.append(f"+{envelope.id}\n")
+        self._journal_append(f"+{envelope.id}\n")
 
     def returned(self, envelope: Envelope) -> None:
         """This process no longer holds the delivery of ``envelope`` (settled, or given back)."""
         self._held.discard(envelope.id)
-        self._journal.append(f"-{envelope.id}\n")
+        self._journal_append(f"-{envelope.id}\n")
+
+    def _journal_append(self, line: str) -> None:
+        if self._journal is not None:
+            try:
+                self._journal.append(line)
+            except OSError as error:  # it emptied and closed itself
+                self._journal = None
+                self._degraded("growing this process's journal", error)
 
     def close(self) -> None:
         """A clean stop: this process's files go (nothing it held crashed)."""
-        self._journal.close()
+        _LIVE.discard(self._live)
+        if self._journal is not None:
+            self._journal.close()
         self._db.close()
-        for path in (self._journal.path, self.marker):
+        for path in (self.directory / f"{os.getpid()}.inflight", self.marker):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 
-    def _dead_journals(self) -> list[tuple[int, Path]]:
+    def _dead_journals(self, own_pid: bool) -> list[tuple[int, Path]]:
         found = []
         for journal in self.directory.glob("*.inflight"):
             try:
                 pid = int(journal.stem)
             except ValueError:
                 continue
-            if pid != os.getpid() and not _alive(pid):
+            mine = pid == os.getpid()
+            if mine if own_pid else not mine and not _alive(pid):
                 found.append((pid, journal))
         return found
 
-    def _collect(self) -> None:
-        """Turn the files of processes that died into confirmed and witnessed crashes and deaths.
+    def _collect(self, own_pid: bool = False) -> None:
+        """Turn the files of processes that died into confirmed and witnessed crashes and deaths
+        (``own_pid``: only a predecessor's files of this process's pid).
 
-        Under the ledger's write lock, each file is removed before the commit: two processes never
-        count one death twice (killed in between, the death is not counted at all)."""
-        if not self._dead_journals():
+        Under the ledger's write lock, each file is renamed aside before the commit and removed
+        after it, or renamed back if the transaction fails: two processes never count one death
+        twice. A collector killed after renaming loses that death (not counted at all)."""
+        if not self._dead_journals(own_pid):
             return
-        self._db.execute("BEGIN IMMEDIATE")
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        taken: list[tuple[Path, Path]] = []  # (renamed aside, original)
         try:
-            for pid, journal in self._dead_journals():
+            for stale in self.directory.glob("*.collected"):  # a collector died after its commit
+                stale.unlink(missing_ok=True)
+            for pid, journal in self._dead_journals(own_pid):
                 marker = self.directory / f"{pid}.alone"
                 culprit = ""
                 with contextlib.suppress(FileNotFoundError):
@@ -211,27 +306,42 @@ class CrashLedger:
                         elif line.startswith("-"):
                             held.discard(line[1:])
                 now = time.time()
-                self._db.executemany(
-                    _COUNT["witnessed"], [(message_id, now) for message_id in held - {culprit}]
-                )
+                db.executemany(_COUNT["witnessed"], [(message_id, now) for message_id in held - {culprit}])
                 if culprit:
-                    self._db.execute(_COUNT["confirmed"], (culprit, now))
-                self._db.execute("INSERT INTO deaths (at) VALUES (?)", (now,))
+                    db.execute(_COUNT["confirmed"], (culprit, now))
+                db.execute("INSERT INTO deaths (at) VALUES (?)", (now,))
                 for path in (journal, marker):
+                    aside = path.with_name(f"{path.name}.collected")
                     with contextlib.suppress(FileNotFoundError):
-                        path.unlink()
-            self._db.execute(
+                        path.rename(aside)
+                        taken.append((aside, path))
+            db.execute(
                 "DELETE FROM deaths WHERE rowid <= (SELECT max(rowid) FROM deaths) - ?", (DEATHS_KEPT,)
             )
             self._prune()
-            self._db.execute("COMMIT")
+            db.execute("COMMIT")
         except BaseException:
-            self._db.execute("ROLLBACK")
+            if db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+            for aside, original in taken:
+                with contextlib.suppress(OSError):
+                    aside.rename(original)
             raise
+        for aside, _ in taken:
+            with contextlib.suppress(OSError):
+                aside.unlink()
 
     def evidence(self, envelope: Envelope) -> Evidence:
         """What this machine knows of the earlier deliveries of ``envelope`` (the files of processes
-        that died are collected first)."""
+        that died are collected first); :data:`NO_EVIDENCE` if the ledger cannot be read."""
+        try:
+            return self._evidence(envelope)
+        except (sqlite3.Error, OSError) as error:
+            self._degraded("reading crash evidence", error)
+            return NO_EVIDENCE
+
+    def _evidence(self, envelope: Envelope) -> Evidence:
         self._collect()
         row = self._db.execute(
             "SELECT confirmed, witnessed, failed FROM evidence WHERE message_id = ?", (envelope.id,)
@@ -247,9 +357,13 @@ class CrashLedger:
         """Its handler raised here, and it is about to go back to the broker: an account of this
         delivery (recorded first, so a process killed before the broker has the nack is only
         over-explained, never under)."""
-        self._db.execute(_COUNT["failed"], (message_id, time.time()))
-        if time.monotonic() >= self._next_prune:
-            self._prune()
+
+        def record() -> None:
+            self._db.execute(_COUNT["failed"], (message_id, time.time()))
+            if time.monotonic() >= self._next_prune:
+                self._prune()
+
+        self._guarded("recording a failure", record)
 
     def _prune(self) -> None:
         """Drop the evidence that did not change for :data:`EVIDENCE_KEPT` seconds."""
@@ -258,7 +372,10 @@ class CrashLedger:
 
     def forget(self, message_id: str) -> None:
         """The message was settled: its record is no longer needed."""
-        self._db.execute("DELETE FROM evidence WHERE message_id = ?", (message_id,))
+        self._guarded(
+            "forgetting a settled message",
+            lambda: self._db.execute("DELETE FROM evidence WHERE message_id = ?", (message_id,)),
+        )
 
     def running_alone(self, message_id: str) -> None:
         """Mark ``message_id`` as the only handler running in this process (a plain write: it
@@ -271,8 +388,10 @@ class CrashLedger:
 
 
 class Isolation:
-    """Runs suspects alone: one at a time, while no other handler of the consumer runs. Others
-    wait while a suspect waits or runs (a suspect is never starved by a stream of others)."""
+    """Runs suspects alone: one at a time, while no other handler sharing this isolation runs (the
+    runtime shares one among the event consumers of its process; RPC requests it serves are not
+    paused, as a request handler may wait on another). Others wait while a suspect waits or runs
+    (a suspect is never starved by a stream of others)."""
 
     def __init__(self) -> None:
         self._changed = asyncio.Condition()

@@ -12,30 +12,39 @@ the lines its owner says still matter (``compacted``); if those alone fill half 
 from __future__ import annotations
 
 import mmap
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 SIZE = 1 << 20
-"""Bytes of a journal file by default (sparse until written): ~27,000 lines of a UUID each between
-rewrites."""
+"""Bytes of a journal file by default (allocated on disk when it is made): ~27,000 lines of a UUID
+each between rewrites."""
 
 
 class Journal:
     """Lines appended to ``path`` (created or emptied), readable by others with :func:`read_journal`."""
 
     def __init__(self, path: Path, compacted: Callable[[], str], size: int = SIZE) -> None:
+        """Raises :class:`OSError` if the file cannot be made (a full disk included)."""
         self.path = path
         self.size = size
         self._compacted = compacted
         self._file = open(path, "w+b")  # noqa: SIM115 - lives as long as the journal
-        self._file.truncate(size)
-        self._map = mmap.mmap(self._file.fileno(), size)
+        try:
+            _allocate(self._file.fileno(), size)
+            self._map = mmap.mmap(self._file.fileno(), size)
+        except BaseException:
+            self._file.close()
+            raise
         self._end = 0
 
     def append(self, line: str) -> None:
         """Add ``line`` (it should end with a newline); it is in the file when this returns. After
         :meth:`close`, nothing (a settle the broker confirms late may still report to a closed
-        ledger)."""
+        ledger).
+
+        Raises :class:`OSError` if the file had to grow and could not (a full disk): the journal is
+        then emptied and closed, so it never reads as holding what it no longer tracks."""
         if self._map.closed:
             return
         data = line.encode()
@@ -49,8 +58,13 @@ class Journal:
         self._end = end
 
     def _grow(self, size: int) -> None:
+        try:
+            _allocate(self._file.fileno(), size, start=self.size)
+        except OSError:
+            self._map[0:1] = b"\0"
+            self.close()
+            raise
         self._map.close()
-        self._file.truncate(size)
         self._map = mmap.mmap(self._file.fileno(), size)
         self.size = size
 
@@ -68,6 +82,17 @@ class Journal:
         if not self._map.closed:
             self._map.close()
             self._file.close()
+
+
+def _allocate(fd: int, size: int, start: int = 0) -> None:
+    """Make the file ``size`` bytes long, the bytes from ``start`` on real disk blocks, not a sparse
+    hole: a write through the mapping into a hole the disk cannot fill kills the process
+    (``SIGBUS``), where this raises :class:`OSError` (``ENOSPC``)."""
+    os.ftruncate(fd, size)
+    if hasattr(os, "posix_fallocate"):
+        os.posix_fallocate(fd, start, size - start)
+    else:  # no fallocate (macOS): write the zeros
+        os.pwrite(fd, bytes(size - start), start)
 
 
 def read_journal(path: Path) -> str:

@@ -31,6 +31,7 @@ from callcast.brokers import connect
 from callcast.coalescing import CoalescingBroker
 from callcast.consumer import Consumer
 from callcast.context import Context
+from callcast.crashes import Isolation
 from callcast.database import Database, database_url
 from callcast.deadletter import DEAD_LETTER_GROUP, DEAD_LETTER_TOPIC
 from callcast.envelope import Envelope
@@ -87,6 +88,9 @@ class Runtime:
         self._owns_broker = False
         self._rpc: RpcClient | None = None
         self._consumers: list[Consumer | RpcServer] = []
+        self._isolation = Isolation()
+        """Shared by the event consumers: a crash suspect runs with no other event handler of the
+        process running, or another group's crash would be blamed on it."""
         self._asgi: Starlette | None = None
         self._server: _Server | None = None
         self._server_task: asyncio.Task[None] | None = None
@@ -235,6 +239,7 @@ class Runtime:
                     self._delivery_context,
                     self._databases.get(service.name),
                     crash_dir=self.data_dir / "crashes",
+                    isolation=self._isolation,
                 )
                 await consumer.start()
                 self._consumers.append(consumer)

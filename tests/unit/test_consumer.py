@@ -4,6 +4,7 @@ crash loops bounded, graceful stop that loses nothing."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import subprocess
 import sys
 from collections import Counter
@@ -47,13 +48,18 @@ async def work(job: Job, ctx: Context) -> None:
         raise PermanentError("cannot ever work")
     if calls[job.n] <= job.fail_times:
         raise ValueError(f"transient failure {calls[job.n]}")
+    await hold_counted(job.hold)
+    done.append(job.n)
+
+
+async def hold_counted(seconds: float) -> None:
+    """Run for ``seconds``, counted in ``running``."""
     running["now"] += 1
     running["peak"] = max(running["peak"], running["now"])
     try:
-        await asyncio.sleep(job.hold)
+        await asyncio.sleep(seconds)
     finally:
         running["now"] -= 1
-    done.append(job.n)
 
 
 app = App([producer, worker])
@@ -252,6 +258,54 @@ async def test_a_redelivery_runs_alone_once_a_process_of_its_group_died_here(
     await wait_until(lambda: sorted(done) == [1, 2])
     assert attempts_seen[1] == [2]
     assert running["peak"] == (1 if died_here else 2)
+
+
+auditor = Service("auditor")
+audited: list[int] = []
+
+
+@auditor.on(Job)
+async def audit(job: Job, ctx: Context) -> None:
+    await hold_counted(job.hold)
+    audited.append(job.n)
+
+
+async def test_a_suspect_runs_with_no_event_handler_of_the_process_running(
+    broker: MemoryBroker, start: StartApp, tmp_path: Path
+) -> None:
+    """Not only none of its own group: a crash of the process while another group's handler ran
+    beside it would be blamed on the suspect."""
+    reset()
+    audited.clear()
+    await broker.declare("Job", "worker.work")
+    await broker.declare("Job", "auditor.audit")
+    await broker.publish("Job", [Envelope(type="Job", source="/test", data=b'{"n": 1, "hold": 0.3}')])
+    taken = await broker.subscribe("Job", "worker.work")
+    await (await asyncio.wait_for(taken.__anext__(), 5)).nack()  # redelivered to worker.work
+    await taken.close()
+    journals = tmp_path / "crashes" / "worker.work"
+    journals.mkdir(parents=True)
+    (journals / f"{dead_pid()}.inflight").write_text("+someone-else\n")
+    await start(App([producer, worker, auditor]), services=["worker", "auditor"])
+    await wait_until(lambda: done == [1] and audited == [1])
+    assert attempts_seen[1] == [2]
+    assert running["peak"] == 1
+
+
+async def test_a_ledger_that_cannot_be_read_leaves_the_broker_count_to_judge(
+    broker: MemoryBroker, start: StartApp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A locked, corrupt or full ledger never leaves a delivery unsettled."""
+
+    def locked(self: object, envelope: Envelope) -> None:
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr("callcast.crashes.CrashLedger._evidence", locked)
+    reset()
+    await crash(broker, 1)
+    await start(app, services=["worker"])
+    await wait_until(lambda: done == [9])
+    assert attempts_seen[9] == [2]
 
 
 async def test_without_any_evidence_the_broker_count_still_bounds_a_crash_loop(
