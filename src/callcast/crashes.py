@@ -43,10 +43,12 @@ import logging
 import os
 import sqlite3
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from urllib.parse import quote, unquote
 
 from callcast.envelope import Envelope
 from callcast.journal import Journal, read_journal
@@ -109,6 +111,18 @@ def _alive(pid: int) -> bool:
         return True
     state = stat.rpartition(")")[2].split()[:1]
     return state not in (["Z"], ["X"])
+
+
+def _line_id(message_id: str) -> str:
+    """A message id as one line of a journal or marker: ids come from outside, and one holding a line
+    break (or a ``%``) is percent-encoded, so it cannot write lines of its own."""
+    if message_id.isprintable() and "%" not in message_id:
+        return message_id
+    return quote(message_id, safe="")
+
+
+def _from_line_id(text: str) -> str:
+    return unquote(text) if "%" in text else text
 
 
 def _published_at(envelope: Envelope) -> float | None:
@@ -200,7 +214,7 @@ class CrashLedger:
         self.directory = directory
         self.directory.mkdir(parents=True, exist_ok=True)
         self.marker = directory / f"{os.getpid()}.alone"
-        self._held: set[str] = set()
+        self._held: Counter[str] = Counter()  # a message may be held twice (a duplicate, a lease run out)
         self._next_prune = 0.0
         self._quiet_until = 0.0
         self._db = _open_ledger(directory / "ledger.sqlite3")
@@ -213,7 +227,8 @@ class CrashLedger:
         self._journal: Journal | None = None
         try:
             self._journal = Journal(
-                directory / f"{os.getpid()}.inflight", lambda: "".join(f"+{held}\n" for held in self._held)
+                directory / f"{os.getpid()}.inflight",
+                lambda: "".join(f"+{_line_id(held)}\n" * count for held, count in self._held.items()),
             )
         except OSError as error:
             self._degraded("creating this process's journal", error)
@@ -240,13 +255,17 @@ class CrashLedger:
 
     def fetched(self, envelope: Envelope) -> None:
         """This process now holds a delivery of ``envelope`` (witnessed if the process dies)."""
-        self._held.add(envelope.id)
-        self._journal_append(f"+{envelope.id}\n")
+        self._held[envelope.id] += 1
+        self._journal_append(f"+{_line_id(envelope.id)}\n")
 
     def returned(self, envelope: Envelope) -> None:
         """This process no longer holds the delivery of ``envelope`` (settled, or given back)."""
-        self._held.discard(envelope.id)
-        self._journal_append(f"-{envelope.id}\n")
+        held = self._held
+        if held[envelope.id] > 1:
+            held[envelope.id] -= 1
+        else:
+            held.pop(envelope.id, None)
+        self._journal_append(f"-{_line_id(envelope.id)}\n")
 
     def _journal_append(self, line: str) -> None:
         if self._journal is not None:
@@ -297,16 +316,21 @@ class CrashLedger:
                 marker = self.directory / f"{pid}.alone"
                 culprit = ""
                 with contextlib.suppress(FileNotFoundError):
-                    culprit = marker.read_text().strip()
-                held: set[str] = set()
+                    culprit = _from_line_id(marker.read_text())
+                held: Counter[str] = Counter()
                 with contextlib.suppress(FileNotFoundError):
                     for line in read_journal(journal).splitlines():
-                        if line.startswith("+"):
-                            held.add(line[1:])
-                        elif line.startswith("-"):
-                            held.discard(line[1:])
+                        if line[:1] in ("+", "-"):
+                            held[_from_line_id(line[1:])] += 1 if line[0] == "+" else -1
                 now = time.time()
-                db.executemany(_COUNT["witnessed"], [(message_id, now) for message_id in held - {culprit}])
+                db.executemany(
+                    _COUNT["witnessed"],
+                    [
+                        (message_id, now)
+                        for message_id, count in held.items()
+                        if count > 0 and message_id != culprit
+                    ],
+                )
                 if culprit:
                     db.execute(_COUNT["confirmed"], (culprit, now))
                 db.execute("INSERT INTO deaths (at) VALUES (?)", (now,))
@@ -380,7 +404,7 @@ class CrashLedger:
     def running_alone(self, message_id: str) -> None:
         """Mark ``message_id`` as the only handler running in this process (a plain write: it
         survives the process being killed)."""
-        self.marker.write_text(message_id)
+        self.marker.write_text(_line_id(message_id))
 
     def finished_alone(self) -> None:
         with contextlib.suppress(FileNotFoundError):

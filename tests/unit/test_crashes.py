@@ -260,3 +260,29 @@ def test_a_journal_that_cannot_grow_empties_itself_and_stops(
     assert read_journal(tmp_path / "j") == ""
     journal.append("+after\n")  # closed: ignored
     assert read_journal(tmp_path / "j") == ""
+
+
+def test_ids_cannot_write_journal_lines_and_a_message_held_twice_stays_held_until_both_go(
+    tmp_path: Path,
+) -> None:
+    """Message ids come from outside; a duplicate (or a redelivery after a lease ran out) can be
+    held twice by one process."""
+    script = (
+        "import os, sys; from pathlib import Path; from callcast.crashes import CrashLedger; "
+        "from callcast.envelope import Envelope; ledger = CrashLedger(Path(sys.argv[1])); "
+        "held = lambda i: Envelope(type='T', source='s', data=b'{}', id=i); "
+        "[ledger.fetched(held(i)) for i in ('evil\\n-twice\\n+victim', 'twice', 'twice', '50%25')]; "
+        "ledger.returned(held('twice')); os._exit(0)"
+    )
+    subprocess.run([sys.executable, "-c", script, str(tmp_path)], timeout=60, check=True)
+    ledger = CrashLedger(tmp_path)
+    before = published(-60)
+
+    def seen(message_id: str) -> Evidence:
+        return ledger.evidence(Envelope(type="T", source="s", data=b"{}", id=message_id, time=before))
+
+    assert seen("twice") == Evidence(witnessed=1, deaths=1)
+    assert seen("victim") == Evidence(deaths=1)
+    assert seen("evil\n-twice\n+victim") == Evidence(witnessed=1, deaths=1)
+    assert seen("50%25") == Evidence(witnessed=1, deaths=1)
+    ledger.close()
