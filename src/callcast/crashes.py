@@ -6,18 +6,24 @@ that were still on their way into it (in the socket, in the client library's que
 in the process knew of yet. So each consumer keeps two files per process in
 ``<data dir>/crashes/<group>/``, whose writes survive the process being killed:
 
-* ``<pid>.inflight``: the deliveries it holds (``+id`` as the subscription receives one, also one
+* ``<name>.inflight``: the deliveries it holds (``+id`` as the subscription receives one, also one
   read ahead and not handed out yet; ``-id`` once its settle reached the broker, or it was given
   back), a :class:`~callcast.journal.Journal`: each line is in the file when it was written, at the
   cost of a memory copy. The ledger is the subscription's :class:`~callcast.transport.Holding`.
-* ``<pid>.alone``: the *suspect* it runs alone — a redelivered message this process did not see
+* ``<name>.alone``: the *suspect* it runs alone — a redelivered message this process did not see
   fail runs with no other event handler of the process running (:class:`Isolation`).
 
-and ``ledger.sqlite3``, shared by the processes of one machine. Before each redelivery is judged, a
-consumer turns the files of dead processes into it: the suspect that was running alone gets a
-*confirmed crash*; every other delivery the dead process held gets a *witnessed crash*; the death
-itself is recorded with its time. A handler that raises records a *failure* there before its
-message goes back.
+``<name>`` is the process id and a random part: names never repeat, also when a restarted
+container gets its predecessor's pid or containers sharing the directory have the same one. A
+process holds an exclusive ``flock`` on its journal while it lives; the kernel drops it when the
+process dies (a killed process not yet reaped included), so a journal whose lock can be taken is a
+dead process's.
+
+The files sit beside ``ledger.sqlite3``, shared by the processes of one machine. Before each
+redelivery is judged, a consumer turns the files of dead processes into it: the suspect that was
+running alone gets a *confirmed crash*; every other delivery the dead process held gets a
+*witnessed crash*; the death itself is recorded with its time. A handler that raises records a
+*failure* there before its message goes back.
 
 The consumer then judges a message by its own runs (:meth:`Evidence.own`): the broker's count less
 the witnessed crashes, and less the deliveries lost in transit — the broker's deliveries this
@@ -39,10 +45,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import sqlite3
 import time
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -68,6 +76,10 @@ broker's count weigh more (fewer runs, never more)."""
 
 PRUNE_EVERY = 3600.0
 """Seconds between two prunes of old evidence by one process (also done whenever a death is collected)."""
+
+STARTING_FOR = 60.0
+"""Seconds after which a journal still being made (``.inflight.new``) and not locked is a dead
+process's leftover."""
 
 BUSY_TIMEOUT = 1.0
 """Seconds a ledger statement waits for another process's write lock before it gives up (the ledger
@@ -95,22 +107,20 @@ _COUNT = {
 """One more of a kind of evidence for a message: (message id, time)."""
 
 
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` runs. A process killed but not yet reaped by its parent (a zombie, which
-    ``kill(pid, 0)`` still finds) is dead: the broker redelivers its messages the moment its
-    connections close, often before the parent reaps it."""
+def _locked(journal: Path) -> bool:
+    """Whether a live process holds ``journal``'s lock (a file gone meanwhile counts as held: there
+    is nothing to collect)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
+        fd = os.open(journal, os.O_RDONLY)
+    except FileNotFoundError:
         return True
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:  # not Linux, or gone meanwhile: kill said it ran
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
         return True
-    state = stat.rpartition(")")[2].split()[:1]
-    return state not in (["Z"], ["X"])
+    finally:
+        os.close(fd)  # and with it the lock, if it was taken
+    return False
 
 
 def _line_id(message_id: str) -> str:
@@ -167,11 +177,6 @@ NO_EVIDENCE = Evidence()
 """A first delivery's (nothing to know), or any delivery's without a crash ledger."""
 
 
-_LIVE: set[tuple[int, Path]] = set()
-"""(pid, directory) of the ledgers open in this process: a second one of a directory (two runtimes
-of one app in one process) must not take the first one's files for a dead predecessor's."""
-
-
 def _open_ledger(path: Path) -> sqlite3.Connection:
     """The machine's ledger database at ``path``. One that is not a database (corrupt, say after a
     power loss: it is written with ``synchronous=OFF``) is moved aside and made anew: it only held
@@ -213,25 +218,35 @@ class CrashLedger:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.marker = directory / f"{os.getpid()}.alone"
+        name = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        self.journal_path = directory / f"{name}.inflight"
+        self.marker = directory / f"{name}.alone"
         self._held: Counter[str] = Counter()  # a message may be held twice (a duplicate, a lease run out)
         self._next_prune = 0.0
         self._quiet_until = 0.0
         self._db = _open_ledger(directory / "ledger.sqlite3")
-        self._live = (os.getpid(), directory.resolve())
-        if self._live not in _LIVE:
-            # Files of our pid are then a dead predecessor's (a restarted container often gets the
-            # same pid): counted before our journal empties them.
-            self._guarded("collecting the files of processes that died", lambda: self._collect(own_pid=True))
-        _LIVE.add(self._live)
         self._journal: Journal | None = None
         try:
-            self._journal = Journal(
-                directory / f"{os.getpid()}.inflight",
-                lambda: "".join(f"+{_line_id(held)}\n" * count for held, count in self._held.items()),
-            )
+            self._journal = self._open_journal()
         except OSError as error:
             self._degraded("creating this process's journal", error)
+
+    def _open_journal(self) -> Journal:
+        """This process's journal, locked before it gets the name others look for (until then it
+        would look like a dead process's)."""
+        making = self.journal_path.with_name(f"{self.journal_path.name}.new")
+        journal = Journal(
+            making, lambda: "".join(f"+{_line_id(held)}\n" * count for held, count in self._held.items())
+        )
+        try:
+            fcntl.flock(journal.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            making.rename(self.journal_path)
+        except BaseException:
+            journal.close()
+            making.unlink(missing_ok=True)
+            raise
+        journal.path = self.journal_path
+        return journal
 
     def _degraded(self, doing: str, error: BaseException) -> None:
         now = time.monotonic()
@@ -277,34 +292,28 @@ class CrashLedger:
 
     def close(self) -> None:
         """A clean stop: this process's files go (nothing it held crashed)."""
-        _LIVE.discard(self._live)
         if self._journal is not None:
             self._journal.close()
         self._db.close()
-        for path in (self.directory / f"{os.getpid()}.inflight", self.marker):
+        for path in (self.journal_path, self.marker):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 
-    def _dead_journals(self, own_pid: bool) -> list[tuple[int, Path]]:
-        found = []
-        for journal in self.directory.glob("*.inflight"):
-            try:
-                pid = int(journal.stem)
-            except ValueError:
-                continue
-            mine = pid == os.getpid()
-            if mine if own_pid else not mine and not _alive(pid):
-                found.append((pid, journal))
-        return found
+    def _dead_journals(self) -> list[Path]:
+        """The journals of processes that died (their lock is free), this process's never."""
+        return [
+            journal
+            for journal in self.directory.glob("*.inflight")
+            if journal != self.journal_path and not _locked(journal)
+        ]
 
-    def _collect(self, own_pid: bool = False) -> None:
-        """Turn the files of processes that died into confirmed and witnessed crashes and deaths
-        (``own_pid``: only a predecessor's files of this process's pid).
+    def _collect(self) -> None:
+        """Turn the files of processes that died into confirmed and witnessed crashes and deaths.
 
         Under the ledger's write lock, each file is renamed aside before the commit and removed
         after it, or renamed back if the transaction fails: two processes never count one death
         twice. A collector killed after renaming loses that death (not counted at all)."""
-        if not self._dead_journals(own_pid):
+        if not self._dead_journals():
             return
         db = self._db
         db.execute("BEGIN IMMEDIATE")
@@ -312,8 +321,12 @@ class CrashLedger:
         try:
             for stale in self.directory.glob("*.collected"):  # a collector died after its commit
                 stale.unlink(missing_ok=True)
-            for pid, journal in self._dead_journals(own_pid):
-                marker = self.directory / f"{pid}.alone"
+            for unborn in self.directory.glob("*.inflight.new"):  # its process died while starting
+                with contextlib.suppress(FileNotFoundError):
+                    if unborn.stat().st_mtime < time.time() - STARTING_FOR and not _locked(unborn):
+                        unborn.unlink()
+            for journal in self._dead_journals():
+                marker = journal.with_suffix(".alone")
                 culprit = ""
                 with contextlib.suppress(FileNotFoundError):
                     culprit = _from_line_id(marker.read_text())

@@ -78,6 +78,10 @@ class Journal:
             self._map[len(text) : old_end] = bytes(old_end - len(text))
         self._map[0:1] = text[:1] or b"\0"
 
+    def fileno(self) -> int:
+        """The file's descriptor (to lock it, say)."""
+        return self._file.fileno()
+
     def close(self) -> None:
         if not self._map.closed:
             self._map.close()

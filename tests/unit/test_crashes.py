@@ -22,7 +22,7 @@ def test_a_ledger_names_what_it_holds_the_moment_it_takes_it(tmp_path: Path) -> 
     """No event loop turn and no flush are needed: a process killed right after ``fetched`` is known
     to have held the message."""
     ledger = CrashLedger(tmp_path)
-    journal = tmp_path / f"{os.getpid()}.inflight"
+    journal = ledger.journal_path
     a, b = (Envelope(type="T", source="s", data=b"{}", id=name) for name in "ab")
     ledger.fetched(a)
     ledger.fetched(b)
@@ -40,7 +40,7 @@ def test_what_a_closed_ledger_is_told_is_ignored(tmp_path: Path) -> None:
     ledger = CrashLedger(tmp_path)
     ledger.close()
     ledger.returned(Envelope(type="T", source="s", data=b"{}", id="late"))
-    assert not (tmp_path / f"{os.getpid()}.inflight").exists()
+    assert not ledger.journal_path.exists()
 
 
 def dead_pid() -> int:
@@ -122,22 +122,37 @@ def failures_seen_by_another_process(directory: Path, message_id: str) -> int:
     return int(done.stdout)
 
 
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="zombies are told apart through /proc")
-def test_a_process_killed_but_not_yet_reaped_is_dead(tmp_path: Path) -> None:
-    """Its connections are closed and its messages redelivered before its parent waits for it."""
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="zombies are seen through /proc")
+def test_a_live_process_is_never_collected_and_one_killed_but_not_yet_reaped_is(tmp_path: Path) -> None:
+    """Its connections are closed and its messages redelivered before its parent waits for it; the
+    kernel dropped its journal's lock with its files."""
+    script = (
+        "import sys, time; from pathlib import Path; from callcast.crashes import CrashLedger; "
+        "from callcast.envelope import Envelope; ledger = CrashLedger(Path(sys.argv[1])); "
+        "ledger.fetched(Envelope(type='T', source='s', data=b'{}', id='held')); "
+        "print('holding', flush=True); time.sleep(60)"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
     ledger = CrashLedger(tmp_path)
-    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    envelope = Envelope(type="T", source="s", data=b"{}", id="held", time=published(-60))
     try:
+        assert process.stdout is not None
+        assert process.stdout.readline() == "holding\n"
+        assert ledger.evidence(envelope) == Evidence()  # alive: its journal stays its own
+        process.kill()
         stat = Path(f"/proc/{process.pid}/stat")
         deadline = time.monotonic() + 10
         while stat.read_text().rpartition(")")[2].split()[0] != "Z":
-            assert time.monotonic() < deadline, "the child did not exit"
+            assert time.monotonic() < deadline, "the child did not die"
             time.sleep(0.01)
-        (tmp_path / f"{process.pid}.inflight").write_text("+held\n")
-        envelope = Envelope(type="T", source="s", data=b"{}", id="held", time=published(-60))
         assert ledger.evidence(envelope) == Evidence(witnessed=1, deaths=1)
     finally:
+        process.kill()
         process.wait(10)
+        if process.stdout is not None:
+            process.stdout.close()
         ledger.close()
 
 
@@ -208,16 +223,18 @@ def test_an_unreadable_ledger_is_moved_aside_and_made_anew(tmp_path: Path) -> No
     ledger.close()
 
 
-def test_a_predecessor_with_our_pid_is_counted_before_our_journal_replaces_its_own(tmp_path: Path) -> None:
-    """A restarted container often gets its predecessor's pid; a second ledger of the same directory
-    in one process is no predecessor."""
-    (tmp_path / f"{os.getpid()}.inflight").write_text("+held\n")
-    envelope = Envelope(type="T", source="s", data=b"{}", id="held", time=published(-60))
+def test_journals_are_told_apart_by_their_lock_not_by_the_pid_in_their_name(tmp_path: Path) -> None:
+    """A restarted container often gets its predecessor's pid, and containers sharing the directory
+    may all be pid 1: an unlocked journal is a dead process's, a locked one a live process's,
+    whatever its name says."""
+    (tmp_path / f"{os.getpid()}.inflight").write_text("+old\n")  # a predecessor with our pid
     ledger = CrashLedger(tmp_path)
-    assert ledger.evidence(envelope) == Evidence(witnessed=1, deaths=1)
-    ledger.fetched(envelope)
-    twin = CrashLedger(tmp_path)
-    assert twin.evidence(envelope) == Evidence(witnessed=1, deaths=1)
+    held = Envelope(type="T", source="s", data=b"{}", id="held", time=published(-60))
+    ledger.fetched(held)
+    twin = CrashLedger(tmp_path)  # a second live ledger of the directory, in this process
+    old = Envelope(type="T", source="s", data=b"{}", id="old", time=published(-60))
+    assert twin.evidence(old) == Evidence(witnessed=1, deaths=1)
+    assert twin.evidence(held) == Evidence(deaths=1)  # the first ledger lives: not witnessed
     twin.close()
     ledger.close()
 
