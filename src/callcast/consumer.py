@@ -303,8 +303,9 @@ class Consumer:
             try:
                 async with self.database.transaction() as conn:
                     keys = await sequence.parked_keys(conn, handler.group)
-                for key in keys:
-                    await self._apply_parked(key)
+                async with self._isolation.shared():  # handlers run: not beside a suspect
+                    for key in keys:
+                        await self._apply_parked(key)
                 async with self.database.transaction() as conn:
                     expired = await sequence.take_expired(conn, handler.group, handler.sequencing.gap_timeout)
                     for key, number, envelope in expired:

@@ -45,12 +45,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
 import os
 import sqlite3
 import time
 import uuid
+import weakref
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -60,6 +60,11 @@ from urllib.parse import quote, unquote
 
 from callcast.envelope import Envelope
 from callcast.journal import Journal, read_journal
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no journal, the broker's count judges
+    fcntl = None  # type: ignore[assignment]
 
 log = logging.getLogger("callcast.crashes")
 
@@ -107,12 +112,25 @@ _COUNT = {
 """One more of a kind of evidence for a message: (message id, time)."""
 
 
-def _locked(journal: Path) -> bool:
-    """Whether a live process holds ``journal``'s lock (a file gone meanwhile counts as held: there
-    is nothing to collect)."""
+def _set_aside(path: Path, taken: list[tuple[Path, Path]]) -> Path | None:
+    """Rename ``path`` to ``<name>.collected`` (noted in ``taken``); None if it is gone."""
+    aside = path.with_name(f"{path.name}.collected")
     try:
-        fd = os.open(journal, os.O_RDONLY)
+        path.rename(aside)
     except FileNotFoundError:
+        return None
+    taken.append((aside, path))
+    return aside
+
+
+def _locked(journal: Path) -> bool:
+    """Whether a live process holds ``journal``'s lock (a file gone meanwhile, or one this process
+    may not open, counts as held: there is nothing to collect)."""
+    if fcntl is None:
+        return True
+    try:
+        fd = os.open(journal, os.O_RDWR)  # NFS takes an exclusive lock only on a writable descriptor
+    except OSError:  # gone, or not ours to judge
         return True
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -173,8 +191,28 @@ class Evidence:
         return max(1, attempt - self.witnessed - lost)
 
 
+_LEDGERS: weakref.WeakSet[CrashLedger] = weakref.WeakSet()
+"""The ledgers with a journal in this process."""
+
+
+def _drop_journals_in_child() -> None:
+    """A child forked without exec shares its parent's journals, and so their locks, until it exits:
+    the parent's death would go unseen. The child lets go of them (the parent keeps its lock)."""
+    for ledger in list(_LEDGERS):
+        if ledger._journal is not None:
+            ledger._journal.close()
+            ledger._journal = None
+    _LEDGERS.clear()
+
+
+os.register_at_fork(after_in_child=_drop_journals_in_child)
+
 NO_EVIDENCE = Evidence()
 """A first delivery's (nothing to know), or any delivery's without a crash ledger."""
+
+
+_CORRUPT = (11, 26)
+"""SQLite's primary result codes of a damaged file: ``SQLITE_CORRUPT``, ``SQLITE_NOTADB``."""
 
 
 def _open_ledger(path: Path) -> sqlite3.Connection:
@@ -184,6 +222,8 @@ def _open_ledger(path: Path) -> sqlite3.Connection:
     try:
         return _connect(path)
     except sqlite3.DatabaseError as error:
+        if getattr(error, "sqlite_errorcode", 0) & 0xFF not in _CORRUPT:
+            raise  # locked, out of file descriptors, a full disk: not the file's fault
         aside = path.with_name(f"{path.name}.unreadable-{int(time.time())}")
         log.warning("crash ledger %s is unreadable (%s): moved to %s, starting a new one", path, error, aside)
         with contextlib.suppress(FileNotFoundError):
@@ -234,10 +274,16 @@ class CrashLedger:
     def _open_journal(self) -> Journal:
         """This process's journal, locked before it gets the name others look for (until then it
         would look like a dead process's)."""
+        if fcntl is None:
+            raise OSError("no flock on this platform")
         making = self.journal_path.with_name(f"{self.journal_path.name}.new")
-        journal = Journal(
-            making, lambda: "".join(f"+{_line_id(held)}\n" * count for held, count in self._held.items())
-        )
+        try:
+            journal = Journal(
+                making, lambda: "".join(f"+{_line_id(held)}\n" * count for held, count in self._held.items())
+            )
+        except BaseException:
+            making.unlink(missing_ok=True)
+            raise
         try:
             fcntl.flock(journal.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             making.rename(self.journal_path)
@@ -246,6 +292,7 @@ class CrashLedger:
             making.unlink(missing_ok=True)
             raise
         journal.path = self.journal_path
+        _LEDGERS.add(self)
         return journal
 
     def _degraded(self, doing: str, error: BaseException) -> None:
@@ -263,7 +310,7 @@ class CrashLedger:
         """Run ``action``; whether it worked (if not, the reason is logged)."""
         try:
             action()
-        except (sqlite3.Error, OSError) as error:
+        except Exception as error:
             self._degraded(doing, error)
             return False
         return True
@@ -286,18 +333,25 @@ class CrashLedger:
         if self._journal is not None:
             try:
                 self._journal.append(line)
-            except OSError as error:  # it emptied and closed itself
-                self._journal = None
+            except OSError as error:  # it emptied itself and stopped
+                self._drop_journal()
                 self._degraded("growing this process's journal", error)
 
-    def close(self) -> None:
-        """A clean stop: this process's files go (nothing it held crashed)."""
+    def _drop_journal(self) -> None:
+        """Remove this process's journal, the file before its lock: a file without a lock is a dead
+        process's."""
         if self._journal is not None:
+            self.journal_path.unlink(missing_ok=True)
             self._journal.close()
+            self._journal = None
+
+    def close(self) -> None:
+        """A clean stop: this process's files go (nothing it held crashed), the journal before its
+        lock."""
+        self.marker.unlink(missing_ok=True)
+        self._drop_journal()
+        _LEDGERS.discard(self)
         self._db.close()
-        for path in (self.journal_path, self.marker):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
 
     def _dead_journals(self) -> list[Path]:
         """The journals of processes that died (their lock is free), this process's never."""
@@ -310,71 +364,69 @@ class CrashLedger:
     def _collect(self) -> None:
         """Turn the files of processes that died into confirmed and witnessed crashes and deaths.
 
-        Under the ledger's write lock, each file is renamed aside before the commit and removed
-        after it, or renamed back if the transaction fails: two processes never count one death
-        twice. A collector killed after renaming loses that death (not counted at all)."""
+        Under the ledger's write lock, each file is renamed aside, counted, and removed after the
+        commit; if the transaction fails, the files are renamed back before the lock is released.
+        A journal that is gone by the time it is renamed is not counted (its process stopped
+        cleanly, or another collector took it): two processes never count one death twice, and a
+        clean stop is never a death. A collector killed between its renames and its commit loses
+        those deaths (not counted at all)."""
         if not self._dead_journals():
             return
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         taken: list[tuple[Path, Path]] = []  # (renamed aside, original)
         try:
-            for stale in self.directory.glob("*.collected"):  # a collector died after its commit
-                stale.unlink(missing_ok=True)
-            for unborn in self.directory.glob("*.inflight.new"):  # its process died while starting
-                with contextlib.suppress(FileNotFoundError):
-                    if unborn.stat().st_mtime < time.time() - STARTING_FOR and not _locked(unborn):
-                        unborn.unlink()
+            self._sweep_leftovers()
             for journal in self._dead_journals():
-                marker = journal.with_suffix(".alone")
-                culprit = ""
-                with contextlib.suppress(FileNotFoundError):
-                    culprit = _from_line_id(marker.read_text())
-                held: Counter[str] = Counter()
-                with contextlib.suppress(FileNotFoundError):
-                    for line in read_journal(journal).splitlines():
-                        if line[:1] in ("+", "-"):
-                            held[_from_line_id(line[1:])] += 1 if line[0] == "+" else -1
-                now = time.time()
-                db.executemany(
-                    _COUNT["witnessed"],
-                    [
-                        (message_id, now)
-                        for message_id, count in held.items()
-                        if count > 0 and message_id != culprit
-                    ],
+                aside = _set_aside(journal, taken)
+                if aside is None:
+                    continue
+                marker = _set_aside(journal.with_suffix(".alone"), taken)
+                culprit = (
+                    "" if marker is None else _from_line_id(marker.read_bytes().decode("utf-8", "replace"))
                 )
+                held: Counter[str] = Counter()
+                for line in read_journal(aside).splitlines():
+                    if line[:1] in ("+", "-"):
+                        held[_from_line_id(line[1:])] += 1 if line[0] == "+" else -1
+                now = time.time()
+                witnessed = [(message_id, now) for message_id, count in held.items() if count > 0]
+                db.executemany(_COUNT["witnessed"], [row for row in witnessed if row[0] != culprit])
                 if culprit:
                     db.execute(_COUNT["confirmed"], (culprit, now))
                 db.execute("INSERT INTO deaths (at) VALUES (?)", (now,))
-                for path in (journal, marker):
-                    aside = path.with_name(f"{path.name}.collected")
-                    with contextlib.suppress(FileNotFoundError):
-                        path.rename(aside)
-                        taken.append((aside, path))
             db.execute(
                 "DELETE FROM deaths WHERE rowid <= (SELECT max(rowid) FROM deaths) - ?", (DEATHS_KEPT,)
             )
             self._prune()
             db.execute("COMMIT")
         except BaseException:
+            for aside, original in taken:  # while the write lock is still held
+                with contextlib.suppress(OSError):
+                    aside.rename(original)
             if db.in_transaction:
                 with contextlib.suppress(sqlite3.Error):
                     db.execute("ROLLBACK")
-            for aside, original in taken:
-                with contextlib.suppress(OSError):
-                    aside.rename(original)
             raise
         for aside, _ in taken:
-            with contextlib.suppress(OSError):
-                aside.unlink()
+            aside.unlink(missing_ok=True)
+
+    def _sweep_leftovers(self) -> None:
+        """Files no one will collect: set aside by a collector that died after its commit, or a
+        journal whose process died while making it."""
+        for stale in self.directory.glob("*.collected"):
+            stale.unlink(missing_ok=True)
+        for unborn in self.directory.glob("*.inflight.new"):
+            with contextlib.suppress(FileNotFoundError):
+                if unborn.stat().st_mtime < time.time() - STARTING_FOR and not _locked(unborn):
+                    unborn.unlink()
 
     def evidence(self, envelope: Envelope) -> Evidence:
         """What this machine knows of the earlier deliveries of ``envelope`` (the files of processes
         that died are collected first); :data:`NO_EVIDENCE` if the ledger cannot be read."""
         try:
             return self._evidence(envelope)
-        except (sqlite3.Error, OSError) as error:
+        except Exception as error:  # the ledger never stands between a delivery and its settle
             self._degraded("reading crash evidence", error)
             return NO_EVIDENCE
 
@@ -417,7 +469,7 @@ class CrashLedger:
     def running_alone(self, message_id: str) -> None:
         """Mark ``message_id`` as the only handler running in this process (a plain write: it
         survives the process being killed)."""
-        self.marker.write_text(_line_id(message_id))
+        self.marker.write_bytes(_line_id(message_id).encode())
 
     def finished_alone(self) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -428,7 +480,13 @@ class Isolation:
     """Runs suspects alone: one at a time, while no other handler sharing this isolation runs (the
     runtime shares one among the event consumers of its process; RPC requests it serves are not
     paused, as a request handler may wait on another). Others wait while a suspect waits or runs
-    (a suspect is never starved by a stream of others)."""
+    (a suspect is never starved by a stream of others).
+
+    So an event handler must not wait for another event handler of its process to do something:
+    while a suspect waits for the first to finish, the second waits for the suspect (until the
+    first gives up waiting). Suspects are rare (a process of the group died here), and handlers
+    that wait on other events are a hazard anyway; the alternative, a suspect beside other
+    handlers, would blame their crashes on it."""
 
     def __init__(self) -> None:
         self._changed = asyncio.Condition()
@@ -466,6 +524,8 @@ class Isolation:
                 await self._changed.wait_for(lambda: not self._alone and not self._running)
             finally:
                 self._waiting_alone -= 1
+                if not self._waiting_alone:  # cancelled meanwhile: the shared ones it held up go on
+                    self._changed.notify_all()
             self._alone = True
         try:
             yield

@@ -37,6 +37,7 @@ class Journal:
             self._file.close()
             raise
         self._end = 0
+        self._stopped = False
 
     def append(self, line: str) -> None:
         """Add ``line`` (it should end with a newline); it is in the file when this returns. After
@@ -44,8 +45,9 @@ class Journal:
         ledger).
 
         Raises :class:`OSError` if the file had to grow and could not (a full disk): the journal is
-        then emptied and closed, so it never reads as holding what it no longer tracks."""
-        if self._map.closed:
+        then emptied and takes no more lines (its owner closes it), so it never reads as holding
+        what it no longer tracks."""
+        if self._map.closed or self._stopped:
             return
         data = line.encode()
         if self._end + len(data) >= self.size:  # keep a NUL after the text
@@ -62,7 +64,7 @@ class Journal:
             _allocate(self._file.fileno(), size, start=self.size)
         except OSError:
             self._map[0:1] = b"\0"
-            self.close()
+            self._stopped = True
             raise
         self._map.close()
         self._map = mmap.mmap(self._file.fileno(), size)

@@ -336,6 +336,20 @@ async def test_suspects_run_alone() -> None:
     assert end_s == start_s + 1  # nothing else started or ended while the suspect ran
 
 
+async def test_a_suspect_cancelled_while_waiting_lets_the_others_go_on() -> None:
+    isolation = Isolation()
+    await isolation.enter_shared()
+    suspect = asyncio.create_task(isolation.alone().__aenter__())
+    await asyncio.sleep(0.01)
+    other = asyncio.create_task(isolation.enter_shared())  # waits behind the suspect
+    await asyncio.sleep(0.01)
+    assert not other.done()
+    suspect.cancel()
+    await asyncio.wait_for(other, 5)
+    await isolation.leave_shared()
+    await isolation.leave_shared()
+
+
 async def test_stop_lets_running_handlers_finish_and_loses_nothing(
     start: StartApp, broker: MemoryBroker
 ) -> None:

@@ -196,22 +196,51 @@ def test_a_locked_ledger_gives_no_evidence_and_takes_no_failure_but_never_raises
     ledger.close()
 
 
-def test_a_failed_collection_leaves_the_dead_processes_files_for_the_next(tmp_path: Path) -> None:
+def test_a_failed_collection_leaves_the_dead_processes_files_for_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It fails after the files were set aside and counted (at the prune before the commit): they
+    are put back."""
     ledger = CrashLedger(tmp_path)
     pid = dead_pid()
     (tmp_path / f"{pid}.inflight").write_text("+held\n")
     (tmp_path / f"{pid}.alone").write_text("culprit")
     envelope = Envelope(type="T", source="s", data=b"{}", id="held", time=published(-60))
-    with sqlite3.connect(tmp_path / "ledger.sqlite3", isolation_level=None) as saboteur:
-        saboteur.execute("DROP TABLE deaths")
-    assert ledger.evidence(envelope) == Evidence()  # the insert of the death failed: rolled back
-    assert (tmp_path / f"{pid}.inflight").exists()
-    assert (tmp_path / f"{pid}.alone").exists()
-    with sqlite3.connect(tmp_path / "ledger.sqlite3", isolation_level=None) as mender:
-        mender.execute("CREATE TABLE deaths (at REAL NOT NULL)")
+
+    def failing_prune() -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(ledger, "_prune", failing_prune)
+    assert ledger.evidence(envelope) == Evidence()  # rolled back
+    assert (tmp_path / f"{pid}.inflight").read_text() == "+held\n"
+    assert (tmp_path / f"{pid}.alone").read_text() == "culprit"
+    monkeypatch.undo()
     assert ledger.evidence(envelope) == Evidence(witnessed=1, deaths=1)
     assert not list(tmp_path.glob(f"{pid}.*"))
     ledger.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork")
+def test_a_child_forked_without_exec_does_not_keep_its_parents_death_unseen(tmp_path: Path) -> None:
+    script = (
+        "import os, sys, time; from pathlib import Path; from callcast.crashes import CrashLedger; "
+        "from callcast.envelope import Envelope; ledger = CrashLedger(Path(sys.argv[1])); "
+        "ledger.fetched(Envelope(type='T', source='s', data=b'{}', id='held')); "
+        "child = os.fork()\n"
+        "if child == 0:\n    os.close(1); os.close(2); time.sleep(60); os._exit(0)\n"
+        "print(child, flush=True); os._exit(0)"
+    )
+    parent = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=60, check=True
+    )
+    child = int(parent.stdout)
+    try:
+        ledger = CrashLedger(tmp_path)
+        envelope = Envelope(type="T", source="s", data=b"{}", id="held", time=published(-60))
+        assert ledger.evidence(envelope) == Evidence(witnessed=1, deaths=1)  # the child still runs
+        ledger.close()
+    finally:
+        os.kill(child, 9)
 
 
 def test_an_unreadable_ledger_is_moved_aside_and_made_anew(tmp_path: Path) -> None:
@@ -275,8 +304,56 @@ def test_a_journal_that_cannot_grow_empties_itself_and_stops(
     with pytest.raises(OSError, match="No space"):
         append_until_it_must_grow()
     assert read_journal(tmp_path / "j") == ""
-    journal.append("+after\n")  # closed: ignored
+    journal.append("+after\n")  # stopped: ignored
     assert read_journal(tmp_path / "j") == ""
+    journal.close()
+
+
+def test_a_ledger_whose_journal_cannot_grow_is_not_taken_for_a_dead_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its file goes before its lock."""
+    ledger = CrashLedger(tmp_path)
+    ledger.fetched(Envelope(type="T", source="s", data=b"{}", id="held"))
+
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full, raising=False)
+    monkeypatch.setattr(ledger._journal, "size", 64)  # the next appends must grow it
+    for n in range(10):
+        ledger.fetched(Envelope(type="T", source="s", data=b"{}", id=f"more-{n}"))
+    assert not ledger.journal_path.exists()
+    other = CrashLedger(tmp_path)
+    assert (
+        other.evidence(Envelope(type="T", source="s", data=b"{}", id="held", time=published(-60)))
+        == Evidence()
+    )
+    other.close()
+    ledger.close()
+
+
+def test_a_clean_stop_is_never_counted_as_a_death(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stopping process removes its journal before it lets go of the lock: a collector that looks
+    the moment the lock is gone finds nothing."""
+    from callcast.journal import Journal
+
+    watcher = CrashLedger(tmp_path)
+    envelope = Envelope(type="T", source="s", data=b"{}", id="held", time=published(-60))
+    seen: list[Evidence] = []
+    close = Journal.close
+
+    def close_then_look(journal: Journal) -> None:
+        close(journal)
+        seen.append(watcher.evidence(envelope))
+
+    stopping = CrashLedger(tmp_path)
+    stopping.fetched(envelope)
+    monkeypatch.setattr(Journal, "close", close_then_look)
+    stopping.close()
+    monkeypatch.undo()
+    assert seen == [Evidence()]
+    watcher.close()
 
 
 def test_ids_cannot_write_journal_lines_and_a_message_held_twice_stays_held_until_both_go(
