@@ -468,8 +468,11 @@ class CrashLedger:
 
     def running_alone(self, message_id: str) -> None:
         """Mark ``message_id`` as the only handler running in this process (a plain write: it
-        survives the process being killed)."""
-        self.marker.write_bytes(_line_id(message_id).encode())
+        survives the process being killed). Without a journal no one would ever collect the
+        marker (nor count this process's death): none is written, and the broker's count bounds
+        the crash loop."""
+        if self._journal is not None:
+            self.marker.write_bytes(_line_id(message_id).encode())
 
     def finished_alone(self) -> None:
         with contextlib.suppress(FileNotFoundError):

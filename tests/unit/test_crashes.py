@@ -277,6 +277,8 @@ def test_without_disk_space_for_its_journal_a_ledger_goes_on_without_one(
     monkeypatch.setattr(os, "posix_fallocate", full, raising=False)
     ledger = CrashLedger(tmp_path)
     ledger.fetched(Envelope(type="T", source="s", data=b"{}", id="a"))
+    ledger.running_alone("a")  # no marker either: no one would collect it
+    assert not list(tmp_path.glob("*.alone"))
     assert "creating this process's journal failed" in caplog.text
     assert ledger.evidence(Envelope(type="T", source="s", data=b"{}", id="a")) == Evidence()
     ledger.close()
