@@ -37,7 +37,7 @@ from pydantic import BaseModel
 from callcast import inbox, sequence
 from callcast.codec import decode
 from callcast.context import Context
-from callcast.crashes import ABSOLUTE_FACTOR, NO_EVIDENCE, CrashLedger, Evidence, Isolation
+from callcast.crashes import ABSOLUTE_FACTOR, COLLECT_EVERY, NO_EVIDENCE, CrashLedger, Evidence, Isolation
 from callcast.database import Database
 from callcast.deadletter import dead_letter, dead_letter_envelope
 from callcast.dispatch import Dispatcher
@@ -85,21 +85,37 @@ class Consumer:
         self._gate = None if broker.capabilities.ordered_per_key else KeyGate()
         self._dispatcher: Dispatcher | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._collector: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         handler = self.handler
-        subscription = await self.broker.subscribe(
-            handler.topic, handler.group, prefetch=handler.concurrency, holding=self._crashes
-        )
+        try:
+            subscription = await self.broker.subscribe(
+                handler.topic, handler.group, prefetch=handler.concurrency, holding=self._crashes
+            )
+        except BaseException:  # not started, so never stopped: left open, its journal would later
+            if self._crashes is not None:  # be taken for a dead process's
+                self._crashes.close()
+            raise
         self._dispatcher = Dispatcher(subscription, self._handle, handler.group)
         if handler.sequencing is not None:
             self._sweeper = asyncio.create_task(self._sweep_parked(), name=f"parked:{handler.group}")
+        if self._crashes is not None:
+            self._collector = asyncio.create_task(self._collect_deaths(), name=f"deaths:{handler.group}")
+
+    async def _collect_deaths(self) -> None:
+        """A death is dated when collected: collect often, also while no redelivery asks."""
+        assert self._crashes is not None
+        while True:
+            await asyncio.sleep(COLLECT_EVERY)
+            self._crashes.collect()
 
     async def stop(self, grace: float) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+        for task in (self._sweeper, self._collector):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         try:
             if self._dispatcher is not None:
                 await self._dispatcher.stop(grace)
@@ -157,11 +173,12 @@ class Consumer:
             finally:
                 self._crashes.finished_alone()
 
-    def _crash_loop(self, delivery: Delivery, confirmed: int, own: int) -> str | None:
+    def _crash_loop(self, delivery: Delivery, evidence: Evidence, own: int) -> str | None:
         """Why this delivery counts as a crash loop, or None. ``own``: its deliveries that were its
         own runs (:meth:`~callcast.crashes.Evidence.own`)."""
         limit = self.handler.retry.max_attempts
-        if self._crashes is None:
+        confirmed = evidence.confirmed
+        if self._crashes is None or evidence.unknown:
             if delivery.attempt > limit:
                 return f"delivered {delivery.attempt} times without being settled"
             return None
@@ -187,7 +204,7 @@ class Consumer:
             unknown = UnknownEventError(f"{handler.group} handles {handler.topic!r}, got {envelope.type!r}")
             await self._dead_letter(delivery, "unknown-type", unknown)
             return
-        crash_loop = self._crash_loop(delivery, evidence.confirmed, own)
+        crash_loop = self._crash_loop(delivery, evidence, own)
         if crash_loop is not None:
             if await self._already_applied(envelope.id):  # its effects committed before a crash
                 await delivery.ack()

@@ -90,6 +90,9 @@ BUSY_TIMEOUT = 1.0
 """Seconds a ledger statement waits for another process's write lock before it gives up (the ledger
 runs on the event loop: a longer wait would stall every handler of the process)."""
 
+COLLECT_EVERY = 5.0
+"""Seconds between two collections of dead processes' files by an idle consumer."""
+
 WARN_EVERY = 60.0
 """Seconds between two warnings of one ledger that it cannot be read or written."""
 
@@ -173,6 +176,8 @@ class Evidence:
     """Its handler raised, in a process of this machine."""
     deaths: int = 0
     """Processes of its group on this machine died since it was published."""
+    unknown: bool = False
+    """The ledger could not say: the broker's count judges alone, as without a ledger."""
 
     @property
     def near_a_crash(self) -> bool:
@@ -186,6 +191,8 @@ class Evidence:
         deliver it again before that one is given up), and a death that witnessed or confirmed it
         lost none, so the lost ones are the earlier deliveries with no account here, at most one
         per other death."""
+        if self.unknown:
+            return attempt
         unaccounted = attempt - 1 - self.failed - self.confirmed - self.witnessed
         lost = min(max(0, unaccounted), max(0, self.deaths - self.witnessed - self.confirmed))
         return max(1, attempt - self.witnessed - lost)
@@ -209,6 +216,9 @@ os.register_at_fork(after_in_child=_drop_journals_in_child)
 
 NO_EVIDENCE = Evidence()
 """A first delivery's (nothing to know), or any delivery's without a crash ledger."""
+
+UNKNOWN = Evidence(unknown=True)
+"""A redelivery's when the ledger cannot be used."""
 
 
 _CORRUPT = (11, 26)
@@ -258,7 +268,8 @@ class CrashLedger:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.directory.mkdir(parents=True, exist_ok=True)
-        name = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        self._pid = os.getpid()
+        name = f"{self._pid}-{uuid.uuid4().hex[:12]}"
         self.journal_path = directory / f"{name}.inflight"
         self.marker = directory / f"{name}.alone"
         self._held: Counter[str] = Counter()  # a message may be held twice (a duplicate, a lease run out)
@@ -337,18 +348,26 @@ class CrashLedger:
                 self._drop_journal()
                 self._degraded("growing this process's journal", error)
 
+    @property
+    def journaling(self) -> bool:
+        """Whether this process's deaths and crashes are on record (it has a journal)."""
+        return self._journal is not None
+
     def _drop_journal(self) -> None:
         """Remove this process's journal, the file before its lock: a file without a lock is a dead
         process's."""
         if self._journal is not None:
-            self.journal_path.unlink(missing_ok=True)
+            self._guarded(
+                "removing this process's journal", lambda: self.journal_path.unlink(missing_ok=True)
+            )
             self._journal.close()
             self._journal = None
 
     def close(self) -> None:
         """A clean stop: this process's files go (nothing it held crashed), the journal before its
         lock."""
-        self.marker.unlink(missing_ok=True)
+        if os.getpid() == self._pid:  # a forked child's ledger leaves its parent's marker alone
+            self._guarded("removing the crash marker", lambda: self.marker.unlink(missing_ok=True))
         self._drop_journal()
         _LEDGERS.discard(self)
         self._db.close()
@@ -423,12 +442,21 @@ class CrashLedger:
 
     def evidence(self, envelope: Envelope) -> Evidence:
         """What this machine knows of the earlier deliveries of ``envelope`` (the files of processes
-        that died are collected first); :data:`NO_EVIDENCE` if the ledger cannot be read."""
+        that died are collected first); :data:`UNKNOWN` if the ledger cannot be read, or if this
+        process has no journal (its own crashes would go unrecorded)."""
+        if self._journal is None:
+            return UNKNOWN
         try:
             return self._evidence(envelope)
         except Exception as error:  # the ledger never stands between a delivery and its settle
             self._degraded("reading crash evidence", error)
-            return NO_EVIDENCE
+            return UNKNOWN
+
+    def collect(self) -> None:
+        """Collect the files of processes that died, now (also done before each redelivery is
+        judged): a death is dated when it is collected, so the consumer collects every
+        :data:`COLLECT_EVERY` seconds, lest an idle process's death be dated hours late."""
+        self._guarded("collecting the files of processes that died", self._collect)
 
     def _evidence(self, envelope: Envelope) -> Evidence:
         self._collect()
@@ -475,8 +503,7 @@ class CrashLedger:
             self.marker.write_bytes(_line_id(message_id).encode())
 
     def finished_alone(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.marker.unlink()
+        self._guarded("removing the crash marker", lambda: self.marker.unlink(missing_ok=True))
 
 
 class Isolation:

@@ -22,7 +22,10 @@ each between rewrites."""
 
 
 class Journal:
-    """Lines appended to ``path`` (created or emptied), readable by others with :func:`read_journal`."""
+    """Lines appended to ``path`` (created or emptied), readable by others with :func:`read_journal`.
+
+    ``compacted()`` gives the lines that still matter, as the owner's state is once the line being
+    appended is taken into account (the owner updates its state first)."""
 
     def __init__(self, path: Path, compacted: Callable[[], str], size: int = SIZE) -> None:
         """Raises :class:`OSError` if the file cannot be made (a full disk included)."""
@@ -51,10 +54,11 @@ class Journal:
             return
         data = line.encode()
         if self._end + len(data) >= self.size:  # keep a NUL after the text
-            text = self._compacted().encode()
-            if 2 * (len(text) + len(data)) >= self.size:
-                self._grow(4 * (len(text) + len(data)))
+            text = self._compacted().encode()  # the state ``line`` leads to: it is in there
+            if 2 * len(text) >= self.size:
+                self._grow(4 * len(text))
             self._rewrite(text)
+            return
         end = self._end + len(data)
         self._map[self._end : end] = data
         self._end = end

@@ -291,8 +291,11 @@ class Runtime:
             with contextlib.suppress(Exception):
                 await self._server_task
             self._server = None
-        for consumer in self._consumers:
-            await consumer.stop(grace)
+        for consumer in self._consumers:  # every one, whatever the others do
+            try:
+                await consumer.stop(grace)
+            except Exception:
+                log.exception("stopping %s failed", consumer)
         self._consumers.clear()
         if self._housekeeping is not None:
             self._housekeeping.cancel()

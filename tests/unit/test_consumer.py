@@ -292,13 +292,15 @@ async def test_a_suspect_runs_with_no_event_handler_of_the_process_running(
     assert running["peak"] == 1
 
 
+def locked(self: object, envelope: Envelope) -> None:
+    """A ledger's read of evidence, failing as a locked database does."""
+    raise sqlite3.OperationalError("database is locked")
+
+
 async def test_a_ledger_that_cannot_be_read_leaves_the_broker_count_to_judge(
     broker: MemoryBroker, start: StartApp, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A locked, corrupt or full ledger never leaves a delivery unsettled."""
-
-    def locked(self: object, envelope: Envelope) -> None:
-        raise sqlite3.OperationalError("database is locked")
 
     monkeypatch.setattr("callcast.crashes.CrashLedger._evidence", locked)
     reset()
@@ -306,6 +308,56 @@ async def test_a_ledger_that_cannot_be_read_leaves_the_broker_count_to_judge(
     await start(app, services=["worker"])
     await wait_until(lambda: done == [9])
     assert attempts_seen[9] == [2]
+
+
+async def test_a_ledger_that_cannot_be_read_bounds_a_crash_loop_by_max_attempts(
+    broker: MemoryBroker, start: StartApp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not by 3 x max_attempts: without evidence, none of the deliveries can be excused."""
+
+    monkeypatch.setattr("callcast.crashes.CrashLedger._evidence", locked)
+    reset()
+    await crash(broker, FAST.max_attempts)
+    await start(app, services=["worker"])
+    [letter] = await dead_letters(broker, 1)
+    assert letter.extensions["dlqreason"] == "crashloop"
+    assert letter.extensions["dlqattempts"] == str(FAST.max_attempts + 1)
+    assert calls[9] == 0
+
+
+async def test_a_consumer_that_fails_to_start_leaves_no_journal(
+    broker: MemoryBroker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Left behind, a live journal would later be collected as a death."""
+    from callcast.consumer import Consumer
+    from callcast.exceptions import TransportError
+
+    async def refused(*args: object, **kwargs: object) -> None:
+        raise TransportError("refused")
+
+    monkeypatch.setattr(broker, "subscribe", refused)
+    [handler] = worker.handlers
+    consumer = Consumer(broker, handler, lambda *args: None, crash_dir=tmp_path)  # type: ignore[arg-type,return-value]
+    with pytest.raises(TransportError):
+        await consumer.start()
+    assert not journals_under(tmp_path)
+
+
+def journals_under(directory: Path) -> list[Path]:
+    return list(directory.rglob("*.inflight*"))
+
+
+async def test_dead_processes_are_collected_while_no_redelivery_asks(
+    broker: MemoryBroker, start: StartApp, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A death is dated when collected: an idle consumer collects too."""
+    monkeypatch.setattr("callcast.consumer.COLLECT_EVERY", 0.05)
+    journals = tmp_path / "crashes" / "worker.work"
+    journals.mkdir(parents=True)
+    dead = journals / f"{dead_pid()}.inflight"
+    dead.write_text("+someone\n")
+    await start(app, services=["worker"])
+    await wait_until(lambda: not dead.exists())
 
 
 async def test_without_any_evidence_the_broker_count_still_bounds_a_crash_loop(

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from callcast.crashes import EVIDENCE_KEPT, CrashLedger, Evidence
+from callcast.crashes import EVIDENCE_KEPT, UNKNOWN, CrashLedger, Evidence
 from callcast.envelope import Envelope
 from callcast.journal import read_journal
 
@@ -185,7 +185,7 @@ def test_a_locked_ledger_gives_no_evidence_and_takes_no_failure_but_never_raises
     blocker = sqlite3.connect(tmp_path / "ledger.sqlite3", isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")
     try:
-        assert ledger.evidence(envelope) == Evidence()
+        assert ledger.evidence(envelope) == UNKNOWN
         ledger.failed("held")
         ledger.forget("held")
     finally:
@@ -211,7 +211,7 @@ def test_a_failed_collection_leaves_the_dead_processes_files_for_the_next(
         raise sqlite3.OperationalError("disk I/O error")
 
     monkeypatch.setattr(ledger, "_prune", failing_prune)
-    assert ledger.evidence(envelope) == Evidence()  # rolled back
+    assert ledger.evidence(envelope) == UNKNOWN  # rolled back
     assert (tmp_path / f"{pid}.inflight").read_text() == "+held\n"
     assert (tmp_path / f"{pid}.alone").read_text() == "culprit"
     monkeypatch.undo()
@@ -280,7 +280,7 @@ def test_without_disk_space_for_its_journal_a_ledger_goes_on_without_one(
     ledger.running_alone("a")  # no marker either: no one would collect it
     assert not list(tmp_path.glob("*.alone"))
     assert "creating this process's journal failed" in caplog.text
-    assert ledger.evidence(Envelope(type="T", source="s", data=b"{}", id="a")) == Evidence()
+    assert ledger.evidence(Envelope(type="T", source="s", data=b"{}", id="a")) == UNKNOWN
     ledger.close()
 
 
@@ -326,6 +326,7 @@ def test_a_ledger_whose_journal_cannot_grow_is_not_taken_for_a_dead_process(
     for n in range(10):
         ledger.fetched(Envelope(type="T", source="s", data=b"{}", id=f"more-{n}"))
     assert not ledger.journal_path.exists()
+    monkeypatch.undo()
     other = CrashLedger(tmp_path)
     assert (
         other.evidence(Envelope(type="T", source="s", data=b"{}", id="held", time=published(-60)))
