@@ -383,3 +383,30 @@ def test_ids_cannot_write_journal_lines_and_a_message_held_twice_stays_held_unti
     assert seen("evil\n-twice\n+victim") == Evidence(witnessed=1, deaths=1)
     assert seen("50%25") == Evidence(witnessed=1, deaths=1)
     ledger.close()
+
+
+def test_a_ledger_that_cannot_be_opened_for_another_reason_is_left_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only a corrupt file is moved aside: a locked one, or one opened while the process is out of
+    file descriptors, holds the machine's evidence, and other processes write to it."""
+    CrashLedger(tmp_path).close()
+
+    def locked(path: Path) -> sqlite3.Connection:
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr("callcast.crashes._connect", locked)
+    with pytest.raises(sqlite3.OperationalError):
+        CrashLedger(tmp_path)
+    assert (tmp_path / "ledger.sqlite3").exists()
+    assert not list(tmp_path.glob("ledger.sqlite3.unreadable-*"))
+
+
+def test_a_marker_in_another_encoding_is_read_without_failing(tmp_path: Path) -> None:
+    ledger = CrashLedger(tmp_path)
+    pid = dead_pid()
+    (tmp_path / f"{pid}.inflight").write_text("+held\n")
+    (tmp_path / f"{pid}.alone").write_bytes(b"\xff\xfe")
+    envelope = Envelope(type="T", source="s", data=b"{}", id="held", time=published(-60))
+    assert ledger.evidence(envelope) == Evidence(witnessed=1, deaths=1)
+    ledger.close()
