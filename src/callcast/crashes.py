@@ -288,18 +288,16 @@ class CrashLedger:
         if fcntl is None:
             raise OSError("no flock on this platform")
         making = self.journal_path.with_name(f"{self.journal_path.name}.new")
+        journal: Journal | None = None
         try:
             journal = Journal(
                 making, lambda: "".join(f"+{_line_id(held)}\n" * count for held, count in self._held.items())
             )
-        except BaseException:
-            making.unlink(missing_ok=True)
-            raise
-        try:
             fcntl.flock(journal.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             making.rename(self.journal_path)
         except BaseException:
-            journal.close()
+            if journal is not None:
+                journal.close()
             making.unlink(missing_ok=True)
             raise
         journal.path = self.journal_path
@@ -317,14 +315,12 @@ class CrashLedger:
                 error,
             )
 
-    def _guarded(self, doing: str, action: Callable[[], object]) -> bool:
-        """Run ``action``; whether it worked (if not, the reason is logged)."""
+    def _guarded(self, doing: str, action: Callable[[], object]) -> None:
+        """Run ``action``; if it fails, log why and go on."""
         try:
             action()
         except Exception as error:
             self._degraded(doing, error)
-            return False
-        return True
 
     def fetched(self, envelope: Envelope) -> None:
         """This process now holds a delivery of ``envelope`` (witnessed if the process dies)."""

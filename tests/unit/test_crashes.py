@@ -49,6 +49,11 @@ def dead_pid() -> int:
     return process.pid
 
 
+def no_space_left(fd: int, offset: int, length: int) -> None:
+    """``os.posix_fallocate`` on a full disk."""
+    raise OSError(28, "No space left on device")
+
+
 def published(seconds_from_now: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + seconds_from_now))
 
@@ -271,10 +276,7 @@ def test_journals_are_told_apart_by_their_lock_not_by_the_pid_in_their_name(tmp_
 def test_without_disk_space_for_its_journal_a_ledger_goes_on_without_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def full(fd: int, offset: int, length: int) -> None:
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(os, "posix_fallocate", full, raising=False)
+    monkeypatch.setattr(os, "posix_fallocate", no_space_left, raising=False)
     ledger = CrashLedger(tmp_path)
     ledger.fetched(Envelope(type="T", source="s", data=b"{}", id="a"))
     ledger.running_alone("a")  # no marker either: no one would collect it
@@ -294,10 +296,7 @@ def test_a_journal_that_cannot_grow_empties_itself_and_stops(
     journal = Journal(tmp_path / "j", lambda: "".join(f"+{name}\n" for name in sorted(held)), size=512)
     journal.append("+first\n")
 
-    def full(fd: int, offset: int, length: int) -> None:
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(os, "posix_fallocate", full, raising=False)
+    monkeypatch.setattr(os, "posix_fallocate", no_space_left, raising=False)
 
     def append_until_it_must_grow() -> None:  # the 40 held fill more than half of it
         for name in sorted(held) * 2:
@@ -318,10 +317,7 @@ def test_a_ledger_whose_journal_cannot_grow_is_not_taken_for_a_dead_process(
     ledger = CrashLedger(tmp_path)
     ledger.fetched(Envelope(type="T", source="s", data=b"{}", id="held"))
 
-    def full(fd: int, offset: int, length: int) -> None:
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(os, "posix_fallocate", full, raising=False)
+    monkeypatch.setattr(os, "posix_fallocate", no_space_left, raising=False)
     monkeypatch.setattr(ledger._journal, "size", 64)  # the next appends must grow it
     for n in range(10):
         ledger.fetched(Envelope(type="T", source="s", data=b"{}", id=f"more-{n}"))
