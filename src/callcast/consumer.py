@@ -37,12 +37,13 @@ from pydantic import BaseModel
 from callcast import inbox, sequence
 from callcast.codec import decode
 from callcast.context import Context
-from callcast.crashes import ABSOLUTE_FACTOR, COLLECT_EVERY, NO_EVIDENCE, CrashLedger, Evidence, Isolation
+from callcast.crashes import ABSOLUTE_FACTOR, COLLECT_EVERY, NO_EVIDENCE, CrashLedger, Evidence
 from callcast.database import Database
 from callcast.deadletter import dead_letter, dead_letter_envelope
 from callcast.dispatch import Dispatcher
 from callcast.envelope import UNDECODABLE_TYPE, Envelope, now_rfc3339
 from callcast.exceptions import DecodeError, PermanentError, TransportError, UnknownEventError
+from callcast.isolation import Isolation
 from callcast.ordering import KeyGate
 from callcast.service import EventHandler
 from callcast.transport import Broker, Delivery

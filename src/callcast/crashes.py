@@ -11,7 +11,8 @@ in the process knew of yet. So each consumer keeps two files per process in
   back), a :class:`~callcast.journal.Journal`: each line is in the file when it was written, at the
   cost of a memory copy. The ledger is the subscription's :class:`~callcast.transport.Holding`.
 * ``<name>.alone``: the *suspect* it runs alone — a redelivered message this process did not see
-  fail runs with no other event handler of the process running (:class:`Isolation`).
+  fail runs with no other event handler of the process running
+  (:class:`~callcast.isolation.Isolation`).
 
 ``<name>`` is the process id and a random part: names never repeat, also when a restarted
 container gets its predecessor's pid or containers sharing the directory have the same one. A
@@ -43,7 +44,6 @@ however often it happens).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
@@ -52,7 +52,7 @@ import time
 import uuid
 import weakref
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -105,6 +105,7 @@ CREATE TABLE IF NOT EXISTS evidence (
     changed REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS deaths (at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS collected (name TEXT PRIMARY KEY);
 """
 
 _COUNT = {
@@ -379,13 +380,14 @@ class CrashLedger:
     def _collect(self) -> None:
         """Turn the files of processes that died into confirmed and witnessed crashes and deaths.
 
-        Under the ledger's write lock, each file is renamed aside, counted, and removed after the
-        commit; if the transaction fails, the files are renamed back before the lock is released.
-        A journal that is gone by the time it is renamed is not counted (its process stopped
-        cleanly, or another collector took it): two processes never count one death twice, and a
-        clean stop is never a death. A collector killed between its renames and its commit loses
-        those deaths (not counted at all)."""
-        if not self._dead_journals():
+        Under the ledger's write lock, each file is renamed aside and counted; the names set aside
+        are committed with the counts, and the files removed after the commit. If the transaction
+        fails, the files are renamed back before the lock is released; if the collector is killed
+        before its commit, the next collector puts them back and counts them (and removes them if
+        the commit was made). A journal that is gone by the time it is renamed is not counted (its
+        process stopped cleanly, or another collector took it): two processes never count one
+        death twice, and a clean stop is never a death."""
+        if not self._dead_journals() and not any(self.directory.glob("*.collected")):
             return
         db = self._db
         db.execute("BEGIN IMMEDIATE")
@@ -410,6 +412,7 @@ class CrashLedger:
                 if culprit:
                     db.execute(_COUNT["confirmed"], (culprit, now))
                 db.execute("INSERT INTO deaths (at) VALUES (?)", (now,))
+            db.executemany("INSERT OR IGNORE INTO collected (name) VALUES (?)", [(a.name,) for a, _ in taken])
             db.execute(
                 "DELETE FROM deaths WHERE rowid <= (SELECT max(rowid) FROM deaths) - ?", (DEATHS_KEPT,)
             )
@@ -427,10 +430,18 @@ class CrashLedger:
             aside.unlink(missing_ok=True)
 
     def _sweep_leftovers(self) -> None:
-        """Files no one will collect: set aside by a collector that died after its commit, or a
-        journal whose process died while making it."""
-        for stale in self.directory.glob("*.collected"):
-            stale.unlink(missing_ok=True)
+        """Files a collector set aside and did not remove: counted (their names were committed with
+        the counts), they go; not counted (it was killed before its commit), they are put back, to
+        be counted now. Run under the write lock, when no live collector holds uncommitted files
+        aside. Also a journal whose process died while making it."""
+        counted = {name for (name,) in self._db.execute("SELECT name FROM collected")}
+        for aside in self.directory.glob("*.collected"):
+            if aside.name in counted:
+                aside.unlink(missing_ok=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    aside.rename(aside.with_name(aside.name.removesuffix(".collected")))
+        self._db.execute("DELETE FROM collected")
         for unborn in self.directory.glob("*.inflight.new"):
             with contextlib.suppress(FileNotFoundError):
                 if unborn.stat().st_mtime < time.time() - STARTING_FOR and not _locked(unborn):
@@ -500,62 +511,3 @@ class CrashLedger:
 
     def finished_alone(self) -> None:
         self._guarded("removing the crash marker", lambda: self.marker.unlink(missing_ok=True))
-
-
-class Isolation:
-    """Runs suspects alone: one at a time, while no other handler sharing this isolation runs (the
-    runtime shares one among the event consumers of its process; RPC requests it serves are not
-    paused, as a request handler may wait on another). Others wait while a suspect waits or runs
-    (a suspect is never starved by a stream of others).
-
-    So an event handler must not wait for another event handler of its process to do something:
-    while a suspect waits for the first to finish, the second waits for the suspect (until the
-    first gives up waiting). Suspects are rare (a process of the group died here), and handlers
-    that wait on other events are a hazard anyway; the alternative, a suspect beside other
-    handlers, would blame their crashes on it."""
-
-    def __init__(self) -> None:
-        self._changed = asyncio.Condition()
-        self._running = 0
-        self._alone = False
-        self._waiting_alone = 0
-
-    async def enter_shared(self) -> None:
-        """Start a shared run (end it with :meth:`leave_shared`): at once, without the lock, when
-        nothing runs or waits to run alone; else once the suspects are done."""
-        if self._alone or self._waiting_alone:
-            async with self._changed:
-                await self._changed.wait_for(lambda: not self._alone and not self._waiting_alone)
-        self._running += 1
-
-    async def leave_shared(self) -> None:
-        self._running -= 1
-        if self._waiting_alone and not self._running:
-            async with self._changed:
-                self._changed.notify_all()
-
-    @contextlib.asynccontextmanager
-    async def shared(self) -> AsyncIterator[None]:
-        await self.enter_shared()
-        try:
-            yield
-        finally:
-            await self.leave_shared()
-
-    @contextlib.asynccontextmanager
-    async def alone(self) -> AsyncIterator[None]:
-        async with self._changed:
-            self._waiting_alone += 1
-            try:
-                await self._changed.wait_for(lambda: not self._alone and not self._running)
-            finally:
-                self._waiting_alone -= 1
-                if not self._waiting_alone:  # cancelled meanwhile: the shared ones it held up go on
-                    self._changed.notify_all()
-            self._alone = True
-        try:
-            yield
-        finally:
-            async with self._changed:
-                self._alone = False
-                self._changed.notify_all()

@@ -31,12 +31,12 @@ from callcast.brokers import connect
 from callcast.coalescing import CoalescingBroker
 from callcast.consumer import Consumer
 from callcast.context import Context
-from callcast.crashes import Isolation
 from callcast.database import Database, database_url
 from callcast.deadletter import DEAD_LETTER_GROUP, DEAD_LETTER_TOPIC
 from callcast.envelope import Envelope
 from callcast.exceptions import ConfigurationError
 from callcast.http import build_asgi
+from callcast.isolation import Isolation
 from callcast.outbox import Relay
 from callcast.resilience import CallPolicy, CallStats
 from callcast.rpc import RpcClient, RpcServer

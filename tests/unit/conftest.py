@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -11,6 +13,13 @@ from callcast import App, Runtime
 from callcast.brokers.memory import MemoryBroker
 from tests.brokers.conftest import require_server
 from tests.real_brokers import new_run
+
+
+def dead_pid() -> int:
+    """The pid of a process that ran and was reaped: a dead process's journal is named after it."""
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait(10)
+    return process.pid
 
 
 async def wait_until(condition: Callable[[], bool | Awaitable[bool]], timeout: float = 5.0) -> None:

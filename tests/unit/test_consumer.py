@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -15,9 +13,10 @@ from pydantic import BaseModel
 
 from callcast import App, Context, Envelope, PermanentError, RetryPolicy, Service
 from callcast.brokers.memory import MemoryBroker
-from callcast.crashes import ABSOLUTE_FACTOR, Isolation
+from callcast.crashes import ABSOLUTE_FACTOR
 from callcast.deadletter import DEAD_LETTER_GROUP, DEAD_LETTER_TOPIC
-from tests.unit.conftest import StartApp, wait_until
+from callcast.isolation import Isolation
+from tests.unit.conftest import StartApp, dead_pid, wait_until
 
 FAST = RetryPolicy(max_attempts=3, base_delay=0.01, max_delay=0.02)
 
@@ -160,12 +159,6 @@ async def crash(broker: MemoryBroker, times: int) -> str:
         await delivery.nack()
     await crashing.close()
     return sent.id
-
-
-def dead_pid() -> int:
-    process = subprocess.Popen([sys.executable, "-c", "pass"])
-    process.wait(10)
-    return process.pid
 
 
 async def test_confirmed_crashes_dead_letter_a_crash_loop_without_running_the_handler(
@@ -358,6 +351,37 @@ async def test_dead_processes_are_collected_while_no_redelivery_asks(
     dead.write_text("+someone\n")
     await start(app, services=["worker"])
     await wait_until(lambda: not dead.exists())
+
+
+async def test_runtime_stop_stops_every_consumer_whatever_one_of_them_does(
+    broker: MemoryBroker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from callcast.consumer import Consumer
+
+    pair = Service("pair")
+
+    @pair.on(Job)
+    async def first(job: Job) -> None:
+        pass
+
+    @pair.on(Job)
+    async def second(job: Job) -> None:
+        pass
+
+    stop = Consumer.stop
+    asked: list[str] = []
+
+    async def first_one_fails(consumer: Consumer, grace: float) -> None:
+        asked.append(consumer.handler.group)
+        if len(asked) == 1:
+            raise RuntimeError("cannot stop")
+        await stop(consumer, grace)
+
+    runtime = await App([pair]).start(broker=broker, data_dir=tmp_path)
+    monkeypatch.setattr(Consumer, "stop", first_one_fails)
+    await runtime.stop(grace=1)
+    assert sorted(asked) == ["pair.first", "pair.second"]
+    assert not journals_under(tmp_path / "crashes" / asked[1])
 
 
 async def test_without_any_evidence_the_broker_count_still_bounds_a_crash_loop(

@@ -16,6 +16,7 @@ import pytest
 from callcast.crashes import EVIDENCE_KEPT, UNKNOWN, CrashLedger, Evidence
 from callcast.envelope import Envelope
 from callcast.journal import read_journal
+from tests.unit.conftest import dead_pid
 
 
 def test_a_ledger_names_what_it_holds_the_moment_it_takes_it(tmp_path: Path) -> None:
@@ -41,12 +42,6 @@ def test_what_a_closed_ledger_is_told_is_ignored(tmp_path: Path) -> None:
     ledger.close()
     ledger.returned(Envelope(type="T", source="s", data=b"{}", id="late"))
     assert not ledger.journal_path.exists()
-
-
-def dead_pid() -> int:
-    process = subprocess.Popen([sys.executable, "-c", "pass"])
-    process.wait(10)
-    return process.pid
 
 
 def no_space_left(fd: int, offset: int, length: int) -> None:
@@ -221,6 +216,84 @@ def test_a_failed_collection_leaves_the_dead_processes_files_for_the_next(
     assert (tmp_path / f"{pid}.alone").read_text() == "culprit"
     monkeypatch.undo()
     assert ledger.evidence(envelope) == Evidence(witnessed=1, deaths=1)
+    assert not list(tmp_path.glob(f"{pid}.*"))
+    ledger.close()
+
+
+def test_a_failed_collection_puts_the_files_back_while_it_still_holds_the_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A collector waiting for the lock must find them where they were, not set aside."""
+    ledger = CrashLedger(tmp_path)
+    journal = tmp_path / f"{dead_pid()}.inflight"
+    journal.write_text("+held\n")
+    database = ledger._db
+    there_at_rollback: list[bool] = []
+
+    class Watched:
+        def __getattr__(self, name: str) -> object:
+            return getattr(database, name)
+
+        def execute(self, sql: str, *args: object) -> sqlite3.Cursor:
+            if sql == "ROLLBACK":
+                there_at_rollback.append(journal.exists())
+            return database.execute(sql, *args)
+
+    def failing_prune() -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(ledger, "_db", Watched())
+    monkeypatch.setattr(ledger, "_prune", failing_prune)
+    ledger.collect()
+    assert there_at_rollback == [True]
+    monkeypatch.undo()
+    ledger.close()
+
+
+def test_files_that_cannot_be_removed_never_stop_a_settle_or_a_stop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ledger = CrashLedger(tmp_path)
+    ledger.running_alone("suspect")
+    unlink = Path.unlink
+
+    def refused(path: Path, missing_ok: bool = False) -> None:
+        if path.suffix == ".alone":
+            raise PermissionError(13, "Permission denied", str(path))
+        unlink(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", refused)
+    ledger.finished_alone()
+    ledger.close()
+    assert ledger.marker.exists()
+    assert not ledger.journal_path.exists()  # the journal still goes
+    monkeypatch.undo()
+    ledger.marker.unlink()
+
+
+@pytest.mark.parametrize("committed", [False, True])
+def test_a_collector_killed_midway_neither_loses_nor_doubles_the_deaths_it_took(
+    tmp_path: Path, committed: bool
+) -> None:
+    """Killed after setting a dead process's files aside: before its commit, the next collector puts
+    them back and counts them; after it, the next one only removes them."""
+    pid = dead_pid()
+    (tmp_path / f"{pid}.inflight").write_text("+held\n")
+    (tmp_path / f"{pid}.alone").write_text("culprit")
+    envelope = Envelope(type="T", source="s", data=b"{}", id="held", time=published(-60))
+    if committed:
+        first = CrashLedger(tmp_path)
+        assert first.evidence(envelope) == Evidence(witnessed=1, deaths=1)
+        first.close()
+        (tmp_path / f"{pid}.inflight.collected").write_text("+held\n")  # as if its removals
+        (tmp_path / f"{pid}.alone.collected").write_text("culprit")  # never happened
+    else:
+        for name in (f"{pid}.inflight", f"{pid}.alone"):
+            (tmp_path / name).rename(tmp_path / f"{name}.collected")
+    ledger = CrashLedger(tmp_path)
+    assert ledger.evidence(envelope) == Evidence(witnessed=1, deaths=1)
+    culprit = Envelope(type="T", source="s", data=b"{}", id="culprit", time=envelope.time)
+    assert ledger.evidence(culprit) == Evidence(confirmed=1, deaths=1)
     assert not list(tmp_path.glob(f"{pid}.*"))
     ledger.close()
 

@@ -165,6 +165,22 @@ async def test_sequenced_handler_applies_in_order_whatever_the_arrival_order(
     await wait_until(lambda: _stats(runtime)["stale"] >= 1)
 
 
+async def test_parked_messages_wait_while_a_suspect_runs_alone(start: StartApp) -> None:
+    """The sweeper runs handlers too: beside a suspect, a crash of theirs would be blamed on it."""
+    runtime = await start(app)
+    bank_ctx = runtime.context("bank")
+    for version in (1, 3):
+        await bank_ctx.publish(Versioned(account="iso", version=version, value=0), key="iso")
+    await wait_until(lambda: applied["iso"] == [1] and _stats(runtime)["parked"] == 1)
+    isolation = runtime._isolation  # type: ignore[attr-defined]
+    async with isolation.alone():  # this test is the suspect
+        async with runtime.context("ledger").transaction() as conn:  # 2 applied by another process
+            await sequence.advance(conn, "ledger.track", "iso", 2)
+        await wait_until(lambda: isolation.held_up == 1)  # the sweeper found 3 next, and waits
+        assert applied["iso"] == [1]
+    await wait_until(lambda: applied["iso"] == [1, 3])
+
+
 async def test_a_gap_that_never_closes_is_dead_lettered(start: StartApp, broker: MemoryBroker) -> None:
     runtime = await start(app)
     ctx = runtime.context("bank")
