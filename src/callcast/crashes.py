@@ -222,14 +222,18 @@ UNKNOWN = Evidence(unknown=True)
 """A redelivery's when the ledger cannot be used."""
 
 
+UNREADABLE_KEPT = 3
+"""Unreadable ledgers kept aside (the most recent), for a look at what damaged them."""
+
 _CORRUPT = (11, 26)
 """SQLite's primary result codes of a damaged file: ``SQLITE_CORRUPT``, ``SQLITE_NOTADB``."""
 
 
 def _open_ledger(path: Path) -> sqlite3.Connection:
     """The machine's ledger database at ``path``. One that is not a database (corrupt, say after a
-    power loss: it is written with ``synchronous=OFF``) is moved aside and made anew: it only held
-    evidence, whose loss makes the broker's count weigh more."""
+    power loss: it is written with ``synchronous=OFF``) is moved aside (the last
+    :data:`UNREADABLE_KEPT` are kept) and made anew: it only held evidence, whose loss makes the
+    broker's count weigh more."""
     try:
         return _connect(path)
     except sqlite3.DatabaseError as error:
@@ -241,7 +245,20 @@ def _open_ledger(path: Path) -> sqlite3.Connection:
             path.rename(aside)
         for suffix in ("-wal", "-shm"):
             path.with_name(path.name + suffix).unlink(missing_ok=True)
+        _prune_unreadable(path)
         return _connect(path)
+
+
+def _prune_unreadable(path: Path) -> None:
+    """Keep the :data:`UNREADABLE_KEPT` most recent unreadable copies of the ledger at ``path``."""
+
+    def moved_at(copy: Path) -> int:
+        stamp = copy.name.rpartition("-")[2]
+        return int(stamp) if stamp.isdigit() else 0
+
+    copies = sorted(path.parent.glob(f"{path.name}.unreadable-*"), key=moved_at)
+    for old in copies[:-UNREADABLE_KEPT]:
+        old.unlink(missing_ok=True)
 
 
 def _connect(path: Path) -> sqlite3.Connection:

@@ -330,6 +330,16 @@ def test_an_unreadable_ledger_is_moved_aside_and_made_anew(tmp_path: Path) -> No
     ledger.close()
 
 
+def test_only_the_last_unreadable_ledgers_are_kept(tmp_path: Path) -> None:
+    for moved_at in (100, 200, 300, 400):
+        (tmp_path / f"ledger.sqlite3.unreadable-{moved_at}").write_bytes(b"old")
+    (tmp_path / "ledger.sqlite3").write_bytes(b"not a database, " * 512)
+    CrashLedger(tmp_path).close()
+    kept = sorted(int(path.name.rpartition("-")[2]) for path in tmp_path.glob("ledger.sqlite3.unreadable-*"))
+    assert len(kept) == 3
+    assert kept[:2] == [300, 400]  # and the one just moved aside
+
+
 def test_journals_are_told_apart_by_their_lock_not_by_the_pid_in_their_name(tmp_path: Path) -> None:
     """A restarted container often gets its predecessor's pid, and containers sharing the directory
     may all be pid 1: an unlocked journal is a dead process's, a locked one a live process's,
