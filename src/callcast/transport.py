@@ -103,7 +103,11 @@ class Capabilities:
 
 @runtime_checkable
 class Delivery(Protocol):
-    """One envelope handed to one subscriber, until it is settled by ``ack`` or ``nack``."""
+    """One envelope handed to one subscriber, until it is settled by ``ack`` or ``nack``.
+
+    An ``ack`` or ``nack`` that raises :class:`~callcast.exceptions.TransportError` may not have
+    reached the broker: the subscriber stops holding the delivery (it no longer renews its lease),
+    and the group gets it back when the lease runs out or the connection closes."""
 
     @property
     def envelope(self) -> Envelope: ...

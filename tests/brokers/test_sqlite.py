@@ -11,6 +11,7 @@ import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -324,5 +325,143 @@ async def test_closing_while_a_claim_is_under_way_counts_no_attempt(tmp_path: Pa
         delivery = await asyncio.wait_for(second.__anext__(), 5)
         assert (delivery.envelope.data, delivery.attempt) == (b"1", 1)
         await delivery.ack()
+    finally:
+        await broker.close()
+
+
+# -- failures and races ---------------------------------------------------------------------------
+
+
+def _rows(path: Path, table: str) -> int:
+    with contextlib.closing(sqlite3.connect(path, timeout=10)) as conn:
+        return int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+
+
+async def test_a_delivery_whose_settle_failed_comes_back_once_its_lease_runs_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its subscriber no longer renews it (the consumer counts on that), also while it lives on."""
+    broker = SqliteBroker(f"sqlite:///{tmp_path / 'broker.db'}?lease={LEASE:g}")
+    await broker.connect()
+    try:
+        subscription = await broker.subscribe("orders", "billing")
+        await broker.publish("orders", [Envelope(type="T", source="/s", data=b"x")])
+        delivery = await asyncio.wait_for(subscription.__anext__(), 5)
+        run = broker._run
+
+        async def settles_fail(op: Any) -> Any:
+            if getattr(op, "__name__", "") == "settle":
+                raise TransportError("sqlite broker: disk I/O error")
+            return await run(op)
+
+        monkeypatch.setattr(broker, "_run", settles_fail)
+        with pytest.raises(TransportError):
+            await delivery.ack()
+        monkeypatch.undo()
+        again = await asyncio.wait_for(subscription.__anext__(), LEASE * 5)
+        assert (again.envelope.data, again.attempt) == (b"x", 2)
+        await again.ack()
+    finally:
+        await broker.close()
+
+
+async def test_an_ack_in_the_loop_turn_of_the_close_is_not_undone_by_it(tmp_path: Path) -> None:
+    path = tmp_path / "broker.db"
+    broker = await connect(f"sqlite:///{path}?lease={LEASE:g}")
+    try:
+        subscription = await broker.subscribe("orders", "billing")
+        await broker.publish("orders", [Envelope(type="T", source="/s", data=b"x")])
+        delivery = await asyncio.wait_for(subscription.__anext__(), 5)
+        ack = asyncio.create_task(delivery.ack())
+        await asyncio.sleep(0)  # the ack joined this turn's batch, whose write has not started
+        await subscription.close()
+        await asyncio.wait_for(ack, 5)
+        assert await asyncio.to_thread(_rows, path, "deliveries") == 0
+    finally:
+        await broker.close()
+
+
+async def test_a_subscriber_does_not_claim_again_what_it_holds_when_its_lease_ran_out(tmp_path: Path) -> None:
+    """The lease can run out while the writer waits for another process's lock; the delivery is
+    still being handled here, and must not be handed out here a second time."""
+    path = tmp_path / "broker.db"
+    broker = await connect(f"sqlite:///{path}?lease=30")  # no renewal during the test
+    try:
+        subscription = await broker.subscribe("orders", "billing", prefetch=4)
+        await broker.publish("orders", [Envelope(type="T", source="/s", data=b"first")])
+        held = await asyncio.wait_for(subscription.__anext__(), 5)
+
+        def lease_runs_out() -> None:
+            with contextlib.closing(sqlite3.connect(path, timeout=10)) as conn, conn:
+                conn.execute("UPDATE deliveries SET lease_until = 0")
+
+        await asyncio.to_thread(lease_runs_out)
+        await broker.publish("orders", [Envelope(type="T", source="/s", data=b"second")])
+        following = await asyncio.wait_for(subscription.__anext__(), 5)
+        assert following.envelope.data == b"second"
+        await held.ack()
+        await following.ack()
+    finally:
+        await broker.close()
+
+
+async def test_when_the_writer_thread_dies_every_call_fails_instead_of_hanging(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from callcast.brokers import sqlite as module
+
+    broker = await connect(f"sqlite:///{tmp_path / 'broker.db'}")
+    try:
+        await broker.declare("orders", "billing")
+
+        def broken(self: object, conn: sqlite3.Connection, batch: object) -> None:
+            raise RuntimeError("a bug in the writer")
+
+        monkeypatch.setattr(module._Writer, "_run_batch", broken)
+        with pytest.raises(BrokerUnavailableError):
+            await asyncio.wait_for(broker.publish("orders", [Envelope(type="T", source="/s", data=b"x")]), 5)
+        with pytest.raises(BrokerUnavailableError):
+            await asyncio.wait_for(broker.publish("orders", [Envelope(type="T", source="/s", data=b"y")]), 5)
+    finally:
+        monkeypatch.undo()
+        await asyncio.wait_for(broker.close(), 5)
+
+
+def test_a_change_count_that_cannot_be_read_is_taken_as_unchanged() -> None:
+    from callcast.brokers.sqlite import _data_version
+
+    conn = sqlite3.connect(":memory:")
+    assert _data_version(conn, 7) == 1  # read
+    conn.close()
+    assert _data_version(conn, 7) == 7  # cannot be read: the last value
+
+
+async def test_a_housekeeping_pass_deletes_every_settled_message_whatever_its_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from callcast.brokers import sqlite as module
+
+    monkeypatch.setattr(module, "GARBAGE_BATCH", 3)
+    left_at_each_pass: list[int] = []
+    renew = module._renew
+
+    def counting(held: Any, lease: float, conn: sqlite3.Connection) -> None:
+        left_at_each_pass.append(conn.execute("SELECT count(*) FROM messages").fetchone()[0])
+        renew(held, lease, conn)
+
+    monkeypatch.setattr(module, "_renew", counting)
+    path = tmp_path / "broker.db"
+    broker = await connect(f"sqlite:///{path}?lease=0.3")
+    try:
+        subscription = await broker.subscribe("orders", "billing", prefetch=20)
+        await broker.publish("orders", [Envelope(type="T", source="/s", data=b"%d" % n) for n in range(10)])
+        for _ in range(10):
+            await (await asyncio.wait_for(subscription.__anext__(), 5)).ack()
+        passes = len(left_at_each_pass)
+        deadline = asyncio.get_running_loop().time() + 5
+        while len(left_at_each_pass) < passes + 2:  # a whole pass since every ack was written
+            assert asyncio.get_running_loop().time() < deadline, "no housekeeping pass"
+            await asyncio.sleep(0.02)
+        assert left_at_each_pass[passes + 1] == 0
     finally:
         await broker.close()

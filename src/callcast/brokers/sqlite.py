@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import os
 import queue
 import sqlite3
@@ -52,6 +53,8 @@ from callcast.exceptions import BrokerUnavailableError, ConfigurationError, Tran
 from callcast.transport import Capabilities, Delivery, Holding
 from callcast.waiting import wait_event
 
+log = logging.getLogger("callcast.brokers.sqlite")
+
 CAPABILITIES = Capabilities(
     durable=True,
     shared=True,
@@ -63,6 +66,8 @@ CAPABILITIES = Capabilities(
 )
 
 DEFAULT_PATH = ".callcast/broker.db"
+GARBAGE_BATCH = 20_000
+"""Settled messages deleted by one op; a housekeeping pass runs ops until fewer are left."""
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -96,13 +101,16 @@ CREATE INDEX IF NOT EXISTS deliveries_by_key ON deliveries (grp, pkey, seq) WHER
 # the message's, so every query of a group's rows also matches ``messages.topic``.
 _OF_TOPIC = "EXISTS (SELECT 1 FROM messages AS m WHERE m.seq = {row}.seq AND m.topic = {topic})"
 
-# The earliest unsettled delivery of each key is the only one of that key that may be claimed.
+# The earliest unsettled delivery of each key is the only one of that key that may be claimed. A
+# lease run out while the writer waited for another process's lock is not taken again by its own
+# subscriber while it still holds the delivery (``:held``): it would be handled twice at once.
 _CLAIM = f"""
 UPDATE deliveries SET owner = :owner, lease_until = :lease_until, attempts = attempts + 1
 WHERE grp = :grp AND seq IN (
     SELECT d.seq FROM deliveries AS d
     WHERE d.grp = :grp AND d.available_at <= :now
-      AND (d.owner IS NULL OR d.lease_until < :now)
+      AND (d.owner IS NULL OR (d.lease_until < :now
+           AND NOT (d.owner = :owner AND d.seq IN (SELECT value FROM json_each(:held)))))
       AND {_OF_TOPIC.format(row="d", topic=":topic")}
       AND (d.pkey IS NULL OR NOT EXISTS (
             SELECT 1 FROM deliveries AS e
@@ -175,6 +183,7 @@ class _Writer(threading.Thread):
         self.ops: queue.SimpleQueue[tuple[_Op, asyncio.Future[Any]] | None] = queue.SimpleQueue()
         self.ready = threading.Event()
         self.startup_error: BaseException | None = None
+        self.stopped = False
         self.poll_interval = 0.004
 
     def run(self) -> None:
@@ -185,13 +194,14 @@ class _Writer(threading.Thread):
             self.ready.set()
             return
         self.ready.set()
-        data_version = conn.execute("PRAGMA data_version").fetchone()[0]
+        data_version = _data_version(conn, 0)
+        running: _Batch = []
         try:
             while True:
                 try:
                     first = self.ops.get(timeout=self.poll_interval)
                 except queue.Empty:
-                    current = conn.execute("PRAGMA data_version").fetchone()[0]
+                    current = _data_version(conn, data_version)
                     if current != data_version:
                         data_version = current
                         self.on_foreign_commit()
@@ -201,20 +211,41 @@ class _Writer(threading.Thread):
                     while len(batch) < 512:
                         batch.append(self.ops.get_nowait())
                 stop = None in batch
-                self._run_batch(conn, [item for item in batch if item is not None])
-                data_version = conn.execute("PRAGMA data_version").fetchone()[0]
+                running = [item for item in batch if item is not None]
+                self._run_batch(conn, running)
+                running = []
+                data_version = _data_version(conn, data_version)
                 if stop:
                     return
+        except BaseException:
+            log.exception("sqlite broker %s: the writer thread failed", self.path)
+            failure = BrokerUnavailableError("sqlite broker: the writer thread failed")
+            self._hand_back([(future, None, failure) for _, future in running])
         finally:
+            self.stopped = True  # before failing what is queued: _run checks it after queueing
+            self.fail_queued()
             conn.close()
+
+    def fail_queued(self) -> None:
+        """Fail every queued op (the writer has stopped): no caller waits forever."""
+        failure = BrokerUnavailableError("sqlite broker is closed")
+        with contextlib.suppress(queue.Empty):
+            while True:
+                item = self.ops.get_nowait()
+                if item is not None:
+                    self._hand_back([(item[1], None, failure)])
 
     def _open(self) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA busy_timeout = 30000")
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute(f"PRAGMA synchronous = {self.synchronous}")
-        conn.executescript(_SCHEMA)
+        try:
+            conn.execute("PRAGMA busy_timeout = 30000")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+            conn.executescript(_SCHEMA)
+        except BaseException:
+            conn.close()
+            raise
         return conn
 
     def _run_batch(self, conn: sqlite3.Connection, batch: _Batch) -> None:
@@ -285,6 +316,15 @@ class _Writer(threading.Thread):
                 loop.call_soon_threadsafe(_resolve, items)
 
 
+def _data_version(conn: sqlite3.Connection, last: int) -> int:
+    """SQLite's count of commits by other connections, or ``last`` if it cannot be read now (the
+    file busy in another process's recovery, say): the next look sees what this one missed."""
+    try:
+        return int(conn.execute("PRAGMA data_version").fetchone()[0])
+    except sqlite3.Error:
+        return last
+
+
 def _resolve(items: _Results) -> None:
     for future, value, error in items:
         if future.done():
@@ -343,6 +383,8 @@ class SqliteBroker:
             raise BrokerUnavailableError("sqlite broker is closed")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._writer.ops.put((op, future))
+        if self._writer.stopped:  # it stopped before it could take this op
+            self._writer.fail_queued()
         return await future
 
     def _wake_all_threadsafe(self) -> None:
@@ -433,8 +475,11 @@ class SqliteBroker:
 
     # -- subscriber operations ------------------------------------------------------------------
 
-    async def _claim(self, topic: str, group: str, owner: str, limit: int) -> list[tuple[Envelope, int, int]]:
+    async def _claim(
+        self, topic: str, group: str, owner: str, limit: int, held: Sequence[int]
+    ) -> list[tuple[Envelope, int, int]]:
         lease = self.lease
+        held_json = orjson.dumps(list(held)).decode()
 
         def claim(conn: sqlite3.Connection) -> list[tuple[int, int, str, bytes]]:
             now = time.time()
@@ -447,6 +492,7 @@ class SqliteBroker:
                     "topic": topic,
                     "now": now,
                     "limit": limit,
+                    "held": held_json,
                 },
             ).fetchall()
             if not claimed:
@@ -530,18 +576,27 @@ class SqliteBroker:
         """Every lease/3 seconds: renew this process's leases and heartbeats, collect garbage."""
         while True:
             await asyncio.sleep(self.lease / 3)
-            owners = [(s.owner, s.group, s.topic, s.ephemeral) for s in self._subscriptions if not s.closed]
+            held = [
+                (s.owner, s.group, s.topic, s.ephemeral, list(s.outstanding))
+                for s in self._subscriptions
+                if not s.closed
+            ]
             with contextlib.suppress(TransportError):
-                await self._run(functools.partial(_renew_and_collect, owners, self.lease))
+                await self._run(functools.partial(_renew, held, self.lease))
+                while await self._run(_collect_garbage) == GARBAGE_BATCH:  # more left: another op, so
+                    pass  # other processes get the write lock in between
 
 
-def _renew_and_collect(
-    owners: list[tuple[str, str, str, bool]], lease: float, conn: sqlite3.Connection
-) -> None:
-    """Extend the leases of live subscribers; drop dead ephemeral groups and settled messages."""
+def _renew(held: list[tuple[str, str, str, bool, list[int]]], lease: float, conn: sqlite3.Connection) -> None:
+    """Extend the leases of the deliveries live subscribers hold, and the heartbeats of their
+    ephemeral groups; drop the ephemeral groups of dead subscribers. A delivery its subscriber no
+    longer tracks (its settle failed) is not renewed: its lease runs out and the group gets it back."""
     now = time.time()
-    for owner, group, topic, ephemeral in owners:
-        conn.execute("UPDATE deliveries SET lease_until = ? WHERE owner = ?", (now + lease, owner))
+    for owner, group, topic, ephemeral, seqs in held:
+        conn.executemany(
+            "UPDATE deliveries SET lease_until = ? WHERE grp = ? AND seq = ? AND owner = ?",
+            [(now + lease, group, seq, owner) for seq in seqs],
+        )
         if ephemeral:
             conn.execute(
                 "UPDATE subscriptions SET heartbeat = ? WHERE topic = ? AND grp = ?", (now, topic, group)
@@ -553,10 +608,14 @@ def _renew_and_collect(
     for topic, group in stale:
         conn.execute("DELETE FROM subscriptions WHERE topic = ? AND grp = ?", (topic, group))
         conn.execute(_DROP_GROUP, (group, topic))
-    conn.execute(
+
+
+def _collect_garbage(conn: sqlite3.Connection) -> int:
+    """Delete up to :data:`GARBAGE_BATCH` messages no group still has to receive; how many."""
+    return conn.execute(
         "DELETE FROM messages WHERE seq IN (SELECT m.seq FROM messages AS m WHERE NOT EXISTS "
-        "(SELECT 1 FROM deliveries AS d WHERE d.seq = m.seq) LIMIT 20000)"
-    )
+        f"(SELECT 1 FROM deliveries AS d WHERE d.seq = m.seq) LIMIT {GARBAGE_BATCH})"
+    ).rowcount
 
 
 class _SqliteSubscription:
@@ -611,7 +670,7 @@ class _SqliteSubscription:
     async def _claim(self, limit: int) -> None:
         if self.closed:  # checked before queueing the claim, so close()'s release comes after it
             return
-        claimed = await self.broker._claim(self.topic, self.group, self.owner, limit)
+        claimed = await self.broker._claim(self.topic, self.group, self.owner, limit, list(self.outstanding))
         # Kept even if the subscription closed meanwhile: close() waits for this claim and hands
         # these rows back as never handed out.
         for envelope, seq, attempt in claimed:
@@ -625,9 +684,11 @@ class _SqliteSubscription:
         if self.closed or seq not in self.outstanding:
             return
         self.outstanding.discard(seq)
-        await self.broker._settle(self.group, seq, self.owner, delay)
-        if self.holding is not None:
-            self.holding.returned(delivery.envelope)
+        try:
+            await self.broker._settle(self.group, seq, self.owner, delay)
+        finally:  # settled; or, if the write failed, no longer renewed: its lease runs out
+            if self.holding is not None:
+                self.holding.returned(delivery.envelope)
 
     async def close(self) -> None:
         if self.closed:
@@ -636,6 +697,9 @@ class _SqliteSubscription:
         claiming = self.claiming
         if claiming is not None:
             await asyncio.wait({claiming})
+        settling = self.broker._settling  # settles of this loop turn, not yet queued: before the release
+        if settling is not None and settling.written is not None:
+            await asyncio.wait({settling.written})
         never_handed_out = [delivery._seq for delivery in self.buffer]
         returned = [delivery.envelope for delivery in self.buffer]
         self.buffer.clear()
