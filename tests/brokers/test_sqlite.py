@@ -20,7 +20,7 @@ from callcast.brokers.sqlite import SqliteBroker, parse_url
 from callcast.envelope import UNDECODABLE_TYPE, Envelope
 from callcast.exceptions import BrokerUnavailableError, ConfigurationError, TransportError
 from callcast.testing import BrokerConformance
-from callcast.transport import Broker, Capabilities
+from callcast.transport import Broker, Capabilities, Delivery, Subscription
 
 LEASE = 1.0
 
@@ -204,6 +204,13 @@ async def test_a_delayed_retry_survives_a_restart(tmp_path: Path) -> None:
         await reopened.close()
 
 
+async def one_delivery(broker: Broker) -> tuple[Subscription, Delivery]:
+    """Subscribe group ``billing`` to ``orders``, publish one envelope (data ``x``) and take it."""
+    subscription = await broker.subscribe("orders", "billing")
+    await broker.publish("orders", [Envelope(type="T", source="/s", data=b"x")])
+    return subscription, await asyncio.wait_for(subscription.__anext__(), 5)
+
+
 def _inject(path: Path, group: str, topic: str, rows: list[tuple[str, bytes]]) -> None:
     """Write messages (raw headers text, body) for ``group`` straight into the file, as a foreign
     or older writer could have."""
@@ -289,9 +296,7 @@ async def test_an_ack_whose_write_is_cancelled_before_it_ran_fails_instead_of_ha
     broker = SqliteBroker(f"sqlite:///{tmp_path / 'broker.db'}?lease={LEASE:g}")
     await broker.connect()
     try:
-        subscription = await broker.subscribe("orders", "billing")
-        await broker.publish("orders", [Envelope(type="T", source="/s", data=b"x")])
-        delivery = await asyncio.wait_for(subscription.__anext__(), 5)
+        _, delivery = await one_delivery(broker)
         ack = asyncio.create_task(delivery.ack())
         await asyncio.sleep(0)  # the ack queued itself; the turn's write has not started yet
         batch = broker._settling
@@ -344,9 +349,7 @@ async def test_a_delivery_whose_settle_failed_comes_back_once_its_lease_runs_out
     broker = SqliteBroker(f"sqlite:///{tmp_path / 'broker.db'}?lease={LEASE:g}")
     await broker.connect()
     try:
-        subscription = await broker.subscribe("orders", "billing")
-        await broker.publish("orders", [Envelope(type="T", source="/s", data=b"x")])
-        delivery = await asyncio.wait_for(subscription.__anext__(), 5)
+        subscription, delivery = await one_delivery(broker)
         run = broker._run
 
         async def settles_fail(op: Any) -> Any:
@@ -369,9 +372,7 @@ async def test_an_ack_in_the_loop_turn_of_the_close_is_not_undone_by_it(tmp_path
     path = tmp_path / "broker.db"
     broker = await connect(f"sqlite:///{path}?lease={LEASE:g}")
     try:
-        subscription = await broker.subscribe("orders", "billing")
-        await broker.publish("orders", [Envelope(type="T", source="/s", data=b"x")])
-        delivery = await asyncio.wait_for(subscription.__anext__(), 5)
+        subscription, delivery = await one_delivery(broker)
         ack = asyncio.create_task(delivery.ack())
         await asyncio.sleep(0)  # the ack joined this turn's batch, whose write has not started
         await subscription.close()
