@@ -72,6 +72,7 @@ outbox_table = Table(
     Column("created_at", Float, nullable=False),
     Column("claimed_by", String(64)),
     Column("claimed_until", Float),
+    sqlite_autoincrement=True,  # ids never reused: a relay's late delete cannot hit a newer row
 )
 """Envelopes published inside a transaction, waiting for the relay to hand them to the broker."""
 
@@ -165,6 +166,7 @@ class Database:
         self.engine: AsyncEngine = create_async_engine(target, pool_reset_on_return=None, **options)
         if self.dialect == "sqlite":
             _sqlite_immediate_transactions(self.engine)
+        _remember_failed_statements(self.engine)
 
     async def setup(self) -> None:
         """Create callcast's tables if missing (safe to run from several processes: a conflict with
@@ -187,12 +189,33 @@ class Database:
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncConnection]:
-        """A connection in a transaction: committed when the block ends, rolled back if it raises."""
+        """A connection in a transaction: committed when the block ends, rolled back if it raises.
+
+        A block that caught the error of one of its statements and ended normally commits only if
+        the transaction survived it. PostgreSQL aborts a transaction at a failed statement (unless
+        a savepoint was rolled back) and then answers ``COMMIT`` with a rollback, without an
+        error; such a block raises the driver's "transaction is aborted" error instead of passing
+        for committed."""
         async with self.engine.begin() as conn:
+            info = conn.sync_connection.info if conn.sync_connection is not None else {}
+            info.pop(_STATEMENT_FAILED, None)
             yield conn
+            if info.pop(_STATEMENT_FAILED, False):
+                await conn.exec_driver_sql("SELECT 1")  # fails in an aborted transaction
 
     async def close(self) -> None:
         await self.engine.dispose()
+
+
+_STATEMENT_FAILED = "callcast_statement_failed"
+"""Set in a connection's ``info`` when one of its statements failed."""
+
+
+def _remember_failed_statements(engine: AsyncEngine) -> None:
+    @event.listens_for(engine.sync_engine, "handle_error")
+    def on_error(context: Any) -> None:
+        if context.connection is not None:
+            context.connection.info[_STATEMENT_FAILED] = True
 
 
 def _sqlite_immediate_transactions(engine: AsyncEngine) -> None:

@@ -28,14 +28,17 @@ returns; if the process dies between the commit and that store, a retry gets 409
 lost" instead of a second effect. A handler that writes without ``ctx.transaction()`` gets no such
 guard: if its process dies mid-request, a retry after the lease (``lease`` seconds) runs it again.
 
-A claim whose process died is taken over after its lease (30 s by default), so a crash never wedges
-a key. Keys are kept ``retention`` seconds (24 h by default); an expired key is free again.
+While its handler runs, a request renews its claim's lease every third of it, so a slow handler
+keeps its key. A claim whose process died is taken over after its lease (30 s by default), so a
+crash never wedges a key. Keys are kept ``retention`` seconds (24 h by default); an expired key is free again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -56,6 +59,8 @@ from callcast.waiting import within
 
 if TYPE_CHECKING:
     from callcast.runtime import Runtime
+
+log = logging.getLogger("callcast.idempotency")
 
 KEY_HEADER = "idempotency-key"
 REPLAYED_HEADER = "idempotent-replayed"
@@ -177,10 +182,15 @@ class _ClaimingContext(Context):
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncConnection]:
+        """The outermost transaction marks the claim applied, once it committed; a nested one only
+        joins it (its end commits nothing)."""
+        outermost = self._tx is None
         async with super().transaction() as conn:
-            await self._claim.mark_applied(conn)
+            if outermost:
+                await self._claim.mark_applied(conn)
             yield conn
-        self._claim.applied = True
+        if outermost:
+            self._claim.applied = True
 
 
 @dataclass(frozen=True)
@@ -246,10 +256,15 @@ class IdempotencyGuard:
     async def _execute(
         self, claim: Claim, execute: Callable[[Claim], Awaitable[Response]]
     ) -> tuple[Response, StoredAnswer | None]:
+        renewing = asyncio.create_task(self._keep(claim))
         try:
             response = await execute(claim)
         except ClaimLostError:
             return _in_progress(claim.key), None
+        finally:
+            renewing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewing
         body = getattr(response, "body", None)
         if (response.status_code >= 500 and not claim.applied) or not isinstance(body, bytes):
             await self._release(claim)
@@ -257,6 +272,26 @@ class IdempotencyGuard:
         stored = StoredAnswer(response.status_code, response.media_type, body)
         await self._store(claim, stored)
         return response, stored
+
+    async def _keep(self, claim: Claim) -> None:
+        """Renew ``claim``'s lease every third of it while its handler runs (a renewal that fails
+        is logged; the next one may succeed before the lease runs out)."""
+        while True:
+            await asyncio.sleep(self.policy.lease / 3)
+            try:
+                async with self._database().transaction() as conn:
+                    await conn.execute(
+                        _table.update()
+                        .where(claim.owned_row())
+                        .values(lease_until=time.time() + self.policy.lease)
+                    )
+            except Exception as error:
+                log.warning(
+                    "renewing Idempotency-Key %r of %s failed: %s",
+                    claim.key,
+                    self.route,
+                    type(error).__name__,
+                )
 
     async def _claim(self, key: str, fingerprint: str) -> Claim | StoredAnswer | str:
         """Claim ``key`` for a new request; else what the table holds for it: its stored answer,

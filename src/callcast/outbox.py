@@ -33,12 +33,11 @@ import uuid
 from collections import defaultdict
 
 from sqlalchemy import text
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from callcast.database import Database, outbox_table
 from callcast.envelope import Envelope, decode_or_quarantine
-from callcast.exceptions import TransportError
+from callcast.exceptions import BrokerUnavailableError, TransportError
 from callcast.transport import Broker
 from callcast.waiting import wait_event
 
@@ -98,9 +97,12 @@ class Relay:
         self.poll = poll
         self.relay_id = uuid.uuid4().hex[:16]
         self.published = 0
+        self.failures = 0
+        """Relay passes that failed (the database or the broker away), each followed by a pause."""
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._sending: set[asyncio.Task[None]] = set()
+        self._queued: list[Staged] = []  # committed here, to send in commit order
+        self._sender: asyncio.Task[None] | None = None
         self._sent: set[int] = set()  # published, to delete
         self._unsent: set[int] = set()  # publish failed, to release for a retry
 
@@ -108,10 +110,18 @@ class Relay:
         self._task = asyncio.create_task(self._run(), name=f"outbox-relay:{self.database.url}")
 
     def committed(self, rows: list[Staged]) -> None:
-        """Rows staged for this relay were committed: publish them now, without claiming them."""
-        task = asyncio.create_task(self._send(rows))
-        self._sending.add(task)
-        task.add_done_callback(self._sending.discard)
+        """Rows staged for this relay were committed: publish them now, without claiming them. One
+        sender publishes the commits of this process in their order (each send takes every row
+        committed meanwhile), so events of one key published by successive transactions reach the
+        broker in that order."""
+        self._queued.extend(rows)
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.create_task(self._send_queued())
+
+    async def _send_queued(self) -> None:
+        while self._queued:
+            rows, self._queued = self._queued, []
+            await self._send(rows)
 
     async def _send(self, rows: list[Staged]) -> None:
         by_topic: dict[str, list[Staged]] = defaultdict(list)
@@ -129,16 +139,21 @@ class Relay:
         self._wake.set()
 
     async def stop(self) -> None:
-        """Finish sends in flight and record them, then stop relaying."""
-        if self._sending:
-            await asyncio.wait(set(self._sending), timeout=5.0)
+        """Finish sends in flight and record them, then stop relaying. Never raises: what it could
+        not record is sent again by a relay later (a duplicate the inbox absorbs), never lost."""
+        if self._sender is not None and not self._sender.done():
+            await asyncio.wait({self._sender}, timeout=5.0)
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        with contextlib.suppress(SQLAlchemyError):
+        try:
             await self._settle_sent()
+        except Exception as error:
+            log.warning(
+                "outbox relay of %s: recording sent rows at stop: %s", self.database.url, type(error).__name__
+            )
 
     async def _settle_sent(self) -> None:
         """Delete rows sent by :meth:`committed`; release those it could not send."""
@@ -164,8 +179,9 @@ class Relay:
             try:
                 await self._settle_sent()
                 moved = await self.relay_once()
-            except (SQLAlchemyError, TransportError) as error:
+            except Exception as error:  # the database or the broker is away (refused, timed out...)
                 log.warning("outbox relay of %s: %s; retrying", self.database.url, type(error).__name__)
+                self.failures += 1
                 moved = 0
                 await asyncio.sleep(self.poll)
             if moved < self.batch:  # drained: wait for a local commit or poll for other processes'
@@ -177,7 +193,12 @@ class Relay:
             pass
 
     async def relay_once(self) -> int:
-        """Claim, publish and delete one batch; the number of rows moved."""
+        """Claim, publish and delete one batch; the number of rows claimed.
+
+        A topic whose publish fails is tried again one row at a time, so a row the broker refuses
+        for good (too large for it, say) holds back only the later rows of its partition key; the
+        rows not sent stay claimed, and are tried again when their lease runs out. While the broker
+        is unavailable, the batch waits whole."""
         now = time.time()
         claim = _CLAIM_POSTGRES if self.database.dialect == "postgresql" else _CLAIM_SQLITE
         async with self.database.transaction() as conn:
@@ -191,14 +212,57 @@ class Relay:
         by_topic: dict[str, list[tuple[int, Envelope]]] = defaultdict(list)
         for row_id, topic, headers, body in sorted(rows):
             by_topic[topic].append((row_id, decode_or_quarantine(json.loads(headers), bytes(body))))
+        sent: list[int] = []
         for topic, items in by_topic.items():
-            await self.broker.publish(topic, [envelope for _, envelope in items])
-        async with self.database.transaction() as conn:
-            await conn.execute(
-                outbox_table.delete().where(
-                    outbox_table.c.id.in_([row[0] for row in rows]),
-                    outbox_table.c.claimed_by == self.relay_id,
+            try:
+                await self.broker.publish(topic, [envelope for _, envelope in items])
+            except BrokerUnavailableError:
+                if not sent:
+                    raise
+                break  # the broker went away: delete what was sent, the rest waits its lease
+            except TransportError as error:
+                log.warning(
+                    "outbox relay of %s: publish to %s failed (%s); sending its rows one by one",
+                    self.database.url,
+                    topic,
+                    error,
                 )
-            )
-        self.published += len(rows)
+                sent += await self._publish_one_by_one(topic, items)
+            else:
+                sent += [row_id for row_id, _ in items]
+        if sent:
+            async with self.database.transaction() as conn:
+                await conn.execute(
+                    outbox_table.delete().where(
+                        outbox_table.c.id.in_(sent), outbox_table.c.claimed_by == self.relay_id
+                    )
+                )
+        self.published += len(sent)
         return len(rows)
+
+    async def _publish_one_by_one(self, topic: str, items: list[tuple[int, Envelope]]) -> list[int]:
+        """Publish ``items`` (in commit order) one at a time; the row ids sent. A row that fails
+        holds back the later rows of its partition key (their order), not the others."""
+        sent: list[int] = []
+        held_back: set[str | None] = set()
+        for row_id, envelope in items:
+            key = envelope.partition_key
+            if key in held_back:
+                continue
+            try:
+                await self.broker.publish(topic, [envelope])
+            except BrokerUnavailableError:
+                break
+            except TransportError as error:
+                log.warning(
+                    "outbox relay of %s: row %d (to %s) cannot be published: %s; kept",
+                    self.database.url,
+                    row_id,
+                    topic,
+                    error,
+                )
+                if key is not None:
+                    held_back.add(key)
+            else:
+                sent.append(row_id)
+        return sent

@@ -6,7 +6,8 @@ start RPC servers and event consumers → serve HTTP (when asked).
 
 Stop order (SIGTERM/SIGINT under ``callcast run``): stop accepting HTTP requests and finish the ones
 in flight → stop taking messages and let running handlers finish within ``grace`` seconds, giving the
-rest back to the broker → shutdown hooks → close the broker. Nothing accepted is lost.
+rest back to the broker → shutdown hooks → send what the outboxes hold → close the broker. Nothing
+accepted is lost.
 """
 
 from __future__ import annotations
@@ -302,6 +303,13 @@ class Runtime:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._housekeeping
             self._housekeeping = None
+        for service in reversed(self._started_hooks):
+            for hook in service.shutdown_hooks:
+                try:
+                    await hook(self.context(service.name))
+                except Exception:
+                    log.exception("shutdown hook of %s failed", service.name)
+        self._started_hooks.clear()
         for relay in self._relays.values():
             await relay.stop()
             with contextlib.suppress(Exception):  # send what is committed now, if the broker lets us
@@ -311,13 +319,6 @@ class Runtime:
         if self._rpc is not None:
             await self._rpc.stop()
             self._rpc = None
-        for service in reversed(self._started_hooks):
-            for hook in service.shutdown_hooks:
-                try:
-                    await hook(self.context(service.name))
-                except Exception:
-                    log.exception("shutdown hook of %s failed", service.name)
-        self._started_hooks.clear()
         for database in self._databases.values():
             await database.close()
         self._databases.clear()

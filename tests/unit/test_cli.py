@@ -54,6 +54,14 @@ def test_unknown_broker_scheme_is_a_clear_error(capsys: pytest.CaptureFixture[st
         ("amqp://guest:secret@127.0.0.1:5672/vh", "amqp://guest:***@127.0.0.1:5672/vh"),
         ("redis://:pw@localhost/0", "redis://:***@localhost/0"),
         ("sqlite:///.callcast/broker.db", "sqlite:///.callcast/broker.db"),
+        # characters a URL parser takes for the path, query or fragment, as SQLAlchemy does not
+        ("postgresql://app:pa/ss@db/x", "postgresql://app:***@db/x"),
+        ("postgresql://app:pa#ss@db/x", "postgresql://app:***@db/x"),
+        ("postgresql://app:pa?ss@db/x", "postgresql://app:***@db/x"),
+        (
+            "postgresql://app@db/x?password=s3cret&sslmode=require",
+            "postgresql://app@db/x?password=***&sslmode=require",
+        ),
     ],
 )
 def test_redact_hides_passwords(url: str, shown: str) -> None:

@@ -373,9 +373,9 @@ async def test_runtime_stop_stops_every_consumer_whatever_one_of_them_does(
 
     async def first_one_fails(consumer: Consumer, grace: float) -> None:
         asked.append(consumer.handler.group)
+        await stop(consumer, grace)
         if len(asked) == 1:
             raise RuntimeError("cannot stop")
-        await stop(consumer, grace)
 
     runtime = await App([pair]).start(broker=broker, data_dir=tmp_path)
     monkeypatch.setattr(Consumer, "stop", first_one_fails)

@@ -15,7 +15,7 @@ from callcast.idempotency import IdempotencyPolicy, check_key, fingerprint
 from callcast.service import Route
 from callcast.waiting import within
 
-from .conftest import StartApp, client
+from .conftest import StartApp, client, wait_until
 
 KEY = "Idempotency-Key"
 
@@ -170,6 +170,32 @@ async def test_client_errors_are_stored_and_server_errors_release_the_key(start:
     assert await deposits(runtime) == 1
 
 
+async def test_a_nested_transaction_does_not_mark_the_key_applied_before_the_outer_one_commits(
+    start: StartApp,
+) -> None:
+    """The outer transaction fails after the nested one ended: nothing committed, so the 500 is not
+    stored and the retry runs."""
+    svc = Service("bank", database=True)
+    runs = {"count": 0}
+
+    @svc.post("/nested", status_code=201, idempotency="required")
+    async def nested(body: Deposit, ctx: Context) -> Receipt:
+        runs["count"] += 1
+        async with ctx.transaction():
+            async with ctx.transaction():
+                pass
+            if runs["count"] == 1:
+                raise RuntimeError("after the nested block")
+        return Receipt(id=runs["count"], account=body.account, cents=body.cents)
+
+    runtime = await start(App([svc], name="bank"))
+    async with client(runtime) as http:
+        first = await http.post("/nested", json={"account": "a", "cents": 1}, headers={KEY: "n1"})
+        again = await http.post("/nested", json={"account": "a", "cents": 1}, headers={KEY: "n1"})
+    assert first.status_code == 500
+    assert (again.status_code, again.json()["id"]) == (201, 2)
+
+
 async def test_concurrent_requests_with_one_key_run_the_handler_once(start: StartApp) -> None:
     app, runs = bank()
     app.gate["slow"] = asyncio.Event()  # type: ignore[attr-defined]
@@ -190,6 +216,29 @@ async def test_concurrent_requests_with_one_key_run_the_handler_once(start: Star
     assert sum(answer.headers.get("idempotent-replayed") == "true" for answer in answers) == 19
     assert runs["count"] == 1
     assert await deposits(runtime) == 1
+
+
+async def test_a_slow_request_keeps_its_key_past_its_first_lease(start: StartApp) -> None:
+    """A request of another process arriving after the claim's first lease ran out finds it
+    renewed: it waits, then answers 409, and the handler ran once."""
+    app, runs = bank(IdempotencyPolicy(lease=0.3, wait=0.2))
+    app.gate["slow"] = asyncio.Event()  # type: ignore[attr-defined]
+    app.gate["started"] = started = asyncio.Event()  # type: ignore[attr-defined]
+    first, second = await start(app), await start(app)  # two processes' runtimes, one database
+    body = {"account": "s", "cents": 3}
+    async with client(first) as one, client(second) as two:
+        slow = asyncio.create_task(one.post("/deposits", json=body, headers={KEY: "slow"}))
+        await within(started.wait(), 5.0)
+        first_lease_ends = time.time() + 0.3
+        await wait_until(lambda: time.time() > first_lease_ends + 0.1)
+        try:  # taken over, the retry would run the handler, and wait on the gate too
+            retry = await within(two.post("/deposits", json=body, headers={KEY: "slow"}), 5.0)
+        finally:
+            app.gate["slow"].set()  # type: ignore[attr-defined]
+        answer = await within(slow, 5.0)
+    assert retry.status_code == 409
+    assert answer.status_code == 201
+    assert runs["count"] == 1
 
 
 async def claim_row(runtime: object, key: str, *, owner: str, lease_until: float, state: str) -> None:

@@ -4,20 +4,24 @@ with SQLite service databases."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from collections import defaultdict
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from unittest import mock
 
 import pytest
 from pydantic import BaseModel
 from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection
 
-from callcast import App, ConfigurationError, Context, RetryPolicy, Service, sequence
+from callcast import App, ConfigurationError, Context, RetryPolicy, Service, outbox, sequence
 from callcast.brokers.memory import MemoryBroker
 from callcast.database import Database
 from callcast.dlq import DeadLetterView, browse, original, replay
 from callcast.envelope import Envelope
+from callcast.exceptions import PublishError
 from callcast.ordering import KeyGate
 from callcast.sequence import SequencePolicy
 from tests.unit.conftest import StartApp, wait_until
@@ -276,14 +280,6 @@ class browse_when:
         await self._browse.__aexit__(None, None, None)
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def service_database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A service database URL: a SQLite file, or a fresh PostgreSQL database."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'ledger.db'}"
-    return str(request.getfixturevalue("postgres_database"))
-
-
 async def test_a_parked_copy_of_a_sequence_applied_since_is_dropped_not_dead_lettered(
     service_database: str,
 ) -> None:
@@ -309,3 +305,165 @@ async def test_a_parked_copy_of_a_sequence_applied_since_is_dropped_not_dead_let
             ]
     finally:
         await database.close()
+
+
+class RefusingBroker(MemoryBroker):
+    """Refuses for good any publish holding an envelope whose data is ``poison``."""
+
+    async def publish(self, topic: str, envelopes: Sequence[Envelope], *, group: str | None = None) -> None:
+        if any(envelope.data == b"poison" for envelope in envelopes):
+            raise PublishError("message too large for the broker")
+        await super().publish(topic, envelopes, group=group)
+
+
+async def published_data(broker: MemoryBroker, topic: str, count: int) -> list[bytes]:
+    subscription = await broker.subscribe(topic, "seen", prefetch=count + 1)
+    taken = [await asyncio.wait_for(subscription.__anext__(), 5) for _ in range(count)]
+    await subscription.close()
+    return [delivery.envelope.data for delivery in taken]
+
+
+async def staged(database: Database, rows: list[tuple[str, bytes, str | None]]) -> None:
+    async with database.transaction() as conn:
+        for topic, data, key in rows:
+            envelope = Envelope(type=topic, source="/test", data=data).with_extensions(partitionkey=key)
+            await outbox.stage(conn, topic, envelope)
+
+
+async def outbox_left(database: Database) -> list[bytes]:
+    async with database.transaction() as conn:
+        rows = await conn.execute(text("SELECT body FROM callcast_outbox ORDER BY id"))
+        return [bytes(row[0]) for row in rows]
+
+
+async def test_a_row_the_broker_refuses_for_good_holds_back_only_the_later_rows_of_its_key(
+    tmp_path: Path,
+) -> None:
+    database = Database(f"sqlite:///{tmp_path / 'service.db'}")
+    await database.setup()
+    broker = RefusingBroker()
+    try:
+        await broker.declare("T", "seen")
+        await broker.declare("U", "seen")
+        await staged(
+            database,
+            [
+                ("T", b"a1", "a"),
+                ("T", b"poison", "b"),
+                ("T", b"b2", "b"),
+                ("T", b"n1", None),
+                ("U", b"u1", None),
+            ],
+        )
+        relay = outbox.Relay(database, broker)
+        assert await relay.relay_once() == 5
+        assert await published_data(broker, "T", 2) == [b"a1", b"n1"]
+        assert await published_data(broker, "U", 1) == [b"u1"]
+        assert await outbox_left(database) == [b"poison", b"b2"]  # kept, in order, for another try
+    finally:
+        await broker.close()
+        await database.close()
+
+
+async def test_the_relay_outlives_errors_of_any_kind_and_sends_once_they_pass(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refused connection to a PostgreSQL database is no SQLAlchemy error (asyncpg raises OSError)."""
+    database = Database(f"sqlite:///{tmp_path / 'service.db'}")
+    await database.setup()
+    broker = MemoryBroker()
+    relay = outbox.Relay(database, broker, poll=0.05)
+    try:
+        await broker.declare("T", "seen")
+        await staged(database, [("T", b"later", None)])
+        transaction = database.transaction
+        refused = True
+
+        @contextlib.asynccontextmanager
+        async def refusing() -> AsyncIterator[AsyncConnection]:
+            if refused:
+                raise ConnectionRefusedError(111, "Connection refused")
+            async with transaction() as conn:
+                yield conn
+
+        monkeypatch.setattr(database, "transaction", refusing)
+        relay.start()
+        await wait_until(lambda: relay.failures >= 2)
+        refused = False
+        assert await published_data(broker, "T", 1) == [b"later"]
+    finally:
+        await relay.stop()
+        await broker.close()
+        await database.close()
+
+
+async def test_outbox_row_ids_are_never_used_again(tmp_path: Path) -> None:
+    """A relay that deletes the rows it sent, by id, late, must not delete a newer row."""
+    database = Database(f"sqlite:///{tmp_path / 'service.db'}")
+    await database.setup()
+    try:
+        envelope = Envelope(type="T", source="/test", data=b"{}")
+        async with database.transaction() as conn:
+            first = await outbox.stage(conn, "T", envelope)
+            await conn.execute(text("DELETE FROM callcast_outbox"))
+            second = await outbox.stage(conn, "T", envelope)
+        assert second > first
+    finally:
+        await database.close()
+
+
+class SlowFirstBroker(MemoryBroker):
+    """Holds the publish of an envelope whose data is ``first`` until ``go`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.go = asyncio.Event()
+
+    async def publish(self, topic: str, envelopes: Sequence[Envelope], *, group: str | None = None) -> None:
+        if any(envelope.data == b"first" for envelope in envelopes):
+            await self.go.wait()
+        await super().publish(topic, envelopes, group=group)
+
+
+async def test_successive_transactions_of_one_task_reach_the_broker_in_their_order(tmp_path: Path) -> None:
+    database = Database(f"sqlite:///{tmp_path / 'service.db'}")
+    await database.setup()
+    broker = SlowFirstBroker()
+    relay = outbox.Relay(database, broker)
+    try:
+        await broker.declare("T", "seen")
+        for data in (b"first", b"second"):
+            envelope = Envelope(type="T", source="/test", data=data).with_extensions(partitionkey="k")
+            async with database.transaction() as conn:
+                row_id = await outbox.stage(conn, "T", envelope, relay)
+            relay.committed([(row_id, "T", envelope)])
+        subscription = await broker.subscribe("T", "seen")
+        waiting = asyncio.ensure_future(subscription.__anext__())
+        done, _ = await asyncio.wait({waiting}, timeout=0.2)  # the second is not sent past the first
+        assert not done
+        broker.go.set()
+        first = await asyncio.wait_for(waiting, 5)
+        await first.ack()  # the next of its key comes after
+        second = await asyncio.wait_for(subscription.__anext__(), 5)
+        assert [first.envelope.data, second.envelope.data] == [b"first", b"second"]
+        await subscription.close()
+    finally:
+        await relay.stop()
+        await broker.close()
+        await database.close()
+
+
+async def test_a_shutdown_hook_may_publish_in_a_transaction(broker: MemoryBroker, tmp_path: Path) -> None:
+    """Hooks run before the outbox relays stop, which then send what the hooks committed."""
+    farewell = Service("farewell", publishes=[Credit], database=True)
+
+    @farewell.on_shutdown
+    async def last_word(ctx: Context) -> None:
+        async with ctx.transaction():
+            await ctx.publish(Credit(account="last", amount=1))
+
+    await broker.declare("Credit", "seen")
+    runtime = await App([farewell]).start(broker=broker, data_dir=tmp_path)
+    await runtime.stop(grace=1)
+    [data] = await published_data(broker, "Credit", 1)
+    assert Credit.model_validate_json(data).account == "last"

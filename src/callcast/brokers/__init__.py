@@ -15,8 +15,9 @@ from __future__ import annotations
 import importlib
 import math
 import os
+import re
 from collections.abc import Mapping
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from callcast.exceptions import ConfigurationError
 from callcast.transport import Broker
@@ -42,15 +43,25 @@ def default_url() -> str:
     return os.environ.get(ENV_VAR) or DEFAULT_URL
 
 
-def redact(url: str) -> str:
-    """The URL with its password replaced by ``***``: the only form of a URL callcast prints."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+_SECRET_PARAMETERS = re.compile(r"(?i)([?&](?:password|passwd|pwd|token|auth_token|secret)=)[^&#]*")
+
+
+def redact(url: str, *, user_is_secret: bool = False) -> str:
+    """The URL with its password, and secret query parameters (``password=``, ``token=``...),
+    replaced by ``***``: the only form of a URL callcast prints. ``user_is_secret``: a user without
+    a password is a token (NATS), hidden too.
+
+    The user part ends at the URL's last ``@``, so a password holding an unescaped ``/``, ``#`` or
+    ``?`` (which drivers such as SQLAlchemy's accept) is hidden as well; an ``@`` in the query makes
+    the redacted form hide more than it must, never less."""
+    scheme, separator, rest = url.partition("://")
+    if separator:
+        userinfo, at, host = rest.rpartition("@")
+        if at and (":" in userinfo or user_is_secret):
+            user = userinfo.split(":", 1)[0] if ":" in userinfo else ""
+            rest = f"{user}:***@{host}"
+        url = f"{scheme}://{rest}"
+    return _SECRET_PARAMETERS.sub(r"\1***", url)
 
 
 _ADAPTERS = {

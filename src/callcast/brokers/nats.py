@@ -142,7 +142,7 @@ import re
 from collections import deque
 from collections.abc import Iterable, Sequence
 from typing import Any
-from urllib.parse import parse_qs, quote, unquote, urlsplit, urlunsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import nats.errors
 import nats.js.errors
@@ -258,7 +258,7 @@ class _Settings:
     """What ``nats://[user:pass@]host:port?options`` asks for, checked before anything is opened."""
 
     def __init__(self, url: str) -> None:
-        shown = _redact(url)
+        shown = redact(url, user_is_secret=True)
         try:
             parts = urlsplit(url)
             port = parts.port or DEFAULT_PORT
@@ -311,18 +311,6 @@ def _integer(options: dict[str, str], name: str, default: int) -> int:
         raise ConfigurationError(f"nats broker: {name} must be an integer") from None
 
 
-def _redact(url: str) -> str:
-    """:func:`callcast.brokers.redact`, and a token (a user with no password) hidden as well."""
-    try:
-        parts = urlsplit(url)
-        if parts.username is not None and parts.password is None:
-            host = parts.netloc.rpartition("@")[2]
-            return urlunsplit(parts._replace(netloc=f":***@{host}"))
-        return redact(url)
-    except ValueError:
-        return "nats://(unparsable URL)"
-
-
 # -- driver errors --------------------------------------------------------------------------------
 
 _UNAVAILABLE: tuple[type[BaseException], ...] = (
@@ -347,7 +335,7 @@ class NatsBroker:
     capabilities = CAPABILITIES
 
     def __init__(self, url: str = f"nats://127.0.0.1:{DEFAULT_PORT}") -> None:
-        self.url = _redact(url)
+        self.url = redact(url, user_is_secret=True)
         settings = _Settings(url)
         self.stream = settings.stream
         self.prefix = settings.prefix
