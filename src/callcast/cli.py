@@ -127,13 +127,22 @@ async def _dlq_act(action: str, letters: list[dlq.DeadLetterView], broker: Broke
                 print("traceback (end)")
                 print(x.diagnostic("dlqtraceback"))
         return 0
+    replayed: set[tuple[str, str]] = set()
+    copies = 0
     for x in letters:
-        if action == "replay":
+        if action == "replay" and (x.id, x.subscriber) in replayed:
+            await dlq.purge(x)  # a second copy (a crash between storing and acking): replayed once
+            copies += 1
+        elif action == "replay":
             await dlq.replay(broker, x)
+            replayed.add((x.id, x.subscriber))
         else:
             await dlq.purge(x)
     verb = "replayed" if action == "replay" else "purged"
-    print(f"{verb} {len(letters)} dead letter(s)")
+    print(
+        f"{verb} {len(letters) - copies} dead letter(s)"
+        + (f"; {copies} duplicate copies purged" if copies else "")
+    )
     return 0
 
 

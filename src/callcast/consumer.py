@@ -238,9 +238,9 @@ class Consumer:
                 self._first_failures.setdefault(envelope.id, now_rfc3339())
                 if self._crashes is not None:
                     self._crashes.failed(envelope.id)
-                await delivery.nack(delay=delay)
-                if self._gate is not None:
+                if self._gate is not None:  # before the nack: it may be back before the nack returns
                     self._gate.hold(envelope.partition_key, envelope.id, delay + HOLD_MARGIN)
+                await delivery.nack(delay=delay)
         else:
             await delivery.ack()
             self.stats[outcome] += 1

@@ -24,19 +24,28 @@ dlqreplays       how often it was replayed before (``callcast dlq replay``)
 ================ ==============================================================
 
 The dead letter is stored before the original delivery is acknowledged, so a crash in between
-leaves a duplicate dead letter, never none.
+leaves a duplicate dead letter, never none. If it cannot be stored, the original goes back to its
+group (after :data:`RETRY_AFTER` seconds), to be dead-lettered again when it returns.
+
+A dead letter does not keep the original's ``partitionkey`` (it is kept as ``dlqpartitionkey``, and
+put back by a replay): on brokers that keep per-key order, the dead letters of one key would
+otherwise be handed out one at a time, and ``callcast dlq`` would see only the first.
 """
 
 from __future__ import annotations
 
+import contextlib
 import traceback
 from dataclasses import dataclass
 
 from callcast.envelope import Envelope, now_rfc3339
+from callcast.exceptions import TransportError
 from callcast.transport import Broker, Delivery
 
 DEAD_LETTER_TOPIC = "callcast.deadletter"
 DEAD_LETTER_GROUP = "callcast.deadletter"
+RETRY_AFTER = 5.0
+"""Seconds after which a message whose dead letter could not be stored comes back."""
 _MAX_ERROR = 1000
 _MAX_TRACEBACK = 4000
 
@@ -68,6 +77,8 @@ def dead_letter_envelope(
         "dlqdeliveries": str(attempt),
         "dlqtime": now_rfc3339(),
         "dlqfirstfailure": first_failure,
+        "partitionkey": None,
+        "dlqpartitionkey": envelope.partition_key,
     }
     if error is not None:
         extensions["dlqerror"] = f"{type(error).__name__}: {error}"[:_MAX_ERROR]
@@ -87,7 +98,8 @@ async def dead_letter(
     first_failure: str | None = None,
     attempts: int | None = None,
 ) -> None:
-    """Store ``delivery``'s envelope as a dead letter, then acknowledge the delivery."""
+    """Store ``delivery``'s envelope as a dead letter, then acknowledge the delivery; if the dead
+    letter cannot be stored, give the delivery back (:data:`RETRY_AFTER`) and raise."""
     letter = dead_letter_envelope(
         delivery.envelope,
         subscriber=subscriber,
@@ -98,5 +110,10 @@ async def dead_letter(
         first_failure=first_failure,
         own_attempts=attempts,
     )
-    await broker.publish(letter.topic, [letter.envelope])
+    try:
+        await broker.publish(letter.topic, [letter.envelope])
+    except TransportError:
+        with contextlib.suppress(TransportError):  # if this fails too, its lease runs out
+            await delivery.nack(delay=RETRY_AFTER)
+        raise
     await delivery.ack()

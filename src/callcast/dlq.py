@@ -84,18 +84,24 @@ def summarize(letters: Iterable[DeadLetterView]) -> Counter[tuple[str, str]]:
 
 
 def original(envelope: Envelope) -> Envelope:
-    """The envelope as it was before dead-lettering, with the replay counted."""
+    """The envelope as it was before dead-lettering (its partition key back), with the replay counted."""
     replays = int(envelope.extensions.get("dlqreplays", "0") or 0) + 1
     removed: dict[str, str | None] = {name: None for name in envelope.extensions if name.startswith("dlq")}
     removed["attempt"] = None
-    return envelope.with_extensions(**removed).with_extensions(dlqreplays=str(replays))
+    restored: dict[str, str | None] = {"dlqreplays": str(replays)}
+    if "dlqpartitionkey" in envelope.extensions:
+        restored["partitionkey"] = envelope.extensions["dlqpartitionkey"]
+    return envelope.with_extensions(**removed).with_extensions(**restored)
 
 
 async def replay(broker: Broker, letter: DeadLetterView) -> None:
-    """Send the original back to its one subscriber, then drop the dead letter."""
+    """Send the original back to its one subscriber, then drop the dead letter. The subscriber's
+    group is declared first: a group that is gone (its handler renamed, a fresh broker) keeps the
+    message until someone consumes it, instead of the broker dropping it."""
     topic, subscriber = letter.diagnostic("dlqtopic"), letter.subscriber
     if not topic or not subscriber:
         raise ValueError(f"dead letter {letter.id} does not say where it came from")
+    await broker.declare(topic, subscriber)
     await broker.publish(topic, [original(letter.envelope)], group=subscriber)
     await letter.delivery.ack()
 

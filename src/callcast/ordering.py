@@ -20,6 +20,10 @@ from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+_AFTER_HOLD = 0.05
+"""Seconds past a hold's end at which its lane is looked at again (clocks of the loop and of
+``time.monotonic`` may differ by a hair)."""
+
 
 @dataclass(eq=False)
 class _Lane:
@@ -37,6 +41,9 @@ class _Lane:
         return left if left > 0 else None
 
     def idle(self) -> bool:
+        """Nothing waits, runs or holds the lane (a hold that expired is dropped)."""
+        if self.held_for is not None and time.monotonic() >= self.held_until:
+            self.held_for = None  # its message went elsewhere (another process, the DLQ)
         return not self.tickets and not self.running and self.held_for is None
 
 
@@ -87,3 +94,13 @@ class KeyGate:
         lane = self._lanes.setdefault(key, _Lane())
         lane.held_for = message_id
         lane.held_until = time.monotonic() + seconds
+        asyncio.get_running_loop().call_later(seconds + _AFTER_HOLD, self._forget_if_idle, key, lane)
+
+    def _forget_if_idle(self, key: str, lane: _Lane) -> None:
+        """A lane whose hold expired with nothing else to do goes (it would be kept forever)."""
+        if lane.idle() and self._lanes.get(key) is lane:
+            del self._lanes[key]
+
+    def __len__(self) -> int:
+        """Keys with a lane: something waits, runs or holds."""
+        return len(self._lanes)

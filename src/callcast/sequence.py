@@ -133,14 +133,13 @@ async def take_parked(conn: AsyncConnection, subscriber: str, key: str) -> tuple
         parked_table.c.key == key,
         parked_table.c.sequence <= last + 1,
     )
-    rows = (
+    rows = (  # what this transaction deleted: a concurrent sweep cannot take the same row too
         await conn.execute(
-            select(parked_table.c.sequence, parked_table.c.headers, parked_table.c.body).where(where)
+            parked_table.delete()
+            .where(where)
+            .returning(parked_table.c.sequence, parked_table.c.headers, parked_table.c.body)
         )
     ).all()
-    if not rows:
-        return None
-    await conn.execute(parked_table.delete().where(where))
     for number, headers, body in rows:
         if number == last + 1:
             return number, decode_or_quarantine(json.loads(headers), bytes(body))
@@ -161,15 +160,15 @@ async def take_expired(
     """Remove and return parked messages that waited longer than ``older_than`` seconds."""
     cutoff = time.time() - older_than
     where = and_(parked_table.c.subscriber == subscriber, parked_table.c.parked_at < cutoff)
-    rows = (
+    rows = (  # what this transaction deleted: a message applied meanwhile is not dead-lettered too
         await conn.execute(
-            select(
+            parked_table.delete()
+            .where(where)
+            .returning(
                 parked_table.c.key, parked_table.c.sequence, parked_table.c.headers, parked_table.c.body
-            ).where(where)
+            )
         )
     ).all()
-    if rows:
-        await conn.execute(parked_table.delete().where(where))
     return [
         (key, seq, decode_or_quarantine(json.loads(headers), bytes(body))) for key, seq, headers, body in rows
     ]

@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic import BaseModel
@@ -15,6 +17,7 @@ from callcast import App, Context, Envelope, PermanentError, RetryPolicy, Servic
 from callcast.brokers.memory import MemoryBroker
 from callcast.crashes import ABSOLUTE_FACTOR
 from callcast.deadletter import DEAD_LETTER_GROUP, DEAD_LETTER_TOPIC
+from callcast.exceptions import TransportError
 from callcast.isolation import Isolation
 from tests.unit.conftest import StartApp, dead_pid, wait_until
 
@@ -122,6 +125,29 @@ async def test_permanent_error_dead_letters_at_once(start: StartApp, broker: Mem
     [letter] = await dead_letters(broker, 1)
     assert letter.extensions["dlqreason"] == "permanent"
     assert calls[3] == 1
+
+
+async def test_a_message_whose_dead_letter_cannot_be_stored_comes_back_and_is_dead_lettered_then(
+    start: StartApp, broker: MemoryBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not held by its consumer forever (the broker cannot give it back while it is held)."""
+    reset()
+    monkeypatch.setattr("callcast.deadletter.RETRY_AFTER", 0.05)
+    publish_now = broker.publish
+    refused: list[str] = []
+
+    async def first_dead_letter_refused(topic: str, envelopes: Sequence[Envelope], **options: Any) -> None:
+        if topic == DEAD_LETTER_TOPIC and not refused:
+            refused.append(envelopes[0].id)
+            raise TransportError("broker away for a moment")
+        await publish_now(topic, envelopes, **options)
+
+    monkeypatch.setattr(broker, "publish", first_dead_letter_refused)
+    runtime = await start(app)
+    await publish(runtime.context("producer"), Job(n=4, permanent=True))
+    [letter] = await dead_letters(broker, 1)
+    assert refused == [letter.id]
+    assert letter.extensions["dlqreason"] == "permanent"
 
 
 async def test_invalid_and_undecodable_payloads_are_dead_lettered_not_crashing(

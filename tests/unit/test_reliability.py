@@ -467,3 +467,11 @@ async def test_a_shutdown_hook_may_publish_in_a_transaction(broker: MemoryBroker
     await runtime.stop(grace=1)
     [data] = await published_data(broker, "Credit", 1)
     assert Credit.model_validate_json(data).account == "last"
+
+
+async def test_a_key_held_for_a_message_that_never_came_back_is_forgotten() -> None:
+    """Its retry went to another process, or to the dead-letter queue: the lane must not stay."""
+    gate = KeyGate()
+    gate.hold("k", "gone", 0.05)
+    assert len(gate) == 1
+    await wait_until(lambda: len(gate) == 0)
