@@ -28,6 +28,9 @@ TICK = 0.01
 """Seconds per tick: how late an alarm may ring."""
 _TICKS_PER_SECOND = round(1 / TICK)
 
+NEVER = 1e12
+"""Loop time (~31,700 years) standing for "no deadline": later ones, and NaN, are taken as it."""
+
 _TIMER_SLACK = 0.001
 """The loop timer is set this much past the tick: loop timers (libuv's in uvloop) round to the
 millisecond and could otherwise fire just before it."""
@@ -94,7 +97,10 @@ class Alarms:
         return self.at(self._loop.time() + seconds, callback)
 
     def set(self, alarm: Alarm, when: float) -> None:
-        """Ring ``alarm`` once the loop's clock has passed ``when`` (it must not be pending)."""
+        """Ring ``alarm`` once the loop's clock has passed ``when`` (it must not be pending); a
+        ``when`` beyond :data:`NEVER` (infinite, NaN) is taken as :data:`NEVER`."""
+        if not when < NEVER:
+            when = NEVER
         tick = int(when * _TICKS_PER_SECOND) + 1
         bucket = self._buckets.get(tick)
         if bucket is None:

@@ -276,7 +276,7 @@ def structured_or_quarantine(body: bytes) -> Envelope:
         data = _structured_data(document)
     except orjson.JSONDecodeError as error:
         return decode_or_quarantine({}, body, reason=f"not a CloudEvent: not a JSON event document ({error})")
-    except (binascii.Error, DecodeError) as error:
+    except (ValueError, DecodeError) as error:  # binascii.Error and non-ASCII base64 are ValueErrors
         return decode_or_quarantine({}, body, reason=str(error))
     attributes: dict[str, str] = {}
     extensions: dict[str, str] = {}
@@ -314,7 +314,7 @@ def _as_written(document: dict[str, Any]) -> Envelope | None:
         return None
     try:
         data = binascii.a2b_base64(encoded, strict_mode=True)
-    except binascii.Error:
+    except ValueError:  # binascii.Error, or characters that are not ASCII
         return None
     return Envelope(
         type_,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -90,10 +91,29 @@ def _too_large() -> Response:
     return error_response(413, f"request body exceeds {MAX_MESSAGE_BYTES} bytes")
 
 
+def _not_json(headers: Mapping[bytes, bytes]) -> Response | None:
+    """415 for a body declared as something other than JSON (``application/json``, ``*/*+json``),
+    else None. A body without ``Content-Type`` is read as JSON. Refusing the others also refuses
+    the requests a web page may send to another site without asking it first (``text/plain``,
+    forms): a local service cannot be driven by a page the user happens to visit."""
+    declared = headers.get(b"content-type")
+    if declared is None:
+        return None
+    media_type = declared.split(b";", 1)[0].strip().lower()
+    if media_type == b"application/json" or (
+        media_type.startswith(b"application/") and media_type.endswith(b"+json")
+    ):
+        return None
+    shown = media_type.decode("latin-1")[:100]
+    return error_response(
+        415, f"the request body must be JSON (Content-Type: application/json), not {shown!r}"
+    )
+
+
 async def receive_body(receive: Receive, declared: bytes | None, limit: int = MAX_MESSAGE_BYTES) -> bytes:
     """The request body, refusing (:class:`BodyTooLarge`) more than ``limit`` bytes, declared in
     ``Content-Length`` or sent; :class:`ClientGone` if the client left first."""
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is not None and declared.isdigit() and (len(declared) > 18 or int(declared) > limit):
         raise BodyTooLarge
     chunks: list[bytes] = []
     size = 0
@@ -217,6 +237,8 @@ class _RouteEndpoint(_Endpoint):
         self, scope: Scope, receive: Receive, headers: dict[bytes, bytes]
     ) -> tuple[Response, str]:
         ctx = self.runtime.context(self.route.service, correlation_id=_correlation_id(headers))
+        if self.reads_body and (refused := _not_json(headers)) is not None:
+            return refused, ctx.correlation_id
         try:
             body = await receive_body(receive, headers.get(b"content-length")) if self.reads_body else b""
         except BodyTooLarge:
@@ -251,6 +273,8 @@ class _IdempotentRouteEndpoint(_RouteEndpoint):
         if key is None:
             return await super().respond(scope, receive, headers)
         correlation_id = _bound_correlation_id(headers)
+        if self.reads_body and (refused := _not_json(headers)) is not None:
+            return refused, correlation_id
         try:
             body = await receive_body(receive, headers.get(b"content-length")) if self.reads_body else b""
         except BodyTooLarge:
@@ -288,11 +312,15 @@ class _RpcEndpoint(_Endpoint):
             try:
                 deadline = float(raw_deadline)
             except ValueError:
+                deadline = math.nan
+            if not math.isfinite(deadline):
                 return error_response(
                     400, f"{DEADLINE_HEADER} must be a UNIX time in seconds"
                 ), correlation_id
             if deadline <= time.time():
                 return error_response(504, "deadline already passed"), correlation_id
+        if (refused := _not_json(headers)) is not None:
+            return refused, correlation_id
         ctx = self.runtime.context(self.rpc.service, correlation_id=correlation_id, deadline=deadline)
         try:
             data = await receive_body(receive, headers.get(b"content-length"))

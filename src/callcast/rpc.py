@@ -29,16 +29,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import httpx
 import orjson
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from callcast import alarms
-from callcast.codec import decode
+from callcast.codec import MAX_MESSAGE_BYTES, decode, summarize
 from callcast.dispatch import Dispatcher
 from callcast.envelope import Envelope
 from callcast.exceptions import (
@@ -142,8 +143,8 @@ class RpcServer:
         try:
             deadline = float(envelope.extensions.get("deadline", "") or "nan")
         except ValueError:
-            deadline = float("nan")
-        if (self._native is None and not reply_to) or deadline != deadline:  # cannot be answered
+            deadline = math.nan
+        if (self._native is None and not reply_to) or not math.isfinite(deadline):  # cannot be answered
             log.warning("RPC %s: dropping request %s without replyto/deadline", self.group, envelope.id)
             await _settle(delivery)
             return
@@ -250,6 +251,8 @@ class RpcClient:
     ) -> Resp:
         """Call ``endpoint`` under the target's policies (:mod:`callcast.resilience`): the answer, or
         one of the :class:`~callcast.CallError` exceptions (see ``Context.call``)."""
+        if timeout is not None and not 0 < timeout < math.inf:
+            raise ValueError(f"timeout must be a positive, finite number of seconds, not {timeout!r}")
         guard = self.guards.guard(endpoint.service)
         effective = policy or guard.policy
         budget = effective.timeout if timeout is None else timeout
@@ -276,9 +279,9 @@ class RpcClient:
         if status == 200:
             try:
                 return endpoint.response_adapter.validate_json(body)
-            except ValueError as error:
+            except ValidationError as error:  # its summary: the fields, not the values sent
                 raise RemoteError(
-                    f"{target} answered with an invalid response: {error}",
+                    f"{target} answered with an invalid response: {summarize(error)}",
                     target=target,
                     status=502,
                     error_type="ValidationError",
@@ -306,13 +309,13 @@ class RpcClient:
         future: asyncio.Future[tuple[int, bytes]] = asyncio.get_running_loop().create_future()
         self._pending[envelope.id] = future
         try:
-            try:
-                await self.broker.publish(endpoint.topic, [envelope])
-            except TransportError as error:
-                raise ServiceUnavailableError(
-                    f"call to {target}: broker failed: {error}", target=target
-                ) from None
-            with alarms.timeout(budget):
+            with alarms.timeout(budget):  # the publish too: a stalled broker must not outlast the call
+                try:
+                    await self.broker.publish(endpoint.topic, [envelope])
+                except TransportError as error:
+                    raise ServiceUnavailableError(
+                        f"call to {target}: broker failed: {error}", target=target
+                    ) from None
                 return await future
         except TimeoutError:
             raise CallTimeoutError(
@@ -347,16 +350,34 @@ class RpcClient:
         }
         try:
             async with asyncio.timeout(budget):  # httpx's timeout is per phase, this one is in total
-                response = await self._http.post(url, content=data, headers=headers, timeout=budget)
+                return await self._post(url, data, headers, budget, target)
         except (TimeoutError, httpx.TimeoutException):
             raise CallTimeoutError(
                 f"call to {target}: no answer within {budget:.3g}s", target=target
             ) from None
-        except httpx.TransportError as error:
+        except httpx.HTTPError as error:  # refused, reset, a body that cannot be decoded...
             raise ServiceUnavailableError(
                 f"call to {target}: {type(error).__name__}", target=target
             ) from None
-        return response.status_code, response.content
+
+    async def _post(
+        self, url: str, data: bytes, headers: dict[str, str], budget: float, target: str
+    ) -> tuple[int, bytes]:
+        """POST ``data``; the status and the body, read up to :data:`MAX_MESSAGE_BYTES` (a larger
+        answer is a 502, not read whole into memory)."""
+        assert self._http is not None
+        async with self._http.stream("POST", url, content=data, headers=headers, timeout=budget) as response:
+            body = bytearray()
+            async for chunk in response.aiter_bytes():
+                body += chunk
+                if len(body) > MAX_MESSAGE_BYTES:
+                    raise RemoteError(
+                        f"{target} answered with more than {MAX_MESSAGE_BYTES} bytes",
+                        target=target,
+                        status=502,
+                        error_type="TooLarge",
+                    )
+            return response.status_code, bytes(body)
 
 
 def _parse_error(body: bytes) -> tuple[str, str]:

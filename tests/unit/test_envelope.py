@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import orjson
 import pytest
 from cloudevents.core.bindings.http import HTTPMessage, from_binary_event
 
@@ -138,3 +139,14 @@ def test_structured_attributes_other_tools_write_differently_are_read_the_carefu
         b'{"specversion":"1.0","id":"","source":"/x","type":"T","data_base64":""}',
     ):
         assert structured_or_quarantine(bad).type == UNDECODABLE_TYPE, bad
+
+
+def test_structured_data_base64_with_characters_that_are_not_ascii_is_quarantined() -> None:
+    """``binascii`` raises a plain ValueError for them, not binascii.Error: it must not escape."""
+    for document in (
+        {"specversion": "1.0", "id": "1", "source": "/s", "type": "T", "data_base64": "é"},
+        {"specversion": "1.0", "id": "1", "source": "/s", "type": "T", "data_base64": "é", "n": 1},
+    ):
+        envelope = structured_or_quarantine(orjson.dumps(document))
+        assert envelope.type == UNDECODABLE_TYPE
+        assert "ASCII" in envelope.extensions["decodeerror"]

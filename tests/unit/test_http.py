@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from pydantic import BaseModel, Field
 from starlette.responses import PlainTextResponse, Response
 
@@ -140,3 +141,46 @@ async def test_health_lists_running_services(start: StartApp) -> None:
     async with client(await start(app)) as http:
         response = await http.get("/healthz")
     assert response.json() == {"status": "ok", "services": ["web"]}
+
+
+async def test_a_body_declared_as_anything_but_json_is_415(start: StartApp) -> None:
+    """Also what a web page may send to another site unasked (text/plain, forms)."""
+    body = b'{"name": "ann"}'
+    async with client(await start(app)) as http:
+        answers = {
+            media_type: (
+                await http.post(
+                    "/greet/1",
+                    content=body,
+                    headers={} if media_type is None else {"content-type": media_type},
+                )
+            ).status_code
+            for media_type in (
+                None,
+                "application/json",
+                "Application/JSON; charset=utf-8",
+                "application/cloudevents+json",
+                "text/plain",
+                "application/x-www-form-urlencoded",
+                "multipart/form-data; boundary=x",
+            )
+        }
+    assert answers == {
+        None: 201,
+        "application/json": 201,
+        "Application/JSON; charset=utf-8": 201,
+        "application/cloudevents+json": 201,
+        "text/plain": 415,
+        "application/x-www-form-urlencoded": 415,
+        "multipart/form-data; boundary=x": 415,
+    }
+
+
+async def test_a_content_length_of_thousands_of_digits_is_413() -> None:
+    from callcast.http import BodyTooLarge, receive_body
+
+    async def never() -> dict[str, object]:
+        raise AssertionError("the body must not be read")
+
+    with pytest.raises(BodyTooLarge):
+        await receive_body(never, b"9" * 5000)  # type: ignore[arg-type]

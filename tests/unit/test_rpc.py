@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import time
 
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter
 
 from callcast import (
     App,
@@ -178,3 +180,88 @@ async def test_rpc_over_http_refuses_a_bad_or_passed_deadline_and_echoes_the_cor
     assert passed.headers["x-correlation-id"]
     assert ahead.status_code == 200
     assert ahead.json()["seen_deadline"] is True
+
+
+async def test_a_deadline_that_is_no_number_of_seconds_is_400_and_a_far_one_is_served(
+    start: StartApp,
+) -> None:
+    runtime = await start(app)
+    request = {"a": 1, "b": 2}
+    async with client(runtime) as http:
+        refused = [
+            await http.post("/rpc/calc/add", json=request, headers={"x-callcast-deadline": value})
+            for value in ("nan", "inf", "-inf")
+        ]
+        far = await http.post("/rpc/calc/add", json=request, headers={"x-callcast-deadline": "1e307"})
+    assert [answer.status_code for answer in refused] == [400, 400, 400]
+    assert far.status_code == 200
+
+
+async def test_a_call_timeout_must_be_a_positive_finite_number(start: StartApp) -> None:
+    runtime = await start(app)
+    ctx = runtime.context("front")
+    for timeout in (float("nan"), float("inf"), 0.0, -1.0):
+        with pytest.raises(ValueError, match="timeout"):
+            await ctx.call(add, Add(a=1, b=2), timeout=timeout)
+
+
+async def test_an_invalid_answer_is_reported_without_the_values_it_held(start: StartApp) -> None:
+    """What the callee sent may be anything (a card number, say): the error names the fields only."""
+    wrong = Svc("wrong")
+
+    @wrong.rpc(name="add")
+    async def secretive(req: Add, ctx: Context) -> dict[str, str]:
+        return {"total": "card 4111-1111-1111-1111"}
+
+    asker = Svc("asker", calls=["wrong"])
+    runtime = await start(App([wrong, asker]))
+    expecting_a_sum = dataclasses.replace(secretive, response_adapter=TypeAdapter(Sum))
+    with pytest.raises(RemoteError) as raised:
+        await runtime.context("asker").call(expecting_a_sum, Add(a=1, b=2))
+    assert raised.value.status == 502
+    assert "total" in str(raised.value)
+    assert "4111" not in str(raised.value)
+
+
+bulky = Svc("bulky")
+
+
+@bulky.rpc
+async def everything(req: Add, ctx: Context) -> list[str]:
+    return ["x" * 1000] * 1100  # ~1.1 MB of JSON
+
+
+async def test_an_answer_over_http_larger_than_the_limit_is_502_not_read_whole(start: StartApp) -> None:
+    server = await start(App([bulky, front], name="big"), services=["bulky"])
+    await server.serve_http("127.0.0.1", 0)
+    caller_app = App([bulky, Svc("reader", calls=["bulky"])], name="big")
+    caller = await start(
+        caller_app, services=["reader"], service_urls={"bulky": f"http://127.0.0.1:{server.http_port}"}
+    )
+    with pytest.raises(RemoteError) as raised:
+        await caller.context("reader").call(everything, Add(a=1, b=1), timeout=5)
+    assert raised.value.status == 502
+    assert "more than" in str(raised.value)
+
+
+async def test_an_answer_over_http_that_cannot_be_decoded_is_service_unavailable(start: StartApp) -> None:
+    """A body announced as gzip that is not: httpx raises DecodingError, which is no TransportError."""
+
+    async def garbled(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            while (await reader.readline()) not in (b"\r\n", b""):
+                pass
+            await reader.read(100)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: 5\r\n\r\nxxxxx")
+            await writer.drain()
+        writer.close()
+
+    listener = await asyncio.start_server(garbled, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    try:
+        caller = await start(app, services=["front"], service_urls={"calc": f"http://127.0.0.1:{port}"})
+        with pytest.raises(ServiceUnavailableError, match="DecodingError"):
+            await caller.context("front").call(add, Add(a=1, b=2), timeout=5)
+    finally:
+        listener.close()
+        await listener.wait_closed()
