@@ -29,6 +29,7 @@ import asyncpg  # type: ignore[import-untyped, unused-ignore]
 import pytest
 
 from callcast.brokers import connect
+from callcast.brokers import postgres as postgres_module
 from callcast.brokers.postgres import PostgresBroker, parse_url
 from callcast.envelope import UNDECODABLE_TYPE, Envelope
 from callcast.exceptions import BrokerUnavailableError, ConfigurationError, PublishError, TransportError
@@ -419,6 +420,53 @@ async def test_statement_failures_are_transport_errors(schema: str) -> None:
         await broker.close()
 
 
+async def test_a_connect_cancelled_during_listen_leaves_no_connection_open(
+    schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``connect`` cancelled while it sets up ``LISTEN`` (a caller's timeout, a shutdown) closes the
+    connection it opened for it, as it does on a driver error: nothing stays open on the server."""
+    application = f"cc_cancel_{uuid.uuid4().hex[:8]}"
+    opened: list[Any] = []
+    listening = asyncio.Event()
+    real_connect = asyncpg.connect
+    real_add_listener = asyncpg.Connection.add_listener
+
+    async def recording_connect(*args: Any, **kwargs: Any) -> Any:
+        conn = await real_connect(*args, **kwargs)
+        opened.append(conn)
+        return conn
+
+    async def stalling_add_listener(self: Any, channel: str, callback: Any) -> None:
+        await real_add_listener(self, channel, callback)
+        listening.set()
+        await asyncio.Event().wait()  # a server slow to answer: the caller gives up meanwhile
+
+    monkeypatch.setattr(asyncpg, "connect", recording_connect)
+    monkeypatch.setattr(asyncpg.Connection, "add_listener", stalling_add_listener)
+    broker = PostgresBroker(server_url(schema, application_name=application))
+    try:
+        connecting = asyncio.create_task(broker.connect())
+        await asyncio.wait_for(listening.wait(), 10)
+        connecting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await connecting
+        assert len(opened) == 1
+        assert opened[0].is_closed(), "the LISTEN connection was left open"
+        async with sql() as conn:
+
+            async def all_gone() -> bool:
+                count: int = await conn.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1", application
+                )
+                return count == 0
+
+            await wait_for_condition(all_gone, 5, "no session of the cancelled broker is left")
+    finally:
+        for conn in opened:
+            conn.terminate()
+        await broker.close()
+
+
 # -- the schema ---------------------------------------------------------------------------------------------
 
 
@@ -614,6 +662,50 @@ async def test_a_publish_elsewhere_wakes_a_waiter_by_notify(schema: str) -> None
         await other.close()
 
 
+async def test_the_fallback_poll_claims_again_within_one_interval(
+    schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A row only the fallback poll can find (here a lease that another tool runs out: no
+    ``NOTIFY``, no local wake-up) is claimed by a waiting subscriber one ``poll`` interval after its
+    last empty claim, not two."""
+    poll = 0.3
+    broker = await connect(server_url(schema, lease="30", poll=f"{poll:g}"))
+    try:
+        assert isinstance(broker, PostgresBroker)
+        await broker.declare("orders", "billing")
+        await broker.publish("orders", [event(b"leased")])
+        found_nothing = asyncio.Event()
+        real_claim = broker._claim
+
+        async def watched_claim(subscription: Any, limit: int) -> Any:
+            claimed = await real_claim(subscription, limit)
+            if not claimed:
+                found_nothing.set()
+            return claimed
+
+        monkeypatch.setattr(broker, "_claim", watched_claim)
+        async with sql() as conn:
+            await conn.execute(
+                f"UPDATE \"{schema}\".deliveries SET owner = $1, lease_until = now() + interval '1 hour'",
+                "a-dead-process",
+            )
+            subscription = await broker.subscribe("orders", "billing")
+            waiting = asyncio.create_task(subscription.__anext__())
+            await asyncio.wait_for(found_nothing.wait(), 5)  # the row is leased: the claim is empty
+            loop = asyncio.get_running_loop()
+            expired_at = loop.time()
+            await conn.execute(
+                f"UPDATE \"{schema}\".deliveries SET lease_until = now() - interval '1 second'"
+            )
+            delivery = await asyncio.wait_for(waiting, 5)
+            waited = loop.time() - expired_at
+        assert (delivery.envelope.data, delivery.attempt) == (b"leased", 1)
+        assert waited < 1.5 * poll, f"claimed {waited:.2f}s after the lease ran out (poll={poll}s)"
+        await delivery.ack()
+    finally:
+        await broker.close()
+
+
 # -- per-key order, kept by the tables -----------------------------------------------------------------
 
 
@@ -717,4 +809,52 @@ async def test_the_sweep_collects_dead_ephemeral_groups_and_orphaned_messages(sc
         assert delivery.envelope.data == b"for both"
         await delivery.ack()
     finally:
+        await broker.close()
+
+
+async def test_a_slow_garbage_collection_does_not_hold_up_lease_renewal(
+    schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Leases are renewed on their own schedule: while a sweep hangs (another session holds a lock
+    its ``DELETE`` waits for), the live holder of a delivery keeps renewing its lease, so the group's
+    other subscriber does not get the delivery."""
+    monkeypatch.setattr(postgres_module, "_GC_INTERVAL", 0.05)  # sweep at every chance
+    lease = 0.6
+    broker = await connect(server_url(schema, lease=f"{lease:g}", poll="0.1"))
+    stolen: asyncio.Task[Any] | None = None
+    try:
+        assert isinstance(broker, PostgresBroker)
+        await broker.declare("orders", "billing")
+        await broker.publish("orders", [event(b"held")])
+        holder = await broker.subscribe("orders", "billing")
+        held = await asyncio.wait_for(holder.__anext__(), 5)
+        async with sql() as blocker, sql() as observer:
+            locking = blocker.transaction()
+            await locking.start()
+            try:
+                # Claims still read the table; the sweep's DELETE waits until the rollback below.
+                await blocker.execute(f'LOCK TABLE "{schema}".messages IN SHARE MODE')
+
+                async def sweep_waits() -> bool:
+                    waiting: int = await observer.fetchval(
+                        "SELECT count(*) FROM pg_locks WHERE relation = $1::regclass AND NOT granted",
+                        f'"{schema}".messages',
+                    )
+                    return waiting > 0
+
+                await wait_for_condition(sweep_waits, 5, "a sweep waits for the lock")
+                other = await broker.subscribe("orders", "billing")
+                stolen = asyncio.create_task(other.__anext__())
+                done, _ = await asyncio.wait({stolen}, timeout=3 * lease)
+                assert not done, "the held delivery went to another subscriber: its lease ran out"
+                row = await observer.fetchrow(
+                    f'SELECT owner, lease_until > now() AS leased FROM "{schema}".deliveries'
+                )
+                assert (row["owner"], row["leased"]) == (holder.owner, True)
+            finally:
+                await locking.rollback()
+        await held.ack()
+    finally:
+        if stolen is not None:
+            stolen.cancel()
         await broker.close()

@@ -749,3 +749,212 @@ async def test_another_connection_sees_a_nack_or_a_close_within_poll(broker: Red
             await got.ack()
     finally:
         await other.close()
+
+
+def _pending(raw: redis.Redis, key: str, group: str) -> list[tuple[bytes, bytes, int]]:
+    """The group's pending entries of a stream: (entry id, consumer, delivery count), oldest first."""
+    return [
+        (p["message_id"], p["consumer"], p["times_delivered"])
+        for p in raw.xpending_range(key, group, "-", "+", 100)
+    ]
+
+
+def _hold_settles(
+    broker: RedisBroker, monkeypatch: pytest.MonkeyPatch
+) -> tuple[asyncio.Event, asyncio.Event]:
+    """Make the broker's settle round trips wait: returns (reached, go): ``reached`` is set once a settle
+    is about to be written, which waits until ``go`` is set. Other calls pass."""
+    reached, go = asyncio.Event(), asyncio.Event()
+    real_scripts = broker._scripts
+
+    async def held_back(calls: Any) -> Any:
+        if calls and calls[0][0].name == "settle":
+            reached.set()
+            await go.wait()
+        return await real_scripts(calls)
+
+    monkeypatch.setattr(broker, "_scripts", held_back)
+    return reached, go
+
+
+async def test_a_late_settle_of_an_older_delivery_leaves_the_newer_one_alone(
+    broker: RedisBroker, raw: redis.Redis
+) -> None:
+    """A subscriber that did not renew its lease (every 20 s here) loses the entry to another one
+    (which reclaims after 1 s) and gets it back after that one's nack: the late ack of its first
+    delivery then changes nothing; the entry stays its own, and the newer delivery's ack settles it."""
+    slow = await connect(f"redis://{HOST}:{PORT}/0?prefix={SHARED_PREFIX}&lease=60&poll=0.2")
+    try:
+        topic, group = _unique("stale"), _unique("workers")
+        here = await slow.subscribe(topic, group, prefetch=2)
+        there = await broker.subscribe(topic, group)
+        await broker.publish(topic, [_envelope("x")])
+        old = await _next(here)
+        reclaimed = await _next(there)
+        assert (reclaimed.envelope.data, reclaimed.attempt) == (b"x", 2)
+        await reclaimed.nack()
+        newer = await _next(here)
+        assert (newer.envelope.data, newer.attempt, newer.token) == (b"x", 3, old.token)
+        await old.ack()
+        topic_key = broker.keys(topic, group).topic
+        assert [(c, n) for _, c, n in _pending(raw, topic_key, group)] == [(here.consumer.encode(), 3)]
+        assert here.held() == [newer.token]
+        await newer.ack()
+        assert _pending(raw, topic_key, group) == []
+    finally:
+        await slow.close()
+
+
+async def test_a_failed_settle_never_gives_back_the_entry_taken_again(
+    broker: RedisBroker, raw: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A nack reaches the server but its reply is lost, and a take that ran after it took the entry
+    again: the give-back that follows the failure leaves the newer delivery held (it is neither handed
+    out again nor counted again); the next take brings what came next."""
+    topic, group = _unique("regained"), _unique("worker")
+    subscription = await broker.subscribe(topic, group, prefetch=2)
+    await broker.publish(topic, [_envelope("x")])
+    first = await _next(subscription)
+    real_scripts = broker._scripts
+    regained: list[Delivery] = []
+
+    async def reply_lost_after_a_take(calls: Any) -> Any:
+        replies = await real_scripts(calls)
+        if calls[0][0].name == "settle" and not regained:
+            regained.append(await _next(subscription))  # taken again before the reply is lost
+            raise BrokerUnavailableError("redis broker: the reply was lost")
+        return replies
+
+    monkeypatch.setattr(broker, "_scripts", reply_lost_after_a_take)
+    with pytest.raises(BrokerUnavailableError):
+        await first.nack()
+    monkeypatch.setattr(broker, "_scripts", real_scripts)
+    [again] = regained
+    assert (again.envelope.data, again.attempt, again.token) == (b"x", 2, first.token)
+    await broker.publish(topic, [_envelope("next")])
+    after = await _next(subscription)  # its take first gives back what the failure left unknown
+    assert (after.envelope.data, after.attempt) == (b"next", 1)
+    topic_key = broker.keys(topic, group).topic
+    consumer = subscription.consumer.encode()
+    assert [(c, n) for _, c, n in _pending(raw, topic_key, group)] == [(consumer, 2), (consumer, 1)]
+    await again.ack()
+    await after.ack()
+    assert _pending(raw, topic_key, group) == []
+
+
+async def test_holding_hears_the_return_of_a_failed_or_cancelled_settle(
+    broker: RedisBroker, raw: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``holding`` hears ``returned`` once per delivery it heard ``fetched`` of, also when the settle
+    failed (the entry came back, counted) or its caller was cancelled (the ack is written anyway)."""
+    topic, group = _unique("told"), _unique("worker")
+    told: list[tuple[str, bytes]] = []
+
+    class Told:
+        def fetched(self, envelope: Envelope) -> None:
+            told.append(("fetched", envelope.data))
+
+        def returned(self, envelope: Envelope) -> None:
+            told.append(("returned", envelope.data))
+
+    subscription = await broker.subscribe(topic, group, prefetch=2, holding=Told())
+    await broker.publish(topic, [_envelope("failed"), _envelope("cancelled")])
+    failed, cancelled = await _next(subscription), await _next(subscription)
+    real_scripts = broker._scripts
+
+    async def settle_fails(calls: Any) -> Any:
+        if calls[0][0].name == "settle":
+            raise BrokerUnavailableError("redis broker: connection lost")
+        return await real_scripts(calls)
+
+    monkeypatch.setattr(broker, "_scripts", settle_fails)
+    with pytest.raises(BrokerUnavailableError):
+        await failed.ack()
+    monkeypatch.setattr(broker, "_scripts", real_scripts)
+    reached, go = _hold_settles(broker, monkeypatch)
+    acking = asyncio.create_task(cancelled.ack())
+    await asyncio.wait_for(reached.wait(), 5)
+    acking.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await acking
+    go.set()
+    topic_key = broker.keys(topic, group).topic
+    cancelled_id = cancelled.token[2:].encode()
+    await wait_until(lambda: cancelled_id not in [i for i, _, _ in _pending(raw, topic_key, group)])
+    again = await _next(subscription)
+    assert (again.envelope.data, again.attempt) == (b"failed", 2)
+    await again.ack()
+    assert _pending(raw, topic_key, group) == []
+    fetched = sorted(data for what, data in told if what == "fetched")
+    returned = sorted(data for what, data in told if what == "returned")
+    assert fetched == returned == [b"cancelled", b"failed", b"failed"]
+
+
+async def test_a_settle_waiting_to_be_written_keeps_its_lease(
+    raw: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While an ack waits for its round trip, housekeeping still renews the entry's lease: another
+    subscriber (reclaiming what was idle for 0.4 s) takes new work instead; the ack, once written,
+    settles the entry."""
+    require_server("redis", PORT)
+    slow = await connect(f"redis://{HOST}:{PORT}/0?prefix={SHARED_PREFIX}&lease=60&poll=60")
+    quick = await connect(f"redis://{HOST}:{PORT}/0?prefix={SHARED_PREFIX}&lease=0.4&poll=0.5")
+    assert isinstance(slow, RedisBroker)
+    reached, go = _hold_settles(slow, monkeypatch)
+    try:
+        topic, group = _unique("slow-ack"), _unique("workers")
+        here = await slow.subscribe(topic, group)
+        there = await quick.subscribe(topic, group, prefetch=1)
+        await slow.publish(topic, [_envelope("x")])
+        delivery = await _next(here)
+        acking = asyncio.create_task(delivery.ack())
+        await asyncio.wait_for(reached.wait(), 5)
+        topic_key = slow.keys(topic, group).topic
+
+        def idle_ms() -> int:
+            [entry] = raw.xpending_range(topic_key, group, "-", "+", 1)
+            return int(entry["time_since_delivered"])
+
+        await wait_until(lambda: idle_ms() >= 500)
+        await slow.housekeeping(trim=False)  # what it does every lease/3 on its own
+        await slow.publish(topic, [_envelope("next")])
+        got = await _next(there)  # its first take reclaims what was idle 0.4 s, then takes new work
+        assert (got.envelope.data, got.attempt) == (b"next", 1)
+        go.set()
+        await asyncio.wait_for(acking, 5)
+        assert [c for _, c, _ in _pending(raw, topic_key, group)] == [there.consumer.encode()]
+        await got.ack()
+    finally:
+        go.set()
+        await quick.close()
+        await slow.close()
+
+
+async def test_close_gives_back_a_delivery_whose_ack_is_unwritten_as_an_attempt(
+    raw: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An ack still not written when ``close`` stops waiting for it (after ``timeout``, 0.5 s here): the
+    delivery was handed out, so it goes back keeping its count, and comes again as attempt 2."""
+    require_server("redis", PORT)
+    brief = await connect(f"{SHARED_URL}&timeout=0.5")
+    assert isinstance(brief, RedisBroker)
+    reached, go = _hold_settles(brief, monkeypatch)
+    try:
+        topic, group = _unique("unwritten"), _unique("workers")
+        here = await brief.subscribe(topic, group)
+        await brief.publish(topic, [_envelope("x")])
+        delivery = await _next(here)
+        acking = asyncio.create_task(delivery.ack())
+        await asyncio.wait_for(reached.wait(), 5)
+        await here.close()
+        topic_key = brief.keys(topic, group).topic
+        assert [(c, n) for _, c, n in _pending(raw, topic_key, group)] == [(PARKED.encode(), 1)]
+        go.set()
+        await asyncio.wait_for(acking, 5)  # written after the give-back: it changes nothing
+        other = await brief.subscribe(topic, group)
+        again = await _next(other)
+        assert (again.envelope.data, again.attempt) == (b"x", 2)
+        await again.ack()
+    finally:
+        go.set()
+        await brief.close()

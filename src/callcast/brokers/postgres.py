@@ -583,7 +583,8 @@ class PostgresBroker:
             raise
         self._tasks = [
             asyncio.create_task(self._listen_forever(), name="callcast-postgres-listen"),
-            asyncio.create_task(self._housekeeping(), name="callcast-postgres-housekeeping"),
+            asyncio.create_task(self._renew_forever(), name="callcast-postgres-renew"),
+            asyncio.create_task(self._collect_forever(), name="callcast-postgres-gc"),
         ]
 
     async def _ensure_schema(self) -> None:
@@ -609,6 +610,9 @@ class PostgresBroker:
         except _DRIVER_ERRORS as error:
             conn.terminate()
             raise self._translate(error, f"cannot LISTEN on {self.channel}") from None
+        except BaseException:  # cancelled (a caller's timeout, close()): the new connection must not leak
+            conn.terminate()
+            raise
         self._listener_lost.clear()
         self._listener = conn
         conn.add_termination_listener(self._on_listener_lost)
@@ -665,10 +669,9 @@ class PostgresBroker:
         conn.terminate()  # lost: make sure it is closed, then open a new one
         return backoff
 
-    async def _housekeeping(self) -> None:
-        """Every lease/3 seconds: renew leases and heartbeats; now and then, collect garbage."""
-        loop = asyncio.get_running_loop()
-        last_gc = loop.time()
+    async def _renew_forever(self) -> None:
+        """Every lease/3 seconds: renew leases and heartbeats. A task of its own, so nothing else (a
+        long garbage collection) delays a renewal past the lease of a live holder."""
         interval = self.lease / 3
         failing = False
         while True:
@@ -683,14 +686,17 @@ class PostgresBroker:
                 log.exception("%s: renewing leases failed", self.url)
             else:
                 failing = False
-            if loop.time() - last_gc >= max(_GC_INTERVAL, interval):
-                last_gc = loop.time()
-                try:
-                    await self._collect_garbage()
-                except TransportError as error:
-                    log.debug("%s: garbage collection failed: %s", self.url, error)
-                except Exception:
-                    log.exception("%s: garbage collection failed", self.url)
+
+    async def _collect_forever(self) -> None:
+        """Every 30 s (or lease/3, if longer): collect garbage. A task of its own, beside the renewals."""
+        while True:
+            await asyncio.sleep(max(_GC_INTERVAL, self.lease / 3))
+            try:
+                await self._collect_garbage()
+            except TransportError as error:
+                log.debug("%s: garbage collection failed: %s", self.url, error)
+            except Exception:
+                log.exception("%s: garbage collection failed", self.url)
 
     async def _renew(self) -> None:
         async with self._renewing:
@@ -984,6 +990,7 @@ class _PostgresSubscription:
                     continue
                 self._check_claim_error()
             await wait_event(self.wake, self.broker.poll)
+            self.drained = False  # a poll interval passed (or a wake-up came): the next pass claims
         raise StopAsyncIteration
 
     def _check_claim_error(self) -> None:

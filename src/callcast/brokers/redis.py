@@ -67,8 +67,9 @@ How the contract is met
 * **Ack** is ``XACK``, **nack** moves the pending entry to the ``callcast:retry`` consumer with
   ``XCLAIM ... JUSTID`` (its delivery count unchanged) and adds it to the group's ``:retry`` sorted set,
   due after ``delay`` seconds by Redis's clock. Both only act on an entry this subscriber still owns (so a
-  late ack of a delivery that was reclaimed meanwhile changes nothing). Acks and nacks of concurrent
-  tasks are sent together: every settle waiting while one round trip is in flight goes in the next one.
+  late ack of a delivery that was reclaimed meanwhile changes nothing, even once this subscriber holds a
+  newer delivery of the entry). Acks and nacks of concurrent tasks are sent together: every settle
+  waiting while one round trip is in flight goes in the next one.
   A **delayed retry** lives in Redis (the pending entry and the sorted set), survives the subscriber's
   process and a server restart (where durable), and comes back only to its group, to whichever subscriber
   takes next once it is due. Subscribers of this connection are woken at once by a nack; subscribers of
@@ -79,10 +80,11 @@ How the contract is met
   was lost), so such entries are no attempt. An entry a *killed* subscriber had fetched but not yet
   handed out keeps its count (the buffer never exceeds the free prefetch; ``holding`` knew of it).
 * **Leases, dead subscribers**: every ``lease``/3 seconds a subscriber resets the idle time of what it
-  holds (``XCLAIM <own consumer> 0 ... JUSTID`` on entries it still owns). Entries of another consumer that
-  were idle for ``lease`` seconds are claimed (``XPENDING ... IDLE <lease>`` per consumer, then ``XCLAIM
-  ... <lease>``) by a subscriber taking work, at most every ``lease``/2 seconds: a killed subscriber's
-  deliveries go to the others after about ``lease`` seconds, counted as a new attempt.
+  holds, deliveries whose settle is not yet written included (``XCLAIM <own consumer> 0 ... JUSTID`` on
+  entries it still owns). Entries of another consumer that were idle for ``lease`` seconds are claimed
+  (``XPENDING ... IDLE <lease>`` per consumer, then ``XCLAIM ... <lease>``) by a subscriber taking work,
+  at most every ``lease``/2 seconds: a killed subscriber's deliveries go to the others after about
+  ``lease`` seconds, counted as a new attempt.
 * **Close** gives every pending entry of the subscriber back to the group at once (moved to
   ``callcast:retry``, due now; handed-out ones keep their count, fetched-ahead ones lose it), then
   deletes its consumer. Acks and nacks after close are ignored.
@@ -1149,7 +1151,9 @@ class _RedisSubscription:
         return self._wake.is_set()
 
     def held(self) -> list[str]:
-        return [*self.outstanding, *(delivery.token for delivery in self.buffer)]
+        """The tokens of the entries this subscriber keeps (renewed by housekeeping): handed out, fetched
+        ahead, and those whose settle is queued but not yet written (until it is, the entry is ours)."""
+        return [*self.outstanding, *(delivery.token for delivery in self.buffer), *self._unwritten]
 
     def lost(self, token: str) -> None:
         """A settle of ``token`` failed: the entry may still be ours on the server."""
@@ -1237,9 +1241,10 @@ class _RedisSubscription:
     async def _give_back_unknown(self) -> None:
         """After a failed call: entries the server may have given us that we do not know go back to the
         group (those fetched, uncounted; those handed out whose settle failed, counted). Those held, and
-        those whose settle is on its way, stay."""
-        kinds = {token: "k" for token in [*self.held(), *self._unwritten]}
-        kinds.update({token: "h" for token in self._lost})
+        those whose settle is on its way, stay, even if a settle of an earlier delivery of the same entry
+        failed (the entry was taken again since)."""
+        kinds = {token: "k" for token in self.held()}
+        kinds.update({token: "h" for token in self._lost if token not in kinds})
         await self.broker._release(self, kinds, close=False)
         self._lost.clear()
         self._recover = False
@@ -1264,18 +1269,25 @@ class _RedisSubscription:
         await wait_event(self._wake, min(1.0, 0.05 * 2 ** min(failures, 5)))
 
     async def settle(self, delivery: _RedisDelivery, delay: float | None) -> None:
+        """Settle ``delivery`` if it is the one this subscriber holds of its entry: a late settle of an
+        older delivery of an entry taken again since (after its lease ran out) does nothing. ``holding``
+        hears of the return whatever becomes of the settle: written, failed (the entry is no longer
+        renewed and goes back), or its caller cancelled (it is written anyway)."""
         token = delivery.token
-        if self.closed or self.outstanding.pop(token, None) is None:
+        if self.closed or self.outstanding.get(token) is not delivery:
             return
+        del self.outstanding[token]
         self._notify()
         delay_ms = -1.0 if delay is None else min(_MAX_DELAY_MS, max(0.0, delay * 1000))
         self._unwritten.add(token)
         self._all_written.clear()
-        # Awaited directly: a cancelled caller cancels only its own future; the settle is written
-        # anyway, and close() waits until it is.
-        await self.broker._queue_settle(self, token, delay_ms)
-        if self.holding is not None:
-            self.holding.returned(delivery.envelope)
+        try:
+            # Awaited directly: a cancelled caller cancels only its own future; the settle is written
+            # anyway, and close() waits until it is.
+            await self.broker._queue_settle(self, token, delay_ms)
+        finally:
+            if self.holding is not None:
+                self.holding.returned(delivery.envelope)
 
     def written(self, tokens: list[str]) -> None:
         """The queued settles of ``tokens`` were written, or failed."""
@@ -1300,7 +1312,8 @@ class _RedisSubscription:
                 await asyncio.wait({pump})
         if self._unwritten:
             await wait_event(self._all_written, self.broker.options.timeout)
-        kinds = {token: "h" for token in [*self.outstanding, *self._lost]}
+        # Handed out: unsettled, settle failed, or settle still unwritten after the wait (their count stays).
+        kinds = {token: "h" for token in [*self.outstanding, *self._lost, *self._unwritten]}
         returned = [delivery.envelope for delivery in self.buffer]
         self.outstanding.clear()
         self.buffer.clear()
