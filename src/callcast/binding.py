@@ -12,9 +12,9 @@ annotation) and Starlette ``Response`` subclasses are passed through as they are
 from __future__ import annotations
 
 import inspect
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, get_type_hints
+from typing import Any, get_origin, get_type_hints
 
 from pydantic import BaseModel, TypeAdapter
 from starlette.responses import Response
@@ -30,7 +30,11 @@ class Param:
     model: type[BaseModel] | None = None
     adapter: TypeAdapter[Any] | None = None
     default: Any = inspect.Parameter.empty
+    many: bool = False
+    """A query parameter that takes every value given (``?tag=a&tag=b``): a list, tuple or set."""
 
+
+_MANY = (list, tuple, set, frozenset, Sequence)
 
 Binding = tuple[list[Param], TypeAdapter[Any] | None]
 """The parameters to bind, in order, and the adapter that serializes the answer (None: as is)."""
@@ -51,7 +55,9 @@ def plan(fn: Callable[..., Awaitable[Any]], path: str) -> Binding:
             params.append(Param(name, "body", model=annotation))
         else:
             kind = "path" if name in path_names else "query"
-            params.append(Param(name, kind, adapter=TypeAdapter(annotation), default=parameter.default))
+            many = kind == "query" and get_origin(annotation) in _MANY
+            adapter = TypeAdapter(annotation)
+            params.append(Param(name, kind, adapter=adapter, default=parameter.default, many=many))
     missing = path_names - {p.name for p in params if p.kind == "path"}
     if missing:
         raise ConfigurationError(f"{fn.__qualname__}: no parameter for path part(s) {sorted(missing)}")

@@ -154,7 +154,7 @@ def _bind(params: list[Param], scope: Scope, body: bytes) -> tuple[dict[str, Any
             if query is None:
                 query = QueryParams(scope["query_string"])
             source = query
-        if param.name not in source:
+        if param.name not in source:  # for many values too: none given
             if param.default is inspect.Parameter.empty:
                 errors.append({"loc": [param.kind, param.name], "msg": "Field required", "type": "missing"})
             else:
@@ -162,7 +162,8 @@ def _bind(params: list[Param], scope: Scope, body: bytes) -> tuple[dict[str, Any
             continue
         assert param.adapter is not None
         try:
-            kwargs[param.name] = param.adapter.validate_python(source[param.name])
+            given = query.getlist(param.name) if param.many and query is not None else source[param.name]
+            kwargs[param.name] = param.adapter.validate_python(given)
         except ValidationError as error:
             errors.extend(
                 {**item, "loc": [param.kind, param.name, *item["loc"]]} for item in field_errors(error)

@@ -184,3 +184,18 @@ async def test_a_content_length_of_thousands_of_digits_is_413() -> None:
 
     with pytest.raises(BodyTooLarge):
         await receive_body(never, b"9" * 5000)  # type: ignore[arg-type]
+
+
+@svc.get("/tagged")
+async def tagged(tag: list[str], page: int = 1) -> dict[str, object]:
+    return {"tag": tag, "page": page}
+
+
+async def test_a_list_query_parameter_takes_every_value_given(start: StartApp) -> None:
+    async with client(await start(app)) as http:
+        many = await http.get("/tagged?tag=a&tag=b&page=2")
+        one = await http.get("/tagged?tag=a")
+        none = await http.get("/tagged")
+    assert many.json() == {"tag": ["a", "b"], "page": 2}
+    assert one.json() == {"tag": ["a"], "page": 1}
+    assert none.status_code == 422
