@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import tempfile
+from pathlib import Path
+
 import pytest
 
 from callcast import ConfigurationError
+from callcast.exceptions import TransportError
 from callcast.lab import workflow
 from callcast.lab.coupling import consumer_change, coupling
 from callcast.lab.faults import Faults
 from callcast.lab.load import RequestRecord, Spike, arrival_offsets
 from callcast.lab.metrics import percentile, summarize
+from callcast.lab.run import Settings, run_once
 from callcast.lab.scenarios import PRESETS, parse, parse_all
 
 
@@ -76,3 +82,25 @@ def test_lost_duplicated_orphaned_and_consistency_are_counted_per_order() -> Non
     assert figures["availability"] == pytest.approx(2 / 3, abs=1e-3)
     assert figures["consistency_max_ms"] == pytest.approx(500.0)  # a: last effect 10.6, answered 10.1
     assert figures["orders_consistent"] == 1
+
+
+@pytest.mark.parametrize(
+    "bad", [{"duration": float("nan")}, {"duration": float("inf")}, {"rate": 0.0}, {"rate": -1.0}]
+)
+def test_settings_refuse_a_duration_or_rate_that_would_not_end_or_not_start(bad: dict[str, float]) -> None:
+    with pytest.raises(ValueError, match="duration must be"):
+        Settings(**bad)
+
+
+def test_the_broker_is_shown_without_its_secret_a_nats_token_included() -> None:
+    assert Settings(broker="nats://s3cr3t@127.0.0.1:4222").public()["broker"] == "nats://:***@127.0.0.1:4222"
+    assert Settings(broker="amqp://u:pw@127.0.0.1/").public()["broker"] == "amqp://u:***@127.0.0.1/"
+
+
+def test_a_run_whose_broker_cannot_be_reached_leaves_no_temporary_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with pytest.raises(TransportError):
+        asyncio.run(run_once("event", parse("baseline"), Settings(broker="sqlite:////proc/no/such/dir/b.db")))
+    assert not list(tmp_path.glob("callcast-lab-*"))

@@ -43,18 +43,22 @@ def default_url() -> str:
     return os.environ.get(ENV_VAR) or DEFAULT_URL
 
 
+_TOKEN_SCHEMES = ("nats", "tls")
+"""Schemes whose user, given without a password, is a token."""
+
 _SECRET_PARAMETERS = re.compile(r"(?i)([?&](?:password|passwd|pwd|token|auth_token|secret)=)[^&#]*")
 
 
 def redact(url: str, *, user_is_secret: bool = False) -> str:
     """The URL with its password, and secret query parameters (``password=``, ``token=``...),
     replaced by ``***``: the only form of a URL callcast prints. ``user_is_secret``: a user without
-    a password is a token (NATS), hidden too.
+    a password is a token, hidden too (always so for NATS URLs).
 
     The user part ends at the URL's last ``@``, so a password holding an unescaped ``/``, ``#`` or
     ``?`` (which drivers such as SQLAlchemy's accept) is hidden as well; an ``@`` in the query makes
     the redacted form hide more than it must, never less."""
     scheme, separator, rest = url.partition("://")
+    user_is_secret = user_is_secret or scheme in _TOKEN_SCHEMES
     if separator:
         userinfo, at, host = rest.rpartition("@")
         if at and (":" in userinfo or user_is_secret):

@@ -58,9 +58,10 @@ def run(args: argparse.Namespace) -> int:
         )
         if value is not None
     }
-    if (args.duration is not None and args.duration <= 0) or (args.rate is not None and args.rate <= 0):
-        raise SystemExit("callcast compare: --duration and --rate must be positive")
-    settings = Settings.quick(**overrides) if args.quick else Settings(**overrides)
+    try:
+        settings = Settings.quick(**overrides) if args.quick else Settings(**overrides)
+    except ValueError as error:
+        raise SystemExit(f"callcast compare: {error}") from None
     scenarios = parse_all(args.scenario)
     styles = args.style or list(workflow.STYLES)
     console = Console()

@@ -65,7 +65,7 @@ COLUMNS = (
     ("p99", "latency_p99_ms", "ms"),
     ("consist. p50", "consistency_p50_ms", "ms"),
     ("consist. p99", "consistency_p99_ms", "ms"),
-    ("lost", "effects_lost", None),
+    ("missing", "effects_lost", None),
     ("dup.", "effects_duplicated", None),
     ("orphan", "effects_orphaned", None),
     ("backlog", "backlog_left", None),

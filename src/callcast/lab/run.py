@@ -53,6 +53,12 @@ STALL_SECONDS = 3.0
 """The drain gives up after this long without a single new effect."""
 
 
+MAX_DURATION = 3600.0
+"""The longest load of one run, in seconds."""
+MAX_RATE = 10_000.0
+"""The highest offered rate, in requests per second (``max_requests`` caps a run's count anyway)."""
+
+
 @dataclass(frozen=True)
 class Settings:
     """How the matrix runs. ``quick()`` is the short profile of ``--quick``."""
@@ -85,6 +91,10 @@ class Settings:
         return cls(**{**options, **overrides})
 
     def __post_init__(self) -> None:
+        if not (0 < self.duration <= MAX_DURATION and 0 < self.rate <= MAX_RATE):
+            raise ValueError(
+                f"duration must be in (0, {MAX_DURATION:g}] seconds and rate in (0, {MAX_RATE:g}] per second"
+            )
         if self.target not in workflow.DOWNSTREAM:
             raise ValueError(f"target must be one of {', '.join(workflow.DOWNSTREAM)}")
         if not 0 <= self.window[0] < self.window[1] <= 1:
@@ -154,7 +164,11 @@ async def run_once(
 ) -> dict[str, Any]:
     """Run ``style`` under ``scenario``; its entry of ``results.json`` (see :mod:`callcast.lab.report`)."""
     data_dir = Path(tempfile.mkdtemp(prefix="callcast-lab-"))
-    broker = await connect(settings.broker or f"sqlite:///{data_dir / 'broker.db'}")
+    try:
+        broker = await connect(settings.broker or f"sqlite:///{data_dir / 'broker.db'}")
+    except BaseException:
+        shutil.rmtree(data_dir, ignore_errors=True)
+        raise
     faults = Faults(seed=settings.seed)
     if scenario.slow:
         faults.slow[settings.target] = settings.slow_seconds
@@ -183,7 +197,7 @@ async def _measure(live: _Live, answered: Callable[[], None] | None) -> dict[str
     offsets = _offsets(settings, live.scenario)
     limits = httpx.Limits(max_connections=2000, max_keepalive_connections=200)
     started = time.time()
-    async with httpx.AsyncClient(limits=limits) as client:
+    async with httpx.AsyncClient(limits=limits, trust_env=False) as client:  # no proxy: 127.0.0.1 only
         injector = asyncio.create_task(_inject(live, target, window, started))
         try:
             records = await run_open_loop(

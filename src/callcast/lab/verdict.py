@@ -109,12 +109,13 @@ def _integrity_lines(runs: Sequence[dict[str, Any]], styles: list[str]) -> list[
     totals = {
         style: {
             key: sum(run[key] for run in runs if run["style"] == style)
-            for key in ("effects_lost", "effects_duplicated", "effects_orphaned")
+            for key in ("effects_lost", "effects_dead_lettered", "effects_duplicated", "effects_orphaned")
         }
         for style in styles
     }
     parts = [
-        f"{style} lost {t['effects_lost']}, duplicated {t['effects_duplicated']}, "
+        f"{style} missing after the drain {t['effects_lost']} ({t['effects_dead_lettered']} dead-lettered), "
+        f"duplicated {t['effects_duplicated']}, "
         f"orphaned {t['effects_orphaned']}"
         for style, t in totals.items()
     ]
