@@ -34,9 +34,12 @@ async def reserve(event: OrderPlaced, ctx: Context) -> None:
     for item in event.items:
         wanted[item.sku] = wanted.get(item.sku, 0) + item.qty
     short = []
-    for sku, qty in wanted.items():
+    # Orders of different keys run at once: lock the rows read (in one order, so two orders cannot
+    # deadlock), or two could both see the last items free. SQLite's write lock already serialises.
+    lock = " FOR UPDATE" if ctx.db.dialect.name == "postgresql" else ""
+    for sku, qty in sorted(wanted.items()):
         row = (
-            await ctx.db.execute(text("SELECT available FROM stock WHERE sku = :sku"), {"sku": sku})
+            await ctx.db.execute(text(f"SELECT available FROM stock WHERE sku = :sku{lock}"), {"sku": sku})
         ).first()
         available = row[0] if row else 0
         if available < qty:

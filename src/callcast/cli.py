@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib
 import json
 import logging
@@ -44,7 +45,14 @@ def load_app(spec: str) -> App:
     return app
 
 
+STOP_MARGIN = 30.0
+"""Seconds a stop may take past its grace period (closing connections, draining outboxes) before
+``callcast run`` gives up on it and exits with an error."""
+
+
 async def _run(args: argparse.Namespace) -> None:
+    """Run the app until SIGINT or SIGTERM, then stop it. A signal while it starts stops the start;
+    a second signal ends the process at once (exit 130), without finishing the stop."""
     app = load_app(args.app)
     broker_url = args.broker or default_url()
     databases: dict[str, str] = {}
@@ -53,13 +61,36 @@ async def _run(args: argparse.Namespace) -> None:
         if not sep or not name or not url:
             raise SystemExit(f"callcast: --database takes SERVICE=URL, got {item!r}")
         databases[name] = url
-    runtime = await app.start(
-        broker=broker_url, services=args.service or None, data_dir=args.data_dir, databases=databases
-    )
     stop = asyncio.Event()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            print(
+                "callcast: second signal: exiting now, without finishing the stop",
+                file=sys.stderr,
+                flush=True,
+            )
+            os._exit(130)
+        stop.set()
+
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, on_signal)
+    starting = asyncio.create_task(
+        app.start(
+            broker=broker_url, services=args.service or None, data_dir=args.data_dir, databases=databases
+        )
+    )
+    signalled = asyncio.create_task(stop.wait())
+    await asyncio.wait({starting, signalled}, return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():  # a signal while starting: the start stops what it started
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting
+        print("callcast: stopped while starting", flush=True)
+        return
+    signalled.cancel()
+    runtime = starting.result()
     try:
         names = ", ".join(service.name for service in runtime.running_services)
         print(f"callcast: running {names} on {redact(broker_url)}", flush=True)
@@ -69,7 +100,13 @@ async def _run(args: argparse.Namespace) -> None:
         await stop.wait()
         print("callcast: stopping (in-flight work finishes, the rest goes back to the broker)", flush=True)
     finally:
-        await runtime.stop(grace=args.grace)
+        try:
+            async with asyncio.timeout(args.grace + STOP_MARGIN):
+                await runtime.stop(grace=args.grace)
+        except TimeoutError:
+            raise SystemExit(
+                f"callcast: the stop did not finish within {args.grace + STOP_MARGIN:g}s"
+            ) from None
     print("callcast: stopped", flush=True)
 
 

@@ -18,7 +18,7 @@ import functools
 import logging
 import os
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -41,7 +41,7 @@ from callcast.isolation import Isolation
 from callcast.outbox import Relay
 from callcast.resilience import CallPolicy, CallStats
 from callcast.rpc import RpcClient, RpcServer
-from callcast.service import Service
+from callcast.service import Hook, Service
 from callcast.transport import Broker
 
 log = logging.getLogger("callcast")
@@ -57,6 +57,26 @@ class _Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Any:
         yield
+
+
+async def _serve(server: _Server, host: str, port: int) -> None:
+    """Serve until told to stop. uvicorn ends the process (``SystemExit``) when it cannot listen;
+    that becomes a :class:`ConfigurationError` here, so the runtime stops as on any failed start."""
+    try:
+        await server.serve()
+    except SystemExit:
+        raise ConfigurationError(
+            f"cannot serve HTTP on {host}:{port} (the address is in use, or not this machine's)"
+        ) from None
+
+
+@contextlib.contextmanager
+def _logged(doing: str) -> Iterator[None]:
+    """Log a failure of ``doing`` and go on: one step of a stop that fails must not keep the others."""
+    try:
+        yield
+    except Exception:
+        log.exception("%s failed", doing)
 
 
 class Runtime:
@@ -75,7 +95,7 @@ class Runtime:
         self.app = app
         self.call_policies = {**app.call_policies, **(call_policies or {})}
         """Per target service, the policy of calls from this process: the app's, then ``call_policies``."""
-        names = list(services) if services else list(app.services)
+        names = list(dict.fromkeys(services)) if services else list(app.services)
         self.running_services: list[Service] = [app.service(name) for name in names]
         self.data_dir = Path(data_dir or os.environ.get("CALLCAST_DATA") or DEFAULT_DATA_DIR)
         self.service_urls = dict(service_urls or {})
@@ -192,6 +212,15 @@ class Runtime:
 
     async def _start_services(self) -> None:
         broker = self.broker
+        # First of all: what is published from now on (by an outbox relay sending rows an earlier
+        # process left, by a startup hook) must find every group of the app, or brokers drop it.
+        await broker.declare(DEAD_LETTER_TOPIC, DEAD_LETTER_GROUP)
+        for service in self.app.services.values():
+            for handler in service.handlers:
+                await broker.declare(handler.topic, handler.group)
+            if not broker.capabilities.request_reply:  # requests wait in a group for their server
+                for endpoint in service.endpoints.values():
+                    await broker.declare(endpoint.topic, endpoint.topic)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         for service in self.running_services:
             if service.database:
@@ -206,15 +235,8 @@ class Runtime:
             self._housekeeping = asyncio.create_task(self._forget_old_inbox_records(), name="inbox-retention")
         for service in self.running_services:
             for hook in service.startup_hooks:
-                await hook(self.context(service.name))
+                await self._run_hook(hook, service.name)
             self._started_hooks.append(service)
-        await broker.declare(DEAD_LETTER_TOPIC, DEAD_LETTER_GROUP)
-        for service in self.app.services.values():
-            for handler in service.handlers:
-                await broker.declare(handler.topic, handler.group)
-            if not broker.capabilities.request_reply:  # requests wait in a group for their server
-                for endpoint in service.endpoints.values():
-                    await broker.declare(endpoint.topic, endpoint.topic)
         self._rpc = RpcClient(
             broker,
             self.instance_id,
@@ -245,6 +267,15 @@ class Runtime:
                 await consumer.start()
                 self._consumers.append(consumer)
 
+    async def _run_hook(self, hook: Hook, service: str) -> None:
+        """Run a startup or shutdown hook under a correlation id of its own, which the tasks started
+        after it (consumers, servers) do not inherit."""
+        previous = correlation.current.get()
+        try:
+            await hook(self.context(service))
+        finally:
+            correlation.current.set(previous)
+
     async def _forget_old_inbox_records(self) -> None:
         """Hourly: drop inbox records older than :data:`INBOX_RETENTION` (a duplicate arriving later
         than that would be applied again)."""
@@ -270,7 +301,7 @@ class Runtime:
         )
         server = _Server(config)
         self._server = server
-        self._server_task = asyncio.create_task(server.serve(), name="http")
+        self._server_task = asyncio.create_task(_serve(server, host, port), name="http")
         while not server.started:
             if self._server_task.done():
                 self._server_task.result()  # raises the bind error
@@ -292,11 +323,13 @@ class Runtime:
             with contextlib.suppress(Exception):
                 await self._server_task
             self._server = None
-        for consumer in self._consumers:  # every one, whatever the others do
-            try:
-                await consumer.stop(grace)
-            except Exception:
-                log.exception("stopping %s failed", consumer)
+        # All at once, within one grace period; every one, whatever the others do.
+        outcomes = await asyncio.gather(
+            *(consumer.stop(grace) for consumer in self._consumers), return_exceptions=True
+        )
+        for consumer, outcome in zip(self._consumers, outcomes, strict=True):
+            if isinstance(outcome, Exception):
+                log.error("stopping %s failed", consumer, exc_info=outcome)
         self._consumers.clear()
         if self._housekeeping is not None:
             self._housekeeping.cancel()
@@ -306,7 +339,7 @@ class Runtime:
         for service in reversed(self._started_hooks):
             for hook in service.shutdown_hooks:
                 try:
-                    await hook(self.context(service.name))
+                    await self._run_hook(hook, service.name)
                 except Exception:
                     log.exception("shutdown hook of %s failed", service.name)
         self._started_hooks.clear()
@@ -317,13 +350,16 @@ class Runtime:
                     await relay.drain()
         self._relays.clear()
         if self._rpc is not None:
-            await self._rpc.stop()
+            with _logged("stopping the RPC client"):
+                await self._rpc.stop()
             self._rpc = None
-        for database in self._databases.values():
-            await database.close()
+        for name, database in self._databases.items():
+            with _logged(f"closing the database of {name}"):
+                await database.close()
         self._databases.clear()
         if self._broker is not None and self._owns_broker:
-            await self._broker.close()
+            with _logged("closing the broker"):
+                await self._broker.close()
         self._broker = None
 
     async def __aenter__(self) -> Runtime:

@@ -64,6 +64,19 @@ async def _next(subscription: Subscription, timeout: float = 5.0) -> Delivery:
     return await asyncio.wait_for(subscription.__anext__(), timeout)
 
 
+class _Holding:
+    """A :class:`~callcast.transport.Holding` that keeps the ids it holds."""
+
+    def __init__(self) -> None:
+        self.held: set[str] = set()
+
+    def fetched(self, envelope: Envelope) -> None:
+        self.held.add(envelope.id)
+
+    def returned(self, envelope: Envelope) -> None:
+        self.held.discard(envelope.id)
+
+
 # -- servers --------------------------------------------------------------------------------------
 
 
@@ -105,6 +118,20 @@ class PrivateNatsServer:
     def url(self, **options: str) -> str:
         query = "&".join(f"{key}={value}" for key, value in options.items())
         return f"nats://{HOST}:{self.port}?{OPTIONS}{'&' if query else ''}{query}"
+
+
+def _process_state(pid: int) -> str:
+    """The state letter of process ``pid`` (``T``: stopped), from ``/proc``."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+async def _stopped(pid: int, timeout: float = 5.0) -> None:
+    """Wait until process ``pid`` is stopped (by ``SIGSTOP``), not merely sent the signal."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while _process_state(pid) != "T":
+        assert loop.time() < deadline, f"process {pid} did not stop"
+        await asyncio.sleep(0.005)
 
 
 @pytest.fixture
@@ -470,6 +497,90 @@ async def test_an_ephemeral_consumer_lives_while_subscribed_and_no_longer(raw: n
     await crashed.close()
 
 
+# -- native request/reply ---------------------------------------------------------------------------
+
+
+async def test_cancelled_waits_of_a_server_take_no_turn() -> None:
+    """A wait in a server's ``__anext__`` that is cancelled (a caller's timeout) keeps no permit:
+    after ``prefetch`` such waits the server still hands out the next request."""
+    broker = await connect(SHARED_URL)
+    try:
+        assert isinstance(broker, NatsBroker)
+        topic, group = _unique("rpc"), _unique("servers")
+        server = await broker.serve(topic, group, prefetch=2)
+        for _ in range(2):
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(server.__anext__(), 0.05)
+        asking = asyncio.create_task(broker.request(topic, _envelope("after"), timeout=5))
+        delivery = await _next(server)
+        assert delivery.envelope.data == b"after"
+        await delivery.reply(_envelope("answer"))
+        assert (await asyncio.wait_for(asking, 5)).data == b"answer"
+    finally:
+        await broker.close()
+
+
+async def test_closing_a_server_ends_a_wait_for_a_free_turn() -> None:
+    """A consumer waiting in a server's ``__anext__`` because ``prefetch`` requests are unsettled
+    gets ``StopAsyncIteration`` when the server closes, as one waiting for a request does."""
+    broker = await connect(SHARED_URL)
+    try:
+        assert isinstance(broker, NatsBroker)
+        topic, group = _unique("rpc"), _unique("servers")
+        server = await broker.serve(topic, group, prefetch=1)
+        asking = asyncio.create_task(broker.request(topic, _envelope("held"), timeout=5))
+        await _next(server)  # held, unsettled
+        waiting = asyncio.create_task(server.__anext__())
+        done, _ = await asyncio.wait({waiting}, timeout=0.2)
+        assert not done, "the one request of prefetch 1 is unsettled: the next one must wait"
+        await server.close()
+        with pytest.raises(StopAsyncIteration):
+            await asyncio.wait_for(waiting, 5)
+        asking.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asking
+    finally:
+        await broker.close()
+
+
+async def test_a_server_keeps_a_bounded_backlog_of_requests(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Requests that arrive while a server is busy wait for it up to its backlog (made small here);
+    the others are dropped at once, and their callers time out."""
+    prefetch, extra = 2, 3
+    backlog = 4 * prefetch
+    monkeypatch.setattr("callcast.brokers.nats._SERVER_BACKLOG", backlog)
+    broker = await connect(SHARED_URL)
+    try:
+        assert isinstance(broker, NatsBroker)
+        topic, group = _unique("rpc"), _unique("servers")
+        server = await broker.serve(topic, group, prefetch=prefetch)
+        callers = [
+            asyncio.create_task(broker.request(topic, _envelope(f"q{n}"), timeout=2))
+            for n in range(backlog + extra)
+        ]
+        sub = server.sub
+        assert sub is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5
+        while sub.delivered < backlog + extra or sub.pending_msgs:  # all arrived and were taken in
+            assert loop.time() < deadline, f"{sub.delivered} of {backlog + extra} requests arrived"
+            await asyncio.sleep(0.01)
+        served = 0
+        while True:
+            try:
+                delivery = await asyncio.wait_for(server.__anext__(), 0.2)
+            except TimeoutError:
+                break
+            served += 1
+            await delivery.reply(_envelope("answer"))
+        outcomes = await asyncio.gather(*callers, return_exceptions=True)
+        assert served == backlog
+        assert sum(isinstance(outcome, Envelope) for outcome in outcomes) == backlog
+        assert sum(isinstance(outcome, TimeoutError) for outcome in outcomes) == extra
+    finally:
+        await broker.close()
+
+
 # -- errors -----------------------------------------------------------------------------------------
 
 
@@ -586,5 +697,35 @@ async def test_waiting_consumers_resume_after_a_server_restart(private_server: P
         following = await _next(subscription, 10)
         assert following.envelope.data == b"marker", "the delivery held through the restart came back"
         await following.ack()
+    finally:
+        await broker.close()
+
+
+# -- close ------------------------------------------------------------------------------------------
+
+
+async def test_closing_leaves_no_task_running(private_server: PrivateNatsServer) -> None:
+    """``close`` ends every task the broker started, even the flush of a settle whose ``PONG`` never
+    comes (a server that hangs), and the holding hears of that settle."""
+    assert private_server.process is not None
+    pid = private_server.process.pid
+    before = asyncio.all_tasks()
+    broker = await connect(private_server.url(timeout="10"))
+    holding = _Holding()
+    try:
+        topic, group = _unique("tasks"), _unique("group")
+        subscription = await broker.subscribe(topic, group, prefetch=1, holding=holding)
+        await broker.publish(topic, [_envelope("acked")])
+        delivery = await _next(subscription)
+        os.kill(pid, signal.SIGSTOP)  # the server hangs: the ack's flush waits for its PONG
+        try:
+            await _stopped(pid)
+            await delivery.ack()
+            await asyncio.wait_for(broker.close(), 10)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        running = [task for task in asyncio.all_tasks() - before if not task.done()]
+        assert running == [], f"still running after close: {[task.get_name() for task in running]}"
+        assert holding.held == set(), "the ack was never reported"
     finally:
         await broker.close()

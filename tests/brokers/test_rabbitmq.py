@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import re
 import shutil
 import subprocess
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime
 
 import aio_pika
@@ -114,6 +115,32 @@ async def raw() -> AsyncIterator[aio_pika.abc.AbstractChannel]:
 
 def unique(label: str) -> str:
     return f"rabbit.{label}.{uuid.uuid4().hex[:12]}"
+
+
+class _Holding:
+    """A :class:`~callcast.transport.Holding` that keeps the ids it holds, and notes any returned
+    that it never heard of."""
+
+    def __init__(self) -> None:
+        self.held: set[str] = set()
+        self.unknown: list[str] = []
+
+    def fetched(self, envelope: Envelope) -> None:
+        self.held.add(envelope.id)
+
+    def returned(self, envelope: Envelope) -> None:
+        if envelope.id not in self.held:
+            self.unknown.append(envelope.id)
+        self.held.discard(envelope.id)
+
+
+async def _until(condition: Callable[[], object], what: str, timeout: float = 5.0) -> None:
+    """Wait until ``condition()`` is true; fail naming ``what`` after ``timeout`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        assert loop.time() < deadline, what
+        await asyncio.sleep(0.01)
 
 
 class TestRabbitBroker(BrokerConformance):
@@ -391,6 +418,52 @@ async def test_a_delayed_retry_reaches_only_its_group_and_counts_as_the_next_att
         following = await asyncio.wait_for(other_sub.__anext__(), 5)
         assert following.envelope.data == b"marker", "the retry reached another group"
         await following.ack()
+    finally:
+        await broker.close()
+
+
+async def test_an_endless_delay_waits_in_the_longest_bucket(raw: aio_pika.abc.AbstractChannel) -> None:
+    """``nack(delay=inf)``, or a delay too large to count in milliseconds, settles the delivery like
+    the longest delay (~49 days): the copy waits in the longest retry bucket, the group's queue keeps
+    nothing, and the holding hears the deliveries returned."""
+    broker = await connect(URL)
+    holding = _Holding()
+    try:
+        topic, group = unique("topic"), unique("group")
+        subscription = await broker.subscribe(topic, group, holding=holding)
+        await broker.publish(topic, [Envelope(type="T", source="/s", data=b"x") for _ in range(2)])
+        for delay in (math.inf, 1e308):
+            delivery = await asyncio.wait_for(subscription.__anext__(), 5)
+            await delivery.nack(delay=delay)
+        assert holding.held == set()
+    finally:
+        await broker.close()
+    group_queue = queue_name(RUN, topic, group)
+    longest = retry_queue_name(group_queue, 2**32 - 1 - 15 * 60 * 1000)  # ms, the bucket's TTL
+    assert (await raw.declare_queue(longest, passive=True)).declaration_result.message_count == 2
+    assert (await raw.declare_queue(group_queue, passive=True)).declaration_result.message_count == 0
+
+
+async def test_a_subscription_that_joins_holds_what_the_group_buffered() -> None:
+    """A second subscription of a group in the same broker shares the group's buffer: its holding
+    hears of what is buffered already when it joins, so it never hands out (or returns) a delivery
+    its holding did not hear of."""
+    broker = await connect(URL)
+    first_holding, second_holding = _Holding(), _Holding()
+    try:
+        topic, group = unique("topic"), unique("group")
+        first = await broker.subscribe(topic, group, prefetch=1, holding=first_holding)
+        sent = Envelope(type="T", source="/s", data=b"buffered")
+        await broker.publish(topic, [sent])
+        await _until(lambda: sent.id in first_holding.held, "the envelope never reached the buffer")
+        second = await broker.subscribe(topic, group, prefetch=1, holding=second_holding)
+        delivery = await asyncio.wait_for(second.__anext__(), 5)
+        assert delivery.envelope.id == sent.id
+        assert sent.id in second_holding.held, "handed out a delivery its holding never heard of"
+        assert first_holding.held == set()
+        await delivery.ack()
+        assert (second_holding.held, second_holding.unknown) == (set(), [])
+        await first.close()
     finally:
         await broker.close()
 

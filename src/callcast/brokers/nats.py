@@ -31,7 +31,8 @@ digits of the name's SHA-256. The encoding is injective, so distinct names never
   request is a message on ``<prefix>-rpc.<token(topic)>`` (outside the stream's subjects) with a
   reply subject, served by a queue subscription whose queue group is ``<token(group)>``; the reply
   is a message on the request's reply subject, both structured-mode events as above. A request
-  that no server takes fails at once (no responders); one whose server dies is never answered
+  that no server takes fails at once (no responders); one whose server dies, or that finds its
+  server's backlog full (10,000 requests waiting to be handed out), is never answered
   (the caller's timeout).
 * **Bucket** ``<stream>_uncounted`` (a JetStream key/value bucket, i.e. stream
   ``KV_<stream>_uncounted``; history 1, 7-day TTL): see attempts.
@@ -91,7 +92,7 @@ close
     arrives is handed back too) and the naks carry a delay that ends just after that request has
     expired: the deliveries are back with the group within about 1.25 s, not at once.
     ``Broker.close()`` closes the subscriptions, drains the inboxes still kept open (handing back
-    what was on the way), flushes, then closes the connection. What the
+    what was on the way), flushes, then closes the connection, leaving no task running. What the
     adapter cannot avoid: a process that is killed, loses its connection, or closes the broker
     while a pull request is open leaves that request without a listener for up to 1 s; a
     redelivery to the same group in that second can still meet the server bug (it is delayed by
@@ -140,8 +141,8 @@ import logging
 import math
 import re
 from collections import deque
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Coroutine, Iterable, Sequence
+from typing import Any, TypeVar
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import nats.errors
@@ -172,6 +173,8 @@ from callcast.transport import Capabilities, Delivery, Holding
 from callcast.waiting import wait_event, within
 
 log = logging.getLogger("callcast.brokers.nats")
+
+T = TypeVar("T")
 
 CAPABILITIES = Capabilities(
     durable=True,
@@ -224,6 +227,9 @@ _ACK = b"+ACK"
 _NAK = b"-NAK"
 _IN_PROGRESS = b"+WPI"
 _MAX_DELAY = 365 * 24 * 3600.0
+_SERVER_BACKLOG = 10_000
+"""Requests that may wait to be handed out by one server (a burst is served; memory stays bounded
+under lasting overload); more are dropped (see :class:`_NatsServer`)."""
 
 
 # -- names ----------------------------------------------------------------------------------------
@@ -527,10 +533,12 @@ class NatsBroker:
             raise BrokerUnavailableError(f"nats broker {self.url} is closed")
         return self._replies
 
-    def _spawn(self, coroutine: Any, name: str) -> None:
+    def _spawn(self, coroutine: Coroutine[Any, Any, T], name: str) -> asyncio.Task[T]:
+        """Run ``coroutine`` in a task that ``close`` cancels and awaits if it is still running."""
         task = asyncio.create_task(coroutine, name=name)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
     async def _on_error(self, error: Exception) -> None:
         log.debug("nats broker %s: %s", self.url, self._describe(error))
@@ -739,6 +747,8 @@ class NatsBroker:
             with contextlib.suppress(*_DRIVER_ERRORS):
                 if nc.is_connected:
                     await within(nc.flush(), _CLOSE_WAIT)  # the last acks and naks
+        await self._stop_flusher()
+        if nc is not None and not nc.is_closed:
             with contextlib.suppress(*_DRIVER_ERRORS):
                 await nc.close()
 
@@ -747,7 +757,10 @@ class NatsBroker:
         has read it: after a ``flush`` (``PING``, then the ``PONG``) that starts after this call.
         One flush is under way at a time, for all settles written before it: one round trip per
         batch, and none of them waits for it. A lost connection ends the wait (what it did not
-        carry is lost with it, and comes back counted)."""
+        carry is lost with it, and comes back counted), and so does ``close``."""
+        if self._closed:
+            holding.returned(envelope)
+            return
         self._unflushed.append((holding, envelope))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.ensure_future(self._flush())
@@ -756,11 +769,25 @@ class NatsBroker:
         while self._unflushed:
             written, self._unflushed = self._unflushed, []
             nc = self._nc
-            if nc is not None:
-                with contextlib.suppress(*_DRIVER_ERRORS):
-                    await nc.flush(self.timeout)  # type: ignore[arg-type]
-            for holding, envelope in written:
-                holding.returned(envelope)
+            try:
+                if nc is not None and not self._closed:
+                    with contextlib.suppress(*_DRIVER_ERRORS):
+                        await nc.flush(self.timeout)  # type: ignore[arg-type]
+            finally:
+                for holding, envelope in written:
+                    holding.returned(envelope)
+
+    async def _stop_flusher(self) -> None:
+        """At close, once the connection was flushed: end the flush under way (nats-py never
+        answers one whose ``PONG`` is lost) and tell ``holding`` of every settle still waiting."""
+        flusher, self._flusher = self._flusher, None
+        if flusher is not None and not flusher.done():
+            flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await flusher
+        unflushed, self._unflushed = self._unflushed, []
+        for holding, envelope in unflushed:
+            holding.returned(envelope)
 
     # -- deliveries the server counted but callcast does not ------------------------------------
 
@@ -803,8 +830,8 @@ class NatsBroker:
 
     def _forget_uncounted(self, delivery: _NatsDelivery) -> None:
         kv = self._kv
-        if kv is None:
-            return
+        if kv is None or self._closed:
+            return  # after close: the record expires with the bucket's TTL
 
         async def forget() -> None:
             with contextlib.suppress(*_DRIVER_ERRORS):
@@ -1071,7 +1098,7 @@ class _NatsSubscription:
         if delivered > 1 and not self.ephemeral:
             # Looked up in the background and awaited when handed out: this callback does not wait,
             # so what the server sent is announced to ``holding`` without delay.
-            lookup = asyncio.ensure_future(self.broker._uncounted(self.consumer, seq))
+            lookup = self.broker._spawn(self.broker._uncounted(self.consumer, seq), "callcast-nats-lookup")
         if self.closed:
             await self._hand_back_late(reply, seq, 0 if lookup is None else await lookup)
             return
@@ -1262,40 +1289,58 @@ class _NatsDelivery:
 
 
 class _NatsServer:
-    """The requests of one server of a group: a core-NATS queue subscription. Requests that arrive
-    while ``prefetch`` are unsettled wait in the client's buffer (beyond its pending limit the
-    client drops them: their callers time out, as with any lost request)."""
+    """The requests of one server of a group: a core-NATS queue subscription. At most ``prefetch``
+    requests are handed out and unsettled; up to :data:`_SERVER_BACKLOG` more wait
+    here to be handed out. A request that arrives while that backlog is full is dropped at once: its
+    caller times out, as with any lost request (under overload, the requests least likely to be
+    answered in time are not kept)."""
 
     def __init__(self, broker: NatsBroker, nc: Client, prefetch: int) -> None:
         self.broker = broker
         self.nc = nc
         self.sub: NatsSubscription | None = None
         self.free = asyncio.Semaphore(prefetch)
-        self.arrived: asyncio.Queue[Msg | None] = asyncio.Queue()
+        self.arrived: asyncio.Queue[Msg | None] = asyncio.Queue(_SERVER_BACKLOG)
         self.closed = False
 
     async def receive(self, msg: Msg) -> None:
-        self.arrived.put_nowait(msg)
+        if self.closed:
+            return
+        with contextlib.suppress(asyncio.QueueFull):  # the backlog is full: dropped
+            self.arrived.put_nowait(msg)
 
     def __aiter__(self) -> _NatsServer:
         return self
 
     async def __anext__(self) -> _NatsRequest:
+        """The next request, once fewer than ``prefetch`` are unsettled. Cancelling the wait takes
+        nothing (the permit is given back, the request stays queued); ``close`` ends every wait."""
+        if self.closed:
+            raise StopAsyncIteration
         await self.free.acquire()
-        msg = None if self.closed else await self.arrived.get()
-        if msg is None:
+        try:
+            msg = None if self.closed else await self.arrived.get()
+        except BaseException:
             self.free.release()
-            self.arrived.put_nowait(None)  # for any other waiter
+            raise
+        if msg is None:
+            self.free.release()  # for a waiter in acquire(), which then sees closed
+            if self.arrived.empty():
+                self.arrived.put_nowait(None)  # for a waiter in get()
             raise StopAsyncIteration
         return _NatsRequest(self, msg.reply, structured_or_quarantine(msg.data))
 
     async def close(self) -> None:
-        """Stop serving; requests not yet answered are dropped (their callers time out)."""
+        """Stop serving, ending every wait in ``__anext__``; requests not yet answered are dropped
+        (their callers time out)."""
         if self.closed:
             return
         self.closed = True
         self.broker._servers.discard(self)
-        self.arrived.put_nowait(None)
+        while not self.arrived.empty():  # dropped; makes room for the end mark
+            self.arrived.get_nowait()
+        self.arrived.put_nowait(None)  # ends a wait in get(), which passes it on
+        self.free.release()  # ends a wait in acquire(), which passes it on
         if self.sub is not None:
             with contextlib.suppress(*_DRIVER_ERRORS):
                 await self.sub.unsubscribe()

@@ -22,12 +22,12 @@ queue. A group queue name longer than 200 bytes is cut and ends in ``~`` and a h
     dead-letter (``x-dead-letter-strategy: at-least-once``) through the default exchange straight
     back to the group's queue, so that only that group gets the retry. One bucket per delay in use,
     the delay rounded *up* to the R10 series of preferred numbers (10, 13, 16, 20, 25, 32, 40, 50,
-    63, 80 × 10ⁿ ms; whole ms below 10 ms; at most ~49 days): never early, at most 28% late, at most
-    ten buckets per tenfold range of delays (a default retry policy, 0.1 s to 30 s, uses ≤ 26). A
-    bucket nobody used for 15 minutes plus its TTL expires (``x-expires``); the adapter re-declares a
-    bucket before using it if its last declaration is more than 5 minutes old, so a bucket never
-    expires with a retry in it. The ``0ms`` bucket hands envelopes back without counting an attempt
-    (below).
+    63, 80 × 10ⁿ ms; whole ms below 10 ms; at most ~49 days, to which a longer or infinite delay is
+    cut): never early, at most 28% late, at most ten buckets per tenfold range of delays (a default
+    retry policy, 0.1 s to 30 s, uses ≤ 26). A bucket nobody used for 15 minutes plus its TTL
+    expires (``x-expires``); the adapter re-declares a bucket before using it if its last
+    declaration is more than 5 minutes old, so a bucket never expires with a retry in it. The
+    ``0ms`` bucket hands envelopes back without counting an attempt (below).
 Ephemeral subscriptions
     The same names, but an **exclusive, auto-delete classic queue** (and exclusive retry buckets):
     they exist only while the subscribing connection lives, are deleted when the subscription closes,
@@ -209,6 +209,8 @@ _BUCKET_MANTISSAS = (10, 13, 16, 20, 25, 32, 40, 50, 63, 80)
 _RETRY_EXPIRES_MS = 15 * 60 * 1000
 _RETRY_REDECLARE = 5 * 60.0
 _MAX_DELAY_MS = 2**32 - 1 - _RETRY_EXPIRES_MS
+_MAX_DELAY = _MAX_DELAY_MS / 1000
+"""The longest ``nack`` delay in seconds (the longest bucket); a longer or infinite one is cut to it."""
 _RECONNECT_FIRST = 0.05
 _RECONNECT_MAX = 2.0
 
@@ -844,6 +846,11 @@ class _GroupReader:
                 return False
             subscription.reader = self
             self.members[subscription] = None
+            if subscription.holding is not None:
+                # Any member may take what is buffered: the new one holds it too (this loop turn, so
+                # nothing arrives in between unannounced or announced twice).
+                for delivery in self.buffer:
+                    subscription.holding.fetched(delivery.envelope)
             channel = self.channel
             if channel is None:
                 return True  # restoring: the restore starts its consumer
@@ -854,6 +861,8 @@ class _GroupReader:
                 )
             except Exception as error:
                 self.members.pop(subscription, None)
+                for delivery in self.buffer:  # announced to it, and it is no member after all
+                    subscription.returned(delivery)
                 raise self.broker._error(f"cannot consume from {self.queue!r}", error) from None
             return True
 
@@ -1195,4 +1204,6 @@ class _RabbitDelivery:
         await self.reader.settle(self, None)
 
     async def nack(self, *, delay: float = 0.0) -> None:
-        await self.reader.settle(self, max(0.0, delay))
+        if not math.isfinite(delay):
+            delay = _MAX_DELAY if delay > 0 else 0.0
+        await self.reader.settle(self, min(max(0.0, delay), _MAX_DELAY))
