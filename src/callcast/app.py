@@ -39,9 +39,18 @@ class App:
         self.name = name
         self.services: dict[str, Service] = {}
         seen_routes: dict[tuple[str, str], str] = {}
+        spelled: dict[str, str] = {}
         for service in services:
             if service.name in self.services:
                 raise ConfigurationError(f"two services named {service.name!r}")
+            # Names that differ only in case or in '-' against '_' share a database: one
+            # CALLCAST_DATABASE_<NAME> variable, and one file where file names ignore case.
+            same = spelled.setdefault(service.name.upper().replace("-", "_"), service.name)
+            if same != service.name:
+                raise ConfigurationError(
+                    f"services {same!r} and {service.name!r} differ only in case or in '-' and '_': "
+                    "they would share a database"
+                )
             self.services[service.name] = service
             for route in service.routes:
                 key = (route.method, route.path)

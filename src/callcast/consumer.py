@@ -83,6 +83,9 @@ class Consumer:
         self._isolation = isolation or Isolation()
         self.stats: Counter[str] = Counter()
         self._first_failures: dict[str, str] = {}  # message id -> first failure seen here (bounded)
+        self._parked_failures: dict[
+            tuple[str, int], Exception
+        ] = {}  # (key, sequence) -> last error (bounded)
         self._gate = None if broker.capabilities.ordered_per_key else KeyGate()
         self._dispatcher: Dispatcher | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -288,6 +291,7 @@ class Consumer:
         assert handler.sequencing is not None
         while True:
             ctx = self.make_context(handler.service, Envelope(type=handler.topic, source="", data=b""), 1)
+            taken: tuple[int, Envelope] | None = None
             try:
                 async with ctx.transaction() as conn:
                     await sequence.admit(
@@ -307,7 +311,12 @@ class Consumer:
                 log.warning(
                     "%s: parked message of key %r failed, stays parked: %r", handler.group, key, error
                 )
+                if taken is not None:  # remembered: if it never succeeds, this is why
+                    if len(self._parked_failures) >= FIRST_FAILURES_KEPT:
+                        self._parked_failures.pop(next(iter(self._parked_failures)))
+                    self._parked_failures[(key, taken[0])] = error
                 return
+            self._parked_failures.pop((key, number), None)
             self.stats["handled"] += 1
 
     async def _sweep_parked(self) -> None:
@@ -327,15 +336,23 @@ class Consumer:
                 async with self.database.transaction() as conn:
                     expired = await sequence.take_expired(conn, handler.group, handler.sequencing.gap_timeout)
                     for key, number, envelope in expired:
-                        error = PermanentError(
+                        failed = self._parked_failures.pop((key, number), None)
+                        error: Exception = failed or PermanentError(
                             f"sequence {number} of key {key!r} waited {handler.sequencing.gap_timeout:g}s "
                             "for a missing predecessor"
+                        )
+                        reason = (
+                            "gap"
+                            if failed is None
+                            else "permanent"
+                            if isinstance(failed, PermanentError)
+                            else "error"
                         )
                         letter = dead_letter_envelope(
                             envelope,
                             subscriber=handler.group,
                             topic=handler.topic,
-                            reason="gap",
+                            reason=reason,
                             error=error,
                             attempt=1,
                         )

@@ -69,6 +69,8 @@ async def credit(event: Credit, ctx: Context) -> None:
 
 @ledger.on(Versioned, sequenced=SequencePolicy(field="version", gap_timeout=3.0))
 async def track(event: Versioned, ctx: Context) -> None:
+    if event.value < 0:
+        raise RuntimeError("a negative value cannot be tracked")
     applied[event.account].append(event.version)
     await ctx.db.execute(
         text("INSERT INTO state VALUES (:a, :v) ON CONFLICT (account) DO UPDATE SET value = :v"),
@@ -192,6 +194,20 @@ async def test_a_gap_that_never_closes_is_dead_lettered(start: StartApp, broker:
     async with browse_when(broker, 1) as letters:
         assert letters[0].diagnostic("dlqreason") == "gap"
         assert "missing predecessor" in letters[0].diagnostic("dlqerror")
+
+
+async def test_a_parked_message_whose_handler_keeps_failing_is_dead_lettered_with_its_error(
+    start: StartApp, broker: MemoryBroker
+) -> None:
+    """Its predecessor came: the reason is the handler's failure, not a gap."""
+    runtime = await start(app)
+    ctx = runtime.context("bank")
+    for version, value in ((1, 0), (3, -1), (2, 0)):  # 3 is parked, then fails when next
+        await ctx.publish(Versioned(account="bad", version=version, value=value), key="bad")
+    async with browse_when(broker, 1) as letters:
+        assert letters[0].diagnostic("dlqreason") == "error"
+        assert "a negative value cannot be tracked" in letters[0].diagnostic("dlqerror")
+    assert applied["bad"] == [1, 2]
 
 
 async def test_dead_letters_replay_to_their_one_subscriber(start: StartApp, broker: MemoryBroker) -> None:

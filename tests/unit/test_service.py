@@ -63,6 +63,13 @@ def test_duplicate_names_and_routes_are_refused() -> None:
         App([first, second])
 
 
+def test_names_that_would_share_a_database_are_refused() -> None:
+    """``CALLCAST_DATABASE_A_B`` names the database of ``a-b`` and of ``a_b``."""
+    for first, second in (("a-b", "a_b"), ("orders", "Orders")):
+        with pytest.raises(ConfigurationError, match="share a database"):
+            App([Service(first), Service(second)])
+
+
 def test_bad_service_names_and_publishes_are_refused() -> None:
     with pytest.raises(ConfigurationError):
         Service("has space")

@@ -267,7 +267,8 @@ async def _inject(live: _Live, target: Target, window: tuple[float, float], star
     await asyncio.sleep(max(0.0, started + window[0] - time.time()))
     if scenario.down:
         live.marks["down_start"] = time.time()
-        await live.runtimes.pop(live.settings.target).stop(grace=1.0)
+        await live.runtimes[live.settings.target].stop(grace=1.0)  # kept listed until stopped:
+        del live.runtimes[live.settings.target]  # run_once's cleanup stops whatever is listed
     if scenario.add_consumer:
         await _add_consumer(live, target)
     if scenario.down:
@@ -284,12 +285,17 @@ async def _add_consumer(live: _Live, target: Target) -> None:
     )
     await live.start(after, workflow.NEW_CONSUMER)
     if consumer_change(live.app, after)["producer_changed"]:
-        old = live.runtimes.pop("orders")
-        new = await after.start(broker=live.broker, services=["orders"], data_dir=live.data_dir)
+        # Both stay listed until the switch is done, so run_once's cleanup stops them whatever fails.
+        old = live.runtimes["orders (before)"] = live.runtimes["orders"]
+        new = live.runtimes["orders (after)"] = await after.start(
+            broker=live.broker, services=["orders"], data_dir=live.data_dir
+        )
         await new.serve_http("127.0.0.1", 0)
         live.runtimes["orders"] = new
+        del live.runtimes["orders (after)"]
         target.base_url = f"http://127.0.0.1:{new.http_port}"
         await old.stop(grace=live.settings.client_timeout)  # its in-flight requests finish
+        del live.runtimes["orders (before)"]
     live.extra = extra
     live.extra_since = time.time()
     live.marks["change"] = live.extra_since
