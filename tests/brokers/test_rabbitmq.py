@@ -672,14 +672,22 @@ async def test_driver_errors_surface_as_transport_errors(raw: aio_pika.abc.Abstr
         await broker.close()
 
 
-async def test_a_publish_to_an_undeclared_group_stores_nothing() -> None:
-    """``publish(group=G)`` for a group that was never declared is accepted and kept nowhere."""
+async def test_a_publish_to_an_undeclared_group_stores_nothing(raw: aio_pika.abc.AbstractChannel) -> None:
+    """``publish(group=G)`` for a group that was never declared is accepted and kept nowhere: no
+    queue is made for it, and the topic's declared group gets nothing."""
     broker = await connect(URL)
     try:
-        topic = unique("topic")
-        await broker.publish(topic, [Envelope(type="T", source="/s", data=b"x")], group=unique("nobody"))
+        topic, declared, nobody = unique("topic"), unique("group"), unique("nobody")
+        await broker.declare(topic, declared)
+        await broker.publish(topic, [Envelope(type="T", source="/s", data=b"x")], group=nobody)
+        with pytest.raises(aiormq.exceptions.ChannelNotFoundEntity):
+            await raw.declare_queue(queue_name(RUN, topic, nobody), passive=True)
     finally:
         await broker.close()
+    async with await aio_pika.connect(RAW_URL) as connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(queue_name(RUN, topic, declared), passive=True)
+        assert queue.declaration_result.message_count == 0
 
 
 # -- helpers --------------------------------------------------------------------------------------

@@ -725,11 +725,12 @@ async def test_a_user_without_client_commands_still_reads_and_retries(
         raw.acl_deluser(user)
 
 
-async def test_another_connection_sees_a_nack_or_a_close_within_poll(broker: RedisBroker) -> None:
+async def test_another_connection_sees_a_nack_or_a_close_within_poll() -> None:
     """A subscriber of another connection (as in another process) that already waits is not woken by
-    a nack or a close here, but finds what they gave back within ``poll`` seconds (0.5 here),
-    counted as the next attempt."""
-    other = await connect(SHARED_URL)
+    a nack or a close here, but finds what they gave back within ``poll`` seconds (0.5 here; the
+    lease, 10 s, is far from it), counted as the next attempt."""
+    url = f"redis://{HOST}:{PORT}/0?prefix={SHARED_PREFIX}&lease=10&poll=0.5"
+    broker, other = await connect(url), await connect(url)
     try:
         topic, group = _unique("handback"), _unique("workers")
         here = await broker.subscribe(topic, group, prefetch=2)
@@ -743,12 +744,13 @@ async def test_another_connection_sees_a_nack_or_a_close_within_poll(broker: Red
             assert not done, "nothing was available yet"
             started = time.monotonic()
             await give_back()
-            got = await asyncio.wait_for(waiting, 0.5 + 2)
-            assert time.monotonic() - started < 0.5 + 0.5
+            got = await asyncio.wait_for(waiting, 10)
+            assert time.monotonic() - started < 0.5 + 2.5, "found after the lease, not the poll"
             assert (got.envelope.data, got.attempt) == (expected, 2)
             await got.ack()
     finally:
         await other.close()
+        await broker.close()
 
 
 def _pending(raw: redis.Redis, key: str, group: str) -> list[tuple[bytes, bytes, int]]:

@@ -23,7 +23,6 @@ FANOUT = "tests.e2e.fanout_app:app"
 EVENTS = 2000
 BATCH = 50
 LEASE = 1
-TIME_LIMIT = 60.0
 
 
 def handled(path: Path) -> list[tuple[str, int, int, int, float]]:
@@ -119,7 +118,6 @@ def test_competing_workers_and_fan_out_lose_nothing_when_a_worker_is_killed(
         attempts.setdefault(event_id, []).append(attempt)
     assert all(len(set(counts)) == len(counts) for counts in attempts.values())
     assert all(max(counts) > 1 for counts in attempts.values() if len(counts) > 1)
-    assert elapsed < TIME_LIMIT
 
 
 def emails_sent(emails_db: Path) -> dict[str, int]:
@@ -190,4 +188,3 @@ def test_two_emails_workers_share_the_stream_and_send_each_welcome_once_across_a
         )
     assert sent == dict.fromkeys(addresses, 1)
     assert victim.returncodes == [-9]
-    assert time.monotonic() - started < TIME_LIMIT

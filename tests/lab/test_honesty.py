@@ -34,8 +34,10 @@ async def test_200ms_on_a_synchronous_downstream_shows_in_request_latency_only()
         assert slow["effects_lost"] == 0
         if style == "event":  # the delay moved into time to consistency
             assert slow["consistency_p50_ms"] >= 180.0
-    assert 150.0 <= rise["request"] <= 320.0, rise
-    assert rise["event"] < 80.0, rise
+    # 200 ms on the synchronous path shows in the request style's latency, not the event style's
+    # (compared with each other, not with fixed windows, which a loaded machine moves).
+    assert rise["request"] >= 150.0, rise
+    assert rise["request"] - rise["event"] >= 120.0, rise
 
 
 async def test_a_downstream_down_fails_requests_not_events_and_nothing_is_lost() -> None:

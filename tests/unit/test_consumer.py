@@ -15,6 +15,7 @@ from pydantic import BaseModel
 
 from callcast import App, Context, Envelope, PermanentError, RetryPolicy, Service
 from callcast.brokers.memory import MemoryBroker
+from callcast.consumer import Consumer
 from callcast.crashes import ABSOLUTE_FACTOR
 from callcast.deadletter import DEAD_LETTER_GROUP, DEAD_LETTER_TOPIC
 from callcast.exceptions import TransportError
@@ -348,7 +349,6 @@ async def test_a_consumer_that_fails_to_start_leaves_no_journal(
     broker: MemoryBroker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Left behind, a live journal would later be collected as a death."""
-    from callcast.consumer import Consumer
     from callcast.exceptions import TransportError
 
     async def refused(*args: object, **kwargs: object) -> None:
@@ -382,7 +382,6 @@ async def test_dead_processes_are_collected_while_no_redelivery_asks(
 async def test_runtime_stop_stops_every_consumer_whatever_one_of_them_does(
     broker: MemoryBroker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from callcast.consumer import Consumer
 
     pair = Service("pair")
 
@@ -442,10 +441,9 @@ async def test_a_suspect_cancelled_while_waiting_lets_the_others_go_on() -> None
     isolation = Isolation()
     await isolation.enter_shared()
     suspect = asyncio.create_task(isolation.alone().__aenter__())
-    await asyncio.sleep(0.01)
-    other = asyncio.create_task(isolation.enter_shared())  # waits behind the suspect
-    await asyncio.sleep(0.01)
-    assert not other.done()
+    await asyncio.sleep(0)  # the suspect starts waiting for the shared run to end
+    other = asyncio.create_task(isolation.enter_shared())
+    await wait_until(lambda: isolation.held_up == 1)  # it waits behind the suspect
     suspect.cancel()
     await asyncio.wait_for(other, 5)
     await isolation.leave_shared()
@@ -481,9 +479,10 @@ async def test_competing_runtimes_share_and_each_group_gets_a_copy(start: StartA
     """Two processes of one service share its messages; every event is handled once by the group."""
     reset()
     producer_runtime = await start(app, services=["producer"])
-    await start(app, services=["worker"])
-    await start(app, services=["worker"])
+    workers = [await start(app, services=["worker"]), await start(app, services=["worker"])]
     await publish(producer_runtime.context("producer"), *(Job(n=n) for n in range(200)))
     await wait_until(lambda: len(done) == 200)
     assert sorted(done) == list(range(200))
     assert max(calls.values()) == 1
+    handled = [sum(c.stats["handled"] for c in w._consumers if isinstance(c, Consumer)) for w in workers]
+    assert min(handled) > 0, handled  # both took a share

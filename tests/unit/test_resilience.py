@@ -420,14 +420,15 @@ async def assert_the_chain_gives_up_at_the_first_deadline(ctx: Context) -> None:
     with pytest.raises(CallTimeoutError):
         await ctx.call(relay, Work(seconds=5), timeout=0.3)
     ended = time.time()
-    assert ended - began < 0.3 + 0.25, "A waited well past its deadline"
+    # Margins for a loaded machine: the work takes 5 s, and B, left alone, would wait 30 s for C.
+    assert ended - began < 0.3 + 1.0, "A waited well past its deadline"
     assert seen.c_deadline is not None
-    assert abs(seen.c_deadline - (began + 0.3)) < 0.05, "C did not get A's deadline"
+    assert abs(seen.c_deadline - (began + 0.3)) < 0.5, "C did not get A's deadline"
     await wait_until(lambda: seen.c_cancelled_at is not None and seen.b_gave_up_at is not None, 2.0)
     assert seen.c_cancelled_at is not None
-    assert seen.c_cancelled_at < began + 0.3 + 0.2, "C worked on past A's deadline"
+    assert seen.c_cancelled_at < began + 0.3 + 1.0, "C worked on past A's deadline"
     assert seen.b_gave_up_at is not None
-    assert seen.b_gave_up_at < began + 0.3 + 0.2, "B waited for C past A's deadline"
+    assert seen.b_gave_up_at < began + 0.3 + 1.0, "B waited for C past A's deadline"
 
 
 async def test_a_chain_over_the_broker_gives_up_when_the_first_callers_deadline_passes(
@@ -473,7 +474,7 @@ async def test_a_policy_per_target_and_per_call(start: StartApp) -> None:
     began = time.monotonic()
     with pytest.raises(CallTimeoutError):
         await ctx.call(slow, Work(seconds=5))  # the target's timeout: 0.2 s
-    assert time.monotonic() - began < 0.6
+    assert time.monotonic() - began < 0.9  # not the default policy's (3 s)
     with pytest.raises(RemoteError):
         await ctx.call(flaky, Work(key="k3"))  # the target's policy: one attempt
     assert (await ctx.call(flaky, Work(key="k4"), policy=CallPolicy())).deadline is not None
@@ -491,10 +492,10 @@ async def test_an_open_circuit_fails_fast_and_a_route_answers_503(start: StartAp
     for _ in range(3):
         with pytest.raises(ServiceUnavailableError):
             await ctx.call(slow, Work(), timeout=2)
-    began = time.monotonic()
+    attempts = runtime.call_stats()["c"].attempts
     with pytest.raises(CircuitOpenError):
         await ctx.call(slow, Work(), timeout=2)
-    assert time.monotonic() - began < 0.05
+    assert runtime.call_stats()["c"].attempts == attempts  # refused without an attempt
     async with client(runtime) as http:
         response = await http.get("/through")
     assert response.status_code == 503
@@ -514,7 +515,7 @@ async def test_the_apps_policies_apply_and_start_overrides_them(start: StartApp)
     began = time.monotonic()
     with pytest.raises(CallTimeoutError):
         await runtime.context("a").call(slow, Work(seconds=5))
-    assert time.monotonic() - began < 0.6
+    assert time.monotonic() - began < 0.9  # the policy of c (0.2 s), not b's (1 s)
 
 
 def test_call_policies_must_name_services_of_the_app() -> None:
