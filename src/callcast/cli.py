@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -45,6 +46,10 @@ def load_app(spec: str) -> App:
     return app
 
 
+SECOND_SIGNAL_AFTER = 2.0
+"""Seconds after the first signal from which a second one ends the process at once (a process
+manager may send SIGTERM right after the terminal's SIGINT: that pair is one request to stop)."""
+
 STOP_MARGIN = 30.0
 """Seconds a stop may take past its grace period (closing connections, draining outboxes) before
 ``callcast run`` gives up on it and exits with an error."""
@@ -62,9 +67,12 @@ async def _run(args: argparse.Namespace) -> None:
             raise SystemExit(f"callcast: --database takes SERVICE=URL, got {item!r}")
         databases[name] = url
     stop = asyncio.Event()
+    first_signal_at: list[float] = []
 
     def on_signal() -> None:
-        if stop.is_set():
+        if not first_signal_at:
+            first_signal_at.append(time.monotonic())
+        elif time.monotonic() - first_signal_at[0] >= SECOND_SIGNAL_AFTER:
             print(
                 "callcast: second signal: exiting now, without finishing the stop",
                 file=sys.stderr,

@@ -24,8 +24,10 @@ dlqreplays       how often it was replayed before (``callcast dlq replay``)
 ================ ==============================================================
 
 The dead letter is stored before the original delivery is acknowledged, so a crash in between
-leaves a duplicate dead letter, never none. If it cannot be stored, the original goes back to its
-group (after :data:`RETRY_AFTER` seconds), to be dead-lettered again when it returns.
+leaves a duplicate dead letter, never none. If the broker refuses it (not because it is away: too
+large, say), it is tried once more without ``dlqerror`` and ``dlqtraceback``; if it still cannot
+be stored, the original goes back to its group (after :data:`RETRY_AFTER` seconds), to be
+dead-lettered again when it returns (its handler may then run again).
 
 A dead letter does not keep the original's ``partitionkey`` (it is kept as ``dlqpartitionkey``, and
 put back by a replay): on brokers that keep per-key order, the dead letters of one key would
@@ -39,12 +41,12 @@ import traceback
 from dataclasses import dataclass
 
 from callcast.envelope import Envelope, now_rfc3339
-from callcast.exceptions import TransportError
+from callcast.exceptions import BrokerUnavailableError, TransportError
 from callcast.transport import Broker, Delivery
 
 DEAD_LETTER_TOPIC = "callcast.deadletter"
 DEAD_LETTER_GROUP = "callcast.deadletter"
-RETRY_AFTER = 5.0
+RETRY_AFTER = 30.0
 """Seconds after which a message whose dead letter could not be stored comes back."""
 _MAX_ERROR = 1000
 _MAX_TRACEBACK = 4000
@@ -111,7 +113,13 @@ async def dead_letter(
         own_attempts=attempts,
     )
     try:
-        await broker.publish(letter.topic, [letter.envelope])
+        try:
+            await broker.publish(letter.topic, [letter.envelope])
+        except BrokerUnavailableError:
+            raise
+        except TransportError:  # refused: without the error texts, it may fit
+            slim = letter.envelope.with_extensions(dlqerror=None, dlqtraceback=None)
+            await broker.publish(letter.topic, [slim])
     except TransportError:
         with contextlib.suppress(TransportError):  # if this fails too, its lease runs out
             await delivery.nack(delay=RETRY_AFTER)

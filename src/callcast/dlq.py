@@ -97,7 +97,8 @@ def original(envelope: Envelope) -> Envelope:
 async def replay(broker: Broker, letter: DeadLetterView) -> None:
     """Send the original back to its one subscriber, then drop the dead letter. The subscriber's
     group is declared first: a group that is gone (its handler renamed, a fresh broker) keeps the
-    message until someone consumes it, instead of the broker dropping it."""
+    message until someone consumes it, instead of the broker dropping it. Such a group, declared
+    again, also keeps every later message of its topic: delete it if no handler will consume it."""
     topic, subscriber = letter.diagnostic("dlqtopic"), letter.subscriber
     if not topic or not subscriber:
         raise ValueError(f"dead letter {letter.id} does not say where it came from")

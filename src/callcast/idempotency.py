@@ -36,7 +36,6 @@ crash never wedges a key. Keys are kept ``retention`` seconds (24 h by default);
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import time
@@ -263,8 +262,12 @@ class IdempotencyGuard:
             return _in_progress(claim.key), None
         finally:
             renewing.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await renewing
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():  # this request's own cancellation
+                    raise
         body = getattr(response, "body", None)
         if (response.status_code >= 500 and not claim.applied) or not isinstance(body, bytes):
             await self._release(claim)

@@ -102,6 +102,7 @@ class Relay:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._queued: list[Staged] = []  # committed here, to send in commit order
+        self._detoured: set[str] = set()  # topics whose send failed: later rows wait their turn
         self._sender: asyncio.Task[None] | None = None
         self._sent: set[int] = set()  # published, to delete
         self._unsent: set[int] = set()  # publish failed, to release for a retry
@@ -113,7 +114,8 @@ class Relay:
         """Rows staged for this relay were committed: publish them now, without claiming them. One
         sender publishes the commits of this process in their order (each send takes every row
         committed meanwhile), so events of one key published by successive transactions reach the
-        broker in that order."""
+        broker in that order. Once a topic's send failed, its later rows take the claiming path
+        too (which sends in commit order) until the outbox has drained."""
         self._queued.extend(rows)
         if self._sender is None or self._sender.done():
             self._sender = asyncio.create_task(self._send_queued())
@@ -128,11 +130,15 @@ class Relay:
         for row in rows:
             by_topic[row[1]].append(row)
         for topic, items in by_topic.items():
+            if topic in self._detoured:  # an earlier row failed: this one must not overtake it
+                self._unsent.update(row_id for row_id, _, _ in items)
+                continue
             try:
                 await self.broker.publish(topic, [envelope for _, _, envelope in items])
             except TransportError as error:
                 log.warning("outbox relay of %s: publish failed (%s); will retry", self.database.url, error)
                 self._unsent.update(row_id for row_id, _, _ in items)
+                self._detoured.add(topic)
             else:
                 self._sent.update(row_id for row_id, _, _ in items)
                 self.published += len(items)
@@ -182,8 +188,10 @@ class Relay:
             except Exception as error:  # the database or the broker is away (refused, timed out...)
                 log.warning("outbox relay of %s: %s; retrying", self.database.url, type(error).__name__)
                 self.failures += 1
-                moved = 0
+                moved = -1
                 await asyncio.sleep(self.poll)
+            if moved == 0 and not self._unsent:
+                self._detoured.clear()  # nothing left behind: commits may go straight out again
             if moved < self.batch:  # drained: wait for a local commit or poll for other processes'
                 await wait_event(self._wake, self.poll)
 
@@ -227,7 +235,7 @@ class Relay:
                     topic,
                     error,
                 )
-                sent += await self._publish_one_by_one(topic, items)
+                sent += await self._publish_one_by_one(topic, items, until=now + self.lease / 2)
             else:
                 sent += [row_id for row_id, _ in items]
         if sent:
@@ -240,13 +248,19 @@ class Relay:
         self.published += len(sent)
         return len(rows)
 
-    async def _publish_one_by_one(self, topic: str, items: list[tuple[int, Envelope]]) -> list[int]:
-        """Publish ``items`` (in commit order) one at a time; the row ids sent. A row that fails
-        holds back the later rows of its partition key (their order), not the others."""
+    async def _publish_one_by_one(
+        self, topic: str, items: list[tuple[int, Envelope]], *, until: float
+    ) -> list[int]:
+        """Publish ``items`` (in commit order) one at a time, until the UNIX time ``until`` (well
+        within the claim's lease: a broker that times out on each row must not keep them claimed
+        past it); the row ids sent. A row that fails holds back the later rows of its partition
+        key (their order), not the others."""
         sent: list[int] = []
         held_back: set[str | None] = set()
         for row_id, envelope in items:
             key = envelope.partition_key
+            if time.time() > until:
+                break
             if key in held_back:
                 continue
             try:

@@ -10,6 +10,7 @@ import json
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -440,29 +441,33 @@ def test_a_change_count_that_cannot_be_read_is_taken_as_unchanged() -> None:
 async def test_a_housekeeping_pass_deletes_every_settled_message_whatever_its_batch(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Ten settled messages, three per op: the ops of one pass follow each other at once, not one
+    pass (lease/3 = 1 s) apart."""
     from callcast.brokers import sqlite as module
 
     monkeypatch.setattr(module, "GARBAGE_BATCH", 3)
-    left_at_each_pass: list[int] = []
-    renew = module._renew
+    deletions: list[tuple[float, int]] = []
+    collect = module._collect_garbage
 
-    def counting(held: Any, lease: float, conn: sqlite3.Connection) -> None:
-        left_at_each_pass.append(conn.execute("SELECT count(*) FROM messages").fetchone()[0])
-        renew(held, lease, conn)
+    def timed(conn: sqlite3.Connection) -> int:
+        deleted = collect(conn)
+        deletions.append((time.monotonic(), deleted))
+        return deleted
 
-    monkeypatch.setattr(module, "_renew", counting)
-    path = tmp_path / "broker.db"
-    broker = await connect(f"sqlite:///{path}?lease=0.3")
+    monkeypatch.setattr(module, "_collect_garbage", timed)
+    broker = await connect(f"sqlite:///{tmp_path / 'broker.db'}?lease=3")
     try:
         subscription = await broker.subscribe("orders", "billing", prefetch=20)
         await broker.publish("orders", [Envelope(type="T", source="/s", data=b"%d" % n) for n in range(10)])
         for _ in range(10):
             await (await asyncio.wait_for(subscription.__anext__(), 5)).ack()
-        passes = len(left_at_each_pass)
-        deadline = asyncio.get_running_loop().time() + 5
-        while len(left_at_each_pass) < passes + 2:  # a whole pass since every ack was written
-            assert asyncio.get_running_loop().time() < deadline, "no housekeeping pass"
+        deadline = asyncio.get_running_loop().time() + 10
+        while sum(deleted for _, deleted in deletions) < 10:
+            assert asyncio.get_running_loop().time() < deadline, f"not all deleted: {deletions}"
             await asyncio.sleep(0.02)
-        assert left_at_each_pass[passes + 1] == 0
+        full = [i for i, (_, deleted) in enumerate(deletions) if deleted == 3]
+        assert full, deletions
+        spans = [deletions[i + 1][0] - deletions[i][0] for i in full]
+        assert max(spans) < 0.5, f"the next op waited for the next pass: {deletions}"
     finally:
         await broker.close()

@@ -319,6 +319,17 @@ def test_topology_names_every_route_rpc_publisher_and_subscriber() -> None:
     assert "orders -> users" in text
 
 
+def test_sigint_then_sigterm_at_once_is_one_request_to_stop(launch: Launcher) -> None:
+    """A terminal's Ctrl-C and a process manager's SIGTERM right after it: a clean stop (0), not
+    the forced exit (130) a later second signal asks for."""
+    server = launch(name="shop-two-signals")
+    server.popen.send_signal(signal.SIGINT)  # type: ignore[union-attr]
+    server.popen.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+    returncode = server.popen.wait(timeout=30)  # type: ignore[union-attr]
+    assert returncode == 0, server.log_text()
+    assert server.log_text().rstrip().endswith("callcast: stopped"), server.log_text()
+
+
 def test_sigterm_stops_the_server_promptly_with_exit_code_0(launch: Launcher) -> None:
     server = launch(name="shop-sigterm")
     with httpx.Client(base_url=server.url, timeout=10.0, trust_env=False) as http:

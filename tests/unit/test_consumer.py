@@ -18,7 +18,7 @@ from callcast.brokers.memory import MemoryBroker
 from callcast.consumer import Consumer
 from callcast.crashes import ABSOLUTE_FACTOR
 from callcast.deadletter import DEAD_LETTER_GROUP, DEAD_LETTER_TOPIC
-from callcast.exceptions import TransportError
+from callcast.exceptions import BrokerUnavailableError, PublishError
 from callcast.isolation import Isolation
 from tests.unit.conftest import StartApp, dead_pid, wait_until
 
@@ -140,7 +140,7 @@ async def test_a_message_whose_dead_letter_cannot_be_stored_comes_back_and_is_de
     async def first_dead_letter_refused(topic: str, envelopes: Sequence[Envelope], **options: Any) -> None:
         if topic == DEAD_LETTER_TOPIC and not refused:
             refused.append(envelopes[0].id)
-            raise TransportError("broker away for a moment")
+            raise BrokerUnavailableError("broker away for a moment")
         await publish_now(topic, envelopes, **options)
 
     monkeypatch.setattr(broker, "publish", first_dead_letter_refused)
@@ -149,6 +149,27 @@ async def test_a_message_whose_dead_letter_cannot_be_stored_comes_back_and_is_de
     [letter] = await dead_letters(broker, 1)
     assert refused == [letter.id]
     assert letter.extensions["dlqreason"] == "permanent"
+
+
+async def test_a_dead_letter_the_broker_refuses_is_stored_without_its_error_texts(
+    start: StartApp, broker: MemoryBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Too large with its traceback, say: stored without it, at once (the handler does not run again)."""
+    reset()
+    publish_now = broker.publish
+
+    async def refuses_tracebacks(topic: str, envelopes: Sequence[Envelope], **options: Any) -> None:
+        if topic == DEAD_LETTER_TOPIC and "dlqtraceback" in envelopes[0].extensions:
+            raise PublishError("message exceeds the broker's maximum payload")
+        await publish_now(topic, envelopes, **options)
+
+    monkeypatch.setattr(broker, "publish", refuses_tracebacks)
+    runtime = await start(app)
+    await publish(runtime.context("producer"), Job(n=5, permanent=True))
+    [letter] = await dead_letters(broker, 1)
+    assert letter.extensions["dlqreason"] == "permanent"
+    assert "dlqtraceback" not in letter.extensions
+    assert calls[5] == 1
 
 
 async def test_invalid_and_undecodable_payloads_are_dead_lettered_not_crashing(

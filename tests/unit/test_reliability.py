@@ -491,3 +491,43 @@ async def test_a_key_held_for_a_message_that_never_came_back_is_forgotten() -> N
     gate.hold("k", "gone", 0.05)
     assert len(gate) == 1
     await wait_until(lambda: len(gate) == 0)
+
+
+class FailsOnceBroker(MemoryBroker):
+    """Refuses the first publish of an envelope whose data is ``first``, as a broker away for a moment."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refused = False
+
+    async def publish(self, topic: str, envelopes: Sequence[Envelope], *, group: str | None = None) -> None:
+        if not self.refused and any(envelope.data == b"first" for envelope in envelopes):
+            self.refused = True
+            raise PublishError("confirm timed out")
+        await super().publish(topic, envelopes, group=group)
+
+
+async def test_a_commit_whose_send_failed_is_not_overtaken_by_the_next_one(tmp_path: Path) -> None:
+    database = Database(f"sqlite:///{tmp_path / 'service.db'}")
+    await database.setup()
+    broker = FailsOnceBroker()
+    relay = outbox.Relay(database, broker, lease=0.2, poll=0.05)
+    try:
+        await broker.declare("T", "seen")
+        relay.start()
+        for data in (b"first", b"second"):
+            envelope = Envelope(type="T", source="/test", data=data).with_extensions(partitionkey="k")
+            async with database.transaction() as conn:
+                row_id = await outbox.stage(conn, "T", envelope, relay)
+            relay.committed([(row_id, "T", envelope)])
+        subscription = await broker.subscribe("T", "seen")
+        first = await asyncio.wait_for(subscription.__anext__(), 5)
+        await first.ack()
+        second = await asyncio.wait_for(subscription.__anext__(), 5)
+        await second.ack()
+        assert [first.envelope.data, second.envelope.data] == [b"first", b"second"]
+        await subscription.close()
+    finally:
+        await relay.stop()
+        await broker.close()
+        await database.close()

@@ -360,7 +360,7 @@ class SqliteBroker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._subscriptions: set[_SqliteSubscription] = set()
         self._closed = False
-        self._gc_task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self._settling: _Settles | None = None
 
     # -- plumbing -------------------------------------------------------------------------------
@@ -376,7 +376,10 @@ class SqliteBroker:
                 f"sqlite broker: cannot open {self.path}: {writer.startup_error}"
             ) from None
         self._writer = writer
-        self._gc_task = asyncio.create_task(self._housekeeping(), name="callcast-sqlite-gc")
+        self._tasks = [
+            asyncio.create_task(self._renew_forever(), name="callcast-sqlite-renew"),
+            asyncio.create_task(self._collect_forever(), name="callcast-sqlite-gc"),
+        ]
 
     async def _run(self, op: Callable[[sqlite3.Connection], T]) -> T:
         if self._closed or self._writer is None:
@@ -464,10 +467,10 @@ class SqliteBroker:
             return
         for subscription in list(self._subscriptions):
             await subscription.close()
-        if self._gc_task is not None:
-            self._gc_task.cancel()
+        for task in self._tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._gc_task
+                await task
         self._closed = True
         if self._writer is not None:
             self._writer.ops.put(None)
@@ -572,8 +575,9 @@ class SqliteBroker:
         await self._run(release)
         self._wake_group(group)
 
-    async def _housekeeping(self) -> None:
-        """Every lease/3 seconds: renew this process's leases and heartbeats, collect garbage."""
+    async def _renew_forever(self) -> None:
+        """Every lease/3 seconds: renew this process's leases and heartbeats. A task of its own, so
+        a long garbage collection never holds a renewal back past a live holder's lease."""
         while True:
             await asyncio.sleep(self.lease / 3)
             held = [
@@ -583,8 +587,15 @@ class SqliteBroker:
             ]
             with contextlib.suppress(TransportError):
                 await self._run(functools.partial(_renew, held, self.lease))
-                while await self._run(_collect_garbage) == GARBAGE_BATCH:  # more left: another op, so
-                    pass  # other processes get the write lock in between
+
+    async def _collect_forever(self) -> None:
+        """Every lease/3 seconds: delete the settled messages, all of them, one op per
+        :data:`GARBAGE_BATCH` (renewals, claims and other processes get the write lock between)."""
+        while True:
+            await asyncio.sleep(self.lease / 3)
+            with contextlib.suppress(TransportError):
+                while await self._run(_collect_garbage) == GARBAGE_BATCH:
+                    pass
 
 
 def _renew(held: list[tuple[str, str, str, bool, list[int]]], lease: float, conn: sqlite3.Connection) -> None:
