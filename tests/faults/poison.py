@@ -157,6 +157,7 @@ async def scenario(env: Env, params: Params = FULL) -> Result:
             accounted, lambda: sum(applied().values()) + len(letters), quiet=env.stall, check_every=2.0
         )
         env.say(f"accounted for every event: {complete}; {len(letters)} dead letters")
+        result.expect("every event applied or dead-lettered before the time limit", complete, True)
         await settle(lambda: (sum(applied().values()), len(letters)), env, quiet=2.0, limit=10.0)
 
         listed = await cli("dlq", "list", "--json", "--service", svc, "--broker", env.broker_url)
@@ -174,12 +175,13 @@ async def scenario(env: Env, params: Params = FULL) -> Result:
             )
         replayed_ids = {row["id"] for row in before}
 
-        await supervisor.run(
+        replayed_all = await supervisor.run(
             lambda: set(applied()) >= every_id,
             lambda: sum(applied().values()),
             quiet=env.stall,
             check_every=0.5,
         )
+        result.expect("all applied after the replay before the time limit", replayed_all, True)
         await settle(lambda: sum(applied().values()), env, quiet=2.0, limit=10.0)
         listed_after = await cli("dlq", "list", "--json", "--service", svc, "--broker", env.broker_url)
         after = json.loads(listed_after.stdout) if listed_after.returncode == 0 else None
