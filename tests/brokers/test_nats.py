@@ -36,7 +36,7 @@ from callcast.envelope import UNDECODABLE_TYPE, Envelope
 from callcast.exceptions import BrokerUnavailableError, ConfigurationError, PublishError, TransportError
 from callcast.testing import BrokerConformance
 from callcast.transport import Broker, Capabilities, Delivery, Subscription
-from tests.brokers.conftest import require_server, server_is_up
+from tests.brokers.conftest import RecordingHolding, require_server, server_is_up
 
 pytestmark = pytest.mark.nats
 
@@ -62,19 +62,6 @@ def _unique(label: str) -> str:
 
 async def _next(subscription: Subscription, timeout: float = 5.0) -> Delivery:
     return await asyncio.wait_for(subscription.__anext__(), timeout)
-
-
-class _Holding:
-    """A :class:`~callcast.transport.Holding` that keeps the ids it holds."""
-
-    def __init__(self) -> None:
-        self.held: set[str] = set()
-
-    def fetched(self, envelope: Envelope) -> None:
-        self.held.add(envelope.id)
-
-    def returned(self, envelope: Envelope) -> None:
-        self.held.discard(envelope.id)
 
 
 # -- servers --------------------------------------------------------------------------------------
@@ -711,7 +698,7 @@ async def test_closing_leaves_no_task_running(private_server: PrivateNatsServer)
     pid = private_server.process.pid
     before = asyncio.all_tasks()
     broker = await connect(private_server.url(timeout="10"))
-    holding = _Holding()
+    holding = RecordingHolding()
     try:
         topic, group = _unique("tasks"), _unique("group")
         subscription = await broker.subscribe(topic, group, prefetch=1, holding=holding)

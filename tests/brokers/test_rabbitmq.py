@@ -43,7 +43,7 @@ from callcast.exceptions import BrokerUnavailableError, ConfigurationError, Tran
 from callcast.testing import BrokerConformance
 from callcast.testing.sweep import sweep_rabbitmq
 from callcast.transport import Broker, Capabilities
-from tests.brokers.conftest import require_server, server_is_up
+from tests.brokers.conftest import RecordingHolding, require_server, server_is_up
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -115,23 +115,6 @@ async def raw() -> AsyncIterator[aio_pika.abc.AbstractChannel]:
 
 def unique(label: str) -> str:
     return f"rabbit.{label}.{uuid.uuid4().hex[:12]}"
-
-
-class _Holding:
-    """A :class:`~callcast.transport.Holding` that keeps the ids it holds, and notes any returned
-    that it never heard of."""
-
-    def __init__(self) -> None:
-        self.held: set[str] = set()
-        self.unknown: list[str] = []
-
-    def fetched(self, envelope: Envelope) -> None:
-        self.held.add(envelope.id)
-
-    def returned(self, envelope: Envelope) -> None:
-        if envelope.id not in self.held:
-            self.unknown.append(envelope.id)
-        self.held.discard(envelope.id)
 
 
 async def _until(condition: Callable[[], object], what: str, timeout: float = 5.0) -> None:
@@ -427,7 +410,7 @@ async def test_an_endless_delay_waits_in_the_longest_bucket(raw: aio_pika.abc.Ab
     the longest delay (~49 days): the copy waits in the longest retry bucket, the group's queue keeps
     nothing, and the holding hears the deliveries returned."""
     broker = await connect(URL)
-    holding = _Holding()
+    holding = RecordingHolding()
     try:
         topic, group = unique("topic"), unique("group")
         subscription = await broker.subscribe(topic, group, holding=holding)
@@ -449,7 +432,7 @@ async def test_a_subscription_that_joins_holds_what_the_group_buffered() -> None
     hears of what is buffered already when it joins, so it never hands out (or returns) a delivery
     its holding did not hear of."""
     broker = await connect(URL)
-    first_holding, second_holding = _Holding(), _Holding()
+    first_holding, second_holding = RecordingHolding(), RecordingHolding()
     try:
         topic, group = unique("topic"), unique("group")
         first = await broker.subscribe(topic, group, prefetch=1, holding=first_holding)

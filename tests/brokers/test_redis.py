@@ -32,6 +32,7 @@ from callcast.envelope import UNDECODABLE_TYPE, Envelope, to_structured
 from callcast.exceptions import BrokerUnavailableError, ConfigurationError, PublishError, TransportError
 from callcast.testing import BrokerConformance
 from callcast.transport import Broker, Capabilities, Delivery, Subscription
+from tests.brokers.conftest import HoldingLog
 from tests.unit.conftest import wait_until
 
 from .conftest import require_server
@@ -656,16 +657,9 @@ async def test_a_blocking_read_never_leaves_more_than_the_prefetch_held(
     a take that found nothing and the read, both are claimed, and the one beyond the free prefetch goes
     straight back, uncounted. ``holding`` hears of the surplus while the server counts it as ours."""
     topic, group = _unique("surplus"), _unique("one-at-a-time")
-    told: list[tuple[str, bytes]] = []
-
-    class Told:
-        def fetched(self, envelope: Envelope) -> None:
-            told.append(("fetched", envelope.data))
-
-        def returned(self, envelope: Envelope) -> None:
-            told.append(("returned", envelope.data))
-
-    subscription = await broker.subscribe(topic, group, prefetch=1, holding=Told())
+    holding = HoldingLog()
+    told = holding.told
+    subscription = await broker.subscribe(topic, group, prefetch=1, holding=holding)
     keys = broker.keys(topic, group)
     raw.xadd(keys.direct, {"event": to_structured(_envelope("direct"))})
     topic_id = raw.xadd(keys.topic, {"event": to_structured(_envelope("topic"))})
@@ -850,16 +844,9 @@ async def test_holding_hears_the_return_of_a_failed_or_cancelled_settle(
     """``holding`` hears ``returned`` once per delivery it heard ``fetched`` of, also when the settle
     failed (the entry came back, counted) or its caller was cancelled (the ack is written anyway)."""
     topic, group = _unique("told"), _unique("worker")
-    told: list[tuple[str, bytes]] = []
-
-    class Told:
-        def fetched(self, envelope: Envelope) -> None:
-            told.append(("fetched", envelope.data))
-
-        def returned(self, envelope: Envelope) -> None:
-            told.append(("returned", envelope.data))
-
-    subscription = await broker.subscribe(topic, group, prefetch=2, holding=Told())
+    holding = HoldingLog()
+    told = holding.told
+    subscription = await broker.subscribe(topic, group, prefetch=2, holding=holding)
     await broker.publish(topic, [_envelope("failed"), _envelope("cancelled")])
     failed, cancelled = await _next(subscription), await _next(subscription)
     real_scripts = broker._scripts

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -128,22 +128,35 @@ async def test_permanent_error_dead_letters_at_once(start: StartApp, broker: Mem
     assert calls[3] == 1
 
 
+def refuse_dead_letters(
+    broker: MemoryBroker, monkeypatch: pytest.MonkeyPatch, refusal: Callable[[Envelope], Exception | None]
+) -> None:
+    """Make ``broker`` raise ``refusal(letter)`` at the publish of a dead letter, when it gives one."""
+    publish_now = broker.publish
+
+    async def publish(topic: str, envelopes: Sequence[Envelope], **options: Any) -> None:
+        if topic == DEAD_LETTER_TOPIC and (error := refusal(envelopes[0])) is not None:
+            raise error
+        await publish_now(topic, envelopes, **options)
+
+    monkeypatch.setattr(broker, "publish", publish)
+
+
 async def test_a_message_whose_dead_letter_cannot_be_stored_comes_back_and_is_dead_lettered_then(
     start: StartApp, broker: MemoryBroker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Not held by its consumer forever (the broker cannot give it back while it is held)."""
     reset()
     monkeypatch.setattr("callcast.deadletter.RETRY_AFTER", 0.05)
-    publish_now = broker.publish
     refused: list[str] = []
 
-    async def first_dead_letter_refused(topic: str, envelopes: Sequence[Envelope], **options: Any) -> None:
-        if topic == DEAD_LETTER_TOPIC and not refused:
-            refused.append(envelopes[0].id)
-            raise BrokerUnavailableError("broker away for a moment")
-        await publish_now(topic, envelopes, **options)
+    def first_dead_letter_refused(letter: Envelope) -> Exception | None:
+        if refused:
+            return None
+        refused.append(letter.id)
+        return BrokerUnavailableError("broker away for a moment")
 
-    monkeypatch.setattr(broker, "publish", first_dead_letter_refused)
+    refuse_dead_letters(broker, monkeypatch, first_dead_letter_refused)
     runtime = await start(app)
     await publish(runtime.context("producer"), Job(n=4, permanent=True))
     [letter] = await dead_letters(broker, 1)
@@ -156,14 +169,13 @@ async def test_a_dead_letter_the_broker_refuses_is_stored_without_its_error_text
 ) -> None:
     """Too large with its traceback, say: stored without it, at once (the handler does not run again)."""
     reset()
-    publish_now = broker.publish
 
-    async def refuses_tracebacks(topic: str, envelopes: Sequence[Envelope], **options: Any) -> None:
-        if topic == DEAD_LETTER_TOPIC and "dlqtraceback" in envelopes[0].extensions:
-            raise PublishError("message exceeds the broker's maximum payload")
-        await publish_now(topic, envelopes, **options)
+    def refuses_tracebacks(letter: Envelope) -> Exception | None:
+        if "dlqtraceback" in letter.extensions:
+            return PublishError("message exceeds the broker's maximum payload")
+        return None
 
-    monkeypatch.setattr(broker, "publish", refuses_tracebacks)
+    refuse_dead_letters(broker, monkeypatch, refuses_tracebacks)
     runtime = await start(app)
     await publish(runtime.context("producer"), Job(n=5, permanent=True))
     [letter] = await dead_letters(broker, 1)

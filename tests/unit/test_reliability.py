@@ -428,6 +428,16 @@ async def test_outbox_row_ids_are_never_used_again(tmp_path: Path) -> None:
         await database.close()
 
 
+async def commit_one_by_one(database: Database, relay: outbox.Relay, datas: list[bytes]) -> None:
+    """Publish one event of key ``k`` on topic ``T`` per transaction, as ``ctx.publish`` inside
+    ``ctx.transaction()`` does: staged for ``relay``, which is told of each commit."""
+    for data in datas:
+        envelope = Envelope(type="T", source="/test", data=data).with_extensions(partitionkey="k")
+        async with database.transaction() as conn:
+            row_id = await outbox.stage(conn, "T", envelope, relay)
+        relay.committed([(row_id, "T", envelope)])
+
+
 class SlowFirstBroker(MemoryBroker):
     """Holds the publish of an envelope whose data is ``first`` until ``go`` is set."""
 
@@ -448,11 +458,7 @@ async def test_successive_transactions_of_one_task_reach_the_broker_in_their_ord
     relay = outbox.Relay(database, broker)
     try:
         await broker.declare("T", "seen")
-        for data in (b"first", b"second"):
-            envelope = Envelope(type="T", source="/test", data=data).with_extensions(partitionkey="k")
-            async with database.transaction() as conn:
-                row_id = await outbox.stage(conn, "T", envelope, relay)
-            relay.committed([(row_id, "T", envelope)])
+        await commit_one_by_one(database, relay, [b"first", b"second"])
         subscription = await broker.subscribe("T", "seen")
         waiting = asyncio.ensure_future(subscription.__anext__())
         done, _ = await asyncio.wait({waiting}, timeout=0.2)  # the second is not sent past the first
@@ -515,11 +521,7 @@ async def test_a_commit_whose_send_failed_is_not_overtaken_by_the_next_one(tmp_p
     try:
         await broker.declare("T", "seen")
         relay.start()
-        for data in (b"first", b"second"):
-            envelope = Envelope(type="T", source="/test", data=data).with_extensions(partitionkey="k")
-            async with database.transaction() as conn:
-                row_id = await outbox.stage(conn, "T", envelope, relay)
-            relay.committed([(row_id, "T", envelope)])
+        await commit_one_by_one(database, relay, [b"first", b"second"])
         subscription = await broker.subscribe("T", "seen")
         first = await asyncio.wait_for(subscription.__anext__(), 5)
         await first.ack()

@@ -229,11 +229,13 @@ class _Writer(threading.Thread):
     def fail_queued(self) -> None:
         """Fail every queued op (the writer has stopped): no caller waits forever."""
         failure = BrokerUnavailableError("sqlite broker is closed")
+        failed: _Results = []
         with contextlib.suppress(queue.Empty):
             while True:
                 item = self.ops.get_nowait()
                 if item is not None:
-                    self._hand_back([(item[1], None, failure)])
+                    failed.append((item[1], None, failure))
+        self._hand_back(failed)
 
     def _open(self) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
