@@ -33,6 +33,7 @@ from callcast.brokers import connect
 from callcast.brokers.rabbitmq import (
     ATTEMPTS_HEADER,
     RabbitBroker,
+    _GroupReader,
     parse_url,
     queue_name,
     retry_bucket,
@@ -527,6 +528,59 @@ async def test_an_ephemeral_queue_is_exclusive_and_deleted_on_close(
             await probe.declare_queue(name, passive=True)
     finally:
         await connection.close()
+
+
+async def test_an_ephemeral_queue_keeps_its_messages_when_its_channel_closes() -> None:
+    """Only the connection's end (or the subscription's close) deletes an ephemeral queue: when the
+    reader's channel alone closes, the unacked delivery and a message published meanwhile wait in
+    the queue and come on the restored channel."""
+    broker = await connect(URL)
+    try:
+        assert isinstance(broker, RabbitBroker)
+        topic, group = unique("replies"), unique("replies")
+        subscription = await broker.subscribe(topic, group, ephemeral=True)
+        await broker.publish(topic, [Envelope(type="T", source="/s", data=b"held")])
+        held = await asyncio.wait_for(subscription.__anext__(), 5)
+        assert held.envelope.data == b"held"
+        channel = broker._readers[(topic, group)].channel
+        assert channel is not None
+        await channel.close()
+        await broker.publish(topic, [Envelope(type="T", source="/s", data=b"meanwhile")])
+        got = []
+        for _ in range(2):
+            delivery = await asyncio.wait_for(subscription.__anext__(), 10)
+            got.append(delivery.envelope.data)
+            await delivery.ack()
+        assert sorted(got) == [b"held", b"meanwhile"]
+        await subscription.close()
+    finally:
+        await broker.close()
+
+
+async def test_a_subscribe_racing_close_is_closed_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ``subscribe`` that finishes opening its consumer after ``close`` began does not outlive the
+    broker: it is closed and raises, rather than returning a subscription no one will close."""
+    opened, go_on = asyncio.Event(), asyncio.Event()
+    start = _GroupReader.start
+
+    async def start_then_wait(self: _GroupReader, subscription: object) -> None:
+        await start(self, subscription)  # type: ignore[arg-type]
+        opened.set()
+        await go_on.wait()
+
+    monkeypatch.setattr(_GroupReader, "start", start_then_wait)
+    broker = await connect(URL)
+    assert isinstance(broker, RabbitBroker)
+    topic, group = unique("topic"), unique("group")
+    subscribing = asyncio.create_task(broker.subscribe(topic, group))
+    await asyncio.wait_for(opened.wait(), 5)
+    closing = asyncio.create_task(broker.close())
+    await _until(lambda: broker._closing, "close began")
+    go_on.set()
+    with pytest.raises(BrokerUnavailableError):
+        await subscribing
+    await closing
+    assert not broker._subscriptions
 
 
 async def test_a_subscription_resumes_after_the_server_drops_its_connection() -> None:

@@ -372,6 +372,7 @@ class NatsBroker:
         self._background: set[asyncio.Task[Any]] = set()
         self._flusher: asyncio.Future[None] | None = None
         self._unflushed: list[tuple[Holding, Envelope]] = []  # settles written since the last flush
+        self._closing = False  # close() began: subscribe and serve refuse, or undo what they opened
         self._closed = False
 
     # -- errors ---------------------------------------------------------------------------------
@@ -528,6 +529,12 @@ class NatsBroker:
             raise BrokerUnavailableError(f"nats broker {self.url} is closed")
         return self._nc
 
+    def _open_client(self) -> Client:
+        """The client, for something that would need closing: refused once ``close`` began."""
+        if self._closing:
+            raise BrokerUnavailableError(f"nats broker {self.url} is closed")
+        return self._client()
+
     def _inbox(self) -> _Replies:
         if self._closed or self._replies is None:
             raise BrokerUnavailableError(f"nats broker {self.url} is closed")
@@ -666,7 +673,7 @@ class NatsBroker:
         ephemeral: bool = False,
         holding: Holding | None = None,
     ) -> _NatsSubscription:
-        nc = self._client()
+        nc = self._open_client()
         consumer = await self._declare(topic, group, ephemeral=ephemeral)
         subscription = _NatsSubscription(
             self, nc, topic, group, consumer, max(1, prefetch), ephemeral, holding
@@ -676,6 +683,9 @@ class NatsBroker:
         except _DRIVER_ERRORS as error:
             raise self._error(error, f"subscribing to group {group!r} on topic {topic!r}") from None
         self._subscriptions.add(subscription)
+        if self._closing:  # close() began meanwhile and did not see this subscription
+            await subscription.close()
+            raise BrokerUnavailableError(f"nats broker {self.url} is closed")
         return subscription
 
     # -- native request/reply: core NATS, nothing stored ------------------------------------------
@@ -715,7 +725,7 @@ class NatsBroker:
         return body
 
     async def serve(self, topic: str, group: str, *, prefetch: int = 32) -> _NatsServer:
-        nc = self._client()
+        nc = self._open_client()
         server = _NatsServer(self, nc, max(1, prefetch))
         try:
             server.sub = await nc.subscribe(
@@ -724,11 +734,15 @@ class NatsBroker:
         except _DRIVER_ERRORS as error:
             raise self._error(error, f"serving requests of {topic!r}") from None
         self._servers.add(server)
+        if self._closing:  # close() began meanwhile and did not see this server
+            await server.close()
+            raise BrokerUnavailableError(f"nats broker {self.url} is closed")
         return server
 
     async def close(self) -> None:
-        if self._closed:
+        if self._closing:
             return
+        self._closing = True
         for server in list(self._servers):
             await server.close()
         for subscription in list(self._subscriptions):

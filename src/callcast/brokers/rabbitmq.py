@@ -29,9 +29,10 @@ queue. A group queue name longer than 200 bytes is cut and ends in ``~`` and a h
     declaration is more than 5 minutes old, so a bucket never expires with a retry in it. The
     ``0ms`` bucket hands envelopes back without counting an attempt (below).
 Ephemeral subscriptions
-    The same names, but an **exclusive, auto-delete classic queue** (and exclusive retry buckets):
-    they exist only while the subscribing connection lives, are deleted when the subscription closes,
-    and nothing is kept for them while no one listens.
+    The same names, but an **exclusive classic queue** (and exclusive retry buckets): they exist
+    only while the subscribing connection lives and are deleted when the subscription closes, so
+    nothing is kept for them while no one listens. They are not auto-delete: when the reader's
+    channel alone closes, its queue keeps what it holds for the restored channel.
 
 Messages
 --------
@@ -599,7 +600,9 @@ class RabbitBroker:
 
         async def declare(channel: aiormq.abc.AbstractChannel) -> None:
             if ephemeral:
-                await channel.queue_declare(queue, exclusive=True, auto_delete=True, timeout=self.timeout)
+                # Not auto-delete: a channel that closes alone would take the queue and its replies
+                # with it. Exclusive: the connection's end deletes it; the subscription's close does.
+                await channel.queue_declare(queue, exclusive=True, timeout=self.timeout)
             else:
                 await channel.queue_declare(
                     queue, durable=True, arguments={"x-queue-type": "quorum"}, timeout=self.timeout
@@ -762,6 +765,9 @@ class RabbitBroker:
             if await reader.join(subscription):
                 break
         self._subscriptions.add(subscription)
+        if self._closing:  # close() began meanwhile and did not see this subscription
+            await subscription.close()
+            raise self._closed_error()
         return subscription
 
     async def close(self) -> None:
