@@ -3,12 +3,16 @@ machine and a failure in CI (``CI=true``), where ``.ci/run`` starts every server
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
+from collections.abc import Awaitable
+from typing import Any
 
 import pytest
 
 from callcast.envelope import Envelope
+from callcast.exceptions import BrokerUnavailableError
 
 
 def server_is_up(host: str, port: int, timeout: float = 1.0) -> bool:
@@ -59,3 +63,41 @@ class HoldingLog:
 
     def returned(self, envelope: Envelope) -> None:
         self.told.append(("returned", envelope.data))
+
+
+class Pause:
+    """Holds an async method of a class right after it returns, until :meth:`go_on`: a way to make
+    a step of ``subscribe`` finish while ``close`` runs (``reached`` is set once it is held)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, owner: type, method: str) -> None:
+        self.reached, self._go_on = asyncio.Event(), asyncio.Event()
+        original = getattr(owner, method)
+
+        async def then_wait(*args: Any, **kwargs: Any) -> Any:
+            result = await original(*args, **kwargs)
+            self.reached.set()
+            await self._go_on.wait()
+            return result
+
+        monkeypatch.setattr(owner, method, then_wait)
+
+    def go_on(self) -> None:
+        self._go_on.set()
+
+
+async def close_during(broker: Any, opening: Awaitable[object], *pauses: Pause) -> None:
+    """Close ``broker`` while ``opening`` (a subscribe) is held by ``pauses``, let it go on, and
+    check that it is refused (:class:`BrokerUnavailableError`) rather than outliving the broker."""
+    task = asyncio.ensure_future(opening)
+    await asyncio.wait_for(asyncio.gather(*(pause.reached.wait() for pause in pauses)), 5)
+    closing = asyncio.ensure_future(broker.close())
+    deadline = asyncio.get_running_loop().time() + 5
+    while not broker._closing:
+        assert asyncio.get_running_loop().time() < deadline, "close did not begin"
+        await asyncio.sleep(0.001)
+    for pause in pauses:
+        pause.go_on()
+    with pytest.raises(BrokerUnavailableError):
+        await asyncio.wait_for(task, 10)
+    await asyncio.wait_for(closing, 10)
+    assert not broker._subscriptions

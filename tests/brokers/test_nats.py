@@ -23,9 +23,9 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import nats
+import nats.aio.client
 import nats.errors
 import nats.js.errors
 import pytest
@@ -37,7 +37,7 @@ from callcast.envelope import UNDECODABLE_TYPE, Envelope
 from callcast.exceptions import BrokerUnavailableError, ConfigurationError, PublishError, TransportError
 from callcast.testing import BrokerConformance
 from callcast.transport import Broker, Capabilities, Delivery, Subscription
-from tests.brokers.conftest import RecordingHolding, require_server, server_is_up
+from tests.brokers.conftest import Pause, RecordingHolding, close_during, require_server, server_is_up
 
 pytestmark = pytest.mark.nats
 
@@ -722,41 +722,11 @@ async def test_closing_leaves_no_task_running(private_server: PrivateNatsServer)
 async def test_a_subscribe_or_serve_racing_close_is_closed_too(monkeypatch: pytest.MonkeyPatch) -> None:
     """A ``subscribe`` or ``serve`` that finishes opening after ``close`` began does not outlive the
     broker: what it opened is closed and it raises, rather than returning something no one closes."""
-    subscribed, served, go_on = asyncio.Event(), asyncio.Event(), asyncio.Event()
-    start = _NatsSubscription.start
-
-    async def start_then_wait(self: _NatsSubscription) -> None:
-        await start(self)
-        subscribed.set()
-        await go_on.wait()
-
-    monkeypatch.setattr(_NatsSubscription, "start", start_then_wait)
+    started = Pause(monkeypatch, _NatsSubscription, "start")
+    broker = await connect(SHARED_URL)
+    await close_during(broker, broker.subscribe(_unique("race"), _unique("group")), started)
     broker = await connect(SHARED_URL)
     assert isinstance(broker, NatsBroker)
-    nc = broker._client()
-    subscribe_core = nc.subscribe
-    served_topic = _unique("race")
-
-    async def subscribe_then_wait(subject: str, *args: Any, **kwargs: Any) -> Any:
-        sub = await subscribe_core(subject, *args, **kwargs)
-        if subject == broker.request_subject(served_topic):
-            served.set()
-            await go_on.wait()
-        return sub
-
-    monkeypatch.setattr(nc, "subscribe", subscribe_then_wait)
-    subscribing = asyncio.create_task(broker.subscribe(_unique("race"), _unique("group")))
-    serving = asyncio.create_task(broker.serve(served_topic, _unique("group")))
-    await asyncio.wait_for(asyncio.gather(subscribed.wait(), served.wait()), 5)
-    closing = asyncio.create_task(broker.close())
-    deadline = asyncio.get_running_loop().time() + 5
-    while not broker._closing:
-        assert asyncio.get_running_loop().time() < deadline, "close did not begin"
-        await asyncio.sleep(0.001)
-    go_on.set()
-    for opening in (subscribing, serving):
-        with pytest.raises(BrokerUnavailableError):
-            await asyncio.wait_for(opening, 10)
-    await asyncio.wait_for(closing, 10)
-    assert not broker._subscriptions
+    served = Pause(monkeypatch, nats.aio.client.Client, "subscribe")
+    await close_during(broker, broker.serve(_unique("race"), _unique("group")), served)
     assert not broker._servers

@@ -44,7 +44,7 @@ from callcast.exceptions import BrokerUnavailableError, ConfigurationError, Tran
 from callcast.testing import BrokerConformance
 from callcast.testing.sweep import sweep_rabbitmq
 from callcast.transport import Broker, Capabilities
-from tests.brokers.conftest import RecordingHolding, require_server, server_is_up
+from tests.brokers.conftest import Pause, RecordingHolding, close_during, require_server, server_is_up
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -560,27 +560,9 @@ async def test_an_ephemeral_queue_keeps_its_messages_when_its_channel_closes() -
 async def test_a_subscribe_racing_close_is_closed_too(monkeypatch: pytest.MonkeyPatch) -> None:
     """A ``subscribe`` that finishes opening its consumer after ``close`` began does not outlive the
     broker: it is closed and raises, rather than returning a subscription no one will close."""
-    opened, go_on = asyncio.Event(), asyncio.Event()
-    start = _GroupReader.start
-
-    async def start_then_wait(self: _GroupReader, subscription: object) -> None:
-        await start(self, subscription)  # type: ignore[arg-type]
-        opened.set()
-        await go_on.wait()
-
-    monkeypatch.setattr(_GroupReader, "start", start_then_wait)
+    opened = Pause(monkeypatch, _GroupReader, "start")
     broker = await connect(URL)
-    assert isinstance(broker, RabbitBroker)
-    topic, group = unique("topic"), unique("group")
-    subscribing = asyncio.create_task(broker.subscribe(topic, group))
-    await asyncio.wait_for(opened.wait(), 5)
-    closing = asyncio.create_task(broker.close())
-    await _until(lambda: broker._closing, "close began")
-    go_on.set()
-    with pytest.raises(BrokerUnavailableError):
-        await subscribing
-    await closing
-    assert not broker._subscriptions
+    await close_during(broker, broker.subscribe(unique("topic"), unique("group")), opened)
 
 
 async def test_a_subscription_resumes_after_the_server_drops_its_connection() -> None:

@@ -32,7 +32,7 @@ from callcast.envelope import UNDECODABLE_TYPE, Envelope, to_structured
 from callcast.exceptions import BrokerUnavailableError, ConfigurationError, PublishError, TransportError
 from callcast.testing import BrokerConformance
 from callcast.transport import Broker, Capabilities, Delivery, Subscription
-from tests.brokers.conftest import HoldingLog
+from tests.brokers.conftest import HoldingLog, Pause, close_during
 from tests.unit.conftest import wait_until
 
 from .conftest import require_server
@@ -947,3 +947,12 @@ async def test_close_gives_back_a_delivery_whose_ack_is_unwritten_as_an_attempt(
     finally:
         go.set()
         await brief.close()
+
+
+async def test_a_subscribe_racing_close_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ``subscribe`` whose group declaration finishes after ``close`` began does not outlive the
+    broker: it raises instead of returning a subscription no one closes."""
+    require_server("redis", PORT)
+    declared = Pause(monkeypatch, RedisBroker, "_declare")
+    broker = await connect(SHARED_URL)
+    await close_during(broker, broker.subscribe(_unique("race"), _unique("group")), declared)

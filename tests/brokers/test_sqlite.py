@@ -22,6 +22,7 @@ from callcast.envelope import UNDECODABLE_TYPE, Envelope
 from callcast.exceptions import BrokerUnavailableError, ConfigurationError, TransportError
 from callcast.testing import BrokerConformance
 from callcast.transport import Broker, Capabilities, Delivery, Subscription
+from tests.brokers.conftest import Pause, close_during
 
 LEASE = 1.0
 
@@ -471,3 +472,11 @@ async def test_a_housekeeping_pass_deletes_every_settled_message_whatever_its_ba
         assert max(spans) < 0.5, f"the next op waited for the next pass: {deletions}"
     finally:
         await broker.close()
+
+
+async def test_a_subscribe_racing_close_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ``subscribe`` whose group declaration finishes after ``close`` began does not outlive the
+    broker: it raises instead of returning a subscription no one closes."""
+    declared = Pause(monkeypatch, SqliteBroker, "_declare")
+    broker = await connect(f"sqlite:///{tmp_path / 'broker.db'}")
+    await close_during(broker, broker.subscribe("orders", "billing"), declared)

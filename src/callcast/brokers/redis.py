@@ -621,6 +621,7 @@ class RedisBroker:
         self._settles: list[tuple[_RedisSubscription, str, float, asyncio.Future[None]]] = []
         self._settling: asyncio.Task[None] | None = None
         self._housekeeping_task: asyncio.Task[None] | None = None
+        self._closing = False  # close() began: subscribe refuses, or closes what it opened
         self._closed = False
 
     # -- plumbing -------------------------------------------------------------------------------
@@ -809,16 +810,24 @@ class RedisBroker:
         ephemeral: bool = False,
         holding: Holding | None = None,
     ) -> _RedisSubscription:
+        if self._closing:
+            raise BrokerUnavailableError(f"redis broker {self.url} is closed")
         self._client()
         keys = self.keys(topic, group)
         await self._declare(keys, ephemeral=ephemeral)
+        if self._closing:  # close() began meanwhile: it would not see this subscription
+            if ephemeral:
+                with contextlib.suppress(TransportError):
+                    await self._drop(keys)
+            raise BrokerUnavailableError(f"redis broker {self.url} is closed")
         subscription = _RedisSubscription(self, topic, keys, max(1, prefetch), ephemeral, holding)
         self._subscriptions.add(subscription)
         return subscription
 
     async def close(self) -> None:
-        if self._closed:
+        if self._closing:
             return
+        self._closing = True
         for subscription in list(self._subscriptions):
             await subscription.close()
         if self._settling is not None:

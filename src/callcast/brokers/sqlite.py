@@ -361,6 +361,7 @@ class SqliteBroker:
         self._writer: _Writer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._subscriptions: set[_SqliteSubscription] = set()
+        self._closing = False  # close() began: subscribe refuses what it would open
         self._closed = False
         self._tasks: list[asyncio.Task[None]] = []
         self._settling: _Settles | None = None
@@ -459,14 +460,19 @@ class SqliteBroker:
         ephemeral: bool = False,
         holding: Holding | None = None,
     ) -> _SqliteSubscription:
+        if self._closing:
+            raise BrokerUnavailableError("sqlite broker is closed")
         await self._declare(topic, group, ephemeral=ephemeral)
+        if self._closing:  # close() began meanwhile: it would not see this subscription
+            raise BrokerUnavailableError("sqlite broker is closed")
         subscription = _SqliteSubscription(self, topic, group, max(1, prefetch), ephemeral, holding)
         self._subscriptions.add(subscription)
         return subscription
 
     async def close(self) -> None:
-        if self._closed:
+        if self._closing:
             return
+        self._closing = True
         for subscription in list(self._subscriptions):
             await subscription.close()
         for task in self._tasks:
