@@ -1,6 +1,6 @@
 """The app: the set of services that make up a system, and how to run some or all of them.
 
-An :class:`App` is a static description. ``callcast run MODULE:APP`` (or :meth:`App.run`) runs it;
+An :class:`App` is a static description. ``callcast run MODULE:APP`` runs it;
 :meth:`App.start` returns a started :class:`~callcast.runtime.Runtime` for tests and embedding.
 Every process of an app declares the consumer groups of *all* its services on the broker at start,
 so events published before a subscribing service's first process starts are kept for it.

@@ -5,8 +5,9 @@
 * a name that appears in the path (``/users/{user_id}``): that path segment, validated;
 * any other name: the query parameter of that name, validated; required unless it has a default.
 
-The return annotation decides the answer: a type is serialized as JSON by pydantic; ``None`` (or no
-annotation) and Starlette ``Response`` subclasses are passed through as they are.
+The return annotation decides the answer: a type is serialized as JSON by pydantic; with ``None``,
+no annotation or a Starlette ``Response`` subclass, the binding has no serializer and the HTTP side
+answers by the value (:mod:`callcast.http`).
 """
 
 from __future__ import annotations

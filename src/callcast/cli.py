@@ -23,7 +23,7 @@ from pathlib import Path
 
 from callcast import correlation, dlq, openapi
 from callcast.app import App
-from callcast.brokers import connect, default_url, redact
+from callcast.brokers import DEFAULT_URL, connect, default_url, redact
 from callcast.exceptions import CallcastError
 from callcast.lab import command as lab_command
 from callcast.topology import describe, render
@@ -205,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     run = commands.add_parser("run", help="run the services of an app in this process")
     run.add_argument("app", help="MODULE:APP, e.g. examples.shop:app")
-    run.add_argument("--broker", help=f"broker URL (default $CALLCAST_BROKER or {default_url()})")
+    run.add_argument("--broker", help=f"broker URL (default $CALLCAST_BROKER, else {DEFAULT_URL})")
     run.add_argument("--service", action="append", help="run only this service (repeatable)")
     run.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default 127.0.0.1)")
     run.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")

@@ -5,7 +5,8 @@ For each delivery: decode → validate → (order gate) → (inbox / sequence) �
 * The message is acknowledged only after the handler returned (at least once) — and, for
   idempotent and sequenced handlers, after their transaction committed.
 * A handler that raises gets the message back after the delay of its
-  :class:`~callcast.retry.RetryPolicy`, until ``max_attempts`` deliveries; then it is dead-lettered.
+  :class:`~callcast.retry.RetryPolicy`, until ``max_attempts`` runs of its own (deliveries lost to
+  another message's crash do not count); then it is dead-lettered.
 * Undecodable or invalid payloads, an event type the handler does not take, and
   :class:`~callcast.PermanentError` are dead-lettered at once.
 * A message that keeps killing its process is dead-lettered before the handler runs again: crash

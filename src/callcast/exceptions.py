@@ -6,7 +6,9 @@
     │   │                           adapter boundary, never leaked
     │   ├── BrokerUnavailableError  cannot reach the broker (connection refused, lost, closed)
     │   └── PublishError            the broker did not confirm a publish: it may or may not be stored
-    ├── MessageError                an envelope or payload that cannot be handled (never retried)
+    ├── MessageError                an envelope or payload that cannot be handled (dead-lettered at once
+    │   │                           when callcast's decoding raises it; from a handler, retried like
+    │   │                           any exception: raise PermanentError to stop the retries)
     │   ├── DecodeError             not a CloudEvent, missing attribute, not JSON, too large
     │   └── UnknownEventError       an event type no handler is registered for
     ├── HandlerError                raised by user code to steer delivery
@@ -46,7 +48,9 @@ class PublishError(TransportError):
 
 
 class MessageError(CallcastError):
-    """A message that can never be handled as it is; it is dead-lettered, not retried."""
+    """A message that can never be handled as it is. Raised by callcast's decoding of a delivery, it
+    dead-letters the message at once; raised by a handler, it is retried like any other exception
+    (a handler raises :class:`PermanentError` to stop the retries)."""
 
 
 class DecodeError(MessageError):

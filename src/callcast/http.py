@@ -7,9 +7,10 @@ Parameters of a route function are bound once, when the app is built, from names
 * a name that appears in the path (``/users/{user_id}``): that path segment, validated;
 * any other name: the query parameter of that name, validated; required unless it has a default.
 
-Answers: the return value as JSON (by its annotation) with the route's status code; ``None`` with
-no return annotation: 204. Bad input never reaches the handler: invalid JSON or fields → 422 with
-the field errors; a body over 1 MiB → 413; unknown path → 404; wrong method → 405.
+Answers: the return value as JSON (by its return annotation; without one, as pydantic serializes
+the value) with the route's status code; ``None`` where the annotation is missing or ``None``: 204
+(or the route's status code, if it set one). Bad input never reaches the handler: invalid JSON or
+fields → 422 with the field errors; a body over 1 MiB → 413; unknown path → 404; wrong method → 405.
 :class:`~callcast.HTTPError` → its status and detail; a failed ``ctx.call`` → 502/503/504; any other
 exception → 500 with no internals (logged with its traceback).
 
@@ -65,6 +66,8 @@ if TYPE_CHECKING:
     from callcast.runtime import Runtime
 
 log = logging.getLogger("callcast.http")
+_UNTYPED: TypeAdapter[Any] = TypeAdapter(Any)
+"""Serializes what a route without a return annotation returns."""
 JSON_TYPE = "application/json"
 _CORRELATION_HEADER_BYTES = CORRELATION_HEADER.lower().encode()
 _KEY_HEADER_BYTES = KEY_HEADER.lower().encode()
@@ -186,9 +189,14 @@ async def _answer(route: ServiceRoute, returns: TypeAdapter[Any] | None, kwargs:
         return error_response(500, "internal error")
     if isinstance(result, Response):
         return result
-    if returns is None:
+    if result is None and returns is None:
         return Response(status_code=204 if route.status_code == 200 else route.status_code)
-    return Response(returns.dump_json(result), status_code=route.status_code, media_type=JSON_TYPE)
+    try:
+        body = (returns or _UNTYPED).dump_json(result)
+    except Exception:  # a value pydantic cannot serialize: a bug in the route
+        log.exception("%s %s returned a value that cannot be serialized", route.method, route.path)
+        return error_response(500, "internal error")
+    return Response(body, status_code=route.status_code, media_type=JSON_TYPE)
 
 
 def _correlation_id(headers: dict[bytes, bytes]) -> str | None:

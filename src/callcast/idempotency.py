@@ -6,8 +6,9 @@ A route opts in (its service needs ``database=True``)::
     @orders.post("/orders", status_code=201, idempotency="optional")    # or "required"
     async def place_order(body: PlaceOrder, ctx: Context) -> Order: ...
 
-A request carrying ``Idempotency-Key: <key>`` (1–255 visible ASCII characters; otherwise 400) is
-fingerprinted (SHA-256 of method, path, query and body). Then, per (service, route, key):
+A request carrying ``Idempotency-Key: <key>`` (1–255 printable ASCII characters, spaces included;
+otherwise 400) is fingerprinted (SHA-256 of method, path, query and body). Then, per (service,
+route, key):
 
 * the first request *claims* the key in ``callcast_idempotency`` (the service's database), runs the
   handler, and stores its answer (status, media type, body);

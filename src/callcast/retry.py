@@ -7,8 +7,9 @@
 A message whose handler raised is given back to the broker with ``nack(delay=d)``, where
 ``d = min(max_delay, base_delay × 2^(attempt-1))`` scaled by a random factor in [0.5, 1] (jitter,
 so retries of many messages do not arrive together). The delay lives in the broker, not in a
-sleeping task: it does not block other messages and survives a restart. After ``max_attempts``
-deliveries (counted by the broker, crashes included) the message is dead-lettered.
+sleeping task: it does not block other messages and survives a restart. After ``max_attempts`` runs
+of its own the message is dead-lettered: the broker's count of deliveries, less those cut short or
+lost when another message killed the process (:mod:`callcast.crashes`).
 """
 
 from __future__ import annotations

@@ -1,13 +1,14 @@
 """A running app: the services of an :class:`~callcast.App` that run in this process.
 
-Start order: connect the broker → run the services' startup hooks → declare every consumer group of
-the *whole* app (so nothing published from now on is lost for a service that is not up yet) →
-start RPC servers and event consumers → serve HTTP (when asked).
+Start order: connect the broker → declare every consumer group of the *whole* app (so nothing
+published from now on is lost for a service that is not up yet) → open the services' databases and
+start their outbox relays → run the startup hooks → start the RPC client, RPC servers and event
+consumers → serve HTTP (when asked).
 
 Stop order (SIGTERM/SIGINT under ``callcast run``): stop accepting HTTP requests and finish the ones
-in flight → stop taking messages and let running handlers finish within ``grace`` seconds, giving the
-rest back to the broker → shutdown hooks → send what the outboxes hold → close the broker. Nothing
-accepted is lost.
+in flight → stop taking messages and let running handlers finish, giving the rest back to the broker
+(requests and handlers share one ``grace`` period) → shutdown hooks → send what the outboxes hold
+(for at most 5 s) → close the broker. Nothing accepted is lost.
 """
 
 from __future__ import annotations
@@ -317,15 +318,22 @@ class Runtime:
         return int(sockets[0].getsockname()[1]) if sockets else None
 
     async def stop(self, grace: float = 10.0) -> None:
-        """Stop serving; see the module docstring for the order. Idempotent."""
+        """Stop serving; see the module docstring for the order. HTTP requests and handlers in
+        flight share one ``grace`` period: what the HTTP drain uses, the handlers no longer have.
+        Idempotent."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
         if self._server is not None and self._server_task is not None:
+            # Read by uvicorn when it shuts down; it would wait without end for 0.
+            self._server.config.timeout_graceful_shutdown = max(grace, 0.01)  # type: ignore[assignment]
             self._server.should_exit = True
             with contextlib.suppress(Exception):
                 await self._server_task
             self._server = None
-        # All at once, within one grace period; every one, whatever the others do.
+        # All at once, within what is left of the grace period; every one, whatever the others do.
+        left = max(0.0, deadline - loop.time())
         outcomes = await asyncio.gather(
-            *(consumer.stop(grace) for consumer in self._consumers), return_exceptions=True
+            *(consumer.stop(left) for consumer in self._consumers), return_exceptions=True
         )
         for consumer, outcome in zip(self._consumers, outcomes, strict=True):
             if isinstance(outcome, Exception):

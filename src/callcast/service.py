@@ -104,9 +104,10 @@ class EventHandler:
 
     Delivery is at least once and the message is acknowledged only after ``fn`` returns. Up to
     ``concurrency`` messages are handled at once; messages with one partition key one at a time,
-    in publish order. A handler that raises gets its message again (with backoff) up to
-    ``retry.max_attempts`` deliveries; then, or at once for a :class:`~callcast.PermanentError` or an
-    invalid payload, the message is dead-lettered.
+    in publish order (across processes where the broker has ``capabilities.ordered_per_key``;
+    otherwise within each process). A handler that raises gets its message again (with backoff) up
+    to ``retry.max_attempts`` runs of its own; then, or at once for a
+    :class:`~callcast.PermanentError` or an invalid payload, the message is dead-lettered.
     """
 
     service: str

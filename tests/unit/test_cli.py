@@ -48,6 +48,17 @@ def test_unknown_broker_scheme_is_a_clear_error(capsys: pytest.CaptureFixture[st
     assert "hunter2" not in err
 
 
+def test_help_never_shows_the_broker_password(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CALLCAST_BROKER", "amqp://app:hunter2@broker.internal:5672/")
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    shown = capsys.readouterr().out
+    assert "--broker" in shown
+    assert "hunter2" not in shown
+
+
 @pytest.mark.parametrize(
     ("url", "shown"),
     [

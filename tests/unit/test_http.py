@@ -52,6 +52,11 @@ async def raw() -> Response:
     return PlainTextResponse("as is", status_code=203)
 
 
+@svc.get("/untyped")
+async def untyped(ok: bool = True):  # type: ignore[no-untyped-def]  # no return annotation, on purpose
+    return {"answer": 42} if ok else object()
+
+
 app = App([svc])
 
 
@@ -124,6 +129,17 @@ async def test_unexpected_exception_is_500_without_internals(start: StartApp) ->
         response = await http.get("/boom")
     assert response.status_code == 500
     assert "secret" not in response.text
+
+
+async def test_a_route_without_return_annotation_answers_what_it_returns(start: StartApp) -> None:
+    """No annotation: the value as pydantic serializes it (not dropped); one it cannot serialize is
+    a 500 without internals, like any other bug in the route."""
+    async with client(await start(app)) as http:
+        answered = await http.get("/untyped")
+        unserializable = await http.get("/untyped", params={"ok": "false"})
+    assert (answered.status_code, answered.json()) == (200, {"answer": 42})
+    assert unserializable.status_code == 500
+    assert unserializable.json() == {"detail": "internal error"}
 
 
 async def test_response_objects_pass_through_and_unknown_paths_are_json_404(start: StartApp) -> None:

@@ -97,3 +97,36 @@ async def test_consumers_are_stopped_together_within_one_grace_period(
     began = time.monotonic()
     await runtime.stop(grace=1.0)
     assert time.monotonic() - began < 2.5
+
+
+async def test_http_requests_and_handlers_in_flight_share_one_grace_period(
+    broker: MemoryBroker, tmp_path: object
+) -> None:
+    """A request that never ends and a handler that never ends: ``stop(grace)`` takes one grace
+    period in all (uvicorn's own drain is 10 s; it is given the grace instead)."""
+    never = asyncio.Event()
+    slow = Service("slow", publishes=[Stuck])
+    running: list[str] = []
+
+    @slow.get("/wait")
+    async def wait_forever() -> None:
+        running.append("request")
+        await never.wait()
+
+    @slow.on(Stuck)
+    async def handle_forever(event: Stuck, ctx: Context) -> None:
+        running.append("handler")
+        await never.wait()
+
+    runtime = await App([slow]).start(broker=broker, data_dir=tmp_path)  # type: ignore[arg-type]
+    await runtime.serve_http("127.0.0.1", 0)
+    port = runtime.http_port
+    _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET /wait HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+    await writer.drain()
+    await runtime.context("slow").publish(Stuck(n=1))
+    await wait_until(lambda: sorted(running) == ["handler", "request"])
+    began = time.monotonic()
+    await runtime.stop(grace=1.0)
+    assert time.monotonic() - began < 2.5
+    writer.close()
