@@ -1,9 +1,12 @@
 """The ``callcast`` command.
 
-callcast run MODULE:APP [--broker URL] [--service NAME ...] [--host H] [--port P] [--no-http]
+callcast run MODULE:APP [--broker URL] [--service NAME]... [--host H] [--port P] [--no-http]
+                        [--data-dir DIR] [--database SERVICE=URL]... [--service-url SERVICE=URL]...
+                        [--grace S] [--log-level LEVEL]
 callcast topology MODULE:APP [--json]
 callcast openapi MODULE:APP [--out FILE]
-callcast compare [--broker URL] [--scenario NAME[+NAME]] [--duration S] [--rate R] [--quick] --out DIR
+callcast dlq list|show|replay|purge ... [--broker URL]
+callcast compare ... --out DIR             (the lab: ``callcast compare --help``)
 """
 
 from __future__ import annotations
@@ -55,17 +58,24 @@ STOP_MARGIN = 30.0
 ``callcast run`` gives up on it and exits with an error."""
 
 
+def service_map(items: Sequence[str] | None, flag: str) -> dict[str, str]:
+    """``SERVICE=URL`` arguments of ``flag`` as a dict; ``SystemExit`` naming the bad one."""
+    mapping: dict[str, str] = {}
+    for item in items or []:
+        name, sep, url = item.partition("=")
+        if not sep or not name or not url:
+            raise SystemExit(f"callcast: {flag} takes SERVICE=URL, got {redact(item)!r}")
+        mapping[name] = url
+    return mapping
+
+
 async def _run(args: argparse.Namespace) -> None:
     """Run the app until SIGINT or SIGTERM, then stop it. A signal while it starts stops the start;
     a second signal ends the process at once (exit 130), without finishing the stop."""
     app = load_app(args.app)
     broker_url = args.broker or default_url()
-    databases: dict[str, str] = {}
-    for item in args.database or []:
-        name, sep, url = item.partition("=")
-        if not sep or not name or not url:
-            raise SystemExit(f"callcast: --database takes SERVICE=URL, got {item!r}")
-        databases[name] = url
+    databases = service_map(args.database, "--database")
+    service_urls = service_map(args.service_url, "--service-url")
     stop = asyncio.Event()
     first_signal_at: list[float] = []
 
@@ -86,7 +96,11 @@ async def _run(args: argparse.Namespace) -> None:
         loop.add_signal_handler(signum, on_signal)
     starting = asyncio.create_task(
         app.start(
-            broker=broker_url, services=args.service or None, data_dir=args.data_dir, databases=databases
+            broker=broker_url,
+            services=args.service or None,
+            data_dir=args.data_dir,
+            databases=databases,
+            service_urls=service_urls,
         )
     )
     signalled = asyncio.create_task(stop.wait())
@@ -216,6 +230,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="append",
         metavar="SERVICE=URL",
         help="a service's database (sqlite:///path.db or postgresql://...; default a file in --data-dir)",
+    )
+    run.add_argument(
+        "--service-url",
+        action="append",
+        metavar="SERVICE=URL",
+        help="call this service's RPC endpoints over HTTP at URL (repeatable; default: over the broker)",
     )
     run.add_argument("--grace", type=float, default=10.0, help="seconds in-flight work gets on stop")
     run.add_argument("--log-level", default="WARNING")

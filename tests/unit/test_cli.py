@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from callcast import App, ConfigurationError
 from callcast.brokers import redact
 from callcast.cli import main
 
@@ -77,3 +78,34 @@ def test_help_never_shows_the_broker_password(
 )
 def test_redact_hides_passwords(url: str, shown: str) -> None:
     assert redact(url) == shown
+
+
+def test_run_passes_service_urls_and_databases_to_the_app(monkeypatch: pytest.MonkeyPatch) -> None:
+    given: dict[str, object] = {}
+
+    async def start(self: App, **options: object) -> None:
+        given.update(options)
+        raise ConfigurationError("stop here")
+
+    monkeypatch.setattr(App, "start", start)
+    code = main(
+        [
+            "run",
+            "examples.shop:app",
+            "--broker",
+            "memory://",
+            "--service-url",
+            "payments=http://127.0.0.1:8001",
+            "--database",
+            "orders=sqlite:///orders.db",
+        ]
+    )
+    assert code == 2
+    assert given["service_urls"] == {"payments": "http://127.0.0.1:8001"}
+    assert given["databases"] == {"orders": "sqlite:///orders.db"}
+
+
+def test_a_service_url_without_a_name_is_a_clear_error_without_the_password() -> None:
+    with pytest.raises(SystemExit, match="--service-url takes SERVICE=URL") as refused:
+        main(["run", "examples.shop:app", "--service-url", "http://u:hunter2@127.0.0.1:8001"])
+    assert "hunter2" not in str(refused.value)
