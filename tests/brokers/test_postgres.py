@@ -858,3 +858,25 @@ async def test_a_slow_garbage_collection_does_not_hold_up_lease_renewal(
         if stolen is not None:
             stolen.cancel()
         await broker.close()
+
+
+async def test_a_publish_is_flushed_even_in_a_session_that_turned_synchronous_commit_off(schema: str) -> None:
+    """The publish statement itself turns ``synchronous_commit = off`` back on for its transaction
+    (a proxy may hand out sessions without callcast's own ``SET``), and leaves ``remote_apply``,
+    a stronger setting, as it is."""
+    broker = await connect(server_url(schema))
+    try:
+        assert isinstance(broker, PostgresBroker)
+        await broker.declare("orders", "billing")
+        headers = [json.dumps(event(b"{}").headers())]
+        async with sql() as conn:
+            for session, committed_with in (("off", "on"), ("remote_apply", "remote_apply")):
+                await conn.execute(f"SET synchronous_commit = {session}")
+                async with conn.transaction():
+                    rows = await conn.fetch(
+                        broker._sql.publish, "orders", None, headers, [b"{}"], [None], broker.channel, "t"
+                    )
+                    assert [row["grp"] for row in rows] == ["billing"]
+                    assert await conn.fetchval("SHOW synchronous_commit") == committed_with
+    finally:
+        await broker.close()

@@ -45,8 +45,9 @@ How the transport contract is met:
   the batch (in a fixed order), inserts the messages (``unnest`` of arrays, in batch order), fans
   out one ``deliveries`` row per group (or only ``group=``), and sends ``NOTIFY`` on channel
   ``<schema>.wake`` with payload ``["topic", "group", sender]`` for each group. It returns after
-  ``COMMIT``, which PostgreSQL makes durable (callcast's sessions turn a server's
-  ``synchronous_commit = off`` back on; stronger settings, such as waiting for a standby, are kept).
+  ``COMMIT``, which PostgreSQL makes durable (the publish turns ``synchronous_commit = off`` back on
+  for its own transaction, whatever the session says; stronger settings, such as waiting for a
+  standby, are kept).
   Envelopes of a topic nobody declared a group on are not stored. The key locks make a key's
   ``seq`` order its commit order, and a new row is ``head`` when no row of its key is left.
 * **claiming** (``UPDATE ... FROM (SELECT ... FOR UPDATE SKIP LOCKED)``): the earliest due rows of the
@@ -262,6 +263,16 @@ counted (a claim): at-least-once holds. Publishes (and nacks, which are rare) ke
 default. Halves the claim and the ack (0.8 -> 0.35 ms each at 1,000 msg/s on this machine)."""
 
 
+_FLUSHED = (
+    "CASE current_setting('synchronous_commit') "
+    "WHEN 'off' THEN set_config('synchronous_commit', 'on', true) END"
+)
+"""In a publish: its commit waits for the WAL flush even where the session says ``synchronous_commit =
+off`` (a server's default, or a session a transaction-pooling proxy hands out without callcast's own
+``SET``), for that transaction only; stronger settings (waiting for a standby) are kept. Evaluated
+for each group row the publish returns: a publish that stored nothing has nothing to flush."""
+
+
 def _lock_id(*parts: str) -> int:
     """A stable signed 32-bit id for an advisory lock (a collision only serializes needlessly)."""
     digest = hashlib.blake2b("\x00".join(parts).encode(), digest_size=4).digest()
@@ -391,7 +402,7 @@ CREATE INDEX IF NOT EXISTS deliveries_by_seq ON {s}.deliveries (seq);
 COMMENT ON SCHEMA {s} IS 'callcast broker: messages, subscriptions, deliveries (layout 1)';
 """
         # $1 topic, $2 group or NULL, $3 headers, $4 bodies, $5 keys, $6 channel, $7 sender.
-        self.publish = f"SELECT grp FROM {s}.publish($1, $2, $3, $4, $5, $6, $7) AS grp"
+        self.publish = f"SELECT grp, {_FLUSHED} FROM {s}.publish($1, $2, $3, $4, $5, $6, $7) AS grp"
         self.declare = f"""
 INSERT INTO {s}.subscriptions (topic, grp) VALUES ($1, $2) ON CONFLICT (topic, grp) DO NOTHING
 """
