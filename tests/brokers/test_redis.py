@@ -774,12 +774,18 @@ def _hold_settles(
 
 
 async def test_a_late_settle_of_an_older_delivery_leaves_the_newer_one_alone(
-    broker: RedisBroker, raw: redis.Redis
+    broker: RedisBroker, raw: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A subscriber that did not renew its lease (every 20 s here) loses the entry to another one
-    (which reclaims after 1 s) and gets it back after that one's nack: the late ack of its first
+    """A subscriber that did not renew its lease (its housekeeping stalled) loses the entry to another
+    one (which reclaims after 1 s) and gets it back after that one's nack: the late ack of its first
     delivery then changes nothing; the entry stays its own, and the newer delivery's ack settles it."""
-    slow = await connect(f"redis://{HOST}:{PORT}/0?prefix={SHARED_PREFIX}&lease=60&poll=0.2")
+    slow = await connect(f"redis://{HOST}:{PORT}/0?prefix={SHARED_PREFIX}&lease={LEASE:g}&poll=0.2")
+    assert isinstance(slow, RedisBroker)
+
+    async def stalled(*, trim: bool = True) -> None:
+        """No renewal: as when the process stalls longer than its lease."""
+
+    monkeypatch.setattr(slow, "housekeeping", stalled)
     try:
         topic, group = _unique("stale"), _unique("workers")
         here = await slow.subscribe(topic, group, prefetch=2)
@@ -882,9 +888,9 @@ async def test_holding_hears_the_return_of_a_failed_or_cancelled_settle(
 async def test_a_settle_waiting_to_be_written_keeps_its_lease(
     raw: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """While an ack waits for its round trip, housekeeping still renews the entry's lease: another
-    subscriber (reclaiming what was idle for 0.4 s) takes new work instead; the ack, once written,
-    settles the entry."""
+    """While an ack waits for its round trip, housekeeping still renews the entry's lease (its idle
+    time starts again); another subscriber takes new work instead; the ack, once written, settles
+    the entry."""
     require_server("redis", PORT)
     slow = await connect(f"redis://{HOST}:{PORT}/0?prefix={SHARED_PREFIX}&lease=60&poll=60")
     quick = await connect(f"redis://{HOST}:{PORT}/0?prefix={SHARED_PREFIX}&lease=0.4&poll=0.5")
@@ -906,8 +912,9 @@ async def test_a_settle_waiting_to_be_written_keeps_its_lease(
 
         await wait_until(lambda: idle_ms() >= 500)
         await slow.housekeeping(trim=False)  # what it does every lease/3 on its own
+        assert idle_ms() < 500
         await slow.publish(topic, [_envelope("next")])
-        got = await _next(there)  # its first take reclaims what was idle 0.4 s, then takes new work
+        got = await _next(there)
         assert (got.envelope.data, got.attempt) == (b"next", 1)
         go.set()
         await asyncio.wait_for(acking, 5)
@@ -917,6 +924,38 @@ async def test_a_settle_waiting_to_be_written_keeps_its_lease(
         go.set()
         await quick.close()
         await slow.close()
+
+
+async def test_a_shorter_lease_elsewhere_does_not_take_a_live_delivery(raw: redis.Redis) -> None:
+    """Processes of one group configured with different leases: one with ``lease=0.4`` does not
+    take what a live one with ``lease=30`` holds once it was idle 0.4 s; it waits for the holder's
+    lease (written in its consumer name), and takes new work instead."""
+    require_server("redis", PORT)
+    patient = await connect(f"redis://{HOST}:{PORT}/0?prefix={SHARED_PREFIX}&lease=30&poll=60")
+    eager = await connect(f"redis://{HOST}:{PORT}/0?prefix={SHARED_PREFIX}&lease=0.4&poll=0.5")
+    assert isinstance(patient, RedisBroker)
+    try:
+        topic, group = _unique("leases"), _unique("workers")
+        here = await patient.subscribe(topic, group)
+        there = await eager.subscribe(topic, group, prefetch=1)
+        await patient.publish(topic, [_envelope("held")])
+        held = await _next(here)
+        topic_key = patient.keys(topic, group).topic
+
+        def idle_ms() -> int:
+            [entry] = raw.xpending_range(topic_key, group, "-", "+", 1)
+            return int(entry["time_since_delivered"])
+
+        await wait_until(lambda: idle_ms() >= 500)  # the holder renews every 10 s
+        await patient.publish(topic, [_envelope("next")])
+        got = await _next(there)
+        assert (got.envelope.data, got.attempt) == (b"next", 1)
+        await got.ack()
+        await held.ack()
+        assert _pending(raw, topic_key, group) == []
+    finally:
+        await eager.close()
+        await patient.close()
 
 
 async def test_close_gives_back_a_delivery_whose_ack_is_unwritten_as_an_attempt(

@@ -28,8 +28,9 @@ fields one by one, and one field instead of one per attribute raised event throu
 Entries whose fields are binary-mode headers (``ce-id``, ``ce-type``, ``content-type``…) and ``data``,
 as older callcast versions and other tools write them, are read too; whatever is not a CloudEvent
 becomes a ``callcast.undecodable`` envelope (:func:`~callcast.envelope.decode_or_quarantine`).
-Consumer names are ``<host>:<pid>:<random>``, one per subscription; ``callcast:retry`` is the consumer
-that holds nacked deliveries while they wait for their retry.
+Consumer names are ``<host>:<pid>:<random>~<lease in ms>``, one per subscription (the lease in the name
+tells the others how long to wait before they take its entries); ``callcast:retry`` is the consumer that
+holds nacked deliveries while they wait for their retry.
 
 How the contract is met
 -----------------------
@@ -81,10 +82,12 @@ How the contract is met
   handed out keeps its count (the buffer never exceeds the free prefetch; ``holding`` knew of it).
 * **Leases, dead subscribers**: every ``lease``/3 seconds a subscriber resets the idle time of what it
   holds, deliveries whose settle is not yet written included (``XCLAIM <own consumer> 0 ... JUSTID`` on
-  entries it still owns). Entries of another consumer that were idle for ``lease`` seconds are claimed
+  entries it still owns). Entries of another consumer that were idle for a lease are claimed
   (``XPENDING ... IDLE <lease>`` per consumer, then ``XCLAIM ... <lease>``) by a subscriber taking work,
   at most every ``lease``/2 seconds: a killed subscriber's deliveries go to the others after about
-  ``lease`` seconds, counted as a new attempt.
+  ``lease`` seconds, counted as a new attempt. The lease waited is the longer of the claimer's and
+  the holder's (from its consumer name), so processes configured with different leases never take
+  each other's live deliveries.
 * **Close** gives every pending entry of the subscriber back to the group at once (moved to
   ``callcast:retry``, due now; handed-out ones keep their count, fetched-ahead ones lose it), then
   deletes its consumer. Acks and nacks after close are ignored.
@@ -384,14 +387,15 @@ if reclaim then
       local info = as_map(c)
       local name = info['name']
       if tonumber(info['pending']) > 0 and name ~= me and name ~= parked then
-        local stale = redis.call('XPENDING', key, group, 'IDLE', lease, '-', '+', room - #out, name)
+        local idle = math.max(lease, tonumber(string.match(name, '~(%d+)$')) or 0)  -- the holder's lease too
+        local stale = redis.call('XPENDING', key, group, 'IDLE', idle, '-', '+', room - #out, name)
         if #stale > 0 then
           local ids, counts = {}, {}
           for _, p in ipairs(stale) do
             ids[#ids + 1] = p[1]
             counts[p[1]] = p[4]
           end
-          for _, e in ipairs(redis.call('XCLAIM', key, group, me, lease, unpack(ids))) do
+          for _, e in ipairs(redis.call('XCLAIM', key, group, me, idle, unpack(ids))) do
             if e then out[#out + 1] = {tag, e[1], counts[e[1]] + 1, e[2]} end
           end
         end
@@ -1095,7 +1099,8 @@ class _RedisSubscription:
         self.keys = keys
         self.prefetch = prefetch
         self.ephemeral = ephemeral
-        self.consumer = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        lease_ms = max(1, round(broker.lease * 1000))
+        self.consumer = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}~{lease_ms}"
         self.outstanding: dict[str, _RedisDelivery] = {}  # handed out, not settled
         self.buffer: deque[_RedisDelivery] = deque()  # taken, not yet handed out
         self.closed = False
