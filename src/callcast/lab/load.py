@@ -74,6 +74,17 @@ def arrival_offsets(
     return offsets
 
 
+def honour_cancellation() -> None:
+    """Raise :class:`asyncio.CancelledError` if the current task was asked to cancel yet carries on.
+
+    Python 3.11's ``asyncio.wait_for`` drops a cancellation that arrives just as what it waits for
+    completes (3.12 fixed it), so a Ctrl-C can be lost somewhere in a library; the lab's loops call
+    this at each step, so an interrupted run still stops (and cleans up) within a step."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 async def run_open_loop(
     client: httpx.AsyncClient,
     target: Target,
@@ -88,6 +99,7 @@ async def run_open_loop(
     start = loop.time()
     tasks: list[asyncio.Task[RequestRecord]] = []
     for index, offset in enumerate(offsets):
+        honour_cancellation()
         wait = start + offset - loop.time()
         if wait > 0:
             await asyncio.sleep(wait)

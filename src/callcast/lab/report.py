@@ -28,11 +28,27 @@
                                  "added_services": [...]},
          "timeline": [{"t": 0.0, "sent": 2, "failed": 0, "latency_p50_ms": ..., "latency_p95_ms": ...,
                        "backlog": 0}, ...],
-         "latency_samples_ms": [...], "consistency_samples_ms": [...]}
+         "latency_samples_ms": [...], "consistency_samples_ms": [...],
+         "broker_cleanup": null | {...}}       # see below
+      ],
+      "failed_runs": [                           # one per style × scenario that raised; [] if none
+        {"style": "hybrid", "scenario": "spike", "error": "BrokerUnavailableError: ...",
+         "broker_cleanup": null | {...}}
       ],
       "verdict": ["Latency: event answers the user fastest ...", ...],
       "charts": {"latency": "latency.png", "availability": "availability.png", ...}
     }
+
+``styles`` and ``scenarios`` list those of every run, failed ones included; ``runs`` holds only
+the runs that completed (each with every figure), so the verdict and the charts rest on those.
+``broker_cleanup`` is ``null`` where nothing outlives the run (the fresh embedded broker of the
+default, ``memory://``); on a user's broker (``--broker``) it says what the run removed from it
+(:mod:`callcast.lab.namespace`)::
+
+    {"namespace": "callcast_lab_r0123456789ab",
+     "removed": ["queue callcast_lab_r0123456789ab/OrderPlaced/emails.apply and its retry buckets",
+                 ..., "exchange callcast_lab_r0123456789ab"],
+     "not_removed": []}                          # else "what: why" for each
 
 Definitions of the figures: :mod:`callcast.lab.metrics`. ``report.html`` embeds the PNGs as
 ``data:`` URIs, so it is one self-contained file that opens offline.
@@ -73,10 +89,13 @@ COLUMNS = (
 )
 
 
-def assemble(runs: Sequence[dict[str, Any]], settings: dict[str, Any], broker_scheme: str) -> dict[str, Any]:
-    """The ``results.json`` document of ``runs``."""
+def assemble(
+    entries: Sequence[dict[str, Any]], settings: dict[str, Any], broker_scheme: str
+) -> dict[str, Any]:
+    """The ``results.json`` document of the matrix's ``entries`` (a failed run's has ``error``)."""
     from callcast.lab.verdict import verdict
 
+    runs = [entry for entry in entries if "error" not in entry]
     return {
         "format": FORMAT,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -87,10 +106,11 @@ def assemble(runs: Sequence[dict[str, Any]], settings: dict[str, Any], broker_sc
             "platform": platform.platform(),
             "broker": broker_scheme,
         },
-        "styles": list(dict.fromkeys(run["style"] for run in runs)),
-        "scenarios": list(dict.fromkeys(run["scenario"] for run in runs)),
-        "runs": list(runs),
-        "verdict": verdict(runs),
+        "styles": list(dict.fromkeys(entry["style"] for entry in entries)),
+        "scenarios": list(dict.fromkeys(entry["scenario"] for entry in entries)),
+        "runs": runs,
+        "failed_runs": [entry for entry in entries if "error" in entry],
+        "verdict": verdict(runs) if runs else [],
         "charts": {},
     }
 
@@ -98,7 +118,7 @@ def assemble(runs: Sequence[dict[str, Any]], settings: dict[str, Any], broker_sc
 def write(results: dict[str, Any], out: Path) -> None:
     """Write the charts, ``results.json`` and ``report.html`` into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    charts = draw_all(results["runs"], out)
+    charts = draw_all(results["runs"], out) if results["runs"] else {}
     results["charts"] = {name: path.name for name, path in charts.items()}
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "report.html").write_text(render_html(results, charts))
@@ -116,14 +136,32 @@ def cell(run: dict[str, Any], key: str, unit: str | None) -> str:
     return str(value)
 
 
+def rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The runs and the failed runs, in the order of the matrix (scenario by scenario)."""
+    scenarios, styles = results["scenarios"], results["styles"]
+    return sorted(
+        [*results["runs"], *results["failed_runs"]],
+        key=lambda run: (scenarios.index(run["scenario"]), styles.index(run["style"])),
+    )
+
+
+def cells(run: dict[str, Any]) -> list[str]:
+    """A table row: the figures of a run; ``failed`` and dashes for a failed one."""
+    if "error" in run:
+        return [run["style"], run["scenario"], "failed", *("–" for _ in COLUMNS[3:])]
+    return [cell(run, key, unit) for _header, key, unit in COLUMNS]
+
+
 def print_table(results: dict[str, Any], console: Console) -> None:
-    """The summary table and the verdict, on the terminal."""
+    """The summary table, the failed runs with their reasons, and the verdict, on the terminal."""
     table = Table(title="callcast compare (latency and consistency in ms)")
     for header, _key, _unit in COLUMNS:
         table.add_column(header, justify="left" if header in ("style", "scenario") else "right")
-    for run in results["runs"]:
-        table.add_row(*(cell(run, key, unit) for _header, key, unit in COLUMNS))
+    for run in rows(results):
+        table.add_row(*cells(run))
     console.print(table)
+    for run in results["failed_runs"]:
+        console.print(f"FAILED {run['style']} / {run['scenario']}: {run['error']}", markup=False)
     for line in results["verdict"]:
         console.print(line, markup=False)
 
@@ -131,11 +169,12 @@ def print_table(results: dict[str, Any], console: Console) -> None:
 def render_html(results: dict[str, Any], charts: dict[str, Path]) -> str:
     """``report.html``: settings, table, verdict and the charts inline (no network)."""
     head = "".join(f"<th>{html.escape(header)}</th>" for header, _key, _unit in COLUMNS)
-    rows = "".join(
-        "<tr>"
-        + "".join(f"<td>{html.escape(cell(run, key, unit))}</td>" for _h, key, unit in COLUMNS)
-        + "</tr>"
-        for run in results["runs"]
+    body = "".join(
+        f'<tr class="failed"><td>{html.escape(run["style"])}</td><td>{html.escape(run["scenario"])}</td>'
+        f'<td colspan="{len(COLUMNS) - 2}">failed: {html.escape(run["error"])}</td></tr>'
+        if "error" in run
+        else "<tr>" + "".join(f"<td>{html.escape(text)}</td>" for text in cells(run)) + "</tr>"
+        for run in rows(results)
     )
     verdict = "".join(f"<li>{html.escape(line.strip())}</li>" for line in results["verdict"])
     images = "".join(
@@ -152,6 +191,7 @@ body {{ font-family: sans-serif; margin: 2em; max-width: 75em; }}
 table {{ border-collapse: collapse; font-size: 0.9em; }}
 td, th {{ border: 1px solid #ccc; padding: 0.25em 0.5em; text-align: right; }}
 td:nth-child(-n+2), th:nth-child(-n+2) {{ text-align: left; }}
+tr.failed td:nth-child(3) {{ text-align: left; color: #b00; }}
 img {{ max-width: 100%; }}
 pre {{ background: #f6f6f6; padding: 0.5em; }}
 </style></head><body>
@@ -159,7 +199,7 @@ pre {{ background: #f6f6f6; padding: 0.5em; }}
 <p>Created {html.escape(results["created"])}. Latency and time to consistency in milliseconds;
 availability is the share of user requests answered 2xx; lost, duplicated and orphaned count side
 effects; blast radius is how many services' failure fails the user's request.</p>
-<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>
+<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
 <h2>Verdict for this run</h2><ul>{verdict}</ul>
 {images}
 <h2>Settings</h2><pre>{settings}</pre>

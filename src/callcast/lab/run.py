@@ -3,7 +3,8 @@
 One run, in this process:
 
 1. a fresh temporary directory (the services' SQLite databases, and the broker
-   ``sqlite:///<dir>/broker.db`` unless ``--broker`` names another);
+   ``sqlite:///<dir>/broker.db`` unless ``--broker`` names another; there, every name the run
+   creates lives in a namespace of its own, :mod:`callcast.lab.namespace`);
 2. one :class:`~callcast.Runtime` per service, all on one broker connection, so a service can be
    stopped and started again on its own; ``orders`` serves HTTP on ``127.0.0.1`` (a free port);
 3. the scenario's faults: ``slow``/``flaky`` for the whole run inside the target service; ``down``
@@ -14,9 +15,11 @@ One run, in this process:
 4. the open-loop load over HTTP; then the drain: until every accepted order has every expected
    effect, no progress for a while, or ``drain_timeout``;
 5. the effects are read back from the services' databases and the figures computed
-   (:mod:`callcast.lab.metrics`); everything is stopped and the directory removed.
+   (:mod:`callcast.lab.metrics`); everything is stopped, the directory removed, and on a user's
+   broker the run's namespace removed too (also when the run failed or was cancelled).
 
-Runs go one after the other, so they do not compete for the CPU.
+Runs go one after the other, so they do not compete for the CPU. A run that fails does not end
+the matrix: it is reported as failed, with its reason, and the others go on.
 """
 
 from __future__ import annotations
@@ -41,10 +44,19 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from callcast import dlq
 from callcast.app import App
 from callcast.brokers import connect, redact
-from callcast.lab import effects, metrics, workflow
+from callcast.exceptions import ConfigurationError
+from callcast.lab import effects, metrics, namespace, workflow
 from callcast.lab.coupling import consumer_change, coupling
 from callcast.lab.faults import Faults
-from callcast.lab.load import RequestRecord, Spike, Target, arrival_offsets, run_open_loop
+from callcast.lab.load import (
+    RequestRecord,
+    Spike,
+    Target,
+    arrival_offsets,
+    honour_cancellation,
+    run_open_loop,
+)
+from callcast.lab.namespace import Cleanup
 from callcast.lab.scenarios import Scenario
 from callcast.runtime import Runtime
 from callcast.transport import Broker
@@ -137,44 +149,117 @@ class _Live:
 
 
 async def run_matrix(
-    styles: Sequence[str], scenarios: Sequence[Scenario], settings: Settings, *, console: Console | None
+    styles: Sequence[str],
+    scenarios: Sequence[Scenario],
+    settings: Settings,
+    *,
+    console: Console,
+    progress_bars: bool = True,
 ) -> list[dict[str, Any]]:
-    """Every style under every scenario, one after the other; a progress bar per run on ``console``
-    (none when ``None``)."""
-    runs: list[dict[str, Any]] = []
+    """Every style under every scenario, one after the other: their entries, in that order (a
+    failed run's is :func:`failed_entry`). Each entry's ``broker_cleanup`` says what its run
+    removed from a user's broker (``None`` where nothing outlives the run: the fresh embedded broker
+    of the default, ``memory://``). ``console`` shows a progress bar per run (unless
+    ``progress_bars`` is false), each failure and each cleanup.
+
+    A run that raises an :class:`Exception` is a failed run and the next one starts; a
+    :class:`~callcast.exceptions.ConfigurationError` (the broker URL is refused: every run would
+    fail alike) and a cancellation end the matrix, after the run in progress cleaned up."""
+    entries: list[dict[str, Any]] = []
     with Progress(
         TextColumn("{task.description:<34}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         console=console,
-        disable=console is None,
+        disable=not progress_bars,
     ) as progress:
         for scenario in scenarios:
             for style in styles:
-                total = len(_offsets(settings, scenario))
-                task = progress.add_task(f"{style} / {scenario.name}", total=total)
-                advance = functools.partial(progress.advance, task)
-                runs.append(await run_once(style, scenario, settings, advance))
-    return runs
+                entries.append(await _entry(style, scenario, settings, progress))
+    return entries
+
+
+async def _entry(style: str, scenario: Scenario, settings: Settings, progress: Progress) -> dict[str, Any]:
+    """One run of the matrix, as :func:`run_matrix` describes it."""
+    name = f"{style} / {scenario.name}"
+    task = progress.add_task(name, total=len(_offsets(settings, scenario)))
+    cleanups: list[Cleanup] = []
+
+    def cleaned(cleanup: Cleanup) -> None:
+        cleanups.append(cleanup)
+        progress.console.print(f"{name}: {cleanup.summary()}", markup=False, highlight=False)
+
+    try:
+        entry = await run_once(
+            style, scenario, settings, functools.partial(progress.advance, task), cleaned=cleaned
+        )
+    except ConfigurationError:
+        raise
+    except Exception as error:
+        entry = failed_entry(style, scenario, error)
+        progress.update(task, description=f"{name} (failed)")
+        progress.console.print(f"{name}: FAILED: {entry['error']}", markup=False, highlight=False)
+    entry["broker_cleanup"] = cleanups[0].public() if cleanups else None
+    return entry
+
+
+def failed_entry(style: str, scenario: Scenario, error: Exception) -> dict[str, Any]:
+    """The entry of a run that raised ``error``: ``{"style", "scenario", "error"}``, the error as
+    ``"<type>: <message>"``."""
+    reason = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    return {"style": style, "scenario": scenario.name, "error": reason}
 
 
 async def run_once(
-    style: str, scenario: Scenario, settings: Settings, answered: Callable[[], None] | None = None
+    style: str,
+    scenario: Scenario,
+    settings: Settings,
+    answered: Callable[[], None] | None = None,
+    *,
+    cleaned: Callable[[Cleanup], None] | None = None,
 ) -> dict[str, Any]:
-    """Run ``style`` under ``scenario``; its entry of ``results.json`` (see :mod:`callcast.lab.report`)."""
+    """Run ``style`` under ``scenario``; its entry of ``results.json`` (see :mod:`callcast.lab.report`).
+
+    On a user's broker (``settings.broker``, but for ``memory://``) every name the run creates is
+    under a namespace of its own (:func:`~callcast.lab.namespace.scoped`), removed when the run
+    ends, whether it returned, raised or was cancelled; ``cleaned`` is then told what was removed
+    and what could not be."""
     data_dir = Path(tempfile.mkdtemp(prefix="callcast-lab-"))
+    run_tag = f"r{secrets.token_hex(6)}"
+    space = namespace.PREFIX + run_tag
+    url = (
+        namespace.scoped(settings.broker, space) if settings.broker else f"sqlite:///{data_dir / 'broker.db'}"
+    )
+    groups: set[tuple[str, str]] = set()
     try:
-        broker = await connect(settings.broker or f"sqlite:///{data_dir / 'broker.db'}")
-    except BaseException:
+        return await _run(style, scenario, settings, url, data_dir, run_tag, groups, answered)
+    finally:
         shutil.rmtree(data_dir, ignore_errors=True)
-        raise
+        if settings.broker and namespace.applies(settings.broker):
+            cleanup = await namespace.remove(url, space, groups)
+            if cleaned is not None:
+                cleaned(cleanup)
+
+
+async def _run(
+    style: str,
+    scenario: Scenario,
+    settings: Settings,
+    url: str,
+    data_dir: Path,
+    run_tag: str,
+    groups: set[tuple[str, str]],
+    answered: Callable[[], None] | None,
+) -> dict[str, Any]:
+    """One run on the broker at ``url``, whose groups are noted in ``groups``; everything it
+    started is stopped, and the broker closed, when it returns or raises."""
+    broker = namespace.GroupRecorder(await connect(url), groups)
     faults = Faults(seed=settings.seed)
     if scenario.slow:
         faults.slow[settings.target] = settings.slow_seconds
     if scenario.flaky:
         faults.flaky[settings.target] = settings.flaky_share
-    run_tag = f"r{secrets.token_hex(4)}"
     app = workflow.build(style, faults, run_tag, call_timeout=settings.call_timeout)
     live = _Live(style, scenario, settings, broker, data_dir, faults, run_tag, app)
     try:
@@ -183,11 +268,12 @@ async def run_once(
         await live.runtimes["orders"].serve_http("127.0.0.1", 0)
         return await _measure(live, answered)
     finally:
-        for runtime in [live.runtimes.pop("orders", None), *live.runtimes.values()]:
-            if runtime is not None:
-                await runtime.stop(grace=1.0)
-        await broker.close()
-        shutil.rmtree(data_dir, ignore_errors=True)
+        try:
+            for runtime in [live.runtimes.pop("orders", None), *live.runtimes.values()]:
+                if runtime is not None:
+                    await runtime.stop(grace=1.0)
+        finally:
+            await broker.close()
 
 
 async def _measure(live: _Live, answered: Callable[[], None] | None) -> dict[str, Any]:
@@ -312,6 +398,7 @@ async def _drain(live: _Live, records: list[RequestRecord]) -> metrics.Applied:
     deadline = time.monotonic() + live.settings.drain_timeout
     last_count, last_change = -1, time.monotonic()
     while True:
+        honour_cancellation()
         applied = await _read_all(live)
         missing = len(metrics.missing_effects(records, applied, live.expected))
         now = time.monotonic()
