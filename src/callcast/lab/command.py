@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"a scenario, composable with + (repeatable; default all: {', '.join(PRESETS)})",
     )
     parser.add_argument("--style", action="append", choices=workflow.STYLES, help="a style (default: all)")
-    parser.add_argument("--duration", type=float, help="seconds of load per run (default 20, --quick 3)")
+    parser.add_argument("--duration", type=float, help="seconds of load per run (default 20, --quick 4)")
     parser.add_argument("--rate", type=float, help="requests per second offered (default 30, --quick 20)")
     parser.add_argument("--target", choices=workflow.DOWNSTREAM, help="the downstream the faults hit")
     parser.add_argument("--quick", action="store_true", help="short runs: all in under 2 minutes")
