@@ -5,9 +5,9 @@
 * a name that appears in the path (``/users/{user_id}``): that path segment, validated;
 * any other name: the query parameter of that name, validated; required unless it has a default.
 
-The return annotation decides the answer: a type is serialized as JSON by pydantic; with ``None``,
-no annotation or a Starlette ``Response`` subclass, the binding has no serializer and the HTTP side
-answers by the value (:mod:`callcast.http`).
+The return annotation decides the answer: a type is serialized as JSON by pydantic; without an
+annotation, :data:`UNTYPED` serializes whatever the value is; with ``None`` or a Starlette
+``Response`` subclass there is no serializer (no body, or the response as it is).
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ from starlette.responses import Response
 
 from callcast.context import Context
 from callcast.exceptions import ConfigurationError
+
+UNTYPED: TypeAdapter[Any] = TypeAdapter(Any)
+"""The serializer of a route without a return annotation: any value pydantic can serialize."""
 
 
 @dataclass(frozen=True)
@@ -63,7 +66,9 @@ def plan(fn: Callable[..., Awaitable[Any]], path: str) -> Binding:
     if missing:
         raise ConfigurationError(f"{fn.__qualname__}: no parameter for path part(s) {sorted(missing)}")
     returns = hints.get("return", inspect.Parameter.empty)
-    if returns is inspect.Parameter.empty or returns is type(None) or returns is None:
+    if returns is inspect.Parameter.empty:
+        return params, UNTYPED
+    if returns is type(None) or returns is None:
         return params, None
     if isinstance(returns, type) and issubclass(returns, Response):
         return params, None

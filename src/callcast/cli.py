@@ -76,6 +76,10 @@ async def _run(args: argparse.Namespace) -> None:
     broker_url = args.broker or default_url()
     databases = service_map(args.database, "--database")
     service_urls = service_map(args.service_url, "--service-url")
+    unknown = sorted((databases.keys() | service_urls.keys()) - app.services.keys())
+    if unknown:
+        names = ", ".join(unknown)
+        raise SystemExit(f"callcast: --database/--service-url name no service of {args.app}: {names}")
     stop = asyncio.Event()
     first_signal_at: list[float] = []
 

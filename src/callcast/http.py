@@ -8,11 +8,12 @@ Parameters of a route function are bound once, when the app is built, from names
 * any other name: the query parameter of that name, validated; required unless it has a default.
 
 Answers: the return value as JSON (by its return annotation; without one, as pydantic serializes
-the value) with the route's status code; ``None`` where the annotation is missing or ``None``: 204
-(or the route's status code, if it set one). Bad input never reaches the handler: invalid JSON or
-fields → 422 with the field errors; a body over 1 MiB → 413; unknown path → 404; wrong method → 405.
-:class:`~callcast.HTTPError` → its status and detail; a failed ``ctx.call`` → 502/503/504; any other
-exception → 500 with no internals (logged with its traceback).
+the value) with the route's status code; a route annotated ``-> None``, or one without annotation
+that returns ``None``: no body, 204 (or the route's status code, if it set one). Bad input never
+reaches the handler: invalid JSON or fields → 422 with the field errors; a body over 1 MiB → 413;
+unknown path → 404; wrong method → 405. :class:`~callcast.HTTPError` → its status and detail; a
+failed ``ctx.call`` → 502/503/504; any other exception (or a value that cannot be serialized) → 500
+with no internals (logged with its traceback).
 
 Every answer carries ``X-Correlation-Id`` (the request's, when acceptable, else a new one). Routes
 declared with ``idempotency=`` honour ``Idempotency-Key`` (:mod:`callcast.idempotency`); the others
@@ -39,7 +40,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
 from callcast import correlation
-from callcast.binding import Param
+from callcast.binding import UNTYPED, Param
 from callcast.codec import MAX_MESSAGE_BYTES, field_errors
 from callcast.correlation import accept
 from callcast.envelope import new_id
@@ -66,8 +67,6 @@ if TYPE_CHECKING:
     from callcast.runtime import Runtime
 
 log = logging.getLogger("callcast.http")
-_UNTYPED: TypeAdapter[Any] = TypeAdapter(Any)
-"""Serializes what a route without a return annotation returns."""
 JSON_TYPE = "application/json"
 _CORRELATION_HEADER_BYTES = CORRELATION_HEADER.lower().encode()
 _KEY_HEADER_BYTES = KEY_HEADER.lower().encode()
@@ -189,10 +188,10 @@ async def _answer(route: ServiceRoute, returns: TypeAdapter[Any] | None, kwargs:
         return error_response(500, "internal error")
     if isinstance(result, Response):
         return result
-    if result is None and returns is None:
+    if returns is None or (result is None and returns is UNTYPED):
         return Response(status_code=204 if route.status_code == 200 else route.status_code)
     try:
-        body = (returns or _UNTYPED).dump_json(result)
+        body = returns.dump_json(result)
     except Exception:  # a value pydantic cannot serialize: a bug in the route
         log.exception("%s %s returned a value that cannot be serialized", route.method, route.path)
         return error_response(500, "internal error")

@@ -4,8 +4,9 @@
 It describes, from the same bindings the HTTP server uses (:mod:`callcast.binding`):
 
 * every route: path and query parameters (with their schemas), the JSON request body, the answer
-  (the return annotation; 204 without one), 422 (invalid input, ``detail`` lists the field errors
-  or says why), 413 (body over the limit) and, for any other error status, ``Error``;
+  (the return annotation; ``-> None``: 204; no annotation: any JSON, or 204), 422 (invalid input,
+  ``detail`` lists the field errors or says why), 413 (body over the limit) and, for any other
+  error status, ``Error``;
 * routes that honour ``Idempotency-Key``: the header (required or not), 400 (bad key) and 409
   (a request with the key is in progress), and the ``Idempotent-Replayed`` answer header;
 * every RPC endpoint as ``POST /rpc/<service>/<name>``, with its error body ``RpcError``;
@@ -25,6 +26,7 @@ from typing import Any, Literal
 from pydantic import TypeAdapter
 
 from callcast.app import App
+from callcast.binding import UNTYPED
 from callcast.codec import MAX_MESSAGE_BYTES
 from callcast.idempotency import MAX_KEY_LENGTH
 from callcast.service import Route, RpcEndpoint, Service
@@ -160,6 +162,13 @@ def _route_operation(route: Route, schemas: _Schemas, operation_id: str) -> dict
     if returns is None:
         status = 204 if route.status_code == 200 else route.status_code
         responses[str(status)] = {"description": "Done."}
+    elif returns is UNTYPED:  # no return annotation: whatever JSON the route returns, or nothing
+        responses[str(route.status_code)] = {
+            "description": "The answer: any JSON (the route declares no return type).",
+            "content": _content({}),
+        }
+        if route.status_code == 200:
+            responses["204"] = {"description": "Done: the route returned nothing."}
     else:
         key = schemas.want((operation_id, "answer"), "serialization", returns)
         answer = _content((key, "serialization"))

@@ -8,7 +8,8 @@ consumers → serve HTTP (when asked).
 Stop order (SIGTERM/SIGINT under ``callcast run``): stop accepting HTTP requests and finish the ones
 in flight → stop taking messages and let running handlers finish, giving the rest back to the broker
 (requests and handlers share one ``grace`` period) → shutdown hooks → send what the outboxes hold
-(for at most 5 s) → close the broker. Nothing accepted is lost.
+(for at most ``min(grace, 5)`` seconds per service; what is left waits in the outbox for the next
+start) → close the broker. Nothing accepted is lost.
 """
 
 from __future__ import annotations
@@ -324,7 +325,8 @@ class Runtime:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
         if self._server is not None and self._server_task is not None:
-            # Read by uvicorn when it shuts down; it would wait without end for 0.
+            # Read by uvicorn when it shuts down (None would wait without end). Requests still
+            # running then are cancelled.
             self._server.config.timeout_graceful_shutdown = max(grace, 0.01)  # type: ignore[assignment]
             self._server.should_exit = True
             with contextlib.suppress(Exception):

@@ -557,6 +557,32 @@ async def test_an_ephemeral_queue_keeps_its_messages_when_its_channel_closes() -
         await broker.close()
 
 
+async def test_an_ephemeral_queue_is_deleted_on_close_while_its_channel_is_being_restored(
+    raw: aio_pika.abc.AbstractChannel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Closed while its channel is down (the restore not done yet), an ephemeral subscription
+    still deletes its queue: nothing is kept for it while the connection lives on."""
+
+    async def restore_later(self: _GroupReader) -> None:
+        """The restore has not got anywhere yet."""
+
+    monkeypatch.setattr(_GroupReader, "_restore", restore_later)
+    broker = await connect(URL)
+    try:
+        assert isinstance(broker, RabbitBroker)
+        topic, group = unique("replies"), unique("replies")
+        subscription = await broker.subscribe(topic, group, ephemeral=True)
+        channel = broker._readers[(topic, group)].channel
+        assert channel is not None
+        await channel.close()
+        await subscription.close()
+        name = queue_name(RUN, topic, group)
+        with pytest.raises(aiormq.exceptions.ChannelNotFoundEntity):
+            await raw.declare_queue(name, passive=True)
+    finally:
+        await broker.close()
+
+
 async def test_a_subscribe_racing_close_is_closed_too(monkeypatch: pytest.MonkeyPatch) -> None:
     """A ``subscribe`` that finishes opening its consumer after ``close`` began does not outlive the
     broker: it is closed and raises, rather than returning a subscription no one will close."""

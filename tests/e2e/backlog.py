@@ -127,9 +127,10 @@ def wait_quiet(process: CallcastProcess, event: type[BaseModel], *, timeout: flo
 
 
 def outbox_rows(database: Path, topic: str) -> int:
-    """Rows of ``topic`` in the outbox of a service's SQLite database (0 before it exists)."""
+    """Rows of ``topic`` in the outbox of a service's SQLite database, which must exist: a database
+    configured elsewhere would otherwise read as an empty outbox."""
     if not database.exists():
-        return 0
+        raise AssertionError(f"no service database at {database}: its outbox cannot be read")
     conn = sqlite3.connect(database, timeout=10)
     try:
         return int(

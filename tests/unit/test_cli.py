@@ -109,3 +109,8 @@ def test_a_service_url_without_a_name_is_a_clear_error_without_the_password() ->
     with pytest.raises(SystemExit, match="--service-url takes SERVICE=URL") as refused:
         main(["run", "examples.shop:app", "--service-url", "http://u:hunter2@127.0.0.1:8001"])
     assert "hunter2" not in str(refused.value)
+
+
+def test_a_service_url_or_database_for_no_such_service_is_refused() -> None:
+    with pytest.raises(SystemExit, match=r"name no service of examples\.shop:app: paymnets"):
+        main(["run", "examples.shop:app", "--service-url", "paymnets=http://127.0.0.1:8001"])

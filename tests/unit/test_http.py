@@ -53,8 +53,15 @@ async def raw() -> Response:
 
 
 @svc.get("/untyped")
-async def untyped(ok: bool = True):  # type: ignore[no-untyped-def]  # no return annotation, on purpose
+async def untyped(ok: bool = True, nothing: bool = False):  # type: ignore[no-untyped-def]  # on purpose
+    if nothing:
+        return None
     return {"answer": 42} if ok else object()
+
+
+@svc.get("/none")
+async def says_none() -> None:
+    return {"dropped": True}  # type: ignore[return-value]  # against its annotation: not answered
 
 
 app = App([svc])
@@ -137,9 +144,13 @@ async def test_a_route_without_return_annotation_answers_what_it_returns(start: 
     async with client(await start(app)) as http:
         answered = await http.get("/untyped")
         unserializable = await http.get("/untyped", params={"ok": "false"})
+        nothing = await http.get("/untyped", params={"nothing": "true"})
+        annotated_none = await http.get("/none")
     assert (answered.status_code, answered.json()) == (200, {"answer": 42})
     assert unserializable.status_code == 500
     assert unserializable.json() == {"detail": "internal error"}
+    assert (nothing.status_code, nothing.content) == (204, b"")
+    assert (annotated_none.status_code, annotated_none.content) == (204, b"")
 
 
 async def test_response_objects_pass_through_and_unknown_paths_are_json_404(start: StartApp) -> None:

@@ -54,6 +54,10 @@ def notes_app() -> App:
     async def hello() -> str:
         return "hi"
 
+    @other.get("/untyped")
+    async def untyped():  # type: ignore[no-untyped-def]  # no return annotation, on purpose
+        return {"any": "json"}
+
     return App([notes, other], name="notes")
 
 
@@ -96,6 +100,9 @@ def test_parameters_bodies_and_answers_follow_the_bindings() -> None:
     assert "413" not in read["responses"]
     remove = spec["paths"]["/notes/{note_id}"]["delete"]
     assert "content" not in remove["responses"]["204"]
+    untyped = spec["paths"]["/untyped"]["get"]["responses"]
+    assert untyped["200"]["content"]["application/json"]["schema"] == {}
+    assert "content" not in untyped["204"]
     rpc = spec["paths"]["/rpc/notes/count"]["post"]
     assert rpc["responses"]["200"]["content"]["application/json"]["schema"] == {"type": "integer"}
     assert {"notes", "other"} == {op["tags"][0] for path in spec["paths"].values() for op in path.values()}

@@ -373,6 +373,7 @@ class NatsBroker:
         self._flusher: asyncio.Future[None] | None = None
         self._unflushed: list[tuple[Holding, Envelope]] = []  # settles written since the last flush
         self._closing = False  # close() began: subscribe and serve refuse, or undo what they opened
+        self._close_task: asyncio.Future[None] | None = None
         self._closed = False
 
     # -- errors ---------------------------------------------------------------------------------
@@ -740,9 +741,14 @@ class NatsBroker:
         return server
 
     async def close(self) -> None:
-        if self._closing:
-            return
-        self._closing = True
+        """Idempotent: every call waits for the one shutdown, which a cancelled caller does not cut
+        short (a later call waits for it to finish)."""
+        if self._close_task is None:
+            self._closing = True
+            self._close_task = asyncio.ensure_future(self._shutdown())
+        await asyncio.shield(self._close_task)
+
+    async def _shutdown(self) -> None:
         for server in list(self._servers):
             await server.close()
         for subscription in list(self._subscriptions):

@@ -429,6 +429,7 @@ class RabbitBroker:
         self._lost = asyncio.Event()
         self._connected_once = False
         self._closing = False  # close() began: the seam's methods refuse, close hands back what it can
+        self._close_task: asyncio.Future[None] | None = None
         self._closed = False
         self._generation = 0
         self._readers: dict[tuple[str, str], _GroupReader] = {}
@@ -771,9 +772,14 @@ class RabbitBroker:
         return subscription
 
     async def close(self) -> None:
-        if self._closing:
-            return
-        self._closing = True
+        """Idempotent: every call waits for the one shutdown, which a cancelled caller does not cut
+        short (a later call waits for it to finish)."""
+        if self._close_task is None:
+            self._closing = True
+            self._close_task = asyncio.ensure_future(self._shutdown())
+        await asyncio.shield(self._close_task)
+
+    async def _shutdown(self) -> None:
         for subscription in list(self._subscriptions):
             await subscription.close()
         self._closed = True
@@ -1087,6 +1093,8 @@ class _GroupReader:
         if channel is None or channel.is_closed:
             if last:
                 self.channel = None
+                if self.ephemeral:  # its channel is being restored: the queue is still there
+                    await self._delete_ephemeral_queues()
             self.wake()
             return
         timeout = broker.timeout
@@ -1127,12 +1135,16 @@ class _GroupReader:
                 await underlay.basic_ack(delivery.tag)
 
     async def _delete_ephemeral_queues(self) -> None:
+        """Delete the ephemeral queue and its retry buckets; one that cannot be deleted now is
+        deleted by the server when this connection ends (they are exclusive to it)."""
         for queue in [self.queue, *sorted(self.retry_queues)]:
-            with contextlib.suppress(TransportError):
+            try:
                 await self.broker._admin(
                     f"cannot delete {queue!r}",
                     functools.partial(_delete_queue, queue=queue, timeout=self.broker.timeout),
                 )
+            except TransportError as error:
+                log.warning("rabbitmq broker %s: %s (it goes with the connection)", self.broker.url, error)
 
 
 async def _delete_queue(channel: aiormq.abc.AbstractChannel, *, queue: str, timeout: float) -> None:

@@ -626,6 +626,7 @@ class RedisBroker:
         self._settling: asyncio.Task[None] | None = None
         self._housekeeping_task: asyncio.Task[None] | None = None
         self._closing = False  # close() began: subscribe refuses, or closes what it opened
+        self._close_task: asyncio.Future[None] | None = None
         self._closed = False
 
     # -- plumbing -------------------------------------------------------------------------------
@@ -829,9 +830,14 @@ class RedisBroker:
         return subscription
 
     async def close(self) -> None:
-        if self._closing:
-            return
-        self._closing = True
+        """Idempotent: every call waits for the one shutdown, which a cancelled caller does not cut
+        short (a later call waits for it to finish)."""
+        if self._close_task is None:
+            self._closing = True
+            self._close_task = asyncio.ensure_future(self._shutdown())
+        await asyncio.shield(self._close_task)
+
+    async def _shutdown(self) -> None:
         for subscription in list(self._subscriptions):
             await subscription.close()
         if self._settling is not None:

@@ -362,6 +362,7 @@ class SqliteBroker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._subscriptions: set[_SqliteSubscription] = set()
         self._closing = False  # close() began: subscribe refuses what it would open
+        self._close_task: asyncio.Future[None] | None = None
         self._closed = False
         self._tasks: list[asyncio.Task[None]] = []
         self._settling: _Settles | None = None
@@ -470,9 +471,14 @@ class SqliteBroker:
         return subscription
 
     async def close(self) -> None:
-        if self._closing:
-            return
-        self._closing = True
+        """Idempotent: every call waits for the one shutdown, which a cancelled caller does not cut
+        short (a later call waits for it to finish)."""
+        if self._close_task is None:
+            self._closing = True
+            self._close_task = asyncio.ensure_future(self._shutdown())
+        await asyncio.shield(self._close_task)
+
+    async def _shutdown(self) -> None:
         for subscription in list(self._subscriptions):
             await subscription.close()
         for task in self._tasks:

@@ -1038,6 +1038,26 @@ class BrokerConformance:
             assert (label_of(again), again.attempt) == ("held", 2)
             await again.ack()
 
+    async def test_a_close_cut_short_is_finished_by_the_next(self) -> None:
+        """A ``close()`` whose caller is cancelled while it runs (a caller's timeout) still closes
+        the broker: a later ``close()`` returns once it is closed, and publish then raises
+        :class:`BrokerUnavailableError`; the subscriber's iteration ends."""
+        broker = await self.open()
+        orders, group = unique("orders"), unique("group")
+        subscription = await broker.subscribe(orders, group)
+        await broker.publish(orders, [envelope("held")])
+        await self.next(subscription)  # held: the close has something to give back
+        consumer = asyncio.create_task(_drain(subscription))
+        closing = asyncio.ensure_future(broker.close())
+        await asyncio.sleep(0)  # one turn of the loop: the close starts and is under way
+        closing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await closing
+        await asyncio.wait_for(broker.close(), self.timeout)
+        with pytest.raises(BrokerUnavailableError):
+            await broker.publish(orders, [envelope("too late")])
+        assert await asyncio.wait_for(consumer, self.timeout) == []
+
     async def test_a_waiting_subscriber_is_woken_whatever_the_others_do(self) -> None:
         """A subscriber with free prefetch that waits in ``__anext__`` is woken by a publish, even
         when, at that moment, a full subscriber of the same group also looks for work and a
