@@ -156,6 +156,7 @@ from nats.js.kv import KeyValue
 
 from callcast import alarms
 from callcast.brokers import redact, seconds_option
+from callcast.brokers.closing import CloseOnce
 from callcast.envelope import (
     HEADER_PREFIX,
     Envelope,
@@ -373,7 +374,7 @@ class NatsBroker:
         self._flusher: asyncio.Future[None] | None = None
         self._unflushed: list[tuple[Holding, Envelope]] = []  # settles written since the last flush
         self._closing = False  # close() began: subscribe and serve refuse, or undo what they opened
-        self._close_task: asyncio.Future[None] | None = None
+        self._close_once = CloseOnce()
         self._closed = False
 
     # -- errors ---------------------------------------------------------------------------------
@@ -741,12 +742,8 @@ class NatsBroker:
         return server
 
     async def close(self) -> None:
-        """Idempotent: every call waits for the one shutdown, which a cancelled caller does not cut
-        short (a later call waits for it to finish)."""
-        if self._close_task is None:
-            self._closing = True
-            self._close_task = asyncio.ensure_future(self._shutdown())
-        await asyncio.shield(self._close_task)
+        self._closing = True
+        await self._close_once.run(self._shutdown)
 
     async def _shutdown(self) -> None:
         for server in list(self._servers):

@@ -132,6 +132,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import asyncpg  # type: ignore[import-untyped, unused-ignore]
 
 from callcast.brokers import redact, seconds_option
+from callcast.brokers.closing import CloseOnce
 from callcast.envelope import Envelope, decode_or_quarantine
 from callcast.exceptions import BrokerUnavailableError, ConfigurationError, PublishError, TransportError
 from callcast.transport import Capabilities, Delivery, Holding
@@ -523,7 +524,7 @@ class PostgresBroker:
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
         self._pool_closed = False
-        self._close_task: asyncio.Future[None] | None = None
+        self._close_once = CloseOnce()
 
     def __repr__(self) -> str:
         return f"PostgresBroker({self.url!r})"
@@ -826,10 +827,8 @@ class PostgresBroker:
         return subscription
 
     async def close(self) -> None:
-        if self._close_task is None:
-            self._closing = True
-            self._close_task = asyncio.ensure_future(self._shutdown())
-        await asyncio.shield(self._close_task)
+        self._closing = True
+        await self._close_once.run(self._shutdown)
 
     async def _shutdown(self) -> None:
         await asyncio.gather(*(s.close() for s in list(self._subscriptions)), return_exceptions=True)

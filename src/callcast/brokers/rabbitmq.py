@@ -163,6 +163,7 @@ from pamqp import commands as spec
 
 from callcast import alarms
 from callcast.brokers import redact, seconds_option
+from callcast.brokers.closing import CloseOnce
 from callcast.envelope import Envelope, decode_or_quarantine
 from callcast.exceptions import BrokerUnavailableError, ConfigurationError, PublishError, TransportError
 from callcast.transport import Capabilities, Delivery, Holding
@@ -429,7 +430,7 @@ class RabbitBroker:
         self._lost = asyncio.Event()
         self._connected_once = False
         self._closing = False  # close() began: the seam's methods refuse, close hands back what it can
-        self._close_task: asyncio.Future[None] | None = None
+        self._close_once = CloseOnce()
         self._closed = False
         self._generation = 0
         self._readers: dict[tuple[str, str], _GroupReader] = {}
@@ -772,12 +773,8 @@ class RabbitBroker:
         return subscription
 
     async def close(self) -> None:
-        """Idempotent: every call waits for the one shutdown, which a cancelled caller does not cut
-        short (a later call waits for it to finish)."""
-        if self._close_task is None:
-            self._closing = True
-            self._close_task = asyncio.ensure_future(self._shutdown())
-        await asyncio.shield(self._close_task)
+        self._closing = True
+        await self._close_once.run(self._shutdown)
 
     async def _shutdown(self) -> None:
         for subscription in list(self._subscriptions):

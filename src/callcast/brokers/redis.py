@@ -149,6 +149,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from callcast import alarms
 from callcast.brokers import redact, seconds_option
+from callcast.brokers.closing import CloseOnce
 from callcast.envelope import Envelope, decode_or_quarantine, structured_or_quarantine, to_structured
 from callcast.exceptions import BrokerUnavailableError, ConfigurationError, PublishError, TransportError
 from callcast.transport import Capabilities, Delivery, Holding
@@ -626,7 +627,7 @@ class RedisBroker:
         self._settling: asyncio.Task[None] | None = None
         self._housekeeping_task: asyncio.Task[None] | None = None
         self._closing = False  # close() began: subscribe refuses, or closes what it opened
-        self._close_task: asyncio.Future[None] | None = None
+        self._close_once = CloseOnce()
         self._closed = False
 
     # -- plumbing -------------------------------------------------------------------------------
@@ -830,12 +831,8 @@ class RedisBroker:
         return subscription
 
     async def close(self) -> None:
-        """Idempotent: every call waits for the one shutdown, which a cancelled caller does not cut
-        short (a later call waits for it to finish)."""
-        if self._close_task is None:
-            self._closing = True
-            self._close_task = asyncio.ensure_future(self._shutdown())
-        await asyncio.shield(self._close_task)
+        self._closing = True
+        await self._close_once.run(self._shutdown)
 
     async def _shutdown(self) -> None:
         for subscription in list(self._subscriptions):

@@ -48,6 +48,7 @@ from urllib.parse import parse_qs, urlsplit
 import orjson
 
 from callcast.brokers import seconds_option
+from callcast.brokers.closing import CloseOnce
 from callcast.envelope import Envelope, decode_or_quarantine
 from callcast.exceptions import BrokerUnavailableError, ConfigurationError, TransportError
 from callcast.transport import Capabilities, Delivery, Holding
@@ -362,7 +363,7 @@ class SqliteBroker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._subscriptions: set[_SqliteSubscription] = set()
         self._closing = False  # close() began: subscribe refuses what it would open
-        self._close_task: asyncio.Future[None] | None = None
+        self._close_once = CloseOnce()
         self._closed = False
         self._tasks: list[asyncio.Task[None]] = []
         self._settling: _Settles | None = None
@@ -471,12 +472,8 @@ class SqliteBroker:
         return subscription
 
     async def close(self) -> None:
-        """Idempotent: every call waits for the one shutdown, which a cancelled caller does not cut
-        short (a later call waits for it to finish)."""
-        if self._close_task is None:
-            self._closing = True
-            self._close_task = asyncio.ensure_future(self._shutdown())
-        await asyncio.shield(self._close_task)
+        self._closing = True
+        await self._close_once.run(self._shutdown)
 
     async def _shutdown(self) -> None:
         for subscription in list(self._subscriptions):
