@@ -16,7 +16,9 @@ deletes them in its next batch; other processes' rows and rows whose lease ran o
 died) go through the claiming path.
 
 A crash between commit and publish loses nothing (the row waits; the lease of a crashed relay, 5 s
-by default, runs out and another relay takes it). A crash after publishing and before deleting
+by default, runs out and another relay takes it). A live relay renews the lease of the rows it is
+publishing every half lease, so a broker slower than the lease does not hand them to another relay
+mid-send (which would send them twice, and could overtake them). A crash after publishing and before deleting
 publishes the row again later, with the same envelope id: the consumers' inbox absorbs the
 duplicate. Rows of one batch keep their commit order per topic; rows are never published for a
 rolled-back transaction.
@@ -31,6 +33,7 @@ import logging
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import AsyncIterator
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -129,6 +132,11 @@ class Relay:
         by_topic: dict[str, list[Staged]] = defaultdict(list)
         for row in rows:
             by_topic[row[1]].append(row)
+        async with self._kept_claimed([row_id for row_id, _, _ in rows]):
+            await self._send_by_topic(by_topic)
+        self._wake.set()
+
+    async def _send_by_topic(self, by_topic: dict[str, list[Staged]]) -> None:
         for topic, items in by_topic.items():
             if topic in self._detoured:  # an earlier row failed: this one must not overtake it
                 self._unsent.update(row_id for row_id, _, _ in items)
@@ -142,7 +150,34 @@ class Relay:
             else:
                 self._sent.update(row_id for row_id, _, _ in items)
                 self.published += len(items)
-        self._wake.set()
+
+    @contextlib.asynccontextmanager
+    async def _kept_claimed(self, row_ids: list[int]) -> AsyncIterator[None]:
+        """While the body runs (a publish), extend this relay's claim on ``row_ids`` every half
+        lease. A claim another relay took meanwhile (this one's ran out) is left alone."""
+
+        async def renew() -> None:
+            while True:
+                await asyncio.sleep(self.lease / 2)
+                try:
+                    async with self.database.transaction() as conn:
+                        await conn.execute(
+                            outbox_table.update()
+                            .where(outbox_table.c.id.in_(row_ids), outbox_table.c.claimed_by == self.relay_id)
+                            .values(claimed_until=time.time() + self.lease)
+                        )
+                except Exception as error:  # the database is away: the claim may run out
+                    log.warning(
+                        "outbox relay of %s: renewing a claim: %s", self.database.url, type(error).__name__
+                    )
+
+        renewing = asyncio.create_task(renew(), name="outbox-claim-renewal")
+        try:
+            yield
+        finally:
+            renewing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewing
 
     async def stop(self) -> None:
         """Finish sends in flight and record them, then stop relaying. Never raises: what it could
@@ -221,23 +256,24 @@ class Relay:
         for row_id, topic, headers, body in sorted(rows):
             by_topic[topic].append((row_id, decode_or_quarantine(json.loads(headers), bytes(body))))
         sent: list[int] = []
-        for topic, items in by_topic.items():
-            try:
-                await self.broker.publish(topic, [envelope for _, envelope in items])
-            except BrokerUnavailableError:
-                if not sent:
-                    raise
-                break  # the broker went away: delete what was sent, the rest waits its lease
-            except TransportError as error:
-                log.warning(
-                    "outbox relay of %s: publish to %s failed (%s); sending its rows one by one",
-                    self.database.url,
-                    topic,
-                    error,
-                )
-                sent += await self._publish_one_by_one(topic, items, until=now + self.lease / 2)
-            else:
-                sent += [row_id for row_id, _ in items]
+        async with self._kept_claimed([row[0] for row in rows]):
+            for topic, items in by_topic.items():
+                try:
+                    await self.broker.publish(topic, [envelope for _, envelope in items])
+                except BrokerUnavailableError:
+                    if not sent:
+                        raise
+                    break  # the broker went away: delete what was sent, the rest waits its lease
+                except TransportError as error:
+                    log.warning(
+                        "outbox relay of %s: publish to %s failed (%s); sending its rows one by one",
+                        self.database.url,
+                        topic,
+                        error,
+                    )
+                    sent += await self._publish_one_by_one(topic, items, until=now + self.lease / 2)
+                else:
+                    sent += [row_id for row_id, _ in items]
         if sent:
             async with self.database.transaction() as conn:
                 await conn.execute(

@@ -444,9 +444,11 @@ class SlowFirstBroker(MemoryBroker):
     def __init__(self) -> None:
         super().__init__()
         self.go = asyncio.Event()
+        self.holding = asyncio.Event()
 
     async def publish(self, topic: str, envelopes: Sequence[Envelope], *, group: str | None = None) -> None:
         if any(envelope.data == b"first" for envelope in envelopes):
+            self.holding.set()
             await self.go.wait()
         await super().publish(topic, envelopes, group=group)
 
@@ -471,6 +473,35 @@ async def test_successive_transactions_of_one_task_reach_the_broker_in_their_ord
         await subscription.close()
     finally:
         await relay.stop()
+        await broker.close()
+        await database.close()
+
+
+async def test_rows_stay_claimed_while_their_publish_outlasts_the_lease(tmp_path: Path) -> None:
+    """A publish slower than the relay's lease (0.3 s here) keeps its rows claimed: another relay
+    claims none of them meanwhile (it would send them twice, and could overtake), and the rows are
+    sent once, in order, when the publish ends."""
+    database = Database(f"sqlite:///{tmp_path / 'service.db'}")
+    await database.setup()
+    broker = SlowFirstBroker()
+    slow = outbox.Relay(database, broker, lease=0.3)
+    other = outbox.Relay(database, broker, lease=0.3)
+    try:
+        await broker.declare("T", "seen")
+        await staged(database, [("T", b"first", None), ("T", b"second", None)])
+        sending = asyncio.ensure_future(slow.relay_once())
+        await asyncio.wait_for(broker.holding.wait(), 5)
+        loop = asyncio.get_running_loop()
+        watched_until = loop.time() + 4 * slow.lease
+        while loop.time() < watched_until:  # four leases: long past the first claim's end
+            assert await asyncio.wait_for(other.relay_once(), 2) == 0
+            await asyncio.sleep(0.05)
+        broker.go.set()
+        assert await asyncio.wait_for(sending, 5) == 2
+        assert await published_data(broker, "T", 2) == [b"first", b"second"]
+        assert await outbox_left(database) == []
+    finally:
+        broker.go.set()
         await broker.close()
         await database.close()
 
