@@ -18,9 +18,9 @@ died) go through the claiming path.
 A crash between commit and publish loses nothing (the row waits; the lease of a crashed relay, 5 s
 by default, runs out and another relay takes it). A live relay renews the lease of the rows it is
 publishing every half lease, so a broker slower than the lease does not hand them to another relay
-mid-send (which would send them twice, and could overtake them). A crash after publishing and before deleting
-publishes the row again later, with the same envelope id: the consumers' inbox absorbs the
-duplicate. Rows of one batch keep their commit order per topic; rows are never published for a
+mid-send (which would send them twice, and could overtake them). A crash after publishing and
+before deleting publishes the row again later, with the same envelope id: the consumers' inbox
+absorbs the duplicate. Rows of one batch keep their commit order per topic; rows are never published for a
 rolled-back transaction.
 """
 
