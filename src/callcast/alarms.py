@@ -182,5 +182,11 @@ class timeout(Alarm):
         self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
     ) -> None:
         self.cancel()
-        if self._expired and kind is asyncio.CancelledError and self._task.uncancel() <= self._cancelling:
-            raise TimeoutError from error
+        if self._expired:  # its cancel is taken back whatever the block turned it into
+            still_cancelling = self._task.uncancel()
+            if (
+                kind is not None
+                and issubclass(kind, asyncio.CancelledError)
+                and still_cancelling <= self._cancelling
+            ):
+                raise TimeoutError from error

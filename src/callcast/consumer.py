@@ -60,6 +60,13 @@ ContextFactory = Callable[[str, Envelope, int], Context]
 carries the extension ``attempt``."""
 
 
+def _stop_asked() -> bool:
+    """Whether this task itself was asked to cancel (a stop), rather than handed a
+    ``CancelledError`` by something it awaited."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
+
+
 class Consumer:
     """Runs one :class:`~callcast.service.EventHandler` against its group's subscription.
 
@@ -230,7 +237,11 @@ class Consumer:
             outcome = await self._apply(event, envelope, ctx)
         except PermanentError as error:
             await self._dead_letter(delivery, "permanent", error, own)
-        except Exception as error:
+        except (Exception, asyncio.CancelledError) as error:
+            if isinstance(error, asyncio.CancelledError) and _stop_asked():
+                raise  # the consumer stops: the delivery goes back with the subscription
+            # Otherwise a failure like any other, even a CancelledError of the handler's own making
+            # (a task it awaited was cancelled): settled, never left holding a prefetch slot.
             if own >= handler.retry.max_attempts:
                 await self._dead_letter(delivery, "error", error, own)
             else:

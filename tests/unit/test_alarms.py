@@ -137,3 +137,22 @@ async def test_a_cancellation_from_outside_stays_a_cancellation() -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await within(task, 5)
+
+
+async def test_an_expired_timeout_takes_its_cancel_back_whatever_the_block_turned_it_into() -> None:
+    """As ``asyncio.timeout`` does: a block that turned the cancellation into an error of its own
+    (as drivers do) leaves the task not cancelling, so a later check of ``cancelling()`` (a
+    TaskGroup's, the consumer's) does not take it for a stop."""
+    task = asyncio.current_task()
+    assert task is not None
+
+    async def driver_call() -> None:
+        with alarms.timeout(0.01):
+            try:
+                await asyncio.sleep(5)
+            except asyncio.CancelledError:
+                raise RuntimeError("its own error") from None
+
+    with pytest.raises(RuntimeError, match="its own error"):
+        await driver_call()
+    assert task.cancelling() == 0

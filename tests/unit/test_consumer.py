@@ -30,6 +30,7 @@ class Job(BaseModel):
     fail_times: int = 0
     permanent: bool = False
     hold: float = 0.0
+    cancelled_inside: bool = False
 
 
 calls: Counter[int] = Counter()
@@ -49,6 +50,10 @@ async def work(job: Job, ctx: Context) -> None:
     attempts_seen.setdefault(job.n, []).append(ctx.attempt)
     if job.permanent:
         raise PermanentError("cannot ever work")
+    if job.cancelled_inside and calls[job.n] == 1:
+        inner = asyncio.ensure_future(asyncio.sleep(10))
+        inner.cancel()
+        await asyncio.gather(inner)  # its CancelledError reaches the handler: no stop asked for
     if calls[job.n] <= job.fail_times:
         raise ValueError(f"transient failure {calls[job.n]}")
     await hold_counted(job.hold)
@@ -103,6 +108,16 @@ async def test_failures_are_retried_with_the_broker_counting_attempts(start: Sta
     assert attempts_seen[1] == [1, 2, 3]
 
 
+async def test_a_cancellation_raised_inside_the_handler_is_a_failure_not_a_stuck_delivery(
+    start: StartApp,
+) -> None:
+    reset()
+    runtime = await start(app)
+    await publish(runtime.context("producer"), Job(n=1, cancelled_inside=True), Job(n=2))
+    await wait_until(lambda: sorted(done) == [1, 2])
+    assert attempts_seen[1] == [1, 2]
+
+
 async def test_exhausted_retries_dead_letter_with_diagnostics(start: StartApp, broker: MemoryBroker) -> None:
     reset()
     runtime = await start(app)
@@ -116,7 +131,7 @@ async def test_exhausted_retries_dead_letter_with_diagnostics(start: StartApp, b
     assert letter.extensions["dlqattempts"] == "3"
     assert letter.extensions["dlqerror"] == "ValueError: transient failure 3"
     assert "Traceback" in letter.extensions["dlqtraceback"]
-    assert letter.data == b'{"n":7,"fail_times":99,"permanent":false,"hold":0.0}'
+    assert letter.data == b'{"n":7,"fail_times":99,"permanent":false,"hold":0.0,"cancelled_inside":false}'
 
 
 async def test_permanent_error_dead_letters_at_once(start: StartApp, broker: MemoryBroker) -> None:
