@@ -10,7 +10,10 @@ dictionary, and the loop has a single timer armed, for the earliest tick that ha
 Contract: an alarm rings once, on the loop's thread, no earlier than its deadline and at most a tick
 (plus the loop timer's millisecond granularity) later; a cancelled alarm never rings. Each event loop
 has its own alarms (:func:`alarms`); use them from that loop only. Ticks whose alarms were all
-cancelled stay until their time, so a busy process wakes at most once a tick for them.
+cancelled stay until their time, so a busy process wakes at most once a tick for them; that is why
+a deadline more than :data:`FAR` seconds away (a client may send one for a month ahead, or for
+ever) gets a timer of the loop's own instead, whose memory its cancel frees: the ticks kept are at
+most ``FAR / TICK``.
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ _TICKS_PER_SECOND = round(1 / TICK)
 NEVER = 1e12
 """Loop time (~31,700 years) standing for "no deadline": later ones, and NaN, are taken as it."""
 
+FAR = 60.0
+"""Seconds: a deadline further away than this is not put in a tick."""
+
 _TIMER_SLACK = 0.001
 """The loop timer is set this much past the tick: loop timers (libuv's in uvloop) round to the
 millisecond and could otherwise fire just before it."""
@@ -40,10 +46,11 @@ class Alarm:
     """A deadline's pending action: :meth:`ring` is called once the deadline passed, unless
     :meth:`cancel` came first. Cancel it as soon as it is no longer needed."""
 
-    __slots__ = ("_bucket",)
+    __slots__ = ("_bucket", "_timer")
 
     def __init__(self) -> None:
         self._bucket: dict[Alarm, None] | None = None
+        self._timer: asyncio.TimerHandle | None = None  # a far deadline's own loop timer
 
     def ring(self) -> None:
         raise NotImplementedError
@@ -54,6 +61,16 @@ class Alarm:
         if bucket is not None:
             self._bucket = None
             del bucket[self]
+        elif self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _ring_far(self) -> None:
+        self._timer = None
+        try:
+            self.ring()
+        except Exception:
+            log.exception("alarm %r failed", self)
 
 
 class _Call(Alarm):
@@ -101,6 +118,9 @@ class Alarms:
         ``when`` beyond :data:`NEVER` (infinite, NaN) is taken as :data:`NEVER`."""
         if not when < NEVER:
             when = NEVER
+        if when - self._loop.time() > FAR:
+            alarm._timer = self._loop.call_at(when, alarm._ring_far)
+            return
         tick = int(when * _TICKS_PER_SECOND) + 1
         bucket = self._buckets.get(tick)
         if bucket is None:

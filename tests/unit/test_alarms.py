@@ -156,3 +156,26 @@ async def test_an_expired_timeout_takes_its_cancel_back_whatever_the_block_turne
     with pytest.raises(RuntimeError, match="its own error"):
         await driver_call()
     assert task.cancelling() == 0
+
+
+async def test_far_deadlines_leave_nothing_behind_once_cancelled() -> None:
+    """Deadlines chosen by a client (a month ahead, or for ever), each cancelled once its call is
+    answered, keep no memory."""
+    wheel = alarms.alarms()
+    month = 30 * 24 * 3600.0
+    for n in range(5_000):
+        wheel.after(month + n * alarms.TICK, lambda: None).cancel()
+        wheel.at(float("inf"), lambda: None).cancel()
+    assert len(wheel._buckets) == 0
+    assert len(wheel._ticks) == 0
+
+
+async def test_a_far_deadline_rings_on_its_own_timer(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(alarms, "FAR", 0.05)  # so that "far" comes within the test
+    loop = asyncio.get_running_loop()
+    rang = asyncio.Event()
+    when = loop.time() + 0.1
+    alarms.alarms().at(when, rang.set)
+    assert len(alarms.alarms()._buckets) == 0
+    await asyncio.wait_for(rang.wait(), 5)
+    assert loop.time() >= when
