@@ -19,7 +19,8 @@ What :meth:`Callcast.mount` adds to the FastAPI app: the routes and RPC endpoint
 running here (the same endpoints ``callcast run`` serves, ahead of none of FastAPI's own: a path and
 method served by both is a :class:`~callcast.ConfigurationError`); exception handlers so that
 :class:`~callcast.HTTPError` raised in a FastAPI route answers with its status and detail, and a failed
-``ctx.call`` with 502/503/504; and callcast's operations in FastAPI's ``/openapi.json``.
+``ctx.call`` with 502/503/504 (or the callee's own 4xx); and callcast's operations in FastAPI's
+``/openapi.json``.
 
 The context a FastAPI route gets from :meth:`Callcast.context` is that of a new unit of work of the
 named service: its correlation id comes from ``X-Correlation-Id`` (or is new), is echoed in the

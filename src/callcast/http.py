@@ -12,8 +12,8 @@ the value) with the route's status code; a route annotated ``-> None``, or one w
 that returns ``None``: no body, 204 (or the route's status code, if it set one). Bad input never
 reaches the handler: invalid JSON or fields → 422 with the field errors; a body over 1 MiB → 413;
 unknown path → 404; wrong method → 405. :class:`~callcast.HTTPError` → its status and detail; a
-failed ``ctx.call`` → 502/503/504; any other exception (or a value that cannot be serialized) → 500
-with no internals (logged with its traceback).
+failed ``ctx.call`` → 502/503/504 (a callee's own 4xx passed on); any other exception (or a value
+that cannot be serialized) → 500 with no internals (logged with its traceback).
 
 Every answer carries ``X-Correlation-Id`` (the request's, when acceptable, else a new one). Routes
 declared with ``idempotency=`` honour ``Idempotency-Key`` (:mod:`callcast.idempotency`); the others

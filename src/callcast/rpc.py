@@ -70,10 +70,16 @@ CORRELATION_HEADER = "x-correlation-id"
 
 def call_error_status(error: CallError) -> int:
     """The status a route or endpoint answers when a call it made failed: 504 timeout, 503
-    unavailable (an open circuit or a full bulkhead included), 502 a remote error."""
+    unavailable (an open circuit or a full bulkhead included), the remote's own 4xx (it refused
+    what it was handed on: not this service's failure, so its callers neither retry it nor count
+    it against its circuit breaker), 502 any other remote error."""
     if isinstance(error, CallTimeoutError):
         return 504
-    return 503 if isinstance(error, ServiceUnavailableError) else 502
+    if isinstance(error, ServiceUnavailableError):
+        return 503
+    if isinstance(error, RemoteError) and 400 <= error.status < 500:
+        return error.status
+    return 502
 
 
 def error_body(kind: str, detail: str) -> bytes:

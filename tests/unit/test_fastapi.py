@@ -44,7 +44,7 @@ async def test_a_fastapi_route_calls_and_publishes_through_its_context(http: htt
 
 async def test_callcast_errors_in_fastapi_routes_keep_their_status(http: httpx.AsyncClient) -> None:
     missing = await http.post("/hello", json={"name": "nobody"})
-    assert missing.status_code == 502  # the RPC answered 404: a failed call, as in callcast routes
+    assert missing.status_code == 404  # the RPC's own 4xx, passed on, as in callcast routes
     assert "nobody is here" in missing.json()["detail"]
     invalid = await http.post("/hello", json={"name": ""})
     assert invalid.status_code == 422  # FastAPI's own validation

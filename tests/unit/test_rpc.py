@@ -152,6 +152,20 @@ async def forward(request: Probe, ctx: Context) -> Probe:
     raise ServiceUnavailableError("call to downstream.work: connection refused", target="downstream.work")
 
 
+@gateway.rpc(name="pass_on")
+async def pass_on(request: Probe, ctx: Context) -> Probe:
+    raise RemoteError("downstream.work failed with 422: n must be even", target="downstream.work", status=422)
+
+
+async def test_an_endpoint_whose_callee_refused_the_input_answers_that_4xx_not_502(start: StartApp) -> None:
+    """The callee's 422 (the input it was handed on was bad) stays a 4xx for the caller: not a
+    failure of this service that callers would retry and count against its circuit breaker."""
+    runtime = await start(App([gateway], name="relay"))
+    status, body = await execute(pass_on, b'{"n": 1}', runtime.context("gateway"))
+    assert status == 422
+    assert b"n must be even" in body
+
+
 async def test_an_endpoint_whose_own_call_found_no_one_answers_503_not_502(start: StartApp) -> None:
     """A callee that could not reach *its* callee is unavailable, not broken: 503 (retryable)."""
     runtime = await start(App([gateway], name="relay"))
