@@ -15,7 +15,8 @@ from __future__ import annotations
 import inspect
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, get_origin, get_type_hints
+from types import UnionType
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from pydantic import BaseModel, TypeAdapter
 from starlette.responses import Response
@@ -44,6 +45,13 @@ Binding = tuple[list[Param], TypeAdapter[Any] | None]
 """The parameters to bind, in order, and the adapter that serializes the answer (None: as is)."""
 
 
+def _takes_many(annotation: Any) -> bool:
+    """A list-like type, or an optional one (``list[str] | None``): the query parameter may repeat."""
+    if get_origin(annotation) in (Union, UnionType):
+        return any(_takes_many(arg) for arg in get_args(annotation) if arg is not type(None))
+    return get_origin(annotation) in _MANY
+
+
 def plan(fn: Callable[..., Awaitable[Any]], path: str) -> Binding:
     """How to bind ``fn``'s parameters and serialize its answer; ConfigurationError if impossible."""
     hints = get_type_hints(fn)
@@ -59,7 +67,7 @@ def plan(fn: Callable[..., Awaitable[Any]], path: str) -> Binding:
             params.append(Param(name, "body", model=annotation))
         else:
             kind = "path" if name in path_names else "query"
-            many = kind == "query" and get_origin(annotation) in _MANY
+            many = kind == "query" and _takes_many(annotation)
             adapter = TypeAdapter(annotation)
             params.append(Param(name, kind, adapter=adapter, default=parameter.default, many=many))
     missing = path_names - {p.name for p in params if p.kind == "path"}

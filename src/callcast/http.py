@@ -37,7 +37,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from callcast import correlation
 from callcast.binding import UNTYPED, Param
@@ -81,8 +81,13 @@ class ClientGone(Exception):
     """The client disconnected before its request body arrived."""
 
 
+class OwnResponse(Response):
+    """A response callcast made for one request, so the correlation id can be added to it. Any
+    other (a route's own object, perhaps one it returns to every request) is left as it is."""
+
+
 def json_response(status: int, payload: Any) -> Response:
-    return Response(orjson.dumps(payload), status_code=status, media_type=JSON_TYPE)
+    return OwnResponse(orjson.dumps(payload), status_code=status, media_type=JSON_TYPE)
 
 
 def error_response(status: int, detail: Any) -> Response:
@@ -189,13 +194,13 @@ async def _answer(route: ServiceRoute, returns: TypeAdapter[Any] | None, kwargs:
     if isinstance(result, Response):
         return result
     if returns is None or (result is None and returns is UNTYPED):
-        return Response(status_code=204 if route.status_code == 200 else route.status_code)
+        return OwnResponse(status_code=204 if route.status_code == 200 else route.status_code)
     try:
         body = returns.dump_json(result)
     except Exception:  # a value pydantic cannot serialize: a bug in the route
         log.exception("%s %s returned a value that cannot be serialized", route.method, route.path)
         return error_response(500, "internal error")
-    return Response(body, status_code=route.status_code, media_type=JSON_TYPE)
+    return OwnResponse(body, status_code=route.status_code, media_type=JSON_TYPE)
 
 
 def _correlation_id(headers: dict[bytes, bytes]) -> str | None:
@@ -221,8 +226,18 @@ class _Endpoint:
             response, correlation_id = await self.respond(scope, receive, dict(scope["headers"]))
         except ClientGone:
             return
-        response.raw_headers.append((_CORRELATION_HEADER_BYTES, correlation_id.encode()))
-        await response(scope, receive, send)
+        header = (_CORRELATION_HEADER_BYTES, correlation_id.encode())
+        if isinstance(response, OwnResponse):
+            response.raw_headers.append(header)
+            await response(scope, receive, send)
+            return
+
+        async def send_with_header(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()), header]}
+            await send(message)
+
+        await response(scope, receive, send_with_header)
 
     async def respond(
         self, scope: Scope, receive: Receive, headers: dict[bytes, bytes]
@@ -335,7 +350,7 @@ class _RpcEndpoint(_Endpoint):
         except BodyTooLarge:
             return _too_large(), ctx.correlation_id
         status, body = await execute(self.rpc, data, ctx)
-        return Response(body, status_code=status, media_type=JSON_TYPE), ctx.correlation_id
+        return OwnResponse(body, status_code=status, media_type=JSON_TYPE), ctx.correlation_id
 
 
 async def _http_exception(request: Request, exc: Exception) -> Response:
@@ -371,7 +386,7 @@ def build_asgi(runtime: Runtime) -> Starlette:
     async def openapi(request: Request) -> Response:
         if not described:
             described.append(orjson.dumps(document(runtime.app, runtime.running_services)))
-        return Response(described[0], media_type=JSON_TYPE)
+        return OwnResponse(described[0], media_type=JSON_TYPE)
 
     routes.append(Route("/healthz", health, methods=["GET"]))
     routes.append(Route("/openapi.json", openapi, methods=["GET"]))

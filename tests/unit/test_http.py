@@ -59,6 +59,19 @@ async def untyped(ok: bool = True, nothing: bool = False):  # type: ignore[no-un
     return {"answer": 42} if ok else object()
 
 
+SHARED = Response(status_code=204)
+
+
+@svc.get("/shared")
+async def shared() -> Response:
+    return SHARED  # the same object for every request
+
+
+@svc.get("/labelled")
+async def labelled(labels: list[str] | None = None) -> list[str]:
+    return labels or []
+
+
 @svc.get("/none")
 async def says_none() -> None:
     return {"dropped": True}  # type: ignore[return-value]  # against its annotation: not answered
@@ -151,6 +164,27 @@ async def test_a_route_without_return_annotation_answers_what_it_returns(start: 
     assert unserializable.json() == {"detail": "internal error"}
     assert (nothing.status_code, nothing.content) == (204, b"")
     assert (annotated_none.status_code, annotated_none.content) == (204, b"")
+
+
+async def test_a_response_object_returned_to_every_request_is_left_as_it_is(start: StartApp) -> None:
+    async with client(await start(app)) as http:
+        answers = [
+            await http.get("/shared", headers={"X-Correlation-Id": name}) for name in ("alice", "bob", "eve")
+        ]
+    assert [answer.headers.get_list("x-correlation-id") for answer in answers] == [
+        ["alice"],
+        ["bob"],
+        ["eve"],
+    ]
+    assert not any(name == b"x-correlation-id" for name, _ in SHARED.raw_headers)
+
+
+async def test_an_optional_list_query_parameter_takes_every_value_given(start: StartApp) -> None:
+    async with client(await start(app)) as http:
+        given = await http.get("/labelled", params=[("labels", "x"), ("labels", "y")])
+        none = await http.get("/labelled")
+    assert (given.status_code, given.json()) == (200, ["x", "y"])
+    assert (none.status_code, none.json()) == (200, [])
 
 
 async def test_response_objects_pass_through_and_unknown_paths_are_json_404(start: StartApp) -> None:
