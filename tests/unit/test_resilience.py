@@ -262,6 +262,27 @@ async def test_4xx_and_500_answers_are_not_retried(status: int) -> None:
     assert len(script.budgets) == 1
 
 
+async def test_an_answer_that_cannot_be_used_is_a_failure_not_a_timeout_and_not_retried() -> None:
+    guard = TargetGuard("pay", no_jitter())
+    too_large = RemoteError(
+        "pay.x answered more than 1 MiB", target="pay.x", status=502, error_type="TooLarge"
+    )
+    script = Script(too_large, 200)
+    with pytest.raises(RemoteError):
+        await guard.call(script, 1.0, idempotent=True)
+    stats = guard.stats()
+    assert (len(script.budgets), stats.timeouts, stats.failed) == (1, 0, 1)
+
+
+async def test_a_call_that_cannot_be_retried_gets_all_its_time_in_one_attempt() -> None:
+    guard = TargetGuard("pay", CallPolicy(attempt_timeout=0.1, retry=CallRetryPolicy(base_delay=0.0)))
+    once, retried = Script(200), Script(200)
+    await guard.call(once, 2.0, idempotent=False)
+    await guard.call(retried, 2.0, idempotent=True)
+    assert once.budgets[0] > 1.9
+    assert retried.budgets == [0.1]
+
+
 async def test_max_attempts_bounds_one_call() -> None:
     guard = TargetGuard("pay", no_jitter(max_attempts=4))
     script = Script(504)

@@ -21,7 +21,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
-from callcast.exceptions import BulkheadFullError, CallError, ServiceUnavailableError
+from callcast.exceptions import BulkheadFullError, CallError, RemoteError, ServiceUnavailableError
 from callcast.resilience.breaker import BreakerState, CircuitBreaker, Transition
 from callcast.resilience.budget import RetryBudget
 from callcast.resilience.bulkhead import Bulkhead
@@ -139,7 +139,8 @@ class TargetGuard:
         clock = self._clock
         breaker = self.breaker
         retry = policy.retry
-        attempt_timeout = policy.attempt_timeout
+        # An attempt's own limit leaves time for retries: a call that gets none has all the time.
+        attempt_timeout = policy.attempt_timeout if idempotent and retry.max_attempts > 1 else None
         self.budget.record_call(now)
         number = 1
         while True:
@@ -151,6 +152,11 @@ class TargetGuard:
             except ServiceUnavailableError as failure:
                 self.unreachable += 1
                 error = failure
+            except RemoteError:  # an answer came that cannot be used (too large): no retry helps
+                if breaker is not None:
+                    breaker.failed(probe, clock())
+                self.failed += 1
+                raise
             except CallError as failure:  # CallTimeoutError: no answer within the attempt's time
                 self.timeouts += 1
                 error = failure
