@@ -166,6 +166,24 @@ def test_late_results_do_not_move_the_state() -> None:
     assert cb.state is BreakerState.CLOSED
 
 
+def test_calls_from_before_an_opening_do_not_open_it_again_once_it_closed() -> None:
+    """Slow calls admitted while closed that time out after the breaker opened, probed and closed
+    again belong to the earlier closed period: they do not count in the new one."""
+    clock = Clock()
+    cb = breaker(clock, probes=1)
+    slow = [cb.admit(clock()) for _ in range(10)]
+    for _ in range(4):
+        cb.failed(cb.admit(clock()), clock())
+    assert cb.state is BreakerState.OPEN
+    clock.now += 5.0
+    cb.succeeded(cb.admit(clock()), clock())
+    assert cb.state is BreakerState.CLOSED
+    for token in slow:
+        cb.failed(token, clock())
+    assert cb.state is BreakerState.CLOSED
+    assert cb.failure_counts(clock()) == (0, 0)
+
+
 async def test_4xx_answers_count_as_successes_so_the_breaker_stays_closed() -> None:
     async def bad_request(seconds: float) -> tuple[int, bytes]:
         return 422, b'{"error": "DecodeError", "detail": "no"}'

@@ -4,8 +4,8 @@ States and transitions are those of :class:`~callcast.resilience.policy.BreakerP
 is driven by its owner: :meth:`CircuitBreaker.admit` before an attempt, then exactly one of
 :meth:`~CircuitBreaker.succeeded`, :meth:`~CircuitBreaker.failed` or :meth:`~CircuitBreaker.abandoned`
 with what ``admit`` returned. Results of attempts admitted in an earlier state (a slow call that
-started while closed and ends while open, or a probe of an earlier half-open period) do not move
-the state.
+started while closed and ends while open, or after the breaker closed again; a probe of an earlier
+half-open period) do not move the state.
 Each transition is logged once, at WARNING when it opens and INFO otherwise.
 """
 
@@ -49,6 +49,7 @@ class CircuitBreaker:
     __slots__ = (
         "_admitted",
         "_clock",
+        "_closed_period",
         "_counts",
         "_opened_at",
         "_trial",
@@ -69,6 +70,7 @@ class CircuitBreaker:
         self.state = BreakerState.CLOSED
         self._opened_at = 0.0
         self._trial = 0  # numbers the half-open periods, so a late probe result is recognised
+        self._closed_period = 0  # numbers the closed periods (tokens 0, -1, -2...), likewise
         self._admitted = 0  # probes let through in this half-open period (and not abandoned)
         self._trial_calls = 0
         self._trial_failures = 0
@@ -78,11 +80,11 @@ class CircuitBreaker:
 
     def admit(self, now: float) -> int:
         """Let an attempt through, or raise :class:`~callcast.CircuitOpenError`. Returns a token to
-        pass back with the attempt's result: 0 for a regular call, else the half-open period the
-        attempt probes."""
+        pass back with the attempt's result: for a regular call 0 or less (minus the closed period
+        it started in), else the half-open period the attempt probes (1 or more)."""
         state = self.state
         if state is BreakerState.CLOSED:
-            return 0
+            return -self._closed_period
         if state is BreakerState.OPEN:
             wait = self._opened_at + self.policy.cooldown - now
             if wait > 0:
@@ -105,8 +107,8 @@ class CircuitBreaker:
 
     def succeeded(self, token: int, now: float) -> None:
         """An admitted attempt succeeded (or got a 4xx answer: the target is healthy)."""
-        if token == 0:
-            if self.state is BreakerState.CLOSED:
+        if token <= 0:
+            if self._in_this_closed_period(token):
                 self._counts.add(_CALLS, now)
         elif self._is_current(token):
             self._trial_calls += 1
@@ -114,13 +116,13 @@ class CircuitBreaker:
 
     def failed(self, token: int, now: float) -> None:
         """An admitted attempt failed: timed out, unreachable, or a 5xx answer."""
-        if token:
+        if token > 0:
             if self._is_current(token):
                 self._trial_calls += 1
                 self._trial_failures += 1
                 self._judge_trial(now)
             return
-        if self.state is not BreakerState.CLOSED:
+        if not self._in_this_closed_period(token):
             return
         counts = self._counts
         counts.add(_CALLS, now)
@@ -133,11 +135,14 @@ class CircuitBreaker:
     def abandoned(self, token: int) -> None:
         """An admitted attempt ended without a verdict (its caller was cancelled): a probe's place
         goes to another call."""
-        if token and self._is_current(token):
+        if token > 0 and self._is_current(token):
             self._admitted -= 1
 
     def _is_current(self, token: int) -> bool:
         return token == self._trial and self.state is BreakerState.HALF_OPEN
+
+    def _in_this_closed_period(self, token: int) -> bool:
+        return token == -self._closed_period and self.state is BreakerState.CLOSED
 
     def _judge_trial(self, now: float) -> None:
         policy = self.policy
@@ -188,6 +193,7 @@ class CircuitBreaker:
                 self.policy.probes,
             )
         else:
+            self._closed_period += 1
             log.info(
                 "circuit to %s closed: %d of %d probe calls succeeded",
                 self.target,
