@@ -296,13 +296,27 @@ class Consumer:
     async def _apply_parked(self, key: str) -> None:
         """Apply the parked messages of ``key`` that are now next, each in its own transaction.
 
-        One that fails stays parked (its transaction rolled back); the sweeper tries it again, and
-        the gap timeout dead-letters it if it never succeeds.
+        Each start is counted, and committed, before the handler runs. One that fails stays parked
+        (its transaction rolled back) and the sweeper tries it again; once it was started
+        ``max_attempts`` times without completing (it failed, or killed its process), it is
+        dead-lettered instead of started again.
         """
         handler = self.handler
         assert handler.sequencing is not None
+        assert self.database is not None
         while True:
-            ctx = self.make_context(handler.service, Envelope(type=handler.topic, source="", data=b""), 1)
+            async with self.database.transaction() as conn:
+                await sequence.admit(conn, handler.group, key, 0, handler.sequencing.first)  # lock the key
+                started = await sequence.start_parked(conn, handler.group, key)
+            if started is None:
+                return
+            number, starts, envelope = started
+            if starts >= handler.retry.max_attempts:
+                await self._dead_letter_parked(key, number, envelope, starts)
+                return
+            ctx = self.make_context(
+                handler.service, Envelope(type=handler.topic, source="", data=b""), starts + 1
+            )
             taken: tuple[int, Envelope] | None = None
             try:
                 async with ctx.transaction() as conn:
@@ -330,6 +344,31 @@ class Consumer:
                 return
             self._parked_failures.pop((key, number), None)
             self.stats["handled"] += 1
+
+    async def _dead_letter_parked(self, key: str, number: int, envelope: Envelope, starts: int) -> None:
+        """Dead-letter parked message ``number`` of ``key``, started ``starts`` times without
+        completing; the letter is stored before the row goes. The key waits for it (a replay)."""
+        handler = self.handler
+        failed = self._parked_failures.pop((key, number), None)
+        error: Exception = failed or PermanentError(
+            f"sequence {number} of key {key!r} was started {starts} times and never completed "
+            "(its process died while it ran)"
+        )
+        reason = "error" if failed is not None else "crashloop"
+        letter = dead_letter_envelope(
+            envelope,
+            subscriber=handler.group,
+            topic=handler.topic,
+            reason=reason,
+            error=error,
+            attempt=starts,
+        )
+        await self.broker.publish(letter.topic, [letter.envelope])
+        assert self.database is not None
+        async with self.database.transaction() as conn:
+            await sequence.drop_parked(conn, handler.group, key, number)
+        self.stats["dead_lettered"] += 1
+        log.warning("%s: dead-lettering parked %s (%s): %s", handler.group, envelope.id, reason, error)
 
     async def _sweep_parked(self) -> None:
         """Retry parked messages that became next, and dead-letter those waiting past the gap timeout."""

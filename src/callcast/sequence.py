@@ -114,6 +114,53 @@ async def park(conn: AsyncConnection, subscriber: str, key: str, sequence: int, 
     return bool(result.rowcount == 1)
 
 
+STARTS = "x-callcast-parked-starts"
+"""Kept in a parked message's stored headers (which envelopes do not read back): how often its
+handler was started. A start that killed the process leaves no other trace, and this bounds it."""
+
+
+async def start_parked(conn: AsyncConnection, subscriber: str, key: str) -> tuple[int, int, Envelope] | None:
+    """Count one more start of the parked message that is next for ``key`` (its row lock must be
+    held; commit before running the handler): its sequence, the starts counted before this one, and
+    the envelope; ``None`` if none is next."""
+    last = (
+        await conn.execute(
+            select(sequence_table.c.last_sequence).where(
+                sequence_table.c.subscriber == subscriber, sequence_table.c.key == key
+            )
+        )
+    ).scalar_one_or_none()
+    if last is None:
+        return None
+    this = and_(
+        parked_table.c.subscriber == subscriber,
+        parked_table.c.key == key,
+        parked_table.c.sequence == last + 1,
+    )
+    raw = (await conn.execute(select(parked_table.c.headers, parked_table.c.body).where(this))).first()
+    if raw is None:
+        return None
+    headers = json.loads(raw[0])
+    starts = int(headers.get(STARTS, 0))
+    headers[STARTS] = str(starts + 1)
+    await conn.execute(
+        parked_table.update().where(this).values(headers=json.dumps(headers, separators=(",", ":")))
+    )
+    return last + 1, starts, decode_or_quarantine(headers, bytes(raw[1]))
+
+
+async def drop_parked(conn: AsyncConnection, subscriber: str, key: str, number: int) -> bool:
+    """Remove parked message ``number`` of ``key``; whether it was there."""
+    result = await conn.execute(
+        parked_table.delete().where(
+            parked_table.c.subscriber == subscriber,
+            parked_table.c.key == key,
+            parked_table.c.sequence == number,
+        )
+    )
+    return bool(result.rowcount == 1)
+
+
 async def take_parked(conn: AsyncConnection, subscriber: str, key: str) -> tuple[int, Envelope] | None:
     """Remove and return the parked message that is next for ``key`` (its row lock must be held).
 

@@ -42,6 +42,9 @@ class Versioned(BaseModel):
 bank = Service("bank", publishes=[Credit, Versioned], database=True)
 ledger = Service("ledger", database=True)
 applied: dict[str, list[int]] = defaultdict(list)
+DIES = 999
+"""A ``Versioned`` value whose handler never completes: as if it killed its process."""
+dying: list[int] = []
 
 
 @bank.on_startup
@@ -71,6 +74,9 @@ async def credit(event: Credit, ctx: Context) -> None:
 async def track(event: Versioned, ctx: Context) -> None:
     if event.value < 0:
         raise RuntimeError("a negative value cannot be tracked")
+    if event.value == DIES:
+        dying.append(event.version)
+        await asyncio.Event().wait()
     applied[event.account].append(event.version)
     await ctx.db.execute(
         text("INSERT INTO state VALUES (:a, :v) ON CONFLICT (account) DO UPDATE SET value = :v"),
@@ -208,6 +214,36 @@ async def test_a_parked_message_whose_handler_keeps_failing_is_dead_lettered_wit
         assert letters[0].diagnostic("dlqreason") == "error"
         assert "a negative value cannot be tracked" in letters[0].diagnostic("dlqerror")
     assert applied["bad"] == [1, 2]
+
+
+async def test_a_parked_message_that_keeps_dying_is_dead_lettered_not_started_for_ever(
+    start: StartApp, broker: MemoryBroker
+) -> None:
+    """A parked message whose handler never completes (its process dies while it runs; here the
+    run is cut off) has each start counted, durably, before it runs: after ``max_attempts`` starts
+    it is dead-lettered as a crash loop instead of started again."""
+    dying.clear()
+    runtime = await start(app, services=["ledger"])
+    consumer = next(
+        c for c in runtime._consumers if getattr(c, "handler", None) and c.handler.group == "ledger.track"
+    )
+    parked = Envelope(type="Versioned", source="/test", data=b'{"account":"d","version":2,"value":999}')
+    async with runtime.context("ledger").transaction() as conn:
+        assert await sequence.admit(conn, "ledger.track", "d", 1, 1) is sequence.Verdict.APPLY
+        await sequence.advance(conn, "ledger.track", "d", 1)
+        assert await sequence.park(conn, "ledger.track", "d", 2, parked)
+    limit = consumer.handler.retry.max_attempts
+    for start_number in range(1, limit + 1):
+        run = asyncio.ensure_future(consumer._apply_parked("d"))
+        await wait_until(lambda start_number=start_number: len(dying) == start_number)
+        run.cancel()  # the process dies
+        with contextlib.suppress(asyncio.CancelledError):
+            await run
+    await asyncio.wait_for(consumer._apply_parked("d"), 5)
+    assert len(dying) == limit  # not started again
+    async with browse_when(broker, 1) as letters:
+        assert letters[0].diagnostic("dlqreason") == "crashloop"
+        assert letters[0].envelope.id == parked.id
 
 
 async def test_dead_letters_replay_to_their_one_subscriber(start: StartApp, broker: MemoryBroker) -> None:
