@@ -10,7 +10,9 @@ gets the broker's batch throughput without asking for it:
   ``max_batch`` envelopes), as soon as an in-flight one returns.
 
 Contract (the seam's, unchanged for the caller): ``publish`` returns once the broker durably accepted
-the envelope; if it raises, the envelope may or may not have been stored (as for any batch).
+the envelope; if it raises, the envelope may or may not have been stored (as for any batch). A batch
+the broker refuses (other than for being unavailable) is sent again one envelope at a time, so one
+envelope's refusal (too large, say) fails only its own caller.
 Successive publishes of one task keep their order (each waits for the one before); publishes made
 concurrently may reach the broker in any order, as they may without coalescing (with
 ``max_in_flight=1`` they keep the order of their calls). A caller cancelled while its envelope is
@@ -25,6 +27,7 @@ from collections.abc import Sequence
 from typing import cast
 
 from callcast.envelope import Envelope
+from callcast.exceptions import BrokerUnavailableError, TransportError
 from callcast.transport import Broker, Capabilities, Holding, RequestReply, Subscription
 
 DEFAULT_MAX_BATCH = 256
@@ -148,6 +151,13 @@ class CoalescingBroker:
                 waiting.outcome.cancel()
             raise
         except Exception as error:
+            if (
+                len(batch) > 1
+                and isinstance(error, TransportError)
+                and not isinstance(error, BrokerUnavailableError)
+            ):
+                await self._send_one_by_one(topic, batch)  # one envelope's refusal is not the others'
+                return
             for waiting in batch:
                 if not waiting.outcome.done():
                     waiting.outcome.set_exception(error)
@@ -158,6 +168,26 @@ class CoalescingBroker:
         finally:
             state.in_flight -= 1
             self._next(topic, state)
+
+    async def _send_one_by_one(self, topic: str, batch: list[_Waiting]) -> None:
+        """Publish each envelope of a refused batch alone, for each caller's own outcome (any of
+        them may have been stored by the batch already: a duplicate, as after any failed publish)."""
+        try:
+            for waiting in batch:
+                if waiting.outcome.done():
+                    continue
+                try:
+                    await self.broker.publish(topic, [waiting.envelope])
+                except Exception as error:
+                    if not waiting.outcome.done():
+                        waiting.outcome.set_exception(error)
+                else:
+                    if not waiting.outcome.done():
+                        waiting.outcome.set_result(None)
+        except asyncio.CancelledError:  # the loop is shutting down: so are the waiters
+            for waiting in batch:
+                waiting.outcome.cancel()
+            raise
 
 
 def _retrieve(task: asyncio.Task[None]) -> None:

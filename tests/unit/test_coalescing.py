@@ -111,6 +111,24 @@ async def test_a_failed_batch_fails_each_of_its_callers_and_the_next_batch_goes_
     assert await received(inner, 2) == ["ok", "after"]
 
 
+async def test_one_refused_envelope_fails_only_its_own_caller() -> None:
+    """A batch the broker refuses for one envelope's sake is sent again one envelope at a time, so
+    each caller gets its own outcome."""
+    inner, broker = await held(max_in_flight=1)
+    first = asyncio.create_task(broker.publish("T", [event("ok")]))
+    await asyncio.sleep(0)
+    mixed = [asyncio.create_task(broker.publish("T", [event(label)])) for label in ("good0", "bad1", "good2")]
+    await asyncio.sleep(0)
+    inner.gate.set()
+    await first
+    outcomes = await asyncio.gather(*mixed, return_exceptions=True)
+    assert outcomes[0] is None
+    assert isinstance(outcomes[1], PublishError)
+    assert outcomes[2] is None
+    assert inner.calls[1] == ["good0", "bad1", "good2"]
+    assert await received(inner, 3) == ["ok", "good0", "good2"]
+
+
 async def test_a_caller_cancelled_while_waiting_takes_its_envelope_out() -> None:
     inner, broker = await held(max_in_flight=1)
     first = asyncio.create_task(broker.publish("T", [event("e0")]))
