@@ -255,12 +255,15 @@ class _RouteEndpoint(_Endpoint):
         self.params, self.returns = route.binding
         self.context_names = [param.name for param in self.params if param.kind == "context"]
         self.reads_body = any(param.kind == "body" for param in self.params)
+        # A route that changes things refuses a body declared as a form or text even when it reads
+        # none: a page on another site could send those without asking (see _not_json).
+        self.checks_type = self.reads_body or route.method not in ("GET", "HEAD")
 
     async def respond(
         self, scope: Scope, receive: Receive, headers: dict[bytes, bytes]
     ) -> tuple[Response, str]:
         ctx = self.runtime.context(self.route.service, correlation_id=_correlation_id(headers))
-        if self.reads_body and (refused := _not_json(headers)) is not None:
+        if self.checks_type and (refused := _not_json(headers)) is not None:
             return refused, ctx.correlation_id
         try:
             body = await receive_body(receive, headers.get(b"content-length")) if self.reads_body else b""
@@ -296,7 +299,7 @@ class _IdempotentRouteEndpoint(_RouteEndpoint):
         if key is None:
             return await super().respond(scope, receive, headers)
         correlation_id = _bound_correlation_id(headers)
-        if self.reads_body and (refused := _not_json(headers)) is not None:
+        if self.checks_type and (refused := _not_json(headers)) is not None:
             return refused, correlation_id
         try:
             body = await receive_body(receive, headers.get(b"content-length")) if self.reads_body else b""

@@ -144,6 +144,21 @@ async def test_none_is_204_and_http_error_is_its_status(start: StartApp) -> None
     assert missing.json() == {"detail": "no such thing"}
 
 
+async def test_a_route_that_reads_no_body_still_refuses_a_form_or_text(start: StartApp) -> None:
+    """What a page on another site may send without asking (a form, text) does not drive a route
+    that changes things, body or not; the plain request does."""
+    async with client(await start(app)) as http:
+        form = await http.request(
+            "DELETE",
+            "/things/a",
+            content=b"confirm=true",
+            headers={"content-type": "application/x-www-form-urlencoded"},
+        )
+        text = await http.request("DELETE", "/things/a", content=b"x", headers={"content-type": "text/plain"})
+        plain = await http.delete("/things/a")
+    assert (form.status_code, text.status_code, plain.status_code) == (415, 415, 204)
+
+
 async def test_unexpected_exception_is_500_without_internals(start: StartApp) -> None:
     async with client(await start(app)) as http:
         response = await http.get("/boom")
