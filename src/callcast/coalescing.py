@@ -24,11 +24,11 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Sequence
-from typing import cast
 
 from callcast.envelope import Envelope
 from callcast.exceptions import BrokerUnavailableError, TransportError
-from callcast.transport import Broker, Capabilities, Holding, RequestReply, Subscription
+from callcast.forwarding import ForwardingBroker
+from callcast.transport import Broker
 
 DEFAULT_MAX_BATCH = 256
 DEFAULT_MAX_IN_FLIGHT = 4
@@ -52,7 +52,7 @@ class _Topic:
         self.waiting: deque[_Waiting] = deque()
 
 
-class CoalescingBroker:
+class CoalescingBroker(ForwardingBroker):
     """A :class:`~callcast.transport.Broker` that merges concurrent single-envelope publishes per
     topic (see the module doc); batches and publishes to one group pass straight through, and so
     does everything else. The runtime wraps the broker it connects with one of these."""
@@ -64,41 +64,10 @@ class CoalescingBroker:
         max_batch: int = DEFAULT_MAX_BATCH,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
     ) -> None:
-        self.broker = broker
+        super().__init__(broker)
         self.max_in_flight = max(1, max_in_flight)
-        self.capabilities: Capabilities = broker.capabilities
-        self.url: str = broker.url
         self.max_batch = max_batch
         self._topics: dict[str, _Topic] = {}
-
-    async def connect(self) -> None:
-        await self.broker.connect()
-
-    async def close(self) -> None:
-        await self.broker.close()
-
-    async def declare(self, topic: str, group: str) -> None:
-        await self.broker.declare(topic, group)
-
-    async def subscribe(
-        self,
-        topic: str,
-        group: str,
-        *,
-        prefetch: int = 32,
-        ephemeral: bool = False,
-        holding: Holding | None = None,
-    ) -> Subscription:
-        return await self.broker.subscribe(
-            topic, group, prefetch=prefetch, ephemeral=ephemeral, holding=holding
-        )
-
-    async def request(self, topic: str, envelope: Envelope, *, timeout: float) -> Envelope:
-        """The wrapped broker's native request (only where ``capabilities.request_reply``)."""
-        return await cast(RequestReply, self.broker).request(topic, envelope, timeout=timeout)
-
-    async def serve(self, topic: str, group: str, *, prefetch: int = 32) -> Subscription:
-        return await cast(RequestReply, self.broker).serve(topic, group, prefetch=prefetch)
 
     async def publish(self, topic: str, envelopes: Sequence[Envelope], *, group: str | None = None) -> None:
         if len(envelopes) != 1 or group is not None:

@@ -31,14 +31,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
-from callcast.envelope import Envelope
-from callcast.transport import Broker, Holding, RequestReply, Subscription
+from callcast.forwarding import ForwardingBroker
+from callcast.transport import Broker, Holding, Subscription
 
 PREFIX = "callcast_lab_"
 """Every run's namespace starts with this (letters, digits and ``_``: a legal name on every broker)."""
@@ -82,29 +82,18 @@ def scoped(url: str, namespace: str) -> str:
     return urlunsplit(parts._replace(query=urlencode(query)))
 
 
-class GroupRecorder:
+class GroupRecorder(ForwardingBroker):
     """A :class:`~callcast.transport.Broker` that hands every call to ``broker`` and adds each
     (topic, group) declared or joined by a durable subscription to ``groups``. Native
     request/reply passes through where ``broker`` has it."""
 
     def __init__(self, broker: Broker, groups: set[tuple[str, str]]) -> None:
-        self.broker = broker
-        self.capabilities = broker.capabilities
-        self.url = broker.url
+        super().__init__(broker)
         self.groups = groups
-
-    async def connect(self) -> None:
-        await self.broker.connect()
-
-    async def close(self) -> None:
-        await self.broker.close()
-
-    async def publish(self, topic: str, envelopes: Sequence[Envelope], *, group: str | None = None) -> None:
-        await self.broker.publish(topic, envelopes, group=group)
 
     async def declare(self, topic: str, group: str) -> None:
         self.groups.add((topic, group))
-        await self.broker.declare(topic, group)
+        await super().declare(topic, group)
 
     async def subscribe(
         self,
@@ -117,15 +106,7 @@ class GroupRecorder:
     ) -> Subscription:
         if not ephemeral:
             self.groups.add((topic, group))
-        return await self.broker.subscribe(
-            topic, group, prefetch=prefetch, ephemeral=ephemeral, holding=holding
-        )
-
-    async def request(self, topic: str, envelope: Envelope, *, timeout: float) -> Envelope:
-        return await cast(RequestReply, self.broker).request(topic, envelope, timeout=timeout)
-
-    async def serve(self, topic: str, group: str, *, prefetch: int = 32) -> Subscription:
-        return await cast(RequestReply, self.broker).serve(topic, group, prefetch=prefetch)
+        return await super().subscribe(topic, group, prefetch=prefetch, ephemeral=ephemeral, holding=holding)
 
 
 @dataclass
