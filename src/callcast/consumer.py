@@ -355,19 +355,10 @@ class Consumer:
             "(its process died while it ran)"
         )
         reason = "error" if failed is not None else "crashloop"
-        letter = dead_letter_envelope(
-            envelope,
-            subscriber=handler.group,
-            topic=handler.topic,
-            reason=reason,
-            error=error,
-            attempt=starts,
-        )
-        await self.broker.publish(letter.topic, [letter.envelope])
+        await self._send_parked_letter(envelope, reason, error, starts)
         assert self.database is not None
         async with self.database.transaction() as conn:
             await sequence.drop_parked(conn, handler.group, key, number)
-        self.stats["dead_lettered"] += 1
         log.warning("%s: dead-lettering parked %s (%s): %s", handler.group, envelope.id, reason, error)
 
     async def _sweep_parked(self) -> None:
@@ -399,18 +390,25 @@ class Consumer:
                             if isinstance(failed, PermanentError)
                             else "error"
                         )
-                        letter = dead_letter_envelope(
-                            envelope,
-                            subscriber=handler.group,
-                            topic=handler.topic,
-                            reason=reason,
-                            error=error,
-                            attempt=1,
-                        )
-                        await self.broker.publish(letter.topic, [letter.envelope])
-                        self.stats["dead_lettered"] += 1
+                        await self._send_parked_letter(envelope, reason, error, 1)
             except Exception:
                 log.exception("%s: sweeping parked messages failed", handler.group)
+
+    async def _send_parked_letter(
+        self, envelope: Envelope, reason: str, error: BaseException, attempt: int
+    ) -> None:
+        """Store the dead letter of a parked message (no delivery to settle: its row is the caller's)."""
+        handler = self.handler
+        letter = dead_letter_envelope(
+            envelope,
+            subscriber=handler.group,
+            topic=handler.topic,
+            reason=reason,
+            error=error,
+            attempt=attempt,
+        )
+        await self.broker.publish(letter.topic, [letter.envelope])
+        self.stats["dead_lettered"] += 1
 
     async def _dead_letter(
         self, delivery: Delivery, reason: str, error: BaseException, attempts: int | None = None

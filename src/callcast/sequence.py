@@ -114,6 +114,18 @@ async def park(conn: AsyncConnection, subscriber: str, key: str, sequence: int, 
     return bool(result.rowcount == 1)
 
 
+async def _last_applied(conn: AsyncConnection, subscriber: str, key: str) -> int | None:
+    """The key's last applied sequence; ``None`` before the key was first admitted."""
+    last: int | None = (
+        await conn.execute(
+            select(sequence_table.c.last_sequence).where(
+                sequence_table.c.subscriber == subscriber, sequence_table.c.key == key
+            )
+        )
+    ).scalar_one_or_none()
+    return last
+
+
 STARTS = "x-callcast-parked-starts"
 """Kept in a parked message's stored headers (which envelopes do not read back): how often its
 handler was started. A start that killed the process leaves no other trace, and this bounds it."""
@@ -123,13 +135,7 @@ async def start_parked(conn: AsyncConnection, subscriber: str, key: str) -> tupl
     """Count one more start of the parked message that is next for ``key`` (its row lock must be
     held; commit before running the handler): its sequence, the starts counted before this one, and
     the envelope; ``None`` if none is next."""
-    last = (
-        await conn.execute(
-            select(sequence_table.c.last_sequence).where(
-                sequence_table.c.subscriber == subscriber, sequence_table.c.key == key
-            )
-        )
-    ).scalar_one_or_none()
+    last = await _last_applied(conn, subscriber, key)
     if last is None:
         return None
     this = and_(
@@ -166,13 +172,7 @@ async def take_parked(conn: AsyncConnection, subscriber: str, key: str) -> tuple
 
     Parked copies of sequences already applied are removed too: a message parked while early can
     also be applied from a redelivered copy (its lease ran out, or its ack was lost)."""
-    last = (
-        await conn.execute(
-            select(sequence_table.c.last_sequence).where(
-                sequence_table.c.subscriber == subscriber, sequence_table.c.key == key
-            )
-        )
-    ).scalar_one_or_none()
+    last = await _last_applied(conn, subscriber, key)
     if last is None:
         return None
     where = and_(

@@ -747,6 +747,12 @@ async def test_another_connection_sees_a_nack_or_a_close_within_poll() -> None:
         await broker.close()
 
 
+def _idle_ms(raw: redis.Redis, key: str, group: str) -> int:
+    """How long the group's one pending entry of a stream has been idle (since delivered or renewed)."""
+    [entry] = raw.xpending_range(key, group, "-", "+", 1)
+    return int(entry["time_since_delivered"])
+
+
 def _pending(raw: redis.Redis, key: str, group: str) -> list[tuple[bytes, bytes, int]]:
     """The group's pending entries of a stream: (entry id, consumer, delivery count), oldest first."""
     return [
@@ -905,14 +911,9 @@ async def test_a_settle_waiting_to_be_written_keeps_its_lease(
         acking = asyncio.create_task(delivery.ack())
         await asyncio.wait_for(reached.wait(), 5)
         topic_key = slow.keys(topic, group).topic
-
-        def idle_ms() -> int:
-            [entry] = raw.xpending_range(topic_key, group, "-", "+", 1)
-            return int(entry["time_since_delivered"])
-
-        await wait_until(lambda: idle_ms() >= 500)
+        await wait_until(lambda: _idle_ms(raw, topic_key, group) >= 500)
         await slow.housekeeping(trim=False)  # what it does every lease/3 on its own
-        assert idle_ms() < 500
+        assert _idle_ms(raw, topic_key, group) < 500
         await slow.publish(topic, [_envelope("next")])
         got = await _next(there)
         assert (got.envelope.data, got.attempt) == (b"next", 1)
@@ -941,12 +942,7 @@ async def test_a_shorter_lease_elsewhere_does_not_take_a_live_delivery(raw: redi
         await patient.publish(topic, [_envelope("held")])
         held = await _next(here)
         topic_key = patient.keys(topic, group).topic
-
-        def idle_ms() -> int:
-            [entry] = raw.xpending_range(topic_key, group, "-", "+", 1)
-            return int(entry["time_since_delivered"])
-
-        await wait_until(lambda: idle_ms() >= 500)  # the holder renews every 10 s
+        await wait_until(lambda: _idle_ms(raw, topic_key, group) >= 500)  # the holder renews every 10 s
         await patient.publish(topic, [_envelope("next")])
         got = await _next(there)
         assert (got.envelope.data, got.attempt) == (b"next", 1)
