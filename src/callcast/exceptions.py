@@ -108,12 +108,16 @@ class BulkheadFullError(ServiceUnavailableError):
 
 
 class RemoteError(CallError):
-    """The target answered with an error; ``status`` follows HTTP conventions (4xx: caller's fault)."""
+    """The target answered with an error; ``status`` follows HTTP conventions (4xx: caller's fault).
+    ``detail`` is the target's own reason, as it answered it."""
 
-    def __init__(self, message: str, *, target: str, status: int, error_type: str = "") -> None:
+    def __init__(
+        self, message: str, *, target: str, status: int, error_type: str = "", detail: str = ""
+    ) -> None:
         super().__init__(message, target=target)
         self.status = status
         self.error_type = error_type
+        self.detail = detail
 
 
 class HTTPError(Exception):

@@ -47,7 +47,7 @@ from callcast.exceptions import (
     HTTPError,
 )
 from callcast.http import error_response, service_routes
-from callcast.rpc import CORRELATION_HEADER, call_error_status
+from callcast.rpc import CORRELATION_HEADER, public_call_error
 from callcast.runtime import Runtime
 from callcast.transport import Broker
 
@@ -128,7 +128,7 @@ async def _http_error(request: Request, error: Exception) -> Response:
 
 async def _call_error(request: Request, error: Exception) -> Response:
     assert isinstance(error, CallError)
-    return error_response(call_error_status(error), str(error))
+    return error_response(*public_call_error(error))
 
 
 def _describe(api: FastAPI, ours: dict[str, Any]) -> None:

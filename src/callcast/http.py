@@ -59,7 +59,7 @@ from callcast.idempotency import (
     fingerprint,
 )
 from callcast.openapi import document
-from callcast.rpc import CORRELATION_HEADER, DEADLINE_HEADER, call_error_status, execute
+from callcast.rpc import CORRELATION_HEADER, DEADLINE_HEADER, execute, public_call_error
 from callcast.service import Route as ServiceRoute
 from callcast.service import RpcEndpoint
 
@@ -99,13 +99,16 @@ def _too_large() -> Response:
 
 
 def _not_json(headers: Mapping[bytes, bytes]) -> Response | None:
-    """415 for a body declared as something other than JSON (``application/json``, ``*/*+json``),
-    else None. A body without ``Content-Type`` is read as JSON. Refusing the others also refuses
-    the requests a web page may send to another site without asking it first (``text/plain``,
-    forms): a local service cannot be driven by a page the user happens to visit."""
+    """415 for a body not declared as JSON (``application/json``, ``*/*+json``), else None; a
+    request without a body needs no ``Content-Type``. Refusing the others also refuses the requests
+    a web page may send to another site without asking it first (``text/plain``, forms, a
+    ``no-cors`` fetch of an untyped blob): a local service cannot be driven by a page the user
+    happens to visit."""
     declared = headers.get(b"content-type")
     if declared is None:
-        return None
+        if headers.get(b"content-length", b"0") == b"0" and b"transfer-encoding" not in headers:
+            return None
+        return error_response(415, "a request body must be declared as JSON (Content-Type: application/json)")
     media_type = declared.split(b";", 1)[0].strip().lower()
     if media_type == b"application/json" or (
         media_type.startswith(b"application/") and media_type.endswith(b"+json")
@@ -185,7 +188,7 @@ async def _answer(route: ServiceRoute, returns: TypeAdapter[Any] | None, kwargs:
     except HTTPError as error:
         return error_response(error.status, error.detail)
     except CallError as error:
-        return error_response(call_error_status(error), str(error))
+        return error_response(*public_call_error(error))
     except ClaimLostError:
         raise
     except Exception:

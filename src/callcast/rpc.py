@@ -45,6 +45,7 @@ from callcast.envelope import Envelope
 from callcast.exceptions import (
     CallError,
     CallTimeoutError,
+    CircuitOpenError,
     DecodeError,
     HTTPError,
     RemoteError,
@@ -80,6 +81,25 @@ def call_error_status(error: CallError) -> int:
     if isinstance(error, RemoteError) and 400 <= error.status < 500:
         return error.status
     return 502
+
+
+def public_call_error(error: CallError) -> tuple[int, str]:
+    """The status and detail an HTTP route answers its (perhaps external) client when a call it
+    made failed: a 4xx passed on carries the callee's own reason; a 5xx says only which kind of
+    failure it was, since the full text names internal services, error types and broker
+    addresses. That text is logged at WARNING (with the correlation id), for the operator."""
+    status = call_error_status(error)
+    if isinstance(error, RemoteError) and status < 500:
+        return status, error.detail or f"refused with {status}"
+    log.warning("call failed: %s", error)
+    if isinstance(error, CircuitOpenError):
+        wait = math.ceil(error.retry_after)
+        return status, f"a service this request needs is unavailable (circuit open, retry in {wait} s)"
+    if isinstance(error, ServiceUnavailableError):
+        return status, "a service this request needs is unavailable"
+    if isinstance(error, CallTimeoutError):
+        return status, "a service this request needs did not answer in time"
+    return status, "a service this request needs failed"
 
 
 def error_body(kind: str, detail: str) -> bytes:
@@ -298,7 +318,11 @@ class RpcClient:
                 f"call to {target}: no answer within {budget:.3g}s ({detail})", target=target
             )
         raise RemoteError(
-            f"{target} failed with {status} {kind}: {detail}", target=target, status=status, error_type=kind
+            f"{target} failed with {status} {kind}: {detail}",
+            target=target,
+            status=status,
+            error_type=kind,
+            detail=detail,
         )
 
     async def _over_broker(

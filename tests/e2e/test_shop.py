@@ -238,9 +238,10 @@ def test_body_limit_is_exactly_one_mib_declared_or_streamed(client: httpx.Client
         tail = b'", "email": "x@example.test"}'
         return head + b"n" * (size - len(head) - len(tail)) + tail
 
-    at_limit = client.post("/users", content=body_of(ONE_MIB))
-    over_limit = client.post("/users", content=body_of(ONE_MIB + 1))
-    streamed = client.post("/users", content=iter([b"x" * 65536] * 24))  # chunked, no content-length
+    json_type = {"content-type": "application/json"}
+    at_limit = client.post("/users", content=body_of(ONE_MIB), headers=json_type)
+    over_limit = client.post("/users", content=body_of(ONE_MIB + 1), headers=json_type)
+    streamed = client.post("/users", content=iter([b"x" * 65536] * 24), headers=json_type)  # chunked
 
     assert at_limit.status_code == 422  # read and validated: the name is too long
     assert over_limit.status_code == 413
@@ -255,9 +256,11 @@ def test_unknown_route_is_404_and_wrong_method_is_405(client: httpx.Client) -> N
 
 def test_server_keeps_serving_after_bad_input(shop: CallcastProcess, client: httpx.Client) -> None:
     big = b'{"name": "' + b"y" * (3 * 1024 * 1024 // 2) + b'"}'
+    json_type = {"content-type": "application/json"}
     for _ in range(3):
-        assert client.post("/users", content=b"\xff\xfe not json").status_code == 422
-        assert client.post("/users", content=big).status_code == 413
+        assert client.post("/users", content=b"\xff\xfe not json", headers=json_type).status_code == 422
+        assert client.post("/users", content=big, headers=json_type).status_code == 413
+        assert client.post("/users", content=b"{}").status_code == 415  # a body must be declared JSON
         assert client.post("/orders", json={"user_id": 1, "items": "fig"}).status_code == 422
         assert client.get("/users/a/b").status_code == 404
 

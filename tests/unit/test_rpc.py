@@ -174,6 +174,35 @@ async def test_an_endpoint_whose_own_call_found_no_one_answers_503_not_502(start
     assert b"connection refused" in body
 
 
+@gateway.get("/relay/{outcome}")
+async def relay(outcome: str) -> Probe:
+    if outcome == "refused":
+        raise RemoteError(
+            "downstream.work failed with 422 HTTPError: n must be even",
+            target="downstream.work",
+            status=422,
+            detail="n must be even",
+        )
+    raise ServiceUnavailableError(
+        "call to downstream.work: amqp://***@broker.internal:5672 refused", target="downstream.work"
+    )
+
+
+async def test_a_route_tells_its_client_the_callees_4xx_reason_and_only_the_kind_of_a_5xx(
+    start: StartApp, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 5xx's full text names internal services and addresses: the operator's log gets it, the
+    (perhaps external) client only the kind of failure."""
+    runtime = await start(App([gateway], name="relay"))
+    async with client(runtime) as http:
+        refused = await http.get("/relay/refused")
+        unavailable = await http.get("/relay/unavailable")
+    assert (refused.status_code, refused.json()) == (422, {"detail": "n must be even"})
+    assert unavailable.status_code == 503
+    assert unavailable.json() == {"detail": "a service this request needs is unavailable"}
+    assert "broker.internal" in caplog.text
+
+
 async def test_rpc_over_http_refuses_a_bad_or_passed_deadline_and_echoes_the_correlation_id(
     start: StartApp,
 ) -> None:
