@@ -17,7 +17,7 @@ import math
 import os
 import re
 from collections.abc import Mapping
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from callcast.exceptions import ConfigurationError
 from callcast.transport import Broker
@@ -66,6 +66,22 @@ def redact(url: str, *, user_is_secret: bool = False) -> str:
             rest = f"{user}:***@{host}"
         url = f"{scheme}://{rest}"
     return _SECRET_PARAMETERS.sub(r"\1***", url)
+
+
+def scrub(text: str, url: str) -> str:
+    """``text`` (a driver's error message, say) without the secrets of ``url``: ``url`` itself
+    becomes :func:`redact`'s form of it, then its password is replaced by ``***`` wherever it
+    appears, both as written in the URL and percent-decoded (as drivers use it). A user without a
+    password in a NATS URL is a token (see :func:`redact`) and is replaced the same way; any other
+    user is kept. A password that is also part of other words is hidden there too: more than it
+    must, never less."""
+    parts = urlsplit(url)
+    secret = parts.username if parts.password is None and parts.scheme in _TOKEN_SCHEMES else parts.password
+    text = text.replace(url, redact(url))
+    if secret:
+        for form in (secret, unquote(secret)):  # the longer first: the decoded form may be part of it
+            text = text.replace(form, "***")
+    return text
 
 
 _ADAPTERS = {

@@ -155,7 +155,7 @@ from nats.js import JetStreamContext, api
 from nats.js.kv import KeyValue
 
 from callcast import alarms
-from callcast.brokers import redact, seconds_option
+from callcast.brokers import redact, scrub, seconds_option
 from callcast.brokers.closing import CloseOnce
 from callcast.envelope import (
     HEADER_PREFIX,
@@ -277,8 +277,6 @@ class _Settings:
             raise ConfigurationError(f"nats broker: the URL takes no path, got {shown!r}")
         host = parts.hostname or "127.0.0.1"
         self.server = f"nats://{f'[{host}]' if ':' in host else host}:{port}"
-        self.raw_user = parts.username
-        self.raw_password = parts.password
         self.user = unquote(parts.username) if parts.username else None
         self.password = unquote(parts.password) if parts.password is not None else None
         options = {key: values[-1] for key, values in parse_qs(parts.query, keep_blank_values=True).items()}
@@ -356,12 +354,7 @@ class NatsBroker:
         self._server = settings.server
         self._user = settings.user
         self._password = settings.password
-        secrets: tuple[str | None, ...]
-        if settings.password is not None:
-            secrets = (settings.password, settings.raw_password)
-        else:  # a user alone is a token
-            secrets = (settings.user, settings.raw_user)
-        self._secrets = [secret for secret in secrets if secret]
+        self._given_url = url  # with its password or token: for scrub() only, never shown
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
         self._replies: _Replies | None = None
@@ -379,12 +372,6 @@ class NatsBroker:
 
     # -- errors ---------------------------------------------------------------------------------
 
-    def _scrub(self, text: str) -> str:
-        """``text`` without the password (or token), as given in the URL or percent-decoded."""
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        return text
-
     def _describe(self, error: BaseException) -> str:
         if isinstance(error, nats.js.errors.APIError):
             text = f"{error.description or 'JetStream API error'} (code {error.code}, error {error.err_code})"
@@ -392,7 +379,7 @@ class NatsBroker:
             text = f"no answer within {self.timeout:g}s"
         else:
             text = str(error) or type(error).__name__
-        return self._scrub(text)
+        return scrub(text, self._given_url)
 
     def _error(self, error: BaseException, doing: str, *, publishing: bool = False) -> TransportError:
         """The callcast exception for a driver exception; the driver's never leaves the adapter."""

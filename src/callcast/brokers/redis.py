@@ -137,7 +137,7 @@ import uuid
 from collections import deque
 from collections.abc import Iterator, Sequence
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.connection import AbstractConnection
@@ -148,7 +148,7 @@ from redis.exceptions import NoPermissionError, NoScriptError, RedisError, Respo
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from callcast import alarms
-from callcast.brokers import redact, seconds_option
+from callcast.brokers import redact, scrub, seconds_option
 from callcast.brokers.closing import CloseOnce
 from callcast.envelope import Envelope, decode_or_quarantine, structured_or_quarantine, to_structured
 from callcast.exceptions import BrokerUnavailableError, ConfigurationError, PublishError, TransportError
@@ -610,8 +610,6 @@ class RedisBroker:
     def __init__(self, url: str = "redis://127.0.0.1:6379/0") -> None:
         self._target, self.options = parse_url(url)
         self.url = redact(url)
-        password = urlsplit(url).password
-        self._secrets = [secret for secret in {password, password and unquote(password)} if secret]
         self.capabilities = CAPABILITIES
         self.lease = self.options.lease
         self.poll = self.options.poll
@@ -711,10 +709,8 @@ class RedisBroker:
                 await pool.aclose()
 
     def _scrub(self, error: BaseException) -> str:
-        text = str(error) or type(error).__name__
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        return text
+        """``error`` as text, without the URL's password (:func:`~callcast.brokers.scrub`)."""
+        return scrub(str(error) or type(error).__name__, self._target)
 
     @contextlib.contextmanager
     def _translate(

@@ -35,8 +35,9 @@ from collections.abc import Awaitable, Callable, Collection
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from callcast.brokers import scrub
 from callcast.forwarding import ForwardingBroker
 from callcast.transport import Broker, Holding, Subscription
 
@@ -150,13 +151,10 @@ async def remove(url: str, namespace: str, groups: Collection[tuple[str, str]] =
 
 
 def _reason(error: BaseException, url: str) -> str:
-    """The error as text, without the URL's password."""
+    """The error as text, at most 300 characters, without the URL's secrets (see
+    :func:`~callcast.brokers.scrub`)."""
     text = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
-    password = urlsplit(url).password
-    if password:
-        for secret in (password, unquote(password)):
-            text = text.replace(secret, "***")
-    return text[:300]
+    return scrub(text, url)[:300]
 
 
 async def _rabbitmq(url: str, namespace: str, groups: Collection[tuple[str, str]], cleanup: Cleanup) -> None:
