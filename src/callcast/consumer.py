@@ -40,7 +40,7 @@ from callcast.codec import decode
 from callcast.context import Context
 from callcast.crashes import ABSOLUTE_FACTOR, COLLECT_EVERY, NO_EVIDENCE, CrashLedger, Evidence
 from callcast.database import Database
-from callcast.deadletter import dead_letter, dead_letter_envelope
+from callcast.deadletter import dead_letter, dead_letter_envelope, store
 from callcast.dispatch import Dispatcher
 from callcast.envelope import UNDECODABLE_TYPE, Envelope, now_rfc3339
 from callcast.exceptions import DecodeError, PermanentError, TransportError, UnknownEventError
@@ -97,6 +97,8 @@ class Consumer:
         self._gate = None if broker.capabilities.ordered_per_key else KeyGate()
         self._dispatcher: Dispatcher | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._sweeping = False  # a sweeper pass is under way
+        self._sweep_again = True  # False once the consumer stops
         self._collector: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -123,17 +125,32 @@ class Consumer:
             self._crashes.collect()
 
     async def stop(self, grace: float) -> None:
-        for task in (self._sweeper, self._collector):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        if self._collector is not None:
+            self._collector.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._collector
         try:
-            if self._dispatcher is not None:
-                await self._dispatcher.stop(grace)
+            await asyncio.gather(
+                self._stop_sweeper(grace),
+                *([self._dispatcher.stop(grace)] if self._dispatcher is not None else []),
+            )
         finally:  # left open, its journal would later be taken for a dead process's
             if self._crashes is not None:
                 self._crashes.close()
+
+    async def _stop_sweeper(self, grace: float) -> None:
+        """Stop the parked-message sweeper: a pass under way (its handlers running) gets ``grace``
+        seconds to end, so a stop does not cut short, and count against ``max_attempts``, the start
+        of a parked message that would have completed; then the sweeper is cancelled."""
+        sweeper = self._sweeper
+        if sweeper is None:
+            return
+        self._sweep_again = False
+        if self._sweeping:
+            await asyncio.wait([sweeper], timeout=grace)
+        sweeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sweeper
 
     def _is_suspect(self, delivery: Delivery, evidence: Evidence) -> bool:
         """Redelivered, not because it failed here, and a process of the group died on this machine
@@ -367,32 +384,62 @@ class Consumer:
         assert handler.sequencing is not None
         assert self.database is not None
         interval = max(0.2, min(5.0, handler.sequencing.gap_timeout / 4))
-        while True:
+        while self._sweep_again:
             await asyncio.sleep(interval)
+            self._sweeping = True
             try:
                 async with self.database.transaction() as conn:
                     keys = await sequence.parked_keys(conn, handler.group)
                 async with self._isolation.shared():  # handlers run: not beside a suspect
                     for key in keys:
                         await self._apply_parked(key)
-                async with self.database.transaction() as conn:
-                    expired = await sequence.take_expired(conn, handler.group, handler.sequencing.gap_timeout)
-                    for key, number, envelope in expired:
-                        failed = self._parked_failures.pop((key, number), None)
-                        error: Exception = failed or PermanentError(
-                            f"sequence {number} of key {key!r} waited {handler.sequencing.gap_timeout:g}s "
-                            "for a missing predecessor"
-                        )
-                        reason = (
-                            "gap"
-                            if failed is None
-                            else "permanent"
-                            if isinstance(failed, PermanentError)
-                            else "error"
-                        )
-                        await self._send_parked_letter(envelope, reason, error, 1)
+                await self._expire_parked()
             except Exception:
                 log.exception("%s: sweeping parked messages failed", handler.group)
+            finally:
+                self._sweeping = False
+
+    async def _expire_parked(self) -> None:
+        """Dead-letter (reason ``gap``) the parked messages that waited past the gap timeout for a
+        predecessor. Each is judged under its key's lock: one that became next meanwhile is left to
+        be applied, one applied from another copy is dropped. The letter is published outside any
+        transaction (a broker outage must not hold the database's write lock), and the row removed
+        after it is stored; if the predecessor came in between, the message stays and is applied,
+        and its letter, if replayed, is skipped as stale. A failing message is no gap: it is next,
+        and its starts bound it (:meth:`_apply_parked`)."""
+        handler = self.handler
+        assert handler.sequencing is not None
+        assert self.database is not None
+        timeout = handler.sequencing.gap_timeout
+        async with self.database.transaction() as conn:
+            expired = await sequence.expired(conn, handler.group, timeout)
+        for key, number, envelope in expired:
+            if not await self._still_waiting(key, number, letter_stored=False):
+                continue
+            error = PermanentError(
+                f"sequence {number} of key {key!r} waited {timeout:g}s for a missing predecessor"
+            )
+            await self._send_parked_letter(envelope, "gap", error, 1)
+            if await self._still_waiting(key, number, letter_stored=True):
+                log.warning("%s: dead-lettering parked %s (gap): %s", handler.group, envelope.id, error)
+            else:
+                log.info(
+                    "%s: parked %s became next as it was dead-lettered: applied", handler.group, envelope.id
+                )
+
+    async def _still_waiting(self, key: str, number: int, *, letter_stored: bool) -> bool:
+        """Whether parked message ``number`` of ``key`` still waits for a predecessor (judged under
+        the key's lock); it is removed if it was applied from another copy, or if it waits and its
+        dead letter is stored."""
+        handler = self.handler
+        assert handler.sequencing is not None
+        assert self.database is not None
+        async with self.database.transaction() as conn:
+            verdict = await sequence.admit(conn, handler.group, key, number, handler.sequencing.first)
+            waiting = verdict is sequence.Verdict.EARLY
+            if verdict is sequence.Verdict.STALE or (waiting and letter_stored):
+                await sequence.drop_parked(conn, handler.group, key, number)
+        return waiting
 
     async def _send_parked_letter(
         self, envelope: Envelope, reason: str, error: BaseException, attempt: int
@@ -407,7 +454,7 @@ class Consumer:
             error=error,
             attempt=attempt,
         )
-        await self.broker.publish(letter.topic, [letter.envelope])
+        await store(self.broker, letter)
         self.stats["dead_lettered"] += 1
 
     async def _dead_letter(

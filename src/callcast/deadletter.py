@@ -89,6 +89,18 @@ def dead_letter_envelope(
     return DeadLetter(DEAD_LETTER_TOPIC, envelope.with_extensions(**extensions))
 
 
+async def store(broker: Broker, letter: DeadLetter) -> None:
+    """Publish ``letter``; if the broker refuses it (not because it is away), once more without
+    ``dlqerror`` and ``dlqtraceback``. Raises :class:`TransportError` if it is not stored."""
+    try:
+        await broker.publish(letter.topic, [letter.envelope])
+    except BrokerUnavailableError:
+        raise
+    except TransportError:  # refused: without the error texts, it may fit
+        slim = letter.envelope.with_extensions(dlqerror=None, dlqtraceback=None)
+        await broker.publish(letter.topic, [slim])
+
+
 async def dead_letter(
     broker: Broker,
     delivery: Delivery,
@@ -113,13 +125,7 @@ async def dead_letter(
         own_attempts=attempts,
     )
     try:
-        try:
-            await broker.publish(letter.topic, [letter.envelope])
-        except BrokerUnavailableError:
-            raise
-        except TransportError:  # refused: without the error texts, it may fit
-            slim = letter.envelope.with_extensions(dlqerror=None, dlqtraceback=None)
-            await broker.publish(letter.topic, [slim])
+        await store(broker, letter)
     except TransportError:
         with contextlib.suppress(TransportError):  # if this fails too, its lease runs out
             await delivery.nack(delay=RETRY_AFTER)

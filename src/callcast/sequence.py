@@ -201,21 +201,16 @@ async def parked_keys(conn: AsyncConnection, subscriber: str) -> list[str]:
     return [row[0] for row in rows]
 
 
-async def take_expired(
+async def expired(
     conn: AsyncConnection, subscriber: str, older_than: float
 ) -> list[tuple[str, int, Envelope]]:
-    """Remove and return parked messages that waited longer than ``older_than`` seconds."""
+    """The parked messages that waited longer than ``older_than`` seconds (read, not removed)."""
     cutoff = time.time() - older_than
-    where = and_(parked_table.c.subscriber == subscriber, parked_table.c.parked_at < cutoff)
-    rows = (  # what this transaction deleted: a message applied meanwhile is not dead-lettered too
-        await conn.execute(
-            parked_table.delete()
-            .where(where)
-            .returning(
-                parked_table.c.key, parked_table.c.sequence, parked_table.c.headers, parked_table.c.body
-            )
-        )
-    ).all()
+    rows = await conn.execute(
+        select(
+            parked_table.c.key, parked_table.c.sequence, parked_table.c.headers, parked_table.c.body
+        ).where(parked_table.c.subscriber == subscriber, parked_table.c.parked_at < cutoff)
+    )
     return [
         (key, seq, decode_or_quarantine(json.loads(headers), bytes(body))) for key, seq, headers, body in rows
     ]

@@ -9,6 +9,7 @@ import random
 from collections import defaultdict
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import Any
 from unittest import mock
 
 import pytest
@@ -19,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from callcast import App, ConfigurationError, Context, RetryPolicy, Service, outbox, sequence
 from callcast.brokers.memory import MemoryBroker
 from callcast.database import Database
+from callcast.deadletter import DEAD_LETTER_TOPIC
 from callcast.dlq import DeadLetterView, browse, original, replay
 from callcast.envelope import Envelope
 from callcast.exceptions import PublishError
@@ -45,6 +47,10 @@ applied: dict[str, list[int]] = defaultdict(list)
 DIES = 999
 """A ``Versioned`` value whose handler never completes: as if it killed its process."""
 dying: list[int] = []
+HOLDS = 998
+"""A ``Versioned`` value whose handler waits until the test sets :data:`released`."""
+held: list[int] = []
+released = asyncio.Event()
 
 
 @bank.on_startup
@@ -77,6 +83,9 @@ async def track(event: Versioned, ctx: Context) -> None:
     if event.value == DIES:
         dying.append(event.version)
         await asyncio.Event().wait()
+    if event.value == HOLDS:
+        held.append(event.version)
+        await released.wait()
     applied[event.account].append(event.version)
     await ctx.db.execute(
         text("INSERT INTO state VALUES (:a, :v) ON CONFLICT (account) DO UPDATE SET value = :v"),
@@ -246,6 +255,114 @@ async def test_a_parked_message_that_keeps_dying_is_dead_lettered_not_started_fo
         assert letters[0].envelope.id == parked.id
 
 
+def track_consumer(runtime: object) -> Any:
+    return next(
+        c
+        for c in runtime._consumers  # type: ignore[attr-defined]
+        if getattr(c, "handler", None) and c.handler.group == "ledger.track"
+    )
+
+
+async def park_behind(
+    ctx: Context, key: str, version: int, *, applied_up_to: int, value: int = 0, waited: float = 0.0
+) -> None:
+    """In one transaction: ``key`` applied up to ``applied_up_to`` (bookkeeping only), and
+    ``version`` parked ``waited`` seconds ago."""
+    data = Versioned(account=key, version=version, value=value).model_dump_json().encode()
+    envelope = Envelope("Versioned", "/test", data, extensions={"partitionkey": key})
+    backdate = text("UPDATE callcast_parked SET parked_at = parked_at - :w WHERE key = :k")
+    async with ctx.transaction() as conn:
+        await sequence.admit(conn, "ledger.track", key, 1, 1)
+        await sequence.advance(conn, "ledger.track", key, applied_up_to)
+        assert await sequence.park(conn, "ledger.track", key, version, envelope)
+        await conn.execute(backdate, {"w": waited, "k": key})
+
+
+async def test_a_parked_message_that_became_next_before_it_expired_is_applied_not_dead_lettered(
+    start: StartApp,
+) -> None:
+    """Its predecessor committed after the sweeper's apply phase, before its expiry phase."""
+    runtime = await start(app, services=["ledger"])
+    consumer = track_consumer(runtime)
+    await park_behind(runtime.context("ledger"), "late", 3, applied_up_to=2, waited=60)
+    await consumer._expire_parked()
+    await wait_until(lambda: applied["late"] == [3])
+    assert consumer.stats["dead_lettered"] == 0
+
+
+async def test_a_gap_whose_predecessor_comes_as_its_letter_is_stored_is_still_applied(
+    start: StartApp, broker: MemoryBroker
+) -> None:
+    """The letter is already stored, so the message is applied all the same; replaying the letter
+    later is skipped as stale."""
+    runtime = await start(app, services=["ledger"])
+    consumer = track_consumer(runtime)
+    ctx = runtime.context("ledger")
+    send_letter = consumer._send_parked_letter
+
+    async def predecessor_meanwhile(*args: Any) -> None:
+        await send_letter(*args)
+        async with ctx.transaction() as conn:
+            await sequence.admit(conn, "ledger.track", "mid", 2, 1)
+            await sequence.advance(conn, "ledger.track", "mid", 2)
+
+    consumer._send_parked_letter = predecessor_meanwhile
+    await park_behind(ctx, "mid", 3, applied_up_to=1, waited=60)
+    await wait_until(lambda: applied["mid"] == [3])
+    async with browse_when(broker, 1) as letters:
+        assert letters[0].diagnostic("dlqreason") == "gap"
+        await replay(broker, letters[0])
+    await wait_until(lambda: _stats(runtime)["stale"] == 1)
+    assert applied["mid"] == [3]
+
+
+async def test_a_gap_letter_the_broker_holds_up_does_not_hold_the_service_database(
+    start: StartApp, broker: MemoryBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The letter is published outside any transaction: a broker outage must not stall the
+    service database's writers (on SQLite, one write transaction locks the whole file)."""
+    runtime = await start(app, services=["ledger"])
+    publish, letter_sent, broker_back = broker.publish, asyncio.Event(), asyncio.Event()
+
+    async def held_up(topic: str, envelopes: Sequence[Envelope], *, group: str | None = None) -> None:
+        if topic == DEAD_LETTER_TOPIC:
+            letter_sent.set()
+            await broker_back.wait()
+        await publish(topic, envelopes, group=group)
+
+    monkeypatch.setattr(broker, "publish", held_up)
+    ctx = runtime.context("ledger")
+    await park_behind(ctx, "stall", 3, applied_up_to=1, waited=60)
+    await asyncio.wait_for(letter_sent.wait(), 5)
+
+    async def write() -> None:
+        async with ctx.transaction() as conn:
+            await conn.execute(text("INSERT INTO state VALUES ('other', 1)"))
+
+    await asyncio.wait_for(write(), 5)
+    broker_back.set()
+    async with browse_when(broker, 1) as letters:
+        assert letters[0].diagnostic("dlqreason") == "gap"
+    async with ctx.transaction() as conn:
+        assert await sequence.parked_keys(conn, "ledger.track") == []
+
+
+async def test_a_stop_lets_a_parked_message_the_sweeper_runs_complete_within_the_grace(
+    start: StartApp,
+) -> None:
+    """Cut off, its start would count against ``max_attempts`` though it would have completed."""
+    released.clear()
+    runtime = await start(app, services=["ledger"])
+    consumer = track_consumer(runtime)
+    await park_behind(runtime.context("ledger"), "hold", 2, applied_up_to=1, value=HOLDS)
+    await wait_until(lambda: 2 in held)
+    stopping = asyncio.ensure_future(runtime.stop(grace=5))
+    await wait_until(lambda: not consumer._sweep_again)
+    released.set()
+    await asyncio.wait_for(stopping, 10)
+    assert applied["hold"] == [2]
+
+
 async def test_dead_letters_replay_to_their_one_subscriber(start: StartApp, broker: MemoryBroker) -> None:
     runtime = await start(app)
     await broker.declare("Credit", "another.group")
@@ -352,7 +469,7 @@ async def test_a_parked_copy_of_a_sequence_applied_since_is_dropped_not_dead_let
             assert await sequence.take_parked(conn, "g", "k") is None  # 7 is missing
         async with database.transaction() as conn:
             assert await sequence.parked_keys(conn, "g") == ["k"]  # only 8 waits
-            assert await sequence.take_expired(conn, "g", -1.0) == [
+            assert await sequence.expired(conn, "g", -1.0) == [
                 ("k", 8, mock.ANY),
             ]
     finally:
