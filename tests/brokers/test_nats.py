@@ -442,6 +442,39 @@ async def test_an_envelope_handed_back_unseen_leaves_no_record_once_acked(raw: n
         await broker.close()
 
 
+async def test_a_lease_renewal_never_follows_a_settle_on_the_wire(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A renewal (``+WPI``) sent after a delayed nak would restart the nak's wait at ack_wait. Here
+    the second delivery is nacked while the renewal is under way, between two of its sends."""
+    topic, group = _unique("renew"), _unique("group")
+    broker = await connect(SHARED_URL)
+    try:
+        assert isinstance(broker, NatsBroker)
+        subscription = await broker.subscribe(topic, group, prefetch=5)
+        assert isinstance(subscription, _NatsSubscription)
+        await broker.publish(topic, [_envelope("first"), _envelope("second")])
+        first, second = await _next(subscription), await _next(subscription)
+        sent: list[tuple[str, bytes]] = []
+        publish = subscription.nc.publish
+
+        async def recording(subject: str, payload: bytes = b"", **options: object) -> None:
+            sent.append((subject, payload))
+            if len(sent) == 1:  # the renewal's first send: the other delivery is settled meanwhile
+                await second.nack(delay=30)
+            await publish(subject, payload, **options)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(subscription.nc, "publish", recording)
+        await subscription.renew_leases()
+        replies = {first.reply: "first", second.reply: "second"}  # type: ignore[attr-defined]
+        assert [(replies[subject], payload[:4]) for subject, payload in sent] == [
+            ("first", b"+WPI"),
+            ("second", b"-NAK"),
+        ]
+        await first.ack()
+        await subscription.close()
+    finally:
+        await broker.close()
+
+
 async def test_an_ephemeral_consumer_lives_while_subscribed_and_no_longer(raw: nats.NATS) -> None:
     """An ephemeral subscription's consumer stays on the server while it is subscribed, even idle
     for longer than its inactivity threshold; closing deletes it; and the server deletes the

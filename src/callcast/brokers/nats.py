@@ -1165,11 +1165,16 @@ class _NatsSubscription:
             self.broker._forget_uncounted(delivery)
 
     async def renew_leases(self) -> None:
-        if self.closed:
-            return
+        """Tell the server that each delivery held is in work. Each is checked just before its
+        send, and a publish is queued in call order without yielding first, so no renewal follows
+        the delivery's settle (or the close's hand-back) on the wire: it would restart a delayed
+        nak's wait at ``ack_wait``."""
         with contextlib.suppress(*_DRIVER_ERRORS):
             for delivery in [*self.outstanding, *self.buffer]:
-                await self.nc.publish(delivery.reply, _IN_PROGRESS)
+                if self.closed:
+                    return
+                if delivery in self.outstanding or delivery in self.buffer:
+                    await self.nc.publish(delivery.reply, _IN_PROGRESS)
 
     async def close(self) -> None:
         """Stop handing out and give back what this subscription holds.
