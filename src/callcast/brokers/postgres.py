@@ -68,9 +68,11 @@ How the transport contract is met:
 * **leases**: each broker renews the leases of the rows its live subscribers hold every
   ``lease/3`` seconds (``?lease=``, default 10 s). A killed process stops renewing, and its rows
   go to the group's other subscribers once ``lease_until`` passed; that claim counts an attempt.
-* **ack** deletes the row (and the message, once no group needs it) and, under the key's lock,
-  makes the key's next row its ``head``; **nack(delay)** clears the owner and sets
-  ``available_at``, so delayed retries live in the table (``delayed_nack``) and survive restarts.
+* **ack** deletes the row (and the message, once no group needs it: when another group's row is
+  left, the settlers of the message take turns on its row and look again, so two groups acking it
+  at the same moment do not both leave it to the sweep) and, under the key's lock, makes the key's
+  next row its ``head``; **nack(delay)** clears the owner and sets ``available_at``, so delayed
+  retries live in the table (``delayed_nack``) and survive restarts.
   Both only touch a row still owned by the settling subscriber, so a settle after close (or after
   the lease ran out and another subscriber took the row) is ignored.
 * **prefetch** bounds the rows a subscription holds; rows claimed ahead but never handed out get
@@ -79,6 +81,14 @@ How the transport contract is met:
 * **ephemeral** groups are deleted with their rows on close; their subscriber refreshes
   ``heartbeat`` with the leases, and a group whose heartbeat is older than ``max(60, 6 * lease)``
   seconds (its process died) is collected.
+* **locks**: a renewal and a release at close lock a subscriber's rows first, in key order
+  (``topic, grp, seq``), then change them, so the two never wait for each other in a circle (in
+  one process, or in two whose rows changed owner meanwhile: a renewal still locks a row it no
+  longer owns when the row's new owner claimed it during the renewal). An ack locks its row, then
+  the message's row (if another group's row is left), then the key's advisory lock, then the key's
+  next row (which nobody owns); a publish key-share-locks the groups, then takes the keys' advisory
+  locks in a fixed order; an ephemeral group's close deletes the group's row, then its rows, after
+  any running renewal.
 * **garbage**: besides the deletes of ``ack``, a sweep every 30 s (by one broker at a time:
   ``pg_try_advisory_xact_lock``) deletes messages no delivery refers to and dead ephemeral groups.
 * **reconnect**: the connection pool replaces connections the server dropped; the ``LISTEN``
@@ -380,10 +390,17 @@ BEGIN
     IF NOT FOUND THEN
         RETURN false;  -- not (or no longer) this subscriber's: ignored
     END IF;
-    -- The last group to settle a message deletes it (two settling at once both leave it: the
-    -- periodic sweep collects those).
+    -- The last group to settle a message deletes it. Another group's row left: it may be settled
+    -- at this very moment (its delete not committed, ours not seen by it either), so the settlers
+    -- of the message take turns on its row, and look again: the last of them sees the others gone.
+    -- The row is locked after the delivery's and before the key's, as every settle does.
     DELETE FROM {s}.messages AS m WHERE m.seq = p_seq
         AND NOT EXISTS (SELECT 1 FROM {s}.deliveries AS d WHERE d.seq = p_seq);
+    IF NOT FOUND THEN
+        PERFORM 1 FROM {s}.messages AS m WHERE m.seq = p_seq FOR UPDATE;
+        DELETE FROM {s}.messages AS m WHERE m.seq = p_seq
+            AND NOT EXISTS (SELECT 1 FROM {s}.deliveries AS d WHERE d.seq = p_seq);
+    END IF;
     IF k IS NOT NULL THEN
         -- The key's next row becomes its head. Under the key's lock, so a concurrent publish of
         -- the key either saw this delete or is seen by the update below.
@@ -452,13 +469,15 @@ WITH back AS (
 SELECT pg_notify($6, $7) FROM back WHERE $5::float8 <= 0
 """
         # $1 owner, $2 seqs never handed out, $3 channel, $4 payload. The owner is unique to one
-        # subscription (of one topic and group): its index finds the rows.
+        # subscription (of one topic and group): its index finds the rows. All locked first, in key
+        # order, as a renewal locks them (the module's **locks**), by the ARRAY's InitPlan.
         self.release = f"""
 WITH back AS (
     UPDATE {s}.deliveries
     SET owner = NULL, lease_until = NULL,
         attempts = greatest(attempts - (seq = ANY($2::int8[]))::int, 0)
-    WHERE owner = $1
+    WHERE owner = $1 AND seq = ANY(ARRAY(
+        SELECT seq FROM {s}.deliveries WHERE owner = $1 ORDER BY topic, grp, seq FOR NO KEY UPDATE))
     RETURNING 1
 )
 SELECT pg_notify($3, $4) WHERE EXISTS (SELECT 1 FROM back)
@@ -466,11 +485,20 @@ SELECT pg_notify($3, $4) WHERE EXISTS (SELECT 1 FROM back)
         self.drop_group = f"DELETE FROM {s}.subscriptions WHERE topic = $1 AND grp = $2"
         self.drop_group_rows = f"DELETE FROM {s}.deliveries WHERE topic = $1 AND grp = $2"
         # $1 lease seconds, $2..$5 topic/group/seq/owner of every held row, $6/$7 ephemeral groups.
+        # The rows are locked in key order, whatever order they are listed in (the module's
+        # **locks**): the update changes only rows ``held`` locked.
         self.renew = f"""
-WITH renewed AS (
+WITH held AS (
+    SELECT k.topic, k.grp, k.seq, k.owner
+    FROM unnest($2::text[], $3::text[], $4::int8[], $5::text[]) AS k(topic, grp, seq, owner)
+    JOIN {s}.deliveries AS d
+        ON d.topic = k.topic AND d.grp = k.grp AND d.seq = k.seq AND d.owner = k.owner
+    ORDER BY d.topic, d.grp, d.seq
+    FOR NO KEY UPDATE OF d
+), renewed AS (
     UPDATE {s}.deliveries AS d
     SET lease_until = statement_timestamp() + make_interval(secs => $1::float8)
-    FROM unnest($2::text[], $3::text[], $4::int8[], $5::text[]) AS k(topic, grp, seq, owner)
+    FROM held AS k
     WHERE d.topic = k.topic AND d.grp = k.grp AND d.seq = k.seq AND d.owner = k.owner
     RETURNING 1
 ), beats AS (
