@@ -1080,3 +1080,59 @@ async def test_two_groups_settling_one_message_at_once_delete_it(schema: str) ->
             assert [row["body"] for row in left] == [], "the settled message was left for the sweep"
     finally:
         await broker.close()
+
+
+async def test_unkeyed_acks_sent_together_go_in_batches_and_settle_every_row(
+    schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Acks made while a batch is in flight gather into the next: fewer statements, the same end
+    (every row and message gone). Keyed acks still go one at a time."""
+    broker = await connect(server_url(schema, lease="30", poll=f"{POLL:g}"))
+    try:
+        assert isinstance(broker, PostgresBroker)
+        await broker.declare("orders", "billing")
+        await broker.publish("orders", [event(str(n).encode()) for n in range(60)])
+        await broker.publish("orders", [event(b"keyed", partitionkey="order-1")])
+        subscription = await broker.subscribe("orders", "billing", prefetch=100)
+        deliveries = [await asyncio.wait_for(subscription.__anext__(), 5) for _ in range(61)]
+        batches: list[list[int]] = []
+        ack_unkeyed = broker._ack_unkeyed
+
+        async def recording(subscription: Any, seqs: list[int]) -> None:
+            batches.append(seqs)
+            await ack_unkeyed(subscription, seqs)
+
+        monkeypatch.setattr(broker, "_ack_unkeyed", recording)
+        await asyncio.wait_for(asyncio.gather(*(delivery.ack() for delivery in deliveries)), 10)
+        assert sorted(seq for batch in batches for seq in batch) == sorted(
+            d._seq
+            for d in deliveries
+            if d.envelope.partition_key is None  # type: ignore[attr-defined]
+        )
+        assert len(batches) < 60
+        assert all(batch == sorted(batch) for batch in batches)
+        async with sql() as observer:
+            assert await observer.fetchval(f'SELECT count(*) FROM "{schema}".deliveries') == 0
+            assert await observer.fetchval(f'SELECT count(*) FROM "{schema}".messages') == 0
+        await subscription.close()
+    finally:
+        await broker.close()
+
+
+async def test_a_failed_ack_batch_acks_each_of_its_rows_alone(
+    schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    broker = await connect(server_url(schema, lease="30", poll=f"{POLL:g}"))
+    try:
+        assert isinstance(broker, PostgresBroker)
+        await broker.declare("orders", "billing")
+        await broker.publish("orders", [event(str(n).encode()) for n in range(5)])
+        subscription = await broker.subscribe("orders", "billing", prefetch=10)
+        deliveries = [await asyncio.wait_for(subscription.__anext__(), 5) for _ in range(5)]
+        monkeypatch.setattr(broker._sql, "ack_many", "SELECT no_such_function()")  # type: ignore[attr-defined]
+        await asyncio.wait_for(asyncio.gather(*(delivery.ack() for delivery in deliveries)), 10)
+        async with sql() as observer:
+            assert await observer.fetchval(f'SELECT count(*) FROM "{schema}".deliveries') == 0
+        await subscription.close()
+    finally:
+        await broker.close()

@@ -72,7 +72,9 @@ How the transport contract is met:
   left, the settlers of the message take turns on its row and look again, so two groups acking it
   at the same moment do not both leave it to the sweep) and, under the key's lock, makes the key's
   next row its ``head``; **nack(delay)** clears the owner and sets ``available_at``, so delayed
-  retries live in the table (``delayed_nack``) and survive restarts.
+  retries live in the table (``delayed_nack``) and survive restarts. Unkeyed acks of a durable
+  group's subscriber made while one of its acks is in flight are sent together, as the next batch:
+  one statement, one transaction, rows in ``seq`` order.
   Both only touch a row still owned by the settling subscriber, so a settle after close (or after
   the lease ran out and another subscriber took the row) is ignored.
 * **prefetch** bounds the rows a subscription holds; rows claimed ahead but never handed out get
@@ -457,6 +459,11 @@ ORDER BY c.seq
 """
         # $1 topic, $2 group, $3 seq, $4 owner, $5 channel, $6 payload.
         self.ack = f"SELECT {s}.ack($1, $2, $3, $4, $5, $6), {_NOT_FLUSHED}"
+        # Unkeyed rows of one subscriber: $3 their seqs, ascending (the order renewals and releases
+        # lock rows in), acked one after the other in one transaction.
+        self.ack_many = (
+            f"SELECT {s}.ack($1, $2, seq, $4, $5, $6), {_NOT_FLUSHED} FROM unnest($3::int8[]) AS seq"
+        )
         # $1 topic, $2 group, $3 seq, $4 owner, $5 delay seconds, $6 channel, $7 payload.
         self.nack = f"""
 WITH back AS (
@@ -946,6 +953,20 @@ class PostgresBroker:
         if wake:
             self._wake_group(topic, group)
 
+    async def _ack_unkeyed(self, subscription: _PostgresSubscription, seqs: list[int]) -> None:
+        """Ack unkeyed rows of ``subscription`` (``seqs`` ascending) in one statement."""
+        await self._call(
+            "execute",
+            self._sql.ack_many,
+            subscription.topic,
+            subscription.group,
+            seqs,
+            subscription.owner,
+            self.channel,
+            self._payload(subscription.topic, subscription.group),
+            what="ack",
+        )
+
     async def _release(self, subscription: _PostgresSubscription, never_handed_out: list[int]) -> None:
         topic, group = subscription.topic, subscription.group
         if subscription.ephemeral:
@@ -997,6 +1018,9 @@ class _PostgresSubscription:
         """The last claim found fewer rows than it asked for."""
         self.failing = False
         self.closed = False
+        self.acks: list[int] | None = None  # unkeyed acks gathering while a batch is sent
+        self.acks_sent: asyncio.Task[None] | None = None  # their batch, once it is started
+        self.ack_turn = asyncio.Lock()  # one batch in flight at a time
 
     def __aiter__(self) -> _PostgresSubscription:
         return self
@@ -1075,9 +1099,42 @@ class _PostgresSubscription:
         # Forgotten first: if settling fails, the row is no longer renewed, so it returns to the
         # group when its lease runs out.
         self.outstanding.discard(seq)
-        await self.broker._settle(self, seq, delay, wake=wake)
+        if delay is None and not keyed and not self.ephemeral:
+            await self._ack_unkeyed(seq)
+            if wake:
+                self.broker._wake_group(self.topic, self.group)
+        else:
+            await self.broker._settle(self, seq, delay, wake=wake)
         if self.holding is not None:
             self.holding.returned(delivery.envelope)
+
+    async def _ack_unkeyed(self, seq: int) -> None:
+        """Ack an unkeyed row together with the others acked while a batch is in flight: those
+        gather and go as the next batch, one statement and one transaction, rows locked in
+        ascending ``seq`` (as renewals and releases lock them; unkeyed acks take no key lock and
+        lock a message's row only after its delivery's, so batches cannot wait on one another in a
+        circle). Without a batch in flight, an ack goes at once. Should a batch fail while the
+        server is there, each of its rows is acked alone."""
+        gathering = self.acks
+        if gathering is None:
+            gathering = self.acks = []
+            self.acks_sent = sent = asyncio.ensure_future(self._send_acks(gathering))
+        else:
+            assert self.acks_sent is not None
+            sent = self.acks_sent
+        gathering.append(seq)
+        try:
+            await asyncio.shield(sent)
+        except BrokerUnavailableError:
+            raise
+        except TransportError:
+            await self.broker._settle(self, seq, None, wake=False)
+
+    async def _send_acks(self, seqs: list[int]) -> None:
+        async with self.ack_turn:
+            if self.acks is seqs:  # acks from now on gather for the next batch
+                self.acks = None
+            await self.broker._ack_unkeyed(self, sorted(seqs))
 
     async def close(self) -> None:
         if self.closed:
