@@ -316,7 +316,8 @@ class Consumer:
         Each start is counted, and committed, before the handler runs. One that fails stays parked
         (its transaction rolled back) and the sweeper tries it again; once it was started
         ``max_attempts`` times without completing (it failed, or killed its process), it is
-        dead-lettered instead of started again.
+        dead-lettered instead of started again. A :class:`~callcast.PermanentError` dead-letters it
+        at once.
         """
         handler = self.handler
         assert handler.sequencing is not None
@@ -351,13 +352,18 @@ class Consumer:
                     await sequence.advance(conn, handler.group, key, number)
                     await handler.fn(event, ctx)
             except Exception as error:
-                log.warning(
-                    "%s: parked message of key %r failed, stays parked: %r", handler.group, key, error
-                )
-                if taken is not None:  # remembered: if it never succeeds, this is why
-                    if len(self._parked_failures) >= FIRST_FAILURES_KEPT:
-                        self._parked_failures.pop(next(iter(self._parked_failures)))
-                    self._parked_failures[(key, taken[0])] = error
+                if taken is None:
+                    log.warning("%s: parked message of key %r failed: %r", handler.group, key, error)
+                    return
+                if len(self._parked_failures) >= FIRST_FAILURES_KEPT:  # if it never succeeds, this is why
+                    self._parked_failures.pop(next(iter(self._parked_failures)))
+                self._parked_failures[(key, taken[0])] = error
+                if isinstance(error, PermanentError):  # another start would fail the same way
+                    await self._dead_letter_parked(key, taken[0], taken[1], starts + 1)
+                else:
+                    log.warning(
+                        "%s: parked message of key %r failed, stays parked: %r", handler.group, key, error
+                    )
                 return
             self._parked_failures.pop((key, number), None)
             self.stats["handled"] += 1
@@ -371,7 +377,9 @@ class Consumer:
             f"sequence {number} of key {key!r} was started {starts} times and never completed "
             "(its process died while it ran)"
         )
-        reason = "error" if failed is not None else "crashloop"
+        reason = (
+            "crashloop" if failed is None else "permanent" if isinstance(failed, PermanentError) else "error"
+        )
         await self._send_parked_letter(envelope, reason, error, starts)
         assert self.database is not None
         async with self.database.transaction() as conn:
@@ -424,7 +432,9 @@ class Consumer:
                 log.warning("%s: dead-lettering parked %s (gap): %s", handler.group, envelope.id, error)
             else:
                 log.info(
-                    "%s: parked %s became next as it was dead-lettered: applied", handler.group, envelope.id
+                    "%s: parked %s became next as it was dead-lettered: it stays, to be applied",
+                    handler.group,
+                    envelope.id,
                 )
 
     async def _still_waiting(self, key: str, number: int, *, letter_stored: bool) -> bool:

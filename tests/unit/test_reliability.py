@@ -23,7 +23,7 @@ from callcast.database import Database
 from callcast.deadletter import DEAD_LETTER_TOPIC
 from callcast.dlq import DeadLetterView, browse, original, replay
 from callcast.envelope import Envelope
-from callcast.exceptions import PublishError
+from callcast.exceptions import PermanentError, PublishError
 from callcast.ordering import KeyGate
 from callcast.sequence import SequencePolicy
 from tests.unit.conftest import StartApp, wait_until
@@ -47,6 +47,8 @@ applied: dict[str, list[int]] = defaultdict(list)
 DIES = 999
 """A ``Versioned`` value whose handler never completes: as if it killed its process."""
 dying: list[int] = []
+REFUSED = -2
+"""A ``Versioned`` value whose handler raises :class:`PermanentError`."""
 HOLDS = 998
 """A ``Versioned`` value whose handler waits until the test sets :data:`released`."""
 held: list[int] = []
@@ -78,6 +80,8 @@ async def credit(event: Credit, ctx: Context) -> None:
 
 @ledger.on(Versioned, sequenced=SequencePolicy(field="version", gap_timeout=3.0))
 async def track(event: Versioned, ctx: Context) -> None:
+    if event.value == REFUSED:
+        raise PermanentError("this value is refused for good")
     if event.value < 0:
         raise RuntimeError("a negative value cannot be tracked")
     if event.value == DIES:
@@ -223,6 +227,19 @@ async def test_a_parked_message_whose_handler_keeps_failing_is_dead_lettered_wit
         assert letters[0].diagnostic("dlqreason") == "error"
         assert "a negative value cannot be tracked" in letters[0].diagnostic("dlqerror")
     assert applied["bad"] == [1, 2]
+
+
+async def test_a_parked_message_refused_for_good_is_dead_lettered_at_its_first_start(
+    start: StartApp, broker: MemoryBroker
+) -> None:
+    runtime = await start(app)
+    ctx = runtime.context("bank")
+    for version, value in ((1, 0), (3, REFUSED), (2, 0)):  # 3 is parked, then refused when next
+        await ctx.publish(Versioned(account="refused", version=version, value=value), key="refused")
+    async with browse_when(broker, 1) as letters:
+        assert letters[0].diagnostic("dlqreason") == "permanent"
+        assert letters[0].diagnostic("dlqattempts") == "1"
+    assert applied["refused"] == [1, 2]
 
 
 async def test_a_parked_message_that_keeps_dying_is_dead_lettered_not_started_for_ever(
