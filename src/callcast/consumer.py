@@ -370,8 +370,16 @@ class Consumer:
 
     async def _dead_letter_parked(self, key: str, number: int, envelope: Envelope, starts: int) -> None:
         """Dead-letter parked message ``number`` of ``key``, started ``starts`` times without
-        completing; the letter is stored before the row goes. The key waits for it (a replay)."""
+        completing; the letter is stored before the row goes. The key waits for it (a replay).
+        Judged under the key's lock first: another start of it (the sweeper's and a handler's at
+        once, or another process's) may have applied it meanwhile."""
         handler = self.handler
+        assert handler.sequencing is not None
+        assert self.database is not None
+        async with self.database.transaction() as conn:
+            await sequence.admit(conn, handler.group, key, 0, handler.sequencing.first)  # lock the key
+            if not await sequence.is_next_parked(conn, handler.group, key, number):
+                return
         failed = self._parked_failures.pop((key, number), None)
         error: Exception = failed or PermanentError(
             f"sequence {number} of key {key!r} was started {starts} times and never completed "
@@ -381,10 +389,13 @@ class Consumer:
             "crashloop" if failed is None else "permanent" if isinstance(failed, PermanentError) else "error"
         )
         await self._send_parked_letter(envelope, reason, error, starts)
-        assert self.database is not None
         async with self.database.transaction() as conn:
-            await sequence.drop_parked(conn, handler.group, key, number)
-        log.warning("%s: dead-lettering parked %s (%s): %s", handler.group, envelope.id, reason, error)
+            await sequence.admit(conn, handler.group, key, 0, handler.sequencing.first)  # lock the key
+            dropped = await sequence.drop_parked(conn, handler.group, key, number)
+        if dropped:
+            log.warning("%s: dead-lettering parked %s (%s): %s", handler.group, envelope.id, reason, error)
+        else:  # applied by another start as the letter was stored: replaying it is skipped as stale
+            log.info("%s: parked %s was applied as it was dead-lettered", handler.group, envelope.id)
 
     async def _sweep_parked(self) -> None:
         """Retry parked messages that became next, and dead-letter those waiting past the gap timeout."""

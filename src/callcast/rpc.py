@@ -125,7 +125,10 @@ async def execute(endpoint: RpcEndpoint[Any, Any], data: bytes, ctx: Context) ->
     except TimeoutError:
         return 504, error_body("CallTimeoutError", "deadline exceeded")
     except CallError as error:  # a call the endpoint made failed
-        return call_error_status(error), error_body(type(error).__name__, str(error))
+        status = call_error_status(error)
+        if isinstance(error, RemoteError) and status < 500:  # passed on as the callee said it
+            return status, error_body(error.error_type or "RemoteError", error.detail)
+        return status, error_body(type(error).__name__, str(error))
     except Exception as error:
         log.exception("RPC %s.%s failed", endpoint.service, endpoint.name)
         return 500, error_body(type(error).__name__, "internal error")

@@ -155,6 +155,21 @@ async def start_parked(conn: AsyncConnection, subscriber: str, key: str) -> tupl
     return last + 1, starts, decode_or_quarantine(headers, bytes(raw[1]))
 
 
+async def is_next_parked(conn: AsyncConnection, subscriber: str, key: str, number: int) -> bool:
+    """Whether parked message ``number`` of ``key`` is there and next (hold the key's row lock)."""
+    last = await _last_applied(conn, subscriber, key)
+    if last is None or number != last + 1:
+        return False
+    row = await conn.execute(
+        select(parked_table.c.sequence).where(
+            parked_table.c.subscriber == subscriber,
+            parked_table.c.key == key,
+            parked_table.c.sequence == number,
+        )
+    )
+    return row.first() is not None
+
+
 async def drop_parked(conn: AsyncConnection, subscriber: str, key: str, number: int) -> bool:
     """Remove parked message ``number`` of ``key``; whether it was there."""
     result = await conn.execute(

@@ -364,6 +364,21 @@ async def test_a_gap_letter_the_broker_holds_up_does_not_hold_the_service_databa
         assert await sequence.parked_keys(conn, "ledger.track") == []
 
 
+async def test_a_parked_message_applied_by_another_start_is_not_dead_lettered_too(start: StartApp) -> None:
+    """Two starts of one parked message at once (the sweeper's and a handler's, or another
+    process's): the one that gave up on it looks under the key's lock before writing the letter."""
+    runtime = await start(app, services=["ledger"])
+    consumer = track_consumer(runtime)
+    ctx = runtime.context("ledger")
+    await park_behind(ctx, "twice", 2, applied_up_to=1)
+    envelope = Envelope("Versioned", "/test", b"{}")
+    async with ctx.transaction() as conn:  # the other start applied it
+        assert await sequence.take_parked(conn, "ledger.track", "twice") is not None
+        await sequence.advance(conn, "ledger.track", "twice", 2)
+    await consumer._dead_letter_parked("twice", 2, envelope, consumer.handler.retry.max_attempts)
+    assert consumer.stats["dead_lettered"] == 0
+
+
 async def test_a_stop_lets_a_parked_message_the_sweeper_runs_complete_within_the_grace(
     start: StartApp,
 ) -> None:

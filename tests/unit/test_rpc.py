@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import time
 
+import orjson
 import pytest
 from pydantic import BaseModel, TypeAdapter
 
@@ -154,7 +155,13 @@ async def forward(request: Probe, ctx: Context) -> Probe:
 
 @gateway.rpc(name="pass_on")
 async def pass_on(request: Probe, ctx: Context) -> Probe:
-    raise RemoteError("downstream.work failed with 422: n must be even", target="downstream.work", status=422)
+    raise RemoteError(
+        "downstream.work failed with 422 HTTPError: n must be even",
+        target="downstream.work",
+        status=422,
+        error_type="HTTPError",
+        detail="n must be even",
+    )
 
 
 async def test_an_endpoint_whose_callee_refused_the_input_answers_that_4xx_not_502(start: StartApp) -> None:
@@ -163,7 +170,7 @@ async def test_an_endpoint_whose_callee_refused_the_input_answers_that_4xx_not_5
     runtime = await start(App([gateway], name="relay"))
     status, body = await execute(pass_on, b'{"n": 1}', runtime.context("gateway"))
     assert status == 422
-    assert b"n must be even" in body
+    assert orjson.loads(body) == {"error": "HTTPError", "detail": "n must be even"}  # not who said it
 
 
 async def test_an_endpoint_whose_own_call_found_no_one_answers_503_not_502(start: StartApp) -> None:

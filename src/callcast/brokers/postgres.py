@@ -83,14 +83,16 @@ How the transport contract is met:
 * **ephemeral** groups are deleted with their rows on close; their subscriber refreshes
   ``heartbeat`` with the leases, and a group whose heartbeat is older than ``max(60, 6 * lease)``
   seconds (its process died) is collected.
-* **locks**: a renewal and a release at close lock a subscriber's rows first, in key order
-  (``topic, grp, seq``), then change them, so the two never wait for each other in a circle (in
-  one process, or in two whose rows changed owner meanwhile: a renewal still locks a row it no
-  longer owns when the row's new owner claimed it during the renewal). An ack locks its row, then
-  the message's row (if another group's row is left), then the key's advisory lock, then the key's
-  next row (which nobody owns); a publish key-share-locks the groups, then takes the keys' advisory
-  locks in a fixed order; an ephemeral group's close deletes the group's row, then its rows, after
-  any running renewal.
+* **locks**: a renewal waits for no lock: it renews the rows it can lock at once and skips those
+  another transaction holds (being settled, handed back or claimed; a row still held at the next
+  renewal is renewed then, and a lease spans three renewals), so it is never part of a circle of
+  waits. A release at close locks the subscriber's rows first, in key order (``topic, grp, seq``),
+  then changes them. An ack locks its row, then the message's row (if another group's row is
+  left), then the key's advisory lock, then the key's next row (which nobody owns); a batch of
+  unkeyed acks does this row after row in ``seq`` order, so batches lock message rows in one
+  order. A publish key-share-locks the groups, then takes the keys' advisory locks in a fixed
+  order; an ephemeral group's close deletes the group's row, then its rows, after any running
+  renewal.
 * **garbage**: besides the deletes of ``ack``, a sweep every 30 s (by one broker at a time:
   ``pg_try_advisory_xact_lock``) deletes messages no delivery refers to and dead ephemeral groups.
 * **reconnect**: the connection pool replaces connections the server dropped; the ``LISTEN``
@@ -492,16 +494,15 @@ SELECT pg_notify($3, $4) WHERE EXISTS (SELECT 1 FROM back)
         self.drop_group = f"DELETE FROM {s}.subscriptions WHERE topic = $1 AND grp = $2"
         self.drop_group_rows = f"DELETE FROM {s}.deliveries WHERE topic = $1 AND grp = $2"
         # $1 lease seconds, $2..$5 topic/group/seq/owner of every held row, $6/$7 ephemeral groups.
-        # The rows are locked in key order, whatever order they are listed in (the module's
-        # **locks**): the update changes only rows ``held`` locked.
+        # Waits for no lock (the module's **locks**): rows another transaction holds are skipped;
+        # the update changes only rows ``held`` locked.
         self.renew = f"""
 WITH held AS (
     SELECT k.topic, k.grp, k.seq, k.owner
     FROM unnest($2::text[], $3::text[], $4::int8[], $5::text[]) AS k(topic, grp, seq, owner)
     JOIN {s}.deliveries AS d
         ON d.topic = k.topic AND d.grp = k.grp AND d.seq = k.seq AND d.owner = k.owner
-    ORDER BY d.topic, d.grp, d.seq
-    FOR NO KEY UPDATE OF d
+    FOR NO KEY UPDATE OF d SKIP LOCKED
 ), renewed AS (
     UPDATE {s}.deliveries AS d
     SET lease_until = statement_timestamp() + make_interval(secs => $1::float8)
@@ -1110,11 +1111,9 @@ class _PostgresSubscription:
 
     async def _ack_unkeyed(self, seq: int) -> None:
         """Ack an unkeyed row together with the others acked while a batch is in flight: those
-        gather and go as the next batch, one statement and one transaction, rows locked in
-        ascending ``seq`` (as renewals and releases lock them; unkeyed acks take no key lock and
-        lock a message's row only after its delivery's, so batches cannot wait on one another in a
-        circle). Without a batch in flight, an ack goes at once. Should a batch fail while the
-        server is there, each of its rows is acked alone."""
+        gather and go as the next batch, one statement and one transaction, rows in ascending
+        ``seq`` (the module's **locks**). Without a batch in flight, an ack goes at once. Should a
+        batch fail while the server is there, each of its rows is acked alone."""
         gathering = self.acks
         if gathering is None:
             gathering = self.acks = []
@@ -1123,18 +1122,26 @@ class _PostgresSubscription:
             assert self.acks_sent is not None
             sent = self.acks_sent
         gathering.append(seq)
-        try:
-            await asyncio.shield(sent)
-        except BrokerUnavailableError:
-            raise
-        except TransportError:
-            await self.broker._settle(self, seq, None, wake=False)
+        await asyncio.shield(sent)
 
     async def _send_acks(self, seqs: list[int]) -> None:
         async with self.ack_turn:
             if self.acks is seqs:  # acks from now on gather for the next batch
                 self.acks = None
-            await self.broker._ack_unkeyed(self, sorted(seqs))
+            ordered = sorted(seqs)
+            try:
+                await self.broker._ack_unkeyed(self, ordered)
+            except BrokerUnavailableError:
+                raise
+            except TransportError:  # each alone, so that one row's failure fails no other
+                failure: TransportError | None = None
+                for seq in ordered:
+                    try:
+                        await self.broker._settle(self, seq, None, wake=False)
+                    except TransportError as error:
+                        failure = error
+                if failure is not None:
+                    raise failure from None
 
     async def close(self) -> None:
         if self.closed:
@@ -1144,6 +1151,8 @@ class _PostgresSubscription:
         claiming = self.claiming
         if claiming is not None:
             await asyncio.wait({claiming})
+        if self.acks_sent is not None:  # acks made before the close go before the release (the
+            await asyncio.wait({self.acks_sent})  # last batch: it runs after the ones before it)
         self.broker._subscriptions.discard(self)
         never_handed_out = [delivery._seq for delivery in self.buffer]
         returned = [delivery.envelope for delivery in self.buffer]
