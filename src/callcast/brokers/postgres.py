@@ -461,8 +461,8 @@ ORDER BY c.seq
 """
         # $1 topic, $2 group, $3 seq, $4 owner, $5 channel, $6 payload.
         self.ack = f"SELECT {s}.ack($1, $2, $3, $4, $5, $6), {_NOT_FLUSHED}"
-        # Unkeyed rows of one subscriber: $3 their seqs, ascending (the order renewals and releases
-        # lock rows in), acked one after the other in one transaction.
+        # Unkeyed rows of one subscriber: $3 their seqs, ascending (the order releases lock rows in,
+        # and every batch message rows), acked one after the other in one transaction.
         self.ack_many = (
             f"SELECT {s}.ack($1, $2, seq, $4, $5, $6), {_NOT_FLUSHED} FROM unnest($3::int8[]) AS seq"
         )
@@ -479,7 +479,7 @@ SELECT pg_notify($6, $7) FROM back WHERE $5::float8 <= 0
 """
         # $1 owner, $2 seqs never handed out, $3 channel, $4 payload. The owner is unique to one
         # subscription (of one topic and group): its index finds the rows. All locked first, in key
-        # order, as a renewal locks them (the module's **locks**), by the ARRAY's InitPlan.
+        # order (the module's **locks**), by the ARRAY's InitPlan.
         self.release = f"""
 WITH back AS (
     UPDATE {s}.deliveries
@@ -1151,8 +1151,11 @@ class _PostgresSubscription:
         claiming = self.claiming
         if claiming is not None:
             await asyncio.wait({claiming})
-        if self.acks_sent is not None:  # acks made before the close go before the release (the
-            await asyncio.wait({self.acks_sent})  # last batch: it runs after the ones before it)
+        sent = self.acks_sent  # the last batch (it runs after the ones before it): acks made
+        if sent is not None:  # before the close go before the release
+            await asyncio.wait({sent})
+            if not sent.cancelled():
+                sent.exception()  # seen here if by no ack: a failed batch's rows return after the lease
         self.broker._subscriptions.discard(self)
         never_handed_out = [delivery._seq for delivery in self.buffer]
         returned = [delivery.envelope for delivery in self.buffer]
