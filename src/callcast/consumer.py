@@ -324,7 +324,7 @@ class Consumer:
         assert self.database is not None
         while True:
             async with self.database.transaction() as conn:
-                await sequence.admit(conn, handler.group, key, 0, handler.sequencing.first)  # lock the key
+                await sequence.lock_key(conn, handler.group, key, handler.sequencing.first)
                 started = await sequence.start_parked(conn, handler.group, key)
             if started is None:
                 return
@@ -338,9 +338,7 @@ class Consumer:
             taken: tuple[int, Envelope] | None = None
             try:
                 async with ctx.transaction() as conn:
-                    await sequence.admit(
-                        conn, handler.group, key, 0, handler.sequencing.first
-                    )  # lock the key
+                    await sequence.lock_key(conn, handler.group, key, handler.sequencing.first)
                     taken = await sequence.take_parked(conn, handler.group, key)
                     if taken is None:
                         return
@@ -377,7 +375,7 @@ class Consumer:
         assert handler.sequencing is not None
         assert self.database is not None
         async with self.database.transaction() as conn:
-            await sequence.admit(conn, handler.group, key, 0, handler.sequencing.first)  # lock the key
+            await sequence.lock_key(conn, handler.group, key, handler.sequencing.first)
             if not await sequence.is_next_parked(conn, handler.group, key, number):
                 return
         failed = self._parked_failures.pop((key, number), None)
@@ -390,7 +388,7 @@ class Consumer:
         )
         await self._send_parked_letter(envelope, reason, error, starts)
         async with self.database.transaction() as conn:
-            await sequence.admit(conn, handler.group, key, 0, handler.sequencing.first)  # lock the key
+            await sequence.lock_key(conn, handler.group, key, handler.sequencing.first)
             dropped = await sequence.drop_parked(conn, handler.group, key, number)
         if dropped:
             log.warning("%s: dead-lettering parked %s (%s): %s", handler.group, envelope.id, reason, error)

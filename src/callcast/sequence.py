@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from pydantic import BaseModel
-from sqlalchemy import and_, select
+from sqlalchemy import ColumnElement, and_, select
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -87,6 +87,11 @@ async def admit(conn: AsyncConnection, subscriber: str, key: str, sequence: int,
     return Verdict.APPLY if sequence == last + 1 else Verdict.EARLY
 
 
+async def lock_key(conn: AsyncConnection, subscriber: str, key: str, first: int) -> None:
+    """Take ``key``'s row lock (creating its row) for the rest of the transaction."""
+    await admit(conn, subscriber, key, 0, first)
+
+
 async def advance(conn: AsyncConnection, subscriber: str, key: str, sequence: int) -> None:
     await conn.execute(
         sequence_table.update()
@@ -126,6 +131,15 @@ async def _last_applied(conn: AsyncConnection, subscriber: str, key: str) -> int
     return last
 
 
+def _parked(subscriber: str, key: str, number: int) -> ColumnElement[bool]:
+    """The row of parked message ``number`` of ``key``."""
+    return and_(
+        parked_table.c.subscriber == subscriber,
+        parked_table.c.key == key,
+        parked_table.c.sequence == number,
+    )
+
+
 STARTS = "x-callcast-parked-starts"
 """Kept in a parked message's stored headers (which envelopes do not read back): how often its
 handler was started. A start that killed the process leaves no other trace, and this bounds it."""
@@ -138,11 +152,7 @@ async def start_parked(conn: AsyncConnection, subscriber: str, key: str) -> tupl
     last = await _last_applied(conn, subscriber, key)
     if last is None:
         return None
-    this = and_(
-        parked_table.c.subscriber == subscriber,
-        parked_table.c.key == key,
-        parked_table.c.sequence == last + 1,
-    )
+    this = _parked(subscriber, key, last + 1)
     raw = (await conn.execute(select(parked_table.c.headers, parked_table.c.body).where(this))).first()
     if raw is None:
         return None
@@ -160,25 +170,13 @@ async def is_next_parked(conn: AsyncConnection, subscriber: str, key: str, numbe
     last = await _last_applied(conn, subscriber, key)
     if last is None or number != last + 1:
         return False
-    row = await conn.execute(
-        select(parked_table.c.sequence).where(
-            parked_table.c.subscriber == subscriber,
-            parked_table.c.key == key,
-            parked_table.c.sequence == number,
-        )
-    )
+    row = await conn.execute(select(parked_table.c.sequence).where(_parked(subscriber, key, number)))
     return row.first() is not None
 
 
 async def drop_parked(conn: AsyncConnection, subscriber: str, key: str, number: int) -> bool:
     """Remove parked message ``number`` of ``key``; whether it was there."""
-    result = await conn.execute(
-        parked_table.delete().where(
-            parked_table.c.subscriber == subscriber,
-            parked_table.c.key == key,
-            parked_table.c.sequence == number,
-        )
-    )
+    result = await conn.execute(parked_table.delete().where(_parked(subscriber, key, number)))
     return bool(result.rowcount == 1)
 
 
