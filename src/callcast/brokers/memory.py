@@ -37,17 +37,36 @@ class _Entry:
     holder: _MemorySubscription | None = None
 
 
+def _holes_allowed(entries: int) -> int:
+    """Removed slots a group's dict may keep: a take skips up to this many (a C loop, ~1 ns each),
+    and a rebuild copies ``entries`` (~10 ns each) once per this many removals."""
+    return max(4096, entries // 32)
+
+
 @dataclass(slots=True, eq=False)
 class _Group:
     ephemeral: bool
     entries: dict[int, _Entry] = field(default_factory=dict)  # in publish (seq) order
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    holes: int = 0  # entries removed since ``entries`` was last rebuilt
 
     def wake(self) -> None:
         # Set the event the waiters hold and give later ones a fresh one: nobody clears an event
         # another subscriber is about to wait on, so no wake-up is lost between them.
         self.changed.set()
         self.changed = asyncio.Event()
+
+    def remove(self, seq: int) -> None:
+        """Drop an acknowledged entry. A dict keeps the slot of a removed entry until it is
+        rebuilt, and :meth:`take` walks from the front, where acknowledged entries leave their
+        slots: the dict is rebuilt once they pass :func:`_holes_allowed`, so a take skips at most
+        that many, and draining a backlog does not slow down as it goes."""
+        if self.entries.pop(seq, None) is None:
+            return
+        self.holes += 1
+        if self.holes > _holes_allowed(len(self.entries)):
+            self.entries = dict(self.entries)
+            self.holes = 0
 
     def take(self, holder: _MemorySubscription, now: float) -> tuple[_Entry | None, float | None]:
         """The first entry that is free, due, and the head of its key; else when to look again."""
@@ -184,7 +203,7 @@ class _MemorySubscription:
         self.outstanding.discard(entry)
         entry.holder = None
         if remove:
-            self.group_state.entries.pop(entry.seq, None)
+            self.group_state.remove(entry.seq)
         else:
             entry.available_at = asyncio.get_running_loop().time() + delay
         self.group_state.wake()
