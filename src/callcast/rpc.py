@@ -84,9 +84,9 @@ def call_error_status(error: CallError) -> int:
 
 
 def public_call_error(error: CallError) -> tuple[int, str]:
-    """The status and detail an HTTP route answers its (perhaps external) client when a call it
-    made failed: a 4xx passed on carries the callee's own reason; a 5xx says only which kind of
-    failure it was, since the full text names internal services, error types and broker
+    """The status and detail a route or RPC endpoint answers its (perhaps external) caller when a
+    call it made failed: a 4xx passed on carries the callee's own reason; a 5xx says only which
+    kind of failure it was, since the full text names internal services, error types and broker
     addresses. That text is logged at WARNING (with the correlation id), for the operator."""
     status = call_error_status(error)
     if isinstance(error, RemoteError) and status < 500:
@@ -125,10 +125,10 @@ async def execute(endpoint: RpcEndpoint[Any, Any], data: bytes, ctx: Context) ->
     except TimeoutError:
         return 504, error_body("CallTimeoutError", "deadline exceeded")
     except CallError as error:  # a call the endpoint made failed
-        status = call_error_status(error)
+        status, detail = public_call_error(error)
         if isinstance(error, RemoteError) and status < 500:  # passed on as the callee said it
-            return status, error_body(error.error_type or "RemoteError", error.detail)
-        return status, error_body(type(error).__name__, str(error))
+            return status, error_body(error.error_type or "RemoteError", detail)
+        return status, error_body(type(error).__name__, detail)
     except Exception as error:
         log.exception("RPC %s.%s failed", endpoint.service, endpoint.name)
         return 500, error_body(type(error).__name__, "internal error")

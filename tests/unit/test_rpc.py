@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import time
 
 import orjson
@@ -173,12 +174,21 @@ async def test_an_endpoint_whose_callee_refused_the_input_answers_that_4xx_not_5
     assert orjson.loads(body) == {"error": "HTTPError", "detail": "n must be even"}  # not who said it
 
 
-async def test_an_endpoint_whose_own_call_found_no_one_answers_503_not_502(start: StartApp) -> None:
-    """A callee that could not reach *its* callee is unavailable, not broken: 503 (retryable)."""
+async def test_an_endpoint_whose_own_call_found_no_one_answers_503_not_502(
+    start: StartApp, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A callee that could not reach *its* callee is unavailable, not broken: 503 (retryable).
+    Its answer (``/rpc`` may face outside callers) names the kind of failure only; the full text,
+    naming the internal service it could not reach, goes to the log."""
     runtime = await start(App([gateway], name="relay"))
-    status, body = await execute(forward, b'{"n": 1}', runtime.context("gateway"))
+    with caplog.at_level(logging.WARNING, logger="callcast.rpc"):
+        status, body = await execute(forward, b'{"n": 1}', runtime.context("gateway"))
     assert status == 503
-    assert b"connection refused" in body
+    assert orjson.loads(body) == {
+        "error": "ServiceUnavailableError",
+        "detail": "a service this request needs is unavailable",
+    }
+    assert "downstream.work: connection refused" in caplog.text
 
 
 @gateway.get("/relay/{outcome}")
