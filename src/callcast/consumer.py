@@ -18,7 +18,11 @@ For each delivery: decode → validate → (order gate) → (inbox / sequence) �
 * Up to ``concurrency`` deliveries are handled at once (the subscription's prefetch bounds them).
   Messages of one partition key run one at a time, in the order they arrived: the broker
   guarantees that across processes where ``capabilities.ordered_per_key``; otherwise the
-  :class:`~callcast.ordering.KeyGate` does within this process.
+  :class:`~callcast.ordering.KeyGate` does within this process. There a keyed message whose
+  retry delay is at most :data:`IN_LANE_MAX_DELAY` is retried in its lane: it keeps its delivery
+  (its lease renewed by the adapter) and its turn, and runs again after the delay, so the later
+  messages of its key, which wait in the prefetch, cannot run first, even if they fill it. A longer
+  delay sends it back to the broker with a hold on its key (:meth:`~callcast.ordering.KeyGate.hold`).
 * ``stop`` stops taking deliveries, lets running handlers finish within a grace period, and gives
   the rest back to the broker, so nothing is lost.
 """
@@ -48,12 +52,17 @@ from callcast.isolation import Isolation
 from callcast.ordering import KeyGate
 from callcast.service import EventHandler
 from callcast.transport import Broker, Delivery
+from callcast.waiting import wait_event
 
 log = logging.getLogger("callcast.consumer")
 
 FIRST_FAILURES_KEPT = 10_000
 HOLD_MARGIN = 2.0
 """Seconds a key stays held past its retried message's delay, waiting for it to come back here."""
+IN_LANE_MAX_DELAY = 60.0
+"""The longest retry delay a keyed message waits out in its lane, holding its delivery, on a broker
+without per-key order (RabbitMQ's default ``consumer_timeout``, 30 minutes, bounds how long a delivery
+may stay unsettled; ``max_attempts`` such waits stay well within it)."""
 
 ContextFactory = Callable[[str, Envelope, int], Context]
 """Builds the context of one delivery: (service, envelope, attempt) -> Context, whose ``envelope``
@@ -100,6 +109,8 @@ class Consumer:
         self._sweeping = False  # a sweeper pass is under way
         self._sweep_again = True  # False once the consumer stops
         self._collector: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()  # ends the waits of retries in their lanes
+        self._stop_grace = 0.0
 
     async def start(self) -> None:
         handler = self.handler
@@ -125,6 +136,8 @@ class Consumer:
             self._crashes.collect()
 
     async def stop(self, grace: float) -> None:
+        self._stop_grace = grace
+        self._stopping.set()
         if self._collector is not None:
             self._collector.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -173,9 +186,17 @@ class Consumer:
             key = delivery.envelope.partition_key
             if self._gate is None or key is None:  # no order to keep here
                 await self._isolated(delivery, evidence, suspect)
-            else:
-                async with self._gate.turn(key, delivery.envelope.id):
-                    await self._isolated(delivery, evidence, suspect)
+                return
+            async with self._gate.turn(key, delivery.envelope.id):
+                runs = 0
+                while (pause := await self._isolated(delivery, evidence, suspect, runs)) is not None:
+                    runs += 1
+                    if await wait_event(self._stopping, pause):
+                        # Unsettled, it goes back with the subscription; its key's later messages
+                        # wait here until they are cut off too, so none runs before it.
+                        self._gate.hold(key, delivery.envelope.id, self._stop_grace + HOLD_MARGIN)
+                        return
+                    suspect = self._is_suspect(delivery, evidence)
         except TransportError as error:  # could not settle: the lease runs out, it comes back
             log.warning(
                 "%s: could not settle message %s: %s", self.handler.group, delivery.envelope.id, error
@@ -185,20 +206,22 @@ class Consumer:
             with contextlib.suppress(TransportError):
                 await delivery.nack(delay=self.handler.retry.delay(delivery.attempt))
 
-    async def _isolated(self, delivery: Delivery, evidence: Evidence, suspect: bool) -> None:
-        """A suspect runs alone, named in this process's crash marker; the others share."""
+    async def _isolated(
+        self, delivery: Delivery, evidence: Evidence, suspect: bool, runs: int = 0
+    ) -> float | None:
+        """A suspect runs alone, named in this process's crash marker; the others share. Returns
+        what :meth:`_process` does."""
         if not suspect:
             await self._isolation.enter_shared()  # no async context manager: this is the hot path
             try:
-                await self._process(delivery, evidence)
+                return await self._process(delivery, evidence, runs)
             finally:
                 await self._isolation.leave_shared()
-            return
         assert self._crashes is not None
         async with self._isolation.alone():
             self._crashes.running_alone(delivery.envelope.id)
             try:
-                await self._process(delivery, evidence)
+                return await self._process(delivery, evidence, runs)
             finally:
                 self._crashes.finished_alone()
 
@@ -221,34 +244,37 @@ class Consumer:
         if self._crashes is not None and delivery.attempt > 1:
             self._crashes.forget(delivery.envelope.id)
 
-    async def _process(self, delivery: Delivery, evidence: Evidence) -> None:
+    async def _process(self, delivery: Delivery, evidence: Evidence, runs: int = 0) -> float | None:
+        """Handle the delivery and settle it; or, for a retry in its lane, leave it unsettled and
+        return the seconds to wait before running it again. ``runs``: the runs of this delivery
+        so far (retries in the lane), which count against ``max_attempts`` like deliveries."""
         handler = self.handler
         envelope = delivery.envelope
-        own = evidence.own(delivery.attempt)
+        own = evidence.own(delivery.attempt) + runs
         if envelope.type == UNDECODABLE_TYPE:
             reason = envelope.extensions.get("decodeerror", "not a CloudEvent")
             await self._dead_letter(delivery, "undecodable", DecodeError(reason))
-            return
+            return None
         if envelope.type != handler.topic:
             unknown = UnknownEventError(f"{handler.group} handles {handler.topic!r}, got {envelope.type!r}")
             await self._dead_letter(delivery, "unknown-type", unknown)
-            return
+            return None
         crash_loop = self._crash_loop(delivery, evidence, own)
         if crash_loop is not None:
             if await self._already_applied(envelope.id):  # its effects committed before a crash
                 await delivery.ack()
                 self.stats["duplicates"] += 1
                 self._settled_for_good(delivery)
-                return
+                return None
             await self._dead_letter(delivery, "crashloop", PermanentError(crash_loop), own)
-            return
+            return None
         try:
             event = decode(handler.model, envelope.data)
             if handler.sequencing is not None:
                 handler.sequencing.sequence_of(envelope, event)
         except DecodeError as error:
             await self._dead_letter(delivery, "invalid", error, own)
-            return
+            return None
         ctx = self.make_context(handler.service, envelope, delivery.attempt)
         try:
             outcome = await self._apply(event, envelope, ctx)
@@ -258,7 +284,8 @@ class Consumer:
             if isinstance(error, asyncio.CancelledError) and _stop_asked():
                 raise  # the consumer stops: the delivery goes back with the subscription
             # Otherwise a failure like any other, even a CancelledError of the handler's own making
-            # (a task it awaited was cancelled): settled, never left holding a prefetch slot.
+            # (a task it awaited was cancelled): settled, or retried in its lane, never left
+            # holding a prefetch slot for good.
             if own >= handler.retry.max_attempts:
                 await self._dead_letter(delivery, "error", error, own)
             else:
@@ -268,6 +295,8 @@ class Consumer:
                 if len(self._first_failures) >= FIRST_FAILURES_KEPT:
                     self._first_failures.pop(next(iter(self._first_failures)))
                 self._first_failures.setdefault(envelope.id, now_rfc3339())
+                if self._retries_in_lane(envelope, delay):
+                    return delay  # the delivery goes on: no account of its end for the ledger
                 if self._crashes is not None:
                     self._crashes.failed(envelope.id)
                 if self._gate is not None:  # before the nack: it may be back before the nack returns
@@ -280,6 +309,11 @@ class Consumer:
             self._settled_for_good(delivery)
             if outcome == "handled" and handler.sequencing is not None:
                 await self._apply_parked(envelope.partition_key or "")
+        return None
+
+    def _retries_in_lane(self, envelope: Envelope, delay: float) -> bool:
+        """Whether a failed ``envelope`` waits out its retry delay in its key's lane (see the module)."""
+        return self._gate is not None and envelope.partition_key is not None and delay <= IN_LANE_MAX_DELAY
 
     async def _already_applied(self, message_id: str) -> bool:
         if not self.handler.idempotent or self.handler.sequencing is not None or self.database is None:

@@ -2,9 +2,12 @@
 
 Where a broker's ``capabilities.ordered_per_key`` is false (RabbitMQ, NATS, Redis), a consumer's
 deliveries of one partition key pass through a :class:`KeyGate`: they run one at a time, in the
-order they arrived, while other keys run in parallel. A message sent back for a delayed retry puts
-a *hold* on its key: later messages of that key wait until it comes back (and runs first) or until
-the hold expires (it went to another process), so a retry holds back only its own key.
+order they arrived, while other keys run in parallel. A failed message is retried in its lane: it
+keeps its turn while it waits out its retry delay (:mod:`callcast.consumer`), so the later
+messages of its key wait behind it. One sent back to the broker instead (a delay too long to
+wait here, or a stop) puts a *hold* on its key: later messages of that key wait until it comes
+back (and runs first) or until the hold expires (it went to another process), so a retry holds
+back only its own key.
 
 Across processes, order on such brokers holds only as far as the broker delivers one key's
 messages to one process; use a broker with ``ordered_per_key`` or ``sequenced=True`` handlers for a
