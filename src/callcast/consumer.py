@@ -275,7 +275,7 @@ class Consumer:
         except DecodeError as error:
             await self._dead_letter(delivery, "invalid", error, own)
             return None
-        ctx = self.make_context(handler.service, envelope, delivery.attempt)
+        ctx = self.make_context(handler.service, envelope, delivery.attempt + runs)
         try:
             outcome = await self._apply(event, envelope, ctx)
         except PermanentError as error:

@@ -66,7 +66,8 @@ class Context:
         self._envelope = envelope
         self._stamp_attempt = stamp_attempt and envelope is not None
         self.attempt = attempt
-        """Which delivery of ``envelope`` this is (1 = first), as counted by the broker."""
+        """Which attempt at ``envelope`` this is (1 = first): the broker's count of its deliveries,
+        plus, for an event handler, its retries in the lane of its key (:mod:`callcast.consumer`)."""
         self.deadline = deadline
         """UNIX time by which the caller gives up (RPC), or ``None``."""
         self._tx: AsyncConnection | None = None

@@ -30,10 +30,13 @@ runs: dict[str, list[tuple[str, int]]] = {"narrow": [], "wide": [], "patient": [
 """Per handler, the (account, step) of each run, in the order they started."""
 failures_left: dict[tuple[str, str, int], int] = {}
 """(handler, account, step) -> runs of it that fail before one succeeds."""
+attempts: dict[tuple[str, str, int], list[int]] = {}
+"""(handler, account, step) -> ``ctx.attempt`` of each of its runs."""
 
 
-async def _run(handler: str, event: Step) -> None:
+async def _run(handler: str, event: Step, ctx: Context) -> None:
     runs[handler].append((event.account, event.n))
+    attempts.setdefault((handler, event.account, event.n), []).append(ctx.attempt)
     left = failures_left.get((handler, event.account, event.n), 0)
     if left:
         failures_left[(handler, event.account, event.n)] = left - 1
@@ -42,18 +45,18 @@ async def _run(handler: str, event: Step) -> None:
 
 @worker.on(Step, name="narrow", concurrency=1, retry=FAST_RETRY)
 async def narrow(event: Step, ctx: Context) -> None:
-    await _run("narrow", event)
+    await _run("narrow", event, ctx)
 
 
 @worker.on(Step, name="wide", concurrency=3, retry=FAST_RETRY)
 async def wide(event: Step, ctx: Context) -> None:
-    await _run("wide", event)
+    await _run("wide", event, ctx)
 
 
 @worker.on(Step, name="patient", concurrency=3, retry=RetryPolicy(base_delay=20.0, max_delay=30.0))
 async def patient(event: Step, ctx: Context) -> None:
     """Retries after 10 to 30 s: still in its lane (``IN_LANE_MAX_DELAY``), and past any stop."""
-    await _run("patient", event)
+    await _run("patient", event, ctx)
 
 
 app = App([producer, worker], name="keyorder")
@@ -76,6 +79,7 @@ async def runtime(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
     for handler_runs in runs.values():
         handler_runs.clear()
     failures_left.clear()
+    attempts.clear()
     started: Runtime | None = None
     try:
         started = await app.start(broker=broker, data_dir=tmp_path)
@@ -122,6 +126,7 @@ async def test_a_retried_message_runs_before_the_later_ones_of_its_key(runtime: 
     for handler in ("narrow", "wide"):
         assert steps(handler, "a") == [1, 1, 1, 2, 3, 4, 5], handler
         assert steps(handler, "b") == [1, 2], handler
+        assert attempts[(handler, "a", 1)] == [1, 2, 3], handler  # retries in the lane count
     assert stats(runtime, "narrow")["retried"] == 2
 
 
