@@ -18,11 +18,14 @@ For each delivery: decode → validate → (order gate) → (inbox / sequence) �
 * Up to ``concurrency`` deliveries are handled at once (the subscription's prefetch bounds them).
   Messages of one partition key run one at a time, in the order they arrived: the broker
   guarantees that across processes where ``capabilities.ordered_per_key``; otherwise the
-  :class:`~callcast.ordering.KeyGate` does within this process. There a keyed message whose
-  retry delay is at most :data:`IN_LANE_MAX_DELAY` is retried in its lane: it keeps its delivery
-  (its lease renewed by the adapter) and its turn, and runs again after the delay, so the later
-  messages of its key, which wait in the prefetch, cannot run first, even if they fill it. A longer
-  delay sends it back to the broker with a hold on its key (:meth:`~callcast.ordering.KeyGate.hold`).
+  :class:`~callcast.ordering.KeyGate` does within this process. There a failed keyed message is
+  retried in its lane: it keeps its delivery (its lease renewed by the adapter) and its turn, and
+  runs again after its retry delay, so the later messages of its key, which wait in the prefetch,
+  cannot run first, even if they fill it (other keys then wait too). It goes back to the broker
+  with a hold on its key (:meth:`~callcast.ordering.KeyGate.hold`) instead once the delay would
+  end more than :data:`LANE_TIME` after its first run, or if a process of its group died near it
+  (see :meth:`Consumer._retries_in_lane`). A stop during the wait gives it back unsettled (its
+  next run comes at once, in the next process) and keeps its key's later messages from running.
 * ``stop`` stops taking deliveries, lets running handlers finish within a grace period, and gives
   the rest back to the broker, so nothing is lost.
 """
@@ -33,6 +36,7 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
+import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -59,10 +63,10 @@ log = logging.getLogger("callcast.consumer")
 FIRST_FAILURES_KEPT = 10_000
 HOLD_MARGIN = 2.0
 """Seconds a key stays held past its retried message's delay, waiting for it to come back here."""
-IN_LANE_MAX_DELAY = 60.0
-"""The longest retry delay a keyed message waits out in its lane, holding its delivery, on a broker
-without per-key order (RabbitMQ's default ``consumer_timeout``, 30 minutes, bounds how long a delivery
-may stay unsettled; ``max_attempts`` such waits stay well within it)."""
+LANE_TIME = 300.0
+"""Seconds after its first run within which a keyed message's retries may wait in its lane, holding
+its delivery, on a broker without per-key order: well within RabbitMQ's default
+``consumer_timeout`` (30 minutes), after which RabbitMQ takes back every delivery of the channel."""
 
 ContextFactory = Callable[[str, Envelope, int], Context]
 """Builds the context of one delivery: (service, envelope, attempt) -> Context, whose ``envelope``
@@ -188,8 +192,10 @@ class Consumer:
                 await self._isolated(delivery, evidence, suspect)
                 return
             async with self._gate.turn(key, delivery.envelope.id):
-                runs = 0
-                while (pause := await self._isolated(delivery, evidence, suspect, runs)) is not None:
+                runs, lane_ends = 0, time.monotonic() + LANE_TIME
+                while (
+                    pause := await self._isolated(delivery, evidence, suspect, runs, lane_ends)
+                ) is not None:
                     runs += 1
                     if await wait_event(self._stopping, pause):
                         # Unsettled, it goes back with the subscription; its key's later messages
@@ -207,21 +213,26 @@ class Consumer:
                 await delivery.nack(delay=self.handler.retry.delay(delivery.attempt))
 
     async def _isolated(
-        self, delivery: Delivery, evidence: Evidence, suspect: bool, runs: int = 0
+        self,
+        delivery: Delivery,
+        evidence: Evidence,
+        suspect: bool,
+        runs: int = 0,
+        lane_ends: float | None = None,
     ) -> float | None:
         """A suspect runs alone, named in this process's crash marker; the others share. Returns
         what :meth:`_process` does."""
         if not suspect:
             await self._isolation.enter_shared()  # no async context manager: this is the hot path
             try:
-                return await self._process(delivery, evidence, runs)
+                return await self._process(delivery, evidence, runs, lane_ends)
             finally:
                 await self._isolation.leave_shared()
         assert self._crashes is not None
         async with self._isolation.alone():
             self._crashes.running_alone(delivery.envelope.id)
             try:
-                return await self._process(delivery, evidence, runs)
+                return await self._process(delivery, evidence, runs, lane_ends)
             finally:
                 self._crashes.finished_alone()
 
@@ -244,10 +255,13 @@ class Consumer:
         if self._crashes is not None and delivery.attempt > 1:
             self._crashes.forget(delivery.envelope.id)
 
-    async def _process(self, delivery: Delivery, evidence: Evidence, runs: int = 0) -> float | None:
+    async def _process(
+        self, delivery: Delivery, evidence: Evidence, runs: int = 0, lane_ends: float | None = None
+    ) -> float | None:
         """Handle the delivery and settle it; or, for a retry in its lane, leave it unsettled and
         return the seconds to wait before running it again. ``runs``: the runs of this delivery
-        so far (retries in the lane), which count against ``max_attempts`` like deliveries."""
+        so far (retries in the lane), which count against ``max_attempts`` like deliveries;
+        ``lane_ends``: when its lane's time ends (``time.monotonic()``), or ``None`` outside a lane."""
         handler = self.handler
         envelope = delivery.envelope
         own = evidence.own(delivery.attempt) + runs
@@ -295,7 +309,7 @@ class Consumer:
                 if len(self._first_failures) >= FIRST_FAILURES_KEPT:
                     self._first_failures.pop(next(iter(self._first_failures)))
                 self._first_failures.setdefault(envelope.id, now_rfc3339())
-                if self._retries_in_lane(envelope, delay):
+                if self._retries_in_lane(evidence, delay, lane_ends):
                     return delay  # the delivery goes on: no account of its end for the ledger
                 if self._crashes is not None:
                     self._crashes.failed(envelope.id)
@@ -311,9 +325,14 @@ class Consumer:
                 await self._apply_parked(envelope.partition_key or "")
         return None
 
-    def _retries_in_lane(self, envelope: Envelope, delay: float) -> bool:
-        """Whether a failed ``envelope`` waits out its retry delay in its key's lane (see the module)."""
-        return self._gate is not None and envelope.partition_key is not None and delay <= IN_LANE_MAX_DELAY
+    @staticmethod
+    def _retries_in_lane(evidence: Evidence, delay: float, lane_ends: float | None) -> bool:
+        """Whether a failed message waits out its retry ``delay`` in its key's lane: in a lane whose
+        time (:data:`LANE_TIME`) the delay ends within, and with no death of a process of its group
+        near it. Its runs in a lane leave no account in the crash ledger, so a message that raised
+        and killed its process by turns would otherwise never reach ``max_attempts``; sent back to
+        the broker, each raise is counted (:meth:`~callcast.crashes.CrashLedger.failed`)."""
+        return lane_ends is not None and not evidence.near_a_crash and time.monotonic() + delay <= lane_ends
 
     async def _already_applied(self, message_id: str) -> bool:
         if not self.handler.idempotent or self.handler.sequencing is not None or self.database is None:

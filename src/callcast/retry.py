@@ -7,9 +7,11 @@
 A message whose handler raised is given back to the broker with ``nack(delay=d)``, where
 ``d = min(max_delay, base_delay × 2^(attempt-1))`` scaled by a random factor in [0.5, 1] (jitter,
 so retries of many messages do not arrive together). The delay lives in the broker, not in a
-sleeping task: it does not block other messages and survives a restart. After ``max_attempts`` runs
-of its own the message is dead-lettered: the broker's count of deliveries, less those cut short or
-lost when another message killed the process (:mod:`callcast.crashes`).
+sleeping task: it does not block other messages and survives a restart. The exception: a keyed
+message on a broker without per-key order waits out its delay in its key's lane, so the later
+messages of its key cannot pass it (:mod:`callcast.consumer`). After ``max_attempts`` runs of its
+own the message is dead-lettered: the broker's count of deliveries, less those cut short or lost
+when another message killed the process (:mod:`callcast.crashes`), plus its runs in the lane.
 """
 
 from __future__ import annotations

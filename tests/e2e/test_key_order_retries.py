@@ -55,7 +55,7 @@ async def wide(event: Step, ctx: Context) -> None:
 
 @worker.on(Step, name="patient", concurrency=3, retry=RetryPolicy(base_delay=20.0, max_delay=30.0))
 async def patient(event: Step, ctx: Context) -> None:
-    """Retries after 10 to 30 s: still in its lane (``IN_LANE_MAX_DELAY``), and past any stop."""
+    """Its first retry comes after 10 to 20 s: in its lane (``LANE_TIME``), and after the stop."""
     await _run("patient", event, ctx)
 
 
@@ -108,10 +108,10 @@ def stats(runtime: Runtime, handler: str) -> dict[str, int]:
 
 
 async def test_a_retried_message_runs_before_the_later_ones_of_its_key(runtime: Runtime) -> None:
-    """Step 1 of ``a`` fails twice. The steps behind it take the free prefetch slots (all of them:
-    with ``concurrency=1`` the only one, with 3 the two left and the one its nack frees), so a
-    retry sent back to the broker could not come back before the key's hold ran out, and they
-    would run first. Retried in its lane, it runs before them; ``b`` is not held back by ``a``."""
+    """Step 1 of ``a`` fails twice. Sent back to the broker, its slot went to a step behind it (with
+    ``concurrency=1`` the only slot; with 3, the steps of ``a`` filled them all), so it could not
+    come back before its key's hold ran out, and the later steps ran first. Retried in its lane,
+    it runs before them."""
     for handler in ("narrow", "wide"):
         failures_left[(handler, "a", 1)] = 2
     ctx = runtime.context("producer")
@@ -155,6 +155,9 @@ async def test_a_stop_during_a_retry_wait_gives_the_message_back_first_of_its_ke
         await ctx.publish(Step(account="a", n=n), key="a")
     consumer, broker = consumer_of(runtime, "patient"), runtime.broker
     await wait_until(lambda: steps("patient", "a") == [1] and consumer.stats["retried"] == 1)
+    gate = consumer._gate
+    assert gate is not None
+    await wait_until(lambda: "a" in gate._lanes and len(gate._lanes["a"].tickets) == 1)  # step 2 waits
     await runtime.stop(grace=0.5)
     assert steps("patient", "a") == [1]
     assert consumer.stats["handled"] == 0

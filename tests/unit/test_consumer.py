@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -16,7 +17,7 @@ from pydantic import BaseModel
 from callcast import App, Context, Envelope, PermanentError, RetryPolicy, Service
 from callcast.brokers.memory import MemoryBroker
 from callcast.consumer import Consumer
-from callcast.crashes import ABSOLUTE_FACTOR
+from callcast.crashes import ABSOLUTE_FACTOR, NO_EVIDENCE, Evidence
 from callcast.deadletter import DEAD_LETTER_GROUP, DEAD_LETTER_TOPIC
 from callcast.exceptions import BrokerUnavailableError, PublishError
 from callcast.isolation import Isolation
@@ -534,3 +535,17 @@ async def test_competing_runtimes_share_and_each_group_gets_a_copy(start: StartA
     assert max(calls.values()) == 1
     handled = [sum(c.stats["handled"] for c in w._consumers if isinstance(c, Consumer)) for w in workers]
     assert min(handled) > 0, handled  # both took a share
+
+
+def test_a_retry_waits_in_its_lane_only_within_the_lane_time_and_far_from_crashes() -> None:
+    """In a lane (a keyed message on a broker without per-key order), a retry waits there while its
+    delay ends within the lane's time. Not near a death of a process of its group: runs in a lane
+    leave no account in the crash ledger, so a message that raises and kills its process by turns
+    must go back to the broker, where each raise is counted."""
+    now = time.monotonic()
+    in_time = now + 100.0
+    assert Consumer._retries_in_lane(NO_EVIDENCE, 1.0, in_time)
+    assert not Consumer._retries_in_lane(NO_EVIDENCE, 1.0, None)  # no lane: unkeyed, or ordered broker
+    assert not Consumer._retries_in_lane(NO_EVIDENCE, 200.0, in_time)  # past the lane's time
+    assert not Consumer._retries_in_lane(Evidence(deaths=1), 1.0, in_time)
+    assert not Consumer._retries_in_lane(Evidence(witnessed=1), 1.0, in_time)
