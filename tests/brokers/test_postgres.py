@@ -542,6 +542,44 @@ async def test_processes_connecting_at_once_create_the_schema_once(schema: str) 
                 await broker.close()
 
 
+async def test_a_schema_of_an_older_layout_is_brought_up_to_date_on_connect(schema: str) -> None:
+    """A schema an older callcast made (another comment, an older ``ack``) gets this version's
+    functions when a broker connects, and keeps its rows; one already up to date is left alone."""
+    url = server_url(schema, lease=f"{LEASE:g}")
+    first = await connect(url)
+    try:
+        await first.declare("orders", "billing")
+        await first.publish("orders", [event(b"kept")])
+    finally:
+        await first.close()
+    ack = f"'\"{schema}\".ack'::regproc"
+    async with sql() as conn:
+        current = await conn.fetchval(f"SELECT prosrc FROM pg_proc WHERE oid = {ack}")
+        await conn.execute(  # as an older version left it: the same signature, another body
+            f"UPDATE pg_proc SET prosrc = prosrc || ' -- older' WHERE oid = {ack}; "
+            f"COMMENT ON SCHEMA \"{schema}\" IS "
+            "'callcast broker: messages, subscriptions, deliveries (layout 1)'"
+        )
+        assert await conn.fetchval(f"SELECT prosrc FROM pg_proc WHERE oid = {ack}") != current
+    upgraded = await connect(url)
+    try:
+        async with sql() as conn:
+            assert await conn.fetchval(f"SELECT prosrc FROM pg_proc WHERE oid = {ack}") == current
+            layout = f"SELECT obj_description('\"{schema}\"'::regnamespace, 'pg_namespace')"
+            assert await conn.fetchval(layout) == postgres_module.LAYOUT
+            function_version = f"SELECT xmin::text FROM pg_proc WHERE oid = {ack}"
+            before = await conn.fetchval(function_version)
+            again = await connect(url)
+            await again.close()
+            assert await conn.fetchval(function_version) == before, "an up-to-date schema was changed"
+        subscription = await upgraded.subscribe("orders", "billing")
+        delivery = await asyncio.wait_for(subscription.__anext__(), 5)
+        assert delivery.envelope.data == b"kept"
+        await delivery.ack()
+    finally:
+        await upgraded.close()
+
+
 # -- what lives in the tables --------------------------------------------------------------------------------
 
 

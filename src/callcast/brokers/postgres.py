@@ -288,6 +288,13 @@ off`` (a server's default, or a session a transaction-pooling proxy hands out wi
 for each group row the publish returns: a publish that stored nothing has nothing to flush."""
 
 
+LAYOUT = "callcast broker: messages, subscriptions, deliveries (layout 2)"
+"""The schema's comment, set last by the DDL (one transaction): a schema that has it has every table,
+index and function of this version. Bumped whenever the DDL changes, so that connecting brings an
+older schema up to date. Layout 2: ``ack`` takes a turn on the message row when another group's
+row of it is left, so the last group's ack deletes the message."""
+
+
 def _lock_id(*parts: str) -> int:
     """A stable signed 32-bit id for an advisory lock (a collision only serializes needlessly)."""
     digest = hashlib.blake2b("\x00".join(parts).encode(), digest_size=4).digest()
@@ -300,7 +307,6 @@ class _Sql:
     def __init__(self, schema: str, key_lock_class: int) -> None:
         s = f'"{schema}"'
         self.schema = s
-        self.marker = f"{s}.deliveries_by_seq"  # created last: when it exists, the whole DDL ran
         key_lock_id = "hashtext(p_topic || chr(10) || {key})"
         key_lock = f"pg_advisory_xact_lock({key_lock_class}, {key_lock_id})"
         self.ddl = f"""
@@ -421,7 +427,7 @@ END
 $fn$;
 
 CREATE INDEX IF NOT EXISTS deliveries_by_seq ON {s}.deliveries (seq);
-COMMENT ON SCHEMA {s} IS 'callcast broker: messages, subscriptions, deliveries (layout 1)';
+COMMENT ON SCHEMA {s} IS '{LAYOUT}';
 """
         # $1 topic, $2 group or NULL, $3 headers, $4 bodies, $5 keys, $6 channel, $7 sender.
         self.publish = f"SELECT grp, {_FLUSHED} FROM {s}.publish($1, $2, $3, $4, $5, $6, $7) AS grp"
@@ -636,13 +642,17 @@ class PostgresBroker:
         ]
 
     async def _ensure_schema(self) -> None:
+        """Create the schema, or bring one an older callcast made up to :data:`LAYOUT` (the DDL only
+        adds what is missing and replaces the functions; processes of the older version go on)."""
+        layout = "SELECT obj_description(to_regnamespace($1), 'pg_namespace')"
         try:
             async with self._pool.acquire() as conn:
-                if await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", self._sql.marker):
+                if await conn.fetchval(layout, self._sql.schema) == LAYOUT:
                     return
                 async with conn.transaction():
                     await conn.execute("SELECT pg_advisory_xact_lock($1, 0)", self._admin_lock)
-                    await conn.execute(self._sql.ddl)
+                    if await conn.fetchval(layout, self._sql.schema) != LAYOUT:  # not done meanwhile
+                        await conn.execute(self._sql.ddl)
         except _DRIVER_ERRORS as error:
             raise self._translate(error, f"cannot create the tables in schema {self.schema}") from None
 
