@@ -557,7 +557,7 @@ async def test_a_schema_of_an_older_layout_is_brought_up_to_date_on_connect(sche
         current = await conn.fetchval(f"SELECT prosrc FROM pg_proc WHERE oid = {ack}")
         await conn.execute(  # as an older version left it: the same signature, another body
             f"UPDATE pg_proc SET prosrc = prosrc || ' -- older' WHERE oid = {ack}; "
-            f"COMMENT ON SCHEMA \"{schema}\" IS "
+            f'COMMENT ON SCHEMA "{schema}" IS '
             "'callcast broker: messages, subscriptions, deliveries (layout 1)'"
         )
         assert await conn.fetchval(f"SELECT prosrc FROM pg_proc WHERE oid = {ack}") != current
