@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import pwd
 import shutil
@@ -542,9 +543,30 @@ async def test_processes_connecting_at_once_create_the_schema_once(schema: str) 
                 await broker.close()
 
 
-async def test_a_schema_of_an_older_layout_is_brought_up_to_date_on_connect(schema: str) -> None:
-    """A schema an older callcast made (another comment, an older ``ack``) gets this version's
-    functions when a broker connects, and keeps its rows; one already up to date is left alone."""
+async def _made_by_another_version(schema: str, ack: str, comment: str | None) -> None:
+    """Make the schema look as another version left it: another ``ack`` body (the same signature),
+    and ``comment`` (None: none, as before layouts were named)."""
+    async with sql() as conn:
+        await conn.execute(f"UPDATE pg_proc SET prosrc = prosrc || ' -- other' WHERE oid = {ack}")
+        text = "NULL" if comment is None else f"'{comment}'"
+        await conn.execute(f'COMMENT ON SCHEMA "{schema}" IS {text}')
+
+
+@pytest.mark.parametrize(
+    ("comment", "replaced"),
+    [
+        ("callcast broker: messages, subscriptions, deliveries (layout 1)", True),
+        (None, True),
+        ("callcast broker: messages, subscriptions, deliveries (layout 99)", False),
+    ],
+    ids=["older", "unnamed", "newer"],
+)
+async def test_the_functions_of_a_schema_of_a_lower_layout_are_replaced_on_connect(
+    schema: str, comment: str | None, replaced: bool
+) -> None:
+    """A schema an older version made gets this version's functions when a broker connects, and keeps
+    its rows; one of this layout, or of a newer version's, is left alone (two versions sharing a
+    schema do not undo each other's functions)."""
     url = server_url(schema, lease=f"{LEASE:g}")
     first = await connect(url)
     try:
@@ -553,31 +575,69 @@ async def test_a_schema_of_an_older_layout_is_brought_up_to_date_on_connect(sche
     finally:
         await first.close()
     ack = f"'\"{schema}\".ack'::regproc"
+    body = f"SELECT prosrc FROM pg_proc WHERE oid = {ack}"
     async with sql() as conn:
-        current = await conn.fetchval(f"SELECT prosrc FROM pg_proc WHERE oid = {ack}")
-        await conn.execute(  # as an older version left it: the same signature, another body
-            f"UPDATE pg_proc SET prosrc = prosrc || ' -- older' WHERE oid = {ack}; "
-            f'COMMENT ON SCHEMA "{schema}" IS '
-            "'callcast broker: messages, subscriptions, deliveries (layout 1)'"
-        )
-        assert await conn.fetchval(f"SELECT prosrc FROM pg_proc WHERE oid = {ack}") != current
-    upgraded = await connect(url)
+        current = await conn.fetchval(body)
+    await _made_by_another_version(schema, ack, comment)
+    layout = f"SELECT obj_description('\"{schema}\"'::regnamespace, 'pg_namespace')"
+    broker = await connect(url)
     try:
         async with sql() as conn:
-            assert await conn.fetchval(f"SELECT prosrc FROM pg_proc WHERE oid = {ack}") == current
-            layout = f"SELECT obj_description('\"{schema}\"'::regnamespace, 'pg_namespace')"
-            assert await conn.fetchval(layout) == postgres_module.LAYOUT
-            function_version = f"SELECT xmin::text FROM pg_proc WHERE oid = {ack}"
-            before = await conn.fetchval(function_version)
-            again = await connect(url)
-            await again.close()
-            assert await conn.fetchval(function_version) == before, "an up-to-date schema was changed"
-        subscription = await upgraded.subscribe("orders", "billing")
+            assert (await conn.fetchval(body) == current) is replaced
+            if replaced:
+                assert await conn.fetchval(layout) == postgres_module._LAYOUT_COMMENT
+                function_version = f"SELECT xmin::text FROM pg_proc WHERE oid = {ack}"
+                before = await conn.fetchval(function_version)
+                again = await connect(url)
+                await again.close()
+                assert await conn.fetchval(function_version) == before, "a current schema was changed"
+            else:
+                assert await conn.fetchval(layout) == comment
+        subscription = await broker.subscribe("orders", "billing")
         delivery = await asyncio.wait_for(subscription.__anext__(), 5)
         assert delivery.envelope.data == b"kept"
         await delivery.ack()
     finally:
-        await upgraded.close()
+        await broker.close()
+
+
+async def test_a_role_that_cannot_replace_old_functions_goes_on_with_them(
+    schema: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A role with rights on the rows but not owning the schema cannot replace an older layout's
+    functions: it connects, works with them, and says how to bring them up to date."""
+    url = server_url(schema, lease=f"{LEASE:g}")
+    first = await connect(url)
+    await first.close()
+    ack = f"'\"{schema}\".ack'::regproc"
+    await _made_by_another_version(schema, ack, None)
+    role = f"cc_role_{uuid.uuid4().hex[:10]}"
+    async with sql() as conn:
+        await conn.execute(f'CREATE ROLE "{role}" LOGIN')
+        await conn.execute(f'GRANT USAGE ON SCHEMA "{schema}" TO "{role}"')
+        await conn.execute(
+            f'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA "{schema}" TO "{role}"'
+        )
+        await conn.execute(f'GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA "{schema}" TO "{role}"')
+    try:
+        limited_url = url.replace("postgresql://postgres:", f"postgresql://{role}:", 1)
+        assert limited_url != url
+        with caplog.at_level(logging.WARNING, logger="callcast.brokers.postgres"):
+            broker = await connect(limited_url)
+        try:
+            assert "Connect once as the schema's owner" in caplog.text
+            subscription = await broker.subscribe("orders", "billing")
+            await broker.publish("orders", [event(b"old functions")])
+            delivery = await asyncio.wait_for(subscription.__anext__(), 5)
+            assert delivery.envelope.data == b"old functions"
+            await delivery.ack()
+            await subscription.close()
+        finally:
+            await broker.close()
+    finally:
+        async with sql() as conn:
+            await conn.execute(f'DROP OWNED BY "{role}"')
+            await conn.execute(f'DROP ROLE "{role}"')
 
 
 # -- what lives in the tables --------------------------------------------------------------------------------

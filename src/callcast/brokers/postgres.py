@@ -101,6 +101,8 @@ How the transport contract is met:
   ending. Leases that ran out during the outage are redelivered (at least once).
 * **schema**: created on connect when missing, under ``pg_advisory_xact_lock`` so processes that
   connect at once do not collide; a user without ``CREATE`` rights can use tables made by another.
+  Its comment names the layout of its functions (:data:`LAYOUT`): connecting to a schema of a
+  lower one replaces them (a role that may not goes on with the old ones, with a warning).
 
 A tool that writes rows itself should insert a ``messages`` row and its ``deliveries`` rows in one
 transaction (``head`` defaults to true: claims still check for an earlier row of the key), and remove
@@ -288,11 +290,18 @@ off`` (a server's default, or a session a transaction-pooling proxy hands out wi
 for each group row the publish returns: a publish that stored nothing has nothing to flush."""
 
 
-LAYOUT = "callcast broker: messages, subscriptions, deliveries (layout 2)"
-"""The schema's comment, set last by the DDL (one transaction): a schema that has it has every table,
-index and function of this version. Bumped whenever the DDL changes, so that connecting brings an
-older schema up to date. Layout 2: ``ack`` takes a turn on the message row when another group's
-row of it is left, so the last group's ack deletes the message."""
+LAYOUT = 2
+"""The version of the schema's functions, named in its comment. Bumped whenever they change; a broker
+connecting to a schema of a lower layout replaces them (:meth:`PostgresBroker._ensure_schema`). The
+tables and indexes are those of layout 1. Layout 2: ``ack`` takes a turn on the message row when
+another group's row of it is left, so the last group's ack deletes the message."""
+_LAYOUT_COMMENT = f"callcast broker: messages, subscriptions, deliveries (layout {LAYOUT})"
+
+
+def _layout_of(comment: str | None) -> int:
+    """The layout a schema's comment names; 0 if none (a schema made before layouts were named)."""
+    found = re.search(r"\(layout (\d+)\)", comment or "")
+    return int(found.group(1)) if found else 0
 
 
 def _lock_id(*parts: str) -> int:
@@ -307,9 +316,10 @@ class _Sql:
     def __init__(self, schema: str, key_lock_class: int) -> None:
         s = f'"{schema}"'
         self.schema = s
+        self.marker = f"{s}.deliveries_by_seq"  # created last: when it exists, the whole DDL ran
         key_lock_id = "hashtext(p_topic || chr(10) || {key})"
         key_lock = f"pg_advisory_xact_lock({key_lock_class}, {key_lock_id})"
-        self.ddl = f"""
+        tables = f"""
 CREATE SCHEMA IF NOT EXISTS {s};
 CREATE TABLE IF NOT EXISTS {s}.messages (
     seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -345,6 +355,8 @@ CREATE INDEX IF NOT EXISTS deliveries_by_key ON {s}.deliveries (topic, grp, pkey
     WHERE pkey IS NOT NULL;
 CREATE INDEX IF NOT EXISTS deliveries_by_owner ON {s}.deliveries (owner) WHERE owner IS NOT NULL;
 
+"""
+        self.functions = f"""
 CREATE OR REPLACE FUNCTION {s}.publish(
     p_topic text, p_group text, p_headers json[], p_bodies bytea[], p_keys text[],
     p_channel text, p_sender text
@@ -426,9 +438,11 @@ BEGIN
 END
 $fn$;
 
-CREATE INDEX IF NOT EXISTS deliveries_by_seq ON {s}.deliveries (seq);
-COMMENT ON SCHEMA {s} IS '{LAYOUT}';
+COMMENT ON SCHEMA {s} IS '{_LAYOUT_COMMENT}';
 """
+        """The functions and the layout comment: all an upgrade from an older layout replaces."""
+        marker = f"CREATE INDEX IF NOT EXISTS deliveries_by_seq ON {s}.deliveries (seq);\n"
+        self.ddl = tables + self.functions + marker
         # $1 topic, $2 group or NULL, $3 headers, $4 bodies, $5 keys, $6 channel, $7 sender.
         self.publish = f"SELECT grp, {_FLUSHED} FROM {s}.publish($1, $2, $3, $4, $5, $6, $7) AS grp"
         self.declare = f"""
@@ -642,19 +656,48 @@ class PostgresBroker:
         ]
 
     async def _ensure_schema(self) -> None:
-        """Create the schema, or bring one an older callcast made up to :data:`LAYOUT` (the DDL only
-        adds what is missing and replaces the functions; processes of the older version go on)."""
-        layout = "SELECT obj_description(to_regnamespace($1), 'pg_namespace')"
+        """Create the schema when missing; replace the functions of one made by an older version."""
         try:
             async with self._pool.acquire() as conn:
-                if await conn.fetchval(layout, self._sql.schema) == LAYOUT:
+                if await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", self._sql.marker):
+                    if await self._layout(conn) < LAYOUT:
+                        await self._upgrade(conn)
                     return
                 async with conn.transaction():
                     await conn.execute("SELECT pg_advisory_xact_lock($1, 0)", self._admin_lock)
-                    if await conn.fetchval(layout, self._sql.schema) != LAYOUT:  # not done meanwhile
-                        await conn.execute(self._sql.ddl)
+                    await conn.execute(self._sql.ddl)
         except _DRIVER_ERRORS as error:
             raise self._translate(error, f"cannot create the tables in schema {self.schema}") from None
+
+    async def _layout(self, conn: Any) -> int:
+        comment = "SELECT obj_description(to_regnamespace($1), 'pg_namespace')"
+        return _layout_of(await conn.fetchval(comment, self._sql.schema))
+
+    async def _upgrade(self, conn: Any) -> None:
+        """Replace the functions of a schema of a lower :data:`LAYOUT` (the tables are the same), under
+        the schema's advisory lock. ``CREATE OR REPLACE FUNCTION`` takes no lock on the tables, and
+        processes of the older version go on with the new functions (same signatures). A schema of a
+        higher layout is left alone: a newer version made it. A role that does not own the schema
+        cannot replace them: it goes on with the old ones, and says so."""
+        try:
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock($1, 0)", self._admin_lock)
+                found = await self._layout(conn)
+                if found < LAYOUT:  # not done meanwhile
+                    await conn.execute(self._sql.functions)
+                    log.info(
+                        "%s: schema %s brought from layout %d to %d", self.url, self.schema, found, LAYOUT
+                    )
+        except asyncpg.InsufficientPrivilegeError as error:
+            log.warning(
+                "%s: schema %s has functions of an older layout, and this role cannot replace them "
+                "(%s); it goes on with them. Connect once as the schema's owner to bring them to "
+                "layout %d",
+                self.url,
+                self.schema,
+                error,
+                LAYOUT,
+            )
 
     async def _open_listener(self) -> None:
         try:
