@@ -56,7 +56,8 @@ from pathlib import Path
 from typing import NoReturn
 
 from callcast.envelope import Envelope
-from callcast.transport import Broker, Capabilities, Delivery, Holding, Subscription
+from callcast.forwarding import ForwardingBroker
+from callcast.transport import Broker, Delivery, Holding, Subscription
 
 ENV_PLAN = "CALLCAST_FAULTS"
 ENV_TOPICS = "CALLCAST_FAULTS_TOPICS"
@@ -228,23 +229,19 @@ def _detail(envelopes: Sequence[Envelope]) -> str:
     return f"{envelopes[0].id}+{len(envelopes) - 1}" if len(envelopes) > 1 else envelopes[0].id
 
 
-class FaultyBroker:
+class FaultyBroker(ForwardingBroker):
     """A :class:`~callcast.transport.Broker` that passes every call to ``inner``, through the points
-    of ``plan``. Wrap a connected broker; closing the wrapper closes ``inner``."""
+    of ``plan`` (publishes and the deliveries of subscriptions; the rest is forwarded unchanged).
+    Wrap a connected broker; closing the wrapper closes ``inner``."""
 
     def __init__(self, inner: Broker, plan: FaultPlan) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.plan = plan
-        self.capabilities: Capabilities = inner.capabilities
-        self.url: str = inner.url
 
     async def publish(self, topic: str, envelopes: Sequence[Envelope], *, group: str | None = None) -> None:
         self.plan.reached("before_publish", topic, _detail(envelopes))
-        await self.inner.publish(topic, envelopes, group=group)
+        await self.broker.publish(topic, envelopes, group=group)
         self.plan.reached("after_publish", topic, _detail(envelopes))
-
-    async def declare(self, topic: str, group: str) -> None:
-        await self.inner.declare(topic, group)
 
     async def subscribe(
         self,
@@ -255,16 +252,10 @@ class FaultyBroker:
         ephemeral: bool = False,
         holding: Holding | None = None,
     ) -> FaultySubscription:
-        subscription = await self.inner.subscribe(
+        subscription = await self.broker.subscribe(
             topic, group, prefetch=prefetch, ephemeral=ephemeral, holding=holding
         )
         return FaultySubscription(subscription, topic, self.plan)
-
-    async def connect(self) -> None:
-        await self.inner.connect()
-
-    async def close(self) -> None:
-        await self.inner.close()
 
 
 class FaultySubscription:
