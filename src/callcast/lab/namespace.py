@@ -235,15 +235,13 @@ async def _redis(url: str, namespace: str, groups: Collection[tuple[str, str]], 
     import redis.asyncio
 
     from callcast.brokers.redis import parse_url
+    from callcast.testing.sweep import delete_keys
 
     target, options = parse_url(url)
     settings: dict[str, Any] = {"socket_connect_timeout": options.connect_timeout, **dict(options.tls)}
     client = redis.asyncio.Redis.from_url(target, socket_timeout=options.timeout, **settings)
     try:
-        keys = [key async for key in client.scan_iter(match=f"{namespace}:*", count=1000)]
-        deleted = 0
-        for start in range(0, len(keys), 500):
-            deleted += await client.delete(*keys[start : start + 500])
+        deleted = await delete_keys(client, f"{namespace}:*")
         if deleted:
             cleanup.removed.append(f"{deleted} keys {namespace}:*")
     finally:

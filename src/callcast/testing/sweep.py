@@ -18,6 +18,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import subprocess
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import redis.asyncio
 
 
 async def sweep_rabbitmq(url: str, prefix: str) -> None:
@@ -83,11 +87,19 @@ async def sweep_redis(url: str, prefix: str) -> None:
 
     client = redis.asyncio.Redis.from_url(url)
     try:
-        keys = [key async for key in client.scan_iter(match=f"{prefix}*", count=1000)]
-        for start in range(0, len(keys), 500):
-            await client.delete(*keys[start : start + 500])
+        await delete_keys(client, f"{prefix}*")
     finally:
         await client.aclose()
+
+
+async def delete_keys(client: redis.asyncio.Redis, pattern: str) -> int:
+    """Delete the keys that match ``pattern`` (found with ``SCAN``, deleted 500 at a time); how
+    many were deleted (keys another client deleted meanwhile are not counted)."""
+    keys = [key async for key in client.scan_iter(match=pattern, count=1000)]
+    deleted = 0
+    for start in range(0, len(keys), 500):
+        deleted += await client.delete(*keys[start : start + 500])
+    return deleted
 
 
 async def sweep_postgres(dsn: str, prefix: str) -> None:
