@@ -13,6 +13,12 @@ import pytest
 
 from callcast.envelope import Envelope
 from callcast.exceptions import BrokerUnavailableError
+from callcast.transport import Delivery, Subscription
+
+
+async def next_delivery(subscription: Subscription, timeout: float = 5.0) -> Delivery:
+    """The subscription's next delivery; ``TimeoutError`` if none comes within ``timeout`` seconds."""
+    return await asyncio.wait_for(subscription.__anext__(), timeout)
 
 
 def server_is_up(host: str, port: int, timeout: float = 1.0) -> bool:

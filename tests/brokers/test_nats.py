@@ -36,8 +36,15 @@ from callcast.brokers.nats import GROUP_HEADER, NatsBroker, _NatsSubscription, e
 from callcast.envelope import UNDECODABLE_TYPE, Envelope
 from callcast.exceptions import BrokerUnavailableError, ConfigurationError, PublishError, TransportError
 from callcast.testing import BrokerConformance
-from callcast.transport import Broker, Capabilities, Delivery, Subscription
-from tests.brokers.conftest import Pause, RecordingHolding, close_during, require_server, server_is_up
+from callcast.transport import Broker, Capabilities
+from tests.brokers.conftest import (
+    Pause,
+    RecordingHolding,
+    close_during,
+    next_delivery,
+    require_server,
+    server_is_up,
+)
 
 pytestmark = pytest.mark.nats
 
@@ -59,10 +66,6 @@ def _envelope(label: str) -> Envelope:
 
 def _unique(label: str) -> str:
     return f"nats.{label}.{uuid.uuid4().hex[:12]}"
-
-
-async def _next(subscription: Subscription, timeout: float = 5.0) -> Delivery:
-    return await asyncio.wait_for(subscription.__anext__(), timeout)
 
 
 # -- servers --------------------------------------------------------------------------------------
@@ -396,7 +399,7 @@ async def test_a_foreign_message_is_delivered_quarantined(raw: nats.NATS) -> Non
         await js.publish(broker.subject(topic), b"binary", headers=headers)
         good = _envelope("good")
         await broker.publish(topic, [good])
-        received = [await _next(subscription) for _ in range(4)]
+        received = [await next_delivery(subscription) for _ in range(4)]
         assert [d.envelope.type for d in received[:2]] == [UNDECODABLE_TYPE] * 2
         assert [d.envelope.data for d in received[:2]] == [b"no headers at all", b"half"]
         assert received[1].envelope.id == "bad-1"
@@ -419,10 +422,10 @@ async def test_an_envelope_handed_back_unseen_leaves_no_record_once_acked(raw: n
         assert isinstance(broker, NatsBroker)
         first = await broker.subscribe(topic, group, prefetch=5)
         await broker.publish(topic, [_envelope("taken"), _envelope("ahead")])
-        taken = await _next(first)
+        taken = await next_delivery(first)
         await first.close()
         second = await broker.subscribe(topic, group, prefetch=5)
-        again = {d.envelope.data: d for d in [await _next(second), await _next(second)]}
+        again = {d.envelope.data: d for d in [await next_delivery(second), await next_delivery(second)]}
         assert (again[b"taken"].attempt, again[b"ahead"].attempt) == (2, 1)
         kv = await raw.jetstream().key_value(broker.bucket)
         key = f"{broker.consumer_name(topic, group)}.{again[b'ahead'].seq}"  # type: ignore[attr-defined]
@@ -452,7 +455,7 @@ async def test_a_lease_renewal_never_follows_a_settle_on_the_wire(monkeypatch: p
         subscription = await broker.subscribe(topic, group, prefetch=5)
         assert isinstance(subscription, _NatsSubscription)
         await broker.publish(topic, [_envelope("first"), _envelope("second")])
-        first, second = await _next(subscription), await _next(subscription)
+        first, second = await next_delivery(subscription), await next_delivery(subscription)
         sent: list[tuple[str, bytes]] = []
         publish = subscription.nc.publish
 
@@ -491,7 +494,7 @@ async def test_an_ephemeral_consumer_lives_while_subscribed_and_no_longer(raw: n
         await asyncio.sleep(2.0)  # idle for twice the threshold: must not be deleted meanwhile
         await js.consumer_info(STREAM, name)
         await broker.publish(topic, [_envelope("still here")])
-        delivery = await _next(subscription)
+        delivery = await next_delivery(subscription)
         assert delivery.envelope.data == b"still here"
         await delivery.ack()
         await subscription.close()
@@ -531,9 +534,9 @@ async def test_cancelled_waits_of_a_server_take_no_turn() -> None:
         server = await broker.serve(topic, group, prefetch=2)
         for _ in range(2):
             with pytest.raises(TimeoutError):
-                await asyncio.wait_for(server.__anext__(), 0.05)
+                await next_delivery(server, 0.05)
         asking = asyncio.create_task(broker.request(topic, _envelope("after"), timeout=5))
-        delivery = await _next(server)
+        delivery = await next_delivery(server)
         assert delivery.envelope.data == b"after"
         await delivery.reply(_envelope("answer"))
         assert (await asyncio.wait_for(asking, 5)).data == b"answer"
@@ -550,7 +553,7 @@ async def test_closing_a_server_ends_a_wait_for_a_free_turn() -> None:
         topic, group = _unique("rpc"), _unique("servers")
         server = await broker.serve(topic, group, prefetch=1)
         asking = asyncio.create_task(broker.request(topic, _envelope("held"), timeout=5))
-        await _next(server)  # held, unsettled
+        await next_delivery(server)  # held, unsettled
         waiting = asyncio.create_task(server.__anext__())
         done, _ = await asyncio.wait({waiting}, timeout=0.2)
         assert not done, "the one request of prefetch 1 is unsettled: the next one must wait"
@@ -589,7 +592,7 @@ async def test_a_server_keeps_a_bounded_backlog_of_requests(monkeypatch: pytest.
         served = 0
         while True:
             try:
-                delivery = await asyncio.wait_for(server.__anext__(), 0.2)
+                delivery = await next_delivery(server, 0.2)
             except TimeoutError:
                 break
             served += 1
@@ -649,7 +652,7 @@ async def test_driver_errors_surface_as_callcast_errors(raw: nats.NATS) -> None:
             await broker.publish(topic, [_envelope("first"), huge])
         marker = _envelope("marker")
         await broker.publish(topic, [marker])
-        assert (await _next(subscription)).envelope == marker, "part of a refused batch was stored"
+        assert (await next_delivery(subscription)).envelope == marker, "part of a refused batch was stored"
 
         await js.delete_stream(stream)
         with pytest.raises(PublishError, match="no stream answered") as raised:
@@ -690,7 +693,7 @@ async def test_waiting_consumers_resume_after_a_server_restart(private_server: P
         topic, group = _unique("resume"), _unique("group")
         subscription = await broker.subscribe(topic, group, prefetch=2)
         await broker.publish(topic, [_envelope("held")])
-        held = await _next(subscription)
+        held = await next_delivery(subscription)
         waiting = asyncio.create_task(subscription.__anext__())
         await asyncio.to_thread(private_server.stop)
         with pytest.raises(TransportError):
@@ -709,13 +712,13 @@ async def test_waiting_consumers_resume_after_a_server_restart(private_server: P
         assert first.envelope.data in (b"after", b"refused")
         await first.ack()
         if first.envelope.data == b"refused":
-            after = await _next(subscription, 10)
+            after = await next_delivery(subscription, 10)
             assert after.envelope.data == b"after"
             await after.ack()
         await held.ack()
         marker = _envelope("marker")
         await broker.publish(topic, [marker])
-        following = await _next(subscription, 10)
+        following = await next_delivery(subscription, 10)
         assert following.envelope.data == b"marker", "the delivery held through the restart came back"
         await following.ack()
     finally:
@@ -737,7 +740,7 @@ async def test_closing_leaves_no_task_running(private_server: PrivateNatsServer)
         topic, group = _unique("tasks"), _unique("group")
         subscription = await broker.subscribe(topic, group, prefetch=1, holding=holding)
         await broker.publish(topic, [_envelope("acked")])
-        delivery = await _next(subscription)
+        delivery = await next_delivery(subscription)
         os.kill(pid, signal.SIGSTOP)  # the server hangs: the ack's flush waits for its PONG
         try:
             await _stopped(pid)

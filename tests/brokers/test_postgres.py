@@ -37,7 +37,7 @@ from callcast.exceptions import BrokerUnavailableError, ConfigurationError, Publ
 from callcast.testing import BrokerConformance
 from callcast.transport import Broker, Capabilities
 
-from .conftest import require_server
+from .conftest import next_delivery, require_server
 
 pytestmark = pytest.mark.postgres
 
@@ -415,7 +415,7 @@ async def test_statement_failures_are_transport_errors(schema: str) -> None:
         with pytest.raises(TransportError):
             await broker.declare("orders", "shipping")
         with pytest.raises(TransportError) as taking:
-            await asyncio.wait_for(subscription.__anext__(), 5)
+            await next_delivery(subscription)
         assert type(taking.value) is TransportError
     finally:
         await broker.close()
@@ -530,7 +530,7 @@ async def test_processes_connecting_at_once_create_the_schema_once(schema: str) 
             assert await conn.fetchval(function_version) == before, "a later connect ran the DDL again"
         subscription = await brokers[0].subscribe("orders", "billing")
         await later.publish("orders", [event(b"shared")])
-        delivery = await asyncio.wait_for(subscription.__anext__(), 5)
+        delivery = await next_delivery(subscription)
         assert delivery.envelope.data == b"shared"
         await delivery.ack()
     finally:
@@ -594,7 +594,7 @@ async def test_the_functions_of_a_schema_of_a_lower_layout_are_replaced_on_conne
             else:
                 assert await conn.fetchval(layout) == comment
         subscription = await broker.subscribe("orders", "billing")
-        delivery = await asyncio.wait_for(subscription.__anext__(), 5)
+        delivery = await next_delivery(subscription)
         assert delivery.envelope.data == b"kept"
         await delivery.ack()
     finally:
@@ -628,7 +628,7 @@ async def test_a_role_that_cannot_replace_old_functions_goes_on_with_them(
             assert "Connect once as the schema's owner" in caplog.text
             subscription = await broker.subscribe("orders", "billing")
             await broker.publish("orders", [event(b"old functions")])
-            delivery = await asyncio.wait_for(subscription.__anext__(), 5)
+            delivery = await next_delivery(subscription)
             assert delivery.envelope.data == b"old functions"
             await delivery.ack()
             await subscription.close()
@@ -668,7 +668,7 @@ async def test_the_tables_are_readable_by_other_tools(schema: str) -> None:
                 ("shipping", message["seq"], "order-7", 0, None),
             ]
             billing = await broker.subscribe("orders", "billing")
-            delivery = await asyncio.wait_for(billing.__anext__(), 5)
+            delivery = await next_delivery(billing)
             claimed = await conn.fetchrow(
                 f'SELECT attempts, owner, lease_until > now() AS leased FROM "{schema}".deliveries '
                 "WHERE grp = 'billing'"
@@ -677,7 +677,7 @@ async def test_the_tables_are_readable_by_other_tools(schema: str) -> None:
             assert claimed["owner"] is not None
             await delivery.ack()
             shipping = await broker.subscribe("orders", "shipping")
-            shipped = await asyncio.wait_for(shipping.__anext__(), 5)
+            shipped = await next_delivery(shipping)
             await shipped.ack()
 
             async def collected() -> bool:
@@ -715,7 +715,7 @@ async def test_an_undecodable_row_is_delivered_quarantined(schema: str) -> None:
                 )
         good = event(b"good")
         await broker.publish("orders", [good])
-        received = [await asyncio.wait_for(subscription.__anext__(), 5) for _ in range(3)]
+        received = [await next_delivery(subscription) for _ in range(3)]
         assert [d.envelope.type for d in received[:2]] == [UNDECODABLE_TYPE] * 2
         assert [d.envelope.data for d in received[:2]] == [b"body-1", b"body-2"]
         assert received[0].envelope.id == "bad-1"
@@ -747,7 +747,7 @@ async def test_a_publish_elsewhere_wakes_a_waiter_by_notify(schema: str) -> None
 
         held_by_other = await other.subscribe("orders", "billing", prefetch=1)
         await other.publish("orders", [event(b"two")])
-        two = await asyncio.wait_for(held_by_other.__anext__(), 3)
+        two = await next_delivery(held_by_other, 3)
         waiting = asyncio.create_task(subscription.__anext__())
         await asyncio.sleep(0.2)
         assert not waiting.done()
@@ -903,7 +903,7 @@ async def test_the_sweep_collects_dead_ephemeral_groups_and_orphaned_messages(sc
             assert [row["grp"] for row in rows] == ["billing", "live"]
             bodies = await conn.fetch(f'SELECT body FROM "{schema}".messages ORDER BY seq')
             assert [row["body"] for row in bodies] == [b"for both", b"kept"]
-        delivery = await asyncio.wait_for(live.__anext__(), 5)
+        delivery = await next_delivery(live)
         assert delivery.envelope.data == b"for both"
         await delivery.ack()
     finally:
@@ -925,7 +925,7 @@ async def test_a_slow_garbage_collection_does_not_hold_up_lease_renewal(
         await broker.declare("orders", "billing")
         await broker.publish("orders", [event(b"held")])
         holder = await broker.subscribe("orders", "billing")
-        held = await asyncio.wait_for(holder.__anext__(), 5)
+        held = await next_delivery(holder)
         async with sql() as blocker, sql() as observer:
             locking = blocker.transaction()
             await locking.start()
@@ -1004,7 +1004,7 @@ async def test_a_lease_renewal_waits_for_no_lock(schema: str) -> None:
         await broker.publish("orders", [event(b"%d" % n) for n in range(3)])
         holder = await broker.subscribe("orders", "billing", prefetch=3)
         for _ in range(3):
-            await asyncio.wait_for(holder.__anext__(), 5)
+            await next_delivery(holder)
         deliveries = f'"{schema}".deliveries'
         async with sql() as blocker, sql() as observer:
             await observer.execute(f"UPDATE {deliveries} SET lease_until = now() + interval '1 second'")
@@ -1038,8 +1038,8 @@ async def test_two_groups_settling_one_message_at_once_delete_it(schema: str) ->
         await broker.publish("orders", [event(b"both", partitionkey="order-7")])
         billing = await broker.subscribe("orders", "billing")
         shipping = await broker.subscribe("orders", "shipping")
-        billed = await asyncio.wait_for(billing.__anext__(), 5)
-        shipped = await asyncio.wait_for(shipping.__anext__(), 5)
+        billed = await next_delivery(billing)
+        shipped = await next_delivery(shipping)
         key_lock_class = postgres_module._lock_id("callcast-keys", schema)
         async with sql() as blocker, sql() as observer:
             locking = blocker.transaction()
@@ -1079,7 +1079,7 @@ async def test_unkeyed_acks_sent_together_go_in_batches_and_settle_every_row(
         await broker.publish("orders", [event(str(n).encode()) for n in range(60)])
         await broker.publish("orders", [event(b"keyed", partitionkey="order-1")])
         subscription = await broker.subscribe("orders", "billing", prefetch=100)
-        deliveries = [await asyncio.wait_for(subscription.__anext__(), 5) for _ in range(61)]
+        deliveries = [await next_delivery(subscription) for _ in range(61)]
         batches: list[list[int]] = []
         ack_unkeyed = broker._ack_unkeyed
 
@@ -1113,7 +1113,7 @@ async def test_a_failed_ack_batch_acks_each_of_its_rows_alone(
         await broker.declare("orders", "billing")
         await broker.publish("orders", [event(str(n).encode()) for n in range(5)])
         subscription = await broker.subscribe("orders", "billing", prefetch=10)
-        deliveries = [await asyncio.wait_for(subscription.__anext__(), 5) for _ in range(5)]
+        deliveries = [await next_delivery(subscription) for _ in range(5)]
         monkeypatch.setattr(broker._sql, "ack_many", "SELECT no_such_function()")  # type: ignore[attr-defined]
         await asyncio.wait_for(asyncio.gather(*(delivery.ack() for delivery in deliveries)), 10)
         async with sql() as observer:
@@ -1137,7 +1137,7 @@ async def test_acks_made_before_a_close_are_sent_before_it_hands_rows_back(
         await broker.publish("orders", [event(b"first"), event(b"second")])
         subscription = await broker.subscribe("orders", "billing", prefetch=2)
         assert isinstance(subscription, postgres_module._PostgresSubscription)
-        first, second = [await asyncio.wait_for(subscription.__anext__(), 5) for _ in range(2)]
+        first, second = [await next_delivery(subscription) for _ in range(2)]
         released, batches, acks_pending_at_release = asyncio.Event(), [], []
         release, ack_unkeyed = broker._release, broker._ack_unkeyed
 

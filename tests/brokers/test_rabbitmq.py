@@ -44,7 +44,14 @@ from callcast.exceptions import BrokerUnavailableError, ConfigurationError, Tran
 from callcast.testing import BrokerConformance
 from callcast.testing.sweep import sweep_rabbitmq
 from callcast.transport import Broker, Capabilities
-from tests.brokers.conftest import Pause, RecordingHolding, close_during, require_server, server_is_up
+from tests.brokers.conftest import (
+    Pause,
+    RecordingHolding,
+    close_during,
+    next_delivery,
+    require_server,
+    server_is_up,
+)
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -321,7 +328,7 @@ async def test_an_event_sent_by_the_sdk_is_an_envelope(raw: aio_pika.abc.Abstrac
             ),
             routing_key=topic,
         )
-        delivery = await asyncio.wait_for(subscription.__anext__(), 5)
+        delivery = await next_delivery(subscription)
         await delivery.ack()
     finally:
         await broker.close()
@@ -343,7 +350,7 @@ async def test_the_group_queue_is_a_quorum_queue_bound_to_a_topic_exchange(
         topic, group = unique("topic"), unique("group")
         subscription = await broker.subscribe(topic, group)
         await broker.publish(topic, [Envelope(type="T", source="/s", data=b"x")])
-        delivery = await asyncio.wait_for(subscription.__anext__(), 5)
+        delivery = await next_delivery(subscription)
         await delivery.nack(delay=30)
         queues = {
             name: kind
@@ -386,20 +393,20 @@ async def test_a_delayed_retry_reaches_only_its_group_and_counts_as_the_next_att
         retrying_sub = await broker.subscribe(topic, retrying)
         other_sub = await broker.subscribe(topic, other)
         await broker.publish(topic, [Envelope(type="T", source="/s", data=b"flaky")])
-        seen = await asyncio.wait_for(other_sub.__anext__(), 5)
+        seen = await next_delivery(other_sub)
         await seen.ack()
         attempts = []
         for _ in range(2):
-            delivery = await asyncio.wait_for(retrying_sub.__anext__(), 5)
+            delivery = await next_delivery(retrying_sub)
             attempts.append(delivery.attempt)
             await delivery.nack(delay=0.2)
-        last = await asyncio.wait_for(retrying_sub.__anext__(), 5)
+        last = await next_delivery(retrying_sub)
         attempts.append(last.attempt)
         await last.ack()
         assert attempts == [1, 2, 3]
         marker = Envelope(type="T", source="/s", data=b"marker")
         await broker.publish(topic, [marker])
-        following = await asyncio.wait_for(other_sub.__anext__(), 5)
+        following = await next_delivery(other_sub)
         assert following.envelope.data == b"marker", "the retry reached another group"
         await following.ack()
     finally:
@@ -417,7 +424,7 @@ async def test_an_endless_delay_waits_in_the_longest_bucket(raw: aio_pika.abc.Ab
         subscription = await broker.subscribe(topic, group, holding=holding)
         await broker.publish(topic, [Envelope(type="T", source="/s", data=b"x") for _ in range(2)])
         for delay in (math.inf, 1e308):
-            delivery = await asyncio.wait_for(subscription.__anext__(), 5)
+            delivery = await next_delivery(subscription)
             await delivery.nack(delay=delay)
         assert holding.held == set()
     finally:
@@ -441,7 +448,7 @@ async def test_a_subscription_that_joins_holds_what_the_group_buffered() -> None
         await broker.publish(topic, [sent])
         await _until(lambda: sent.id in first_holding.held, "the envelope never reached the buffer")
         second = await broker.subscribe(topic, group, prefetch=1, holding=second_holding)
-        delivery = await asyncio.wait_for(second.__anext__(), 5)
+        delivery = await next_delivery(second)
         assert delivery.envelope.id == sent.id
         assert sent.id in second_holding.held, "handed out a delivery its holding never heard of"
         assert first_holding.held == set()
@@ -472,7 +479,7 @@ async def test_a_forged_attempts_header_is_not_believed(raw: aio_pika.abc.Abstra
         await exchange.publish(
             aio_pika.Message(b"b", headers={**headers, "x-death": fake_death}), routing_key=topic
         )
-        got = [await asyncio.wait_for(subscription.__anext__(), 5) for _ in range(2)]
+        got = [await next_delivery(subscription) for _ in range(2)]
         assert [(d.envelope.data, d.attempt) for d in got] == [(b"a", 1), (b"b", 1)]
         for delivery in got:
             await delivery.ack()
@@ -495,7 +502,7 @@ async def test_a_foreign_message_is_delivered_quarantined(raw: aio_pika.abc.Abst
         )
         good = Envelope(type="T", source="/s", data=b"good")
         await broker.publish(topic, [good])
-        got = [await asyncio.wait_for(subscription.__anext__(), 5) for _ in range(3)]
+        got = [await next_delivery(subscription) for _ in range(3)]
         for delivery in got:
             await delivery.ack()
     finally:
@@ -540,7 +547,7 @@ async def test_an_ephemeral_queue_keeps_its_messages_when_its_channel_closes() -
         topic, group = unique("replies"), unique("replies")
         subscription = await broker.subscribe(topic, group, ephemeral=True)
         await broker.publish(topic, [Envelope(type="T", source="/s", data=b"held")])
-        held = await asyncio.wait_for(subscription.__anext__(), 5)
+        held = await next_delivery(subscription)
         assert held.envelope.data == b"held"
         channel = broker._readers[(topic, group)].channel
         assert channel is not None
@@ -548,7 +555,7 @@ async def test_an_ephemeral_queue_keeps_its_messages_when_its_channel_closes() -
         await broker.publish(topic, [Envelope(type="T", source="/s", data=b"meanwhile")])
         got = []
         for _ in range(2):
-            delivery = await asyncio.wait_for(subscription.__anext__(), 10)
+            delivery = await next_delivery(subscription, 10)
             got.append(delivery.envelope.data)
             await delivery.ack()
         assert sorted(got) == [b"held", b"meanwhile"]
@@ -601,15 +608,15 @@ async def test_a_subscription_resumes_after_the_server_drops_its_connection() ->
         topic, group = unique("topic"), unique("group")
         subscription = await broker.subscribe(topic, group)
         await broker.publish(topic, [Envelope(type="T", source="/s", data=b"held")])
-        held = await asyncio.wait_for(subscription.__anext__(), 5)
+        held = await next_delivery(subscription)
         await asyncio.to_thread(_close_connection_named, name)
-        again = await asyncio.wait_for(subscription.__anext__(), 15)
+        again = await next_delivery(subscription, 15)
         assert (again.envelope.data, again.attempt) == (b"held", 2)
         with pytest.raises(BrokerUnavailableError):
             await held.ack()
         await again.ack()
         await broker.publish(topic, [Envelope(type="T", source="/s", data=b"after")])
-        after = await asyncio.wait_for(subscription.__anext__(), 5)
+        after = await next_delivery(subscription)
         assert after.envelope.data == b"after"
         await after.ack()
     finally:
@@ -642,7 +649,7 @@ async def test_while_the_server_is_unreachable_calls_fail_fast_and_close_still_w
             except TransportError:
                 assert loop.time() < deadline, "no publish succeeded after the broker was reachable again"
                 await asyncio.sleep(0.1)
-        delivery = await asyncio.wait_for(subscription.__anext__(), 10)
+        delivery = await next_delivery(subscription, 10)
         assert delivery.envelope.data == b"back"
         await delivery.ack()
         waiting = asyncio.create_task(subscription.__anext__())
@@ -711,7 +718,7 @@ async def test_driver_errors_surface_as_transport_errors(raw: aio_pika.abc.Abstr
         other = unique("group")
         subscription = await broker.subscribe(topic, other)
         await broker.publish(topic, [Envelope(type="T", source="/s", data=b"fine")])
-        delivery = await asyncio.wait_for(subscription.__anext__(), 5)
+        delivery = await next_delivery(subscription)
         await delivery.ack()
     finally:
         await broker.close()

@@ -31,11 +31,11 @@ from callcast.brokers.redis import PARKED, RedisBroker, RedisOptions, _Taken, pa
 from callcast.envelope import UNDECODABLE_TYPE, Envelope, to_structured
 from callcast.exceptions import BrokerUnavailableError, ConfigurationError, PublishError, TransportError
 from callcast.testing import BrokerConformance
-from callcast.transport import Broker, Capabilities, Delivery, Subscription
+from callcast.transport import Broker, Capabilities, Delivery
 from tests.brokers.conftest import HoldingLog, Pause, close_during
 from tests.unit.conftest import wait_until
 
-from .conftest import require_server
+from .conftest import next_delivery, require_server
 
 pytestmark = pytest.mark.redis
 
@@ -74,10 +74,6 @@ def _capabilities(*, durable: bool) -> Capabilities:
         request_reply=False,
         replays_history=False,
     )
-
-
-async def _next(subscription: Subscription, timeout: float = 5.0) -> Delivery:
-    return await asyncio.wait_for(subscription.__anext__(), timeout)
 
 
 def _envelope(label: str) -> Envelope:
@@ -225,12 +221,12 @@ class TestRedisBrokerWithAppendOnlyFile(BrokerConformance):
         waiting_sub = await broker.subscribe(topic, group)
         other_sub = await broker.subscribe(topic, other)
         await broker.publish(topic, [_envelope("retried")])
-        first = await _next(waiting_sub)
-        seen_by_other = await _next(other_sub)
+        first = await next_delivery(waiting_sub)
+        seen_by_other = await next_delivery(other_sub)
         await seen_by_other.ack()
         nacked_at = time.monotonic()
         await first.nack(delay=1.5)
-        waiting = asyncio.create_task(_next(waiting_sub, 30))
+        waiting = asyncio.create_task(next_delivery(waiting_sub, 30))
         await self.stop_server()
         await self.start_server()
         again = await waiting
@@ -245,10 +241,10 @@ class TestRedisBrokerWithAppendOnlyFile(BrokerConformance):
             except TransportError:
                 assert time.monotonic() < deadline, "no publish after the restart"
                 await asyncio.sleep(0.1)
-        after = await _next(waiting_sub, 10)
+        after = await next_delivery(waiting_sub, 10)
         assert after.envelope.data == b"after"
         await after.ack()
-        for_other = await _next(other_sub, 10)
+        for_other = await next_delivery(other_sub, 10)
         assert for_other.envelope.data == b"after", "the retry went to another group"
         await for_other.ack()
 
@@ -375,7 +371,7 @@ async def test_the_keys_are_the_documented_ones(broker: RedisBroker, raw: redis.
     assert _data(fields) == b"hello"
 
     subscription = await broker.subscribe(topic, group)
-    delivery = await _next(subscription)
+    delivery = await next_delivery(subscription)
     before = time.time() * 1000
     await delivery.nack(delay=30)
     [(member, due)] = raw.zrange(retry_key, 0, -1, withscores=True)
@@ -408,7 +404,7 @@ async def test_a_foreign_entry_is_delivered_quarantined(broker: RedisBroker, raw
     raw.xadd(topic_key, {"event": b"not json"})
     good = _envelope("good")
     await broker.publish(topic, [good])
-    odd, bare, broken, last = [await _next(subscription) for _ in range(4)]
+    odd, bare, broken, last = [await next_delivery(subscription) for _ in range(4)]
     assert (odd.envelope.type, odd.envelope.id) == (UNDECODABLE_TYPE, "odd-1")
     assert odd.envelope.data == b"\xff\x00raw"
     assert "missing attribute" in odd.envelope.extensions["decodeerror"]
@@ -427,7 +423,7 @@ async def test_a_binary_mode_entry_is_read(broker: RedisBroker, raw: redis.Redis
     subscription = await broker.subscribe(topic, group)
     sent = _envelope("old style").with_extensions(correlationid="c-2")
     raw.xadd(broker.keys(topic, group).topic, {**sent.headers(), "data": sent.data})
-    delivery = await _next(subscription)
+    delivery = await next_delivery(subscription)
     assert delivery.envelope == sent
     await delivery.ack()
 
@@ -440,7 +436,7 @@ async def test_a_delayed_retry_survives_the_subscribers_process() -> None:
     first = await connect(SHARED_URL)
     subscription = await first.subscribe(topic, group)
     await first.publish(topic, [_envelope("later")])
-    delivery = await _next(subscription)
+    delivery = await next_delivery(subscription)
     nacked_at = time.monotonic()
     await delivery.nack(delay=1.0)
     await first.close()
@@ -448,7 +444,7 @@ async def test_a_delayed_retry_survives_the_subscribers_process() -> None:
     second = await connect(SHARED_URL)
     try:
         subscription = await second.subscribe(topic, group)
-        again = await _next(subscription, 6)
+        again = await next_delivery(subscription, 6)
         assert time.monotonic() - nacked_at >= 1.0 - 0.02
         assert (again.envelope.data, again.attempt) == (b"later", 2)
         await again.ack()
@@ -465,9 +461,9 @@ async def test_settled_entries_are_trimmed_and_held_ones_kept(broker: RedisBroke
     slow_sub = await broker.subscribe(topic, slow, prefetch=10)
     await broker.publish(topic, [_envelope(f"e{n}") for n in range(6)])
     topic_key = broker.keys(topic, fast).topic
-    for delivery in [await _next(fast_sub) for _ in range(6)]:
+    for delivery in [await next_delivery(fast_sub) for _ in range(6)]:
         await delivery.ack()
-    slow_got = [await _next(slow_sub) for _ in range(6)]
+    slow_got = [await next_delivery(slow_sub) for _ in range(6)]
     for delivery in slow_got[:2]:
         await delivery.ack()
     await slow_got[3].nack(delay=0.5)
@@ -480,7 +476,7 @@ async def test_settled_entries_are_trimmed_and_held_ones_kept(broker: RedisBroke
         await delivery.ack()
     await broker.housekeeping()
     assert [_data(fields) for _, fields in raw.xrange(topic_key)] == [b"e3", b"e4", b"e5"]
-    retried = await _next(slow_sub)
+    retried = await next_delivery(slow_sub)
     assert (retried.envelope.data, retried.attempt) == (b"e3", 2)
     await retried.ack()
     await broker.housekeeping()
@@ -495,7 +491,7 @@ async def test_an_ephemeral_group_leaves_nothing_behind(broker: RedisBroker, raw
     keys = broker.keys(topic, group)
     assert raw.zscore(broker.registry, keys.member) is not None
     await broker.publish(topic, [_envelope("reply")])
-    await (await _next(subscription)).nack(delay=60)
+    await (await next_delivery(subscription)).nack(delay=60)
     await subscription.close()
     assert raw.exists(keys.topic, keys.direct, keys.retry) == 0
     assert raw.zscore(broker.registry, keys.member) is None
@@ -605,7 +601,7 @@ async def test_a_failed_call_loses_nothing_and_counts_right(
         return reply
 
     monkeypatch.setattr(broker, "_script", reply_lost)
-    first, second = await _next(subscription), await _next(subscription)
+    first, second = await next_delivery(subscription), await next_delivery(subscription)
     assert [(d.envelope.data, d.attempt) for d in (first, second)] == [(b"a", 1), (b"b", 1)]
     await second.ack()
 
@@ -618,12 +614,12 @@ async def test_a_failed_call_loses_nothing_and_counts_right(
     with pytest.raises(BrokerUnavailableError):
         await first.ack()
     monkeypatch.setattr(broker, "_scripts", real_scripts)
-    again = await _next(subscription)
+    again = await next_delivery(subscription)
     assert (again.envelope.data, again.attempt) == (b"a", 2)
     await again.ack()
     marker = _envelope("marker")
     await broker.publish(topic, [marker])
-    assert (await _next(subscription)).envelope == marker
+    assert (await next_delivery(subscription)).envelope == marker
 
 
 async def test_a_nack_here_ends_the_blocking_read_of_a_subscriber_here() -> None:
@@ -637,8 +633,8 @@ async def test_a_nack_here_ends_the_blocking_read_of_a_subscriber_here() -> None
         holder = await patient.subscribe(topic, group, prefetch=1)
         reader = await patient.subscribe(topic, group, prefetch=1)
         await patient.publish(topic, [_envelope("retried")])
-        held = await _next(holder)
-        waiting = asyncio.create_task(_next(reader, timeout=30))
+        held = await next_delivery(holder)
+        waiting = asyncio.create_task(next_delivery(reader, timeout=30))
         await wait_until(lambda: reader.blocked)
         client_id = reader.reader_id
         await held.nack()
@@ -672,13 +668,13 @@ async def test_a_blocking_read_never_leaves_more_than_the_prefetch_held(
         return _Taken([]) if takes == 1 else await take(*args)
 
     monkeypatch.setattr(broker, "_take", first_finds_nothing)
-    first = await _next(subscription)
+    first = await next_delivery(subscription)
     assert (first.envelope.data, first.attempt) == (b"direct", 1)
     assert subscription.held() == [first.token]
     assert raw.zrange(keys.retry, 0, -1) == [b"t:" + topic_id]  # the surplus, parked and due now
     assert told == [("fetched", b"direct"), ("fetched", b"topic"), ("returned", b"topic")]
     await first.ack()
-    second = await _next(subscription)
+    second = await next_delivery(subscription)
     assert (second.envelope.data, second.attempt) == (b"topic", 1)
     await second.ack()
 
@@ -704,8 +700,8 @@ async def test_a_user_without_client_commands_still_reads_and_retries(
         holder = await restricted.subscribe(topic, group, prefetch=1)
         reader = await restricted.subscribe(topic, group, prefetch=1)
         await restricted.publish(topic, [_envelope("first")])
-        held = await _next(holder)  # a blocking read or a take, whichever came first
-        waiting = asyncio.create_task(_next(reader, timeout=10))
+        held = await next_delivery(holder)  # a blocking read or a take, whichever came first
+        waiting = asyncio.create_task(next_delivery(reader, timeout=10))
         await wait_until(lambda: reader.blocked)
         await held.nack()
         got = await waiting
@@ -730,10 +726,10 @@ async def test_another_connection_sees_a_nack_or_a_close_within_poll() -> None:
         here = await broker.subscribe(topic, group, prefetch=2)
         there = await other.subscribe(topic, group)
         await broker.publish(topic, [_envelope("nacked"), _envelope("closed")])
-        nacked = await _next(here)
-        await _next(here)  # "closed": held until here.close()
+        nacked = await next_delivery(here)
+        await next_delivery(here)  # "closed": held until here.close()
         for give_back, expected in ((nacked.nack, b"nacked"), (here.close, b"closed")):
-            waiting = asyncio.create_task(_next(there))
+            waiting = asyncio.create_task(next_delivery(there))
             done, _ = await asyncio.wait({waiting}, timeout=0.1)
             assert not done, "nothing was available yet"
             started = time.monotonic()
@@ -797,11 +793,11 @@ async def test_a_late_settle_of_an_older_delivery_leaves_the_newer_one_alone(
         here = await slow.subscribe(topic, group, prefetch=2)
         there = await broker.subscribe(topic, group)
         await broker.publish(topic, [_envelope("x")])
-        old = await _next(here)
-        reclaimed = await _next(there)
+        old = await next_delivery(here)
+        reclaimed = await next_delivery(there)
         assert (reclaimed.envelope.data, reclaimed.attempt) == (b"x", 2)
         await reclaimed.nack()
-        newer = await _next(here)
+        newer = await next_delivery(here)
         assert (newer.envelope.data, newer.attempt, newer.token) == (b"x", 3, old.token)
         await old.ack()
         topic_key = broker.keys(topic, group).topic
@@ -822,14 +818,14 @@ async def test_a_failed_settle_never_gives_back_the_entry_taken_again(
     topic, group = _unique("regained"), _unique("worker")
     subscription = await broker.subscribe(topic, group, prefetch=2)
     await broker.publish(topic, [_envelope("x")])
-    first = await _next(subscription)
+    first = await next_delivery(subscription)
     real_scripts = broker._scripts
     regained: list[Delivery] = []
 
     async def reply_lost_after_a_take(calls: Any) -> Any:
         replies = await real_scripts(calls)
         if calls[0][0].name == "settle" and not regained:
-            regained.append(await _next(subscription))  # taken again before the reply is lost
+            regained.append(await next_delivery(subscription))  # taken again before the reply is lost
             raise BrokerUnavailableError("redis broker: the reply was lost")
         return replies
 
@@ -840,7 +836,7 @@ async def test_a_failed_settle_never_gives_back_the_entry_taken_again(
     [again] = regained
     assert (again.envelope.data, again.attempt, again.token) == (b"x", 2, first.token)
     await broker.publish(topic, [_envelope("next")])
-    after = await _next(subscription)  # its take first gives back what the failure left unknown
+    after = await next_delivery(subscription)  # its take first gives back what the failure left unknown
     assert (after.envelope.data, after.attempt) == (b"next", 1)
     topic_key = broker.keys(topic, group).topic
     consumer = subscription.consumer.encode()
@@ -860,7 +856,7 @@ async def test_holding_hears_the_return_of_a_failed_or_cancelled_settle(
     told = holding.told
     subscription = await broker.subscribe(topic, group, prefetch=2, holding=holding)
     await broker.publish(topic, [_envelope("failed"), _envelope("cancelled")])
-    failed, cancelled = await _next(subscription), await _next(subscription)
+    failed, cancelled = await next_delivery(subscription), await next_delivery(subscription)
     real_scripts = broker._scripts
 
     async def settle_fails(calls: Any) -> Any:
@@ -882,7 +878,7 @@ async def test_holding_hears_the_return_of_a_failed_or_cancelled_settle(
     topic_key = broker.keys(topic, group).topic
     cancelled_id = cancelled.token[2:].encode()
     await wait_until(lambda: cancelled_id not in [i for i, _, _ in _pending(raw, topic_key, group)])
-    again = await _next(subscription)
+    again = await next_delivery(subscription)
     assert (again.envelope.data, again.attempt) == (b"failed", 2)
     await again.ack()
     assert _pending(raw, topic_key, group) == []
@@ -907,7 +903,7 @@ async def test_a_settle_waiting_to_be_written_keeps_its_lease(
         here = await slow.subscribe(topic, group)
         there = await quick.subscribe(topic, group, prefetch=1)
         await slow.publish(topic, [_envelope("x")])
-        delivery = await _next(here)
+        delivery = await next_delivery(here)
         acking = asyncio.create_task(delivery.ack())
         await asyncio.wait_for(reached.wait(), 5)
         topic_key = slow.keys(topic, group).topic
@@ -915,7 +911,7 @@ async def test_a_settle_waiting_to_be_written_keeps_its_lease(
         await slow.housekeeping(trim=False)  # what it does every lease/3 on its own
         assert _idle_ms(raw, topic_key, group) < 500
         await slow.publish(topic, [_envelope("next")])
-        got = await _next(there)
+        got = await next_delivery(there)
         assert (got.envelope.data, got.attempt) == (b"next", 1)
         go.set()
         await asyncio.wait_for(acking, 5)
@@ -940,11 +936,11 @@ async def test_a_shorter_lease_elsewhere_does_not_take_a_live_delivery(raw: redi
         here = await patient.subscribe(topic, group)
         there = await eager.subscribe(topic, group, prefetch=1)
         await patient.publish(topic, [_envelope("held")])
-        held = await _next(here)
+        held = await next_delivery(here)
         topic_key = patient.keys(topic, group).topic
         await wait_until(lambda: _idle_ms(raw, topic_key, group) >= 500)  # the holder renews every 10 s
         await patient.publish(topic, [_envelope("next")])
-        got = await _next(there)
+        got = await next_delivery(there)
         assert (got.envelope.data, got.attempt) == (b"next", 1)
         await got.ack()
         await held.ack()
@@ -967,7 +963,7 @@ async def test_close_gives_back_a_delivery_whose_ack_is_unwritten_as_an_attempt(
         topic, group = _unique("unwritten"), _unique("workers")
         here = await brief.subscribe(topic, group)
         await brief.publish(topic, [_envelope("x")])
-        delivery = await _next(here)
+        delivery = await next_delivery(here)
         acking = asyncio.create_task(delivery.ack())
         await asyncio.wait_for(reached.wait(), 5)
         await here.close()
@@ -976,7 +972,7 @@ async def test_close_gives_back_a_delivery_whose_ack_is_unwritten_as_an_attempt(
         go.set()
         await asyncio.wait_for(acking, 5)  # written after the give-back: it changes nothing
         other = await brief.subscribe(topic, group)
-        again = await _next(other)
+        again = await next_delivery(other)
         assert (again.envelope.data, again.attempt) == (b"x", 2)
         await again.ack()
     finally:

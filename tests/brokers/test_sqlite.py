@@ -22,7 +22,7 @@ from callcast.envelope import UNDECODABLE_TYPE, Envelope
 from callcast.exceptions import BrokerUnavailableError, ConfigurationError, TransportError
 from callcast.testing import BrokerConformance
 from callcast.transport import Broker, Capabilities, Delivery, Subscription
-from tests.brokers.conftest import Pause, close_during
+from tests.brokers.conftest import Pause, close_during, next_delivery
 
 LEASE = 1.0
 
@@ -113,7 +113,7 @@ async def test_options_are_read_and_an_unknown_scheme_is_refused(tmp_path: Path)
         topic, group = "t", "g"
         subscription = await broker.subscribe(topic, group)
         await broker.publish(topic, [Envelope(type="T", source="/s", data=b"{}")])
-        delivery = await asyncio.wait_for(subscription.__anext__(), 5)
+        delivery = await next_delivery(subscription)
         await delivery.ack()
     finally:
         await broker.close()
@@ -167,7 +167,7 @@ async def test_a_publish_in_another_process_reaches_a_waiting_subscriber(tmp_pat
         )
         assert child.returncode == 0, child.stderr
         received = [await asyncio.wait_for(waiting, 5)]
-        received += [await asyncio.wait_for(subscription.__anext__(), 5) for _ in range(4)]
+        received += [await next_delivery(subscription) for _ in range(4)]
         assert [d.envelope.data for d in received] == [f"child{n}".encode() for n in range(5)]
         assert [d.envelope.source for d in received] == ["/child"] * 5
         for delivery in received:
@@ -186,7 +186,7 @@ async def test_a_delayed_retry_survives_a_restart(tmp_path: Path) -> None:
     broker = await connect(url)
     subscription = await broker.subscribe("orders", "billing")
     await broker.publish("orders", [Envelope(type="T", source="/s", data=b"later")])
-    delivery = await asyncio.wait_for(subscription.__anext__(), 5)
+    delivery = await next_delivery(subscription)
     loop = asyncio.get_running_loop()
     nacked_at = loop.time()
     delay = 1.0
@@ -196,7 +196,7 @@ async def test_a_delayed_retry_survives_a_restart(tmp_path: Path) -> None:
     reopened = await connect(url)
     try:
         subscription = await reopened.subscribe("orders", "billing")
-        again = await asyncio.wait_for(subscription.__anext__(), delay + 5)
+        again = await next_delivery(subscription, delay + 5)
         waited = loop.time() - nacked_at
         assert again.envelope.data == b"later"
         assert again.attempt == 2
@@ -210,7 +210,7 @@ async def one_delivery(broker: Broker) -> tuple[Subscription, Delivery]:
     """Subscribe group ``billing`` to ``orders``, publish one envelope (data ``x``) and take it."""
     subscription = await broker.subscribe("orders", "billing")
     await broker.publish("orders", [Envelope(type="T", source="/s", data=b"x")])
-    return subscription, await asyncio.wait_for(subscription.__anext__(), 5)
+    return subscription, await next_delivery(subscription)
 
 
 def _inject(path: Path, group: str, topic: str, rows: list[tuple[str, bytes]]) -> None:
@@ -248,7 +248,7 @@ async def test_an_undecodable_row_is_delivered_quarantined(tmp_path: Path) -> No
         )
         good = Envelope(type="T", source="/s", data=b"good")
         await broker.publish("orders", [good])
-        received = [await asyncio.wait_for(subscription.__anext__(), 5) for _ in range(5)]
+        received = [await next_delivery(subscription) for _ in range(5)]
         quarantined, last = received[:4], received[4]
         assert [d.envelope.type for d in quarantined] == [UNDECODABLE_TYPE] * 4
         assert [d.envelope.data for d in quarantined] == [b"body-1", b"body-2", b"body-3", b"body-4"]
@@ -275,7 +275,7 @@ async def test_acks_of_one_loop_turn_are_written_together_even_when_one_caller_i
     try:
         subscription = await broker.subscribe("orders", "billing")
         await broker.publish("orders", [Envelope(type="T", source="/s", data=b"%d" % n) for n in range(3)])
-        deliveries = [await asyncio.wait_for(subscription.__anext__(), 5) for _ in range(3)]
+        deliveries = [await next_delivery(subscription) for _ in range(3)]
         acks = [asyncio.create_task(delivery.ack()) for delivery in deliveries]
         await asyncio.sleep(0)  # the three acks joined one turn's batch
         acks[1].cancel()
@@ -329,7 +329,7 @@ async def test_closing_while_a_claim_is_under_way_counts_no_attempt(tmp_path: Pa
         with contextlib.suppress(StopAsyncIteration):
             await waiting
         second = await broker.subscribe("T", "g")
-        delivery = await asyncio.wait_for(second.__anext__(), 5)
+        delivery = await next_delivery(second)
         assert (delivery.envelope.data, delivery.attempt) == (b"1", 1)
         await delivery.ack()
     finally:
@@ -363,7 +363,7 @@ async def test_a_delivery_whose_settle_failed_comes_back_once_its_lease_runs_out
         with pytest.raises(TransportError):
             await delivery.ack()
         monkeypatch.undo()
-        again = await asyncio.wait_for(subscription.__anext__(), LEASE * 5)
+        again = await next_delivery(subscription, LEASE * 5)
         assert (again.envelope.data, again.attempt) == (b"x", 2)
         await again.ack()
     finally:
@@ -392,7 +392,7 @@ async def test_a_subscriber_does_not_claim_again_what_it_holds_when_its_lease_ra
     try:
         subscription = await broker.subscribe("orders", "billing", prefetch=4)
         await broker.publish("orders", [Envelope(type="T", source="/s", data=b"first")])
-        held = await asyncio.wait_for(subscription.__anext__(), 5)
+        held = await next_delivery(subscription)
 
         def lease_runs_out() -> None:
             with contextlib.closing(sqlite3.connect(path, timeout=10)) as conn, conn:
@@ -400,7 +400,7 @@ async def test_a_subscriber_does_not_claim_again_what_it_holds_when_its_lease_ra
 
         await asyncio.to_thread(lease_runs_out)
         await broker.publish("orders", [Envelope(type="T", source="/s", data=b"second")])
-        following = await asyncio.wait_for(subscription.__anext__(), 5)
+        following = await next_delivery(subscription)
         assert following.envelope.data == b"second"
         await held.ack()
         await following.ack()
@@ -461,7 +461,7 @@ async def test_a_housekeeping_pass_deletes_every_settled_message_whatever_its_ba
         subscription = await broker.subscribe("orders", "billing", prefetch=20)
         await broker.publish("orders", [Envelope(type="T", source="/s", data=b"%d" % n) for n in range(10)])
         for _ in range(10):
-            await (await asyncio.wait_for(subscription.__anext__(), 5)).ack()
+            await (await next_delivery(subscription)).ack()
         deadline = asyncio.get_running_loop().time() + 10
         while sum(deleted for _, deleted in deletions) < 10:
             assert asyncio.get_running_loop().time() < deadline, f"not all deleted: {deletions}"
