@@ -29,6 +29,7 @@ from callcast.envelope import Envelope
 from callcast.exceptions import BrokerUnavailableError, TransportError
 from callcast.forwarding import ForwardingBroker
 from callcast.transport import Broker
+from callcast.waiting import retrieved
 
 DEFAULT_MAX_BATCH = 256
 DEFAULT_MAX_IN_FLIGHT = 4
@@ -108,7 +109,7 @@ class CoalescingBroker(ForwardingBroker):
             if batch:
                 state.in_flight += 1
                 task = asyncio.get_running_loop().create_task(self._send(topic, state, batch))
-                task.add_done_callback(_retrieve)
+                task.add_done_callback(retrieved)
         if not state.in_flight and not state.waiting:
             self._topics.pop(topic, None)
 
@@ -157,9 +158,3 @@ class CoalescingBroker(ForwardingBroker):
             for waiting in batch:
                 waiting.outcome.cancel()
             raise
-
-
-def _retrieve(task: asyncio.Task[None]) -> None:
-    """Errors went to the waiters; a cancelled sender (loop shutting down) needs no report."""
-    if not task.cancelled():
-        task.exception()

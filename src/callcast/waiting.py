@@ -37,3 +37,11 @@ async def within(awaitable: Awaitable[T], timeout: float | None) -> T:
     ``asyncio.wait_for`` does, without swallowing an outside cancellation."""
     async with asyncio.timeout(timeout):
         return await awaitable
+
+
+def retrieved(task: asyncio.Future[T]) -> None:
+    """A done callback for a task whose outcome its waiters take (e.g. through ``asyncio.shield``):
+    marks a failure as seen, so that one whose waiters all gave up is not reported as never
+    retrieved. A cancelled task (the loop shutting down) needs no report either."""
+    if not task.cancelled():
+        task.exception()

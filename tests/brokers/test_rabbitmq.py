@@ -34,6 +34,7 @@ from callcast.brokers.rabbitmq import (
     ATTEMPTS_HEADER,
     RabbitBroker,
     _GroupReader,
+    _RabbitDelivery,
     parse_url,
     queue_name,
     retry_bucket,
@@ -740,6 +741,72 @@ async def test_a_publish_to_an_undeclared_group_stores_nothing(raw: aio_pika.abc
         channel = await connection.channel()
         queue = await channel.declare_queue(queue_name(RUN, topic, declared), passive=True)
         assert queue.declaration_result.message_count == 0
+
+
+async def _recorded_acks(subscription: object) -> list[tuple[int, bool]]:
+    """The ``basic.ack`` frames the subscription's channel writes from now on: (tag, multiple)."""
+    reader = getattr(subscription, "reader", None)
+    assert isinstance(reader, _GroupReader)
+    assert reader.channel is not None
+    underlay = await reader.channel.get_underlay_channel()
+    written: list[tuple[int, bool]] = []
+    send = underlay.basic_ack
+
+    async def recording(delivery_tag: int, multiple: bool = False, wait: bool = True) -> None:
+        written.append((delivery_tag, multiple))
+        await send(delivery_tag, multiple=multiple, wait=wait)
+
+    underlay.basic_ack = recording  # type: ignore[method-assign]
+    return written
+
+
+async def _ready_in(queue: str) -> int:
+    """Messages ready in ``queue`` (unacked ones of a closed broker are back among them)."""
+    async with await aio_pika.connect(RAW_URL) as connection:
+        channel = await connection.channel()
+        declared = await channel.declare_queue(queue, passive=True)
+        count = declared.declaration_result.message_count
+        assert count is not None
+        return count
+
+
+async def test_acks_of_one_loop_turn_are_one_multiple_ack() -> None:
+    """Deliveries acked together, in the order RabbitMQ gave them, are settled by one
+    ``basic.ack`` with ``multiple`` up to the last of them; the queue keeps none of them."""
+    broker = await connect(URL)
+    topic, group = unique("topic"), unique("group")
+    try:
+        subscription = await broker.subscribe(topic, group, prefetch=8)
+        await broker.publish(topic, [Envelope(type="T", source="/s", data=b"%d" % n) for n in range(5)])
+        deliveries = [await next_delivery(subscription) for _ in range(5)]
+        written = await _recorded_acks(subscription)
+        await asyncio.gather(*(delivery.ack() for delivery in deliveries))
+        tags = [delivery.tag for delivery in deliveries if isinstance(delivery, _RabbitDelivery)]
+        assert written == [(max(tags), True)]
+        assert len(tags) == 5
+    finally:
+        await broker.close()
+    assert await _ready_in(queue_name(RUN, topic, group)) == 0
+
+
+async def test_a_multiple_ack_never_covers_a_delivery_still_held_or_nacked() -> None:
+    """Acks of later deliveries, made while an earlier one is still handled or being nacked, go
+    out one by one: the earlier one stays the consumer's, and its nack puts it back."""
+    broker = await connect(URL)
+    topic, group = unique("topic"), unique("group")
+    try:
+        subscription = await broker.subscribe(topic, group, prefetch=8)
+        await broker.publish(topic, [Envelope(type="T", source="/s", data=b"%d" % n) for n in range(6)])
+        _held, second, *rest = [await next_delivery(subscription) for _ in range(6)]
+        written = await _recorded_acks(subscription)
+        await asyncio.gather(second.nack(), *(delivery.ack() for delivery in rest))
+        assert all(not multiple for _, multiple in written), written
+        again = await next_delivery(subscription)
+        assert (again.envelope.data, again.attempt) == (second.envelope.data, 2)
+        await again.ack()
+    finally:
+        await broker.close()  # the first delivery still held: RabbitMQ takes it back
+    assert await _ready_in(queue_name(RUN, topic, group)) == 1
 
 
 # -- helpers --------------------------------------------------------------------------------------

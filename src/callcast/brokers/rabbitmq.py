@@ -58,7 +58,12 @@ Acks and prefetch
     Manual acks. Each subscription is one AMQP consumer with ``basic.qos`` = its prefetch; the
     subscriptions of one group in one broker object share one channel and a buffer, and each
     delivery goes to whichever of them asks first with fewer than ``prefetch`` unsettled. ``ack`` is
-    ``basic.ack``; ``nack()`` is ``basic.nack`` with requeue.
+    ``basic.ack``; ``nack()`` is ``basic.nack`` with requeue. A group's acks are written together:
+    those made in one loop turn, and while the previous write is out, those made meanwhile; the run
+    of them that leads the channel's unsettled deliveries (in delivery order) as one ``basic.ack``
+    with ``multiple``, the others one by one.
+    No delivery still handled, buffered or being nacked is ever covered by a ``multiple`` ack;
+    ``ack`` returns once its frame is written, as before.
 Delayed nack
     ``nack(delay=d)`` publishes a copy to the group's retry bucket for ``d`` (confirmed), then acks
     the delivery: RabbitMQ holds the copy back for the bucket's TTL and dead-letters it to the
@@ -148,7 +153,7 @@ import re
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
@@ -167,7 +172,7 @@ from callcast.brokers.closing import CloseOnce
 from callcast.envelope import Envelope, decode_or_quarantine
 from callcast.exceptions import BrokerUnavailableError, ConfigurationError, PublishError, TransportError
 from callcast.transport import Capabilities, Delivery, Holding
-from callcast.waiting import wait_event, within
+from callcast.waiting import retrieved, wait_event, within
 
 CAPABILITIES = Capabilities(
     durable=True,
@@ -815,8 +820,24 @@ class _GroupReader:
         self.restoring: asyncio.Task[None] | None = None
         self.failure: TransportError | None = None
         self.counts: dict[str, int] = {}  # ephemeral queues: deliveries per message id
+        self.unsettled: dict[int, None] = {}
+        """Delivery tags of the channel that no ack or nack was written for yet, in delivery order."""
+        self.acks: _Acks | None = None  # acks gathering for the next write
+        self.acks_written: asyncio.Task[None] | None = None  # the last write of acks
         self.retry_queues: set[str] = set()
         self.background: set[asyncio.Task[None]] = set()
+
+    def _next_generation(self) -> int:
+        """A new channel (or none): deliveries of the old one are stale (RabbitMQ requeues them)."""
+        self.generation += 1
+        self.unsettled = {}
+        return self.generation
+
+    def _settled(self, generation: int, tags: Iterable[int]) -> None:
+        """An ack or nack of ``tags`` was written on the channel of ``generation``."""
+        if generation == self.generation:
+            for tag in tags:
+                self.unsettled.pop(tag, None)
 
     def wake(self) -> None:
         # Set the event the waiters hold and give later ones a fresh one (no wake-up is lost).
@@ -884,12 +905,11 @@ class _GroupReader:
         try:
             channel = await broker._new_channel(connection, confirms=False)
             underlay = await channel.get_underlay_channel()
-            self.generation += 1
-            generation = self.generation
+            generation = self._next_generation()
             for member in self.members:
                 self.members[member] = await self._consume(underlay, member.prefetch, generation)
         except Exception as error:
-            self.generation += 1  # what that channel delivered meanwhile is stale
+            self._next_generation()  # what that channel delivered meanwhile is stale
             self._drop_buffer()
             if channel is not None:
                 await _quietly(channel.close(), broker.timeout)
@@ -924,7 +944,7 @@ class _GroupReader:
         if sender is not self.channel:
             return
         self.channel = None
-        self.generation += 1  # deliveries of the old channel are stale: RabbitMQ requeued them
+        self._next_generation()  # deliveries of the old channel are stale: RabbitMQ requeued them
         self._drop_buffer()
         self.counts.clear()
         for member in self.members:
@@ -966,6 +986,9 @@ class _GroupReader:
     async def _on_message(self, generation: int, message: aiormq.abc.DeliveredMessage) -> None:
         if generation != self.generation:
             return  # a straggler of a channel being replaced: RabbitMQ requeues it
+        tag = getattr(message.delivery, "delivery_tag", None)
+        if tag is not None:  # unsettled from now on, even if it cannot be read
+            self.unsettled[tag] = None
         try:
             delivery = self._delivery(message, generation)
         except Exception:  # never: decoding quarantines. Left unacked, it returns with the channel.
@@ -1035,11 +1058,17 @@ class _GroupReader:
                 )
             return  # RabbitMQ already gave it back
         try:
-            underlay = await channel.get_underlay_channel()
             if delay is None:
                 self._forget(delivery)
-                await underlay.basic_ack(delivery.tag)
-            elif delay < 0.0005:
+                try:
+                    await self._ack(delivery)
+                except BrokerUnavailableError:
+                    owner.returned(delivery)  # RabbitMQ took it back with the channel
+                    raise
+                owner.returned(delivery)  # written to the socket
+                return
+            underlay = await channel.get_underlay_channel()
+            if delay < 0.0005:
                 await underlay.basic_nack(delivery.tag, requeue=True)
             else:
                 try:
@@ -1048,17 +1077,64 @@ class _GroupReader:
                     )
                 except TransportError as error:
                     await underlay.basic_nack(delivery.tag, requeue=True)
+                    self._settled(delivery.generation, [delivery.tag])
                     owner.returned(delivery)
                     raise PublishError(
                         f"{error}; the envelope was given back for an immediate retry instead"
                     ) from None
                 self._forget(delivery)
                 await underlay.basic_ack(delivery.tag)
+            self._settled(delivery.generation, [delivery.tag])
         except TransportError:
             raise
         except Exception as error:
             raise self.broker._error("cannot settle a delivery", error) from None
         owner.returned(delivery)  # written to the socket (aiormq drains before returning)
+
+    async def _ack(self, delivery: _RabbitDelivery) -> None:
+        """Ack ``delivery`` with the other acks of this loop turn; returns once they are written."""
+        acks = self.acks
+        if acks is None:  # the first ack since the last write began: its task writes these acks
+            tags: list[int] = []
+            previous = self.acks_written
+            written = asyncio.get_running_loop().create_task(
+                self._write_acks(delivery.generation, tags, previous)
+            )
+            written.add_done_callback(retrieved)
+            acks = self.acks = _Acks(tags, written)
+            self.acks_written = written
+        acks.tags.append(delivery.tag)
+        await asyncio.shield(acks.written)
+
+    async def _write_acks(
+        self, generation: int, tags: list[int], previous: asyncio.Task[None] | None
+    ) -> None:
+        """Once the loop turn that opened ``tags`` is over and the acks written before are out
+        (``previous``; ``tags`` gathers meanwhile): one ``multiple`` ack for the acked tags that
+        lead :attr:`unsettled`, one ack for each of the others. One write at a time, so no ack
+        frame of a later write can reach RabbitMQ before one of an earlier write."""
+        if previous is not None:
+            await asyncio.wait({previous})
+        self.acks = None  # acks from here on are the next write
+        channel = self.channel
+        if generation != self.generation or channel is None:
+            raise BrokerUnavailableError(
+                f"rabbitmq broker {self.broker.url}: the channel was lost before these acks were "
+                "written; RabbitMQ requeued the deliveries and delivers them again"
+            )
+        underlay = await channel.get_underlay_channel()
+        acked = set(tags)
+        leading = 0  # the last tag of the run of acked tags that leads the unsettled ones
+        for tag in self.unsettled:
+            if tag not in acked:
+                break
+            leading = tag
+        if leading:
+            await underlay.basic_ack(leading, multiple=True)
+        for tag in tags:
+            if tag > leading:
+                await underlay.basic_ack(tag)
+        self._settled(generation, tags)
 
     # -- leaving --------------------------------------------------------------------------------
 
@@ -1077,6 +1153,8 @@ class _GroupReader:
     async def _leave(self, member: _RabbitSubscription, tag: str | None) -> None:
         """:meth:`leave` once ``member`` is no longer a member. Under ``lock``."""
         broker = self.broker
+        if self.acks is not None:  # acks made before the leave are written first
+            await asyncio.wait({self.acks.written})
         held = sorted((d for d in member.outstanding if d.generation == self.generation), key=lambda d: d.tag)
         member.outstanding.clear()
         last = not self.members
@@ -1102,6 +1180,7 @@ class _GroupReader:
             for delivery in held:
                 delivery.settled = True
                 await underlay.basic_nack(delivery.tag, requeue=True)
+                self._settled(delivery.generation, [delivery.tag])
             if last:
                 buffered = [d for d in self.buffer if d.generation == self.generation]
                 self.buffer.clear()
@@ -1130,6 +1209,7 @@ class _GroupReader:
                 await underlay.basic_nack(delivery.tag, requeue=True)  # counted, but not lost
             else:
                 await underlay.basic_ack(delivery.tag)
+            self._settled(delivery.generation, [delivery.tag])
 
     async def _delete_ephemeral_queues(self) -> None:
         """Delete the ephemeral queue and its retry buckets; one that cannot be deleted now is
@@ -1146,6 +1226,16 @@ class _GroupReader:
 
 async def _delete_queue(channel: aiormq.abc.AbstractChannel, *, queue: str, timeout: float) -> None:
     await channel.queue_delete(queue, timeout=timeout)
+
+
+class _Acks:
+    """The acks of one group reader made in one loop turn, and the task that writes them."""
+
+    __slots__ = ("tags", "written")
+
+    def __init__(self, tags: list[int], written: asyncio.Task[None]) -> None:
+        self.tags = tags
+        self.written = written
 
 
 class _RabbitSubscription:
