@@ -277,7 +277,7 @@ def test_url_never_shows_a_password_or_token() -> None:
     [
         ("redis://127.0.0.1:4222", "not a nats:// URL"),
         ("nats://127.0.0.1:4222/db", "takes no path"),
-        ("nats://127.0.0.1:99999", "bad URL"),
+        ("nats://127.0.0.1:99999", "invalid port"),
         ("nats://127.0.0.1:4222?ackwait=1", "unknown option(s) ackwait"),
         ("nats://127.0.0.1:4222?stream=a.b", "stream must be"),
         ("nats://127.0.0.1:4222?stream=", "stream must be"),

@@ -347,7 +347,7 @@ def test_url_names_server_database_and_options() -> None:
     ("url", "complaint"),
     [
         ("mysql://u@h/db", "not a postgresql:// URL"),
-        ("postgresql://u@h:port/db", "bad port"),
+        ("postgresql://u@h:port/db", "invalid port"),
         ("postgresql://u@h/db?lease=soon", "lease must be"),
         ("postgresql://u@h/db?lease=0", "lease must be"),
         ("postgresql://u@h/db?lease=nan", "lease must be"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from callcast.brokers import scrub
+from callcast.exceptions import ConfigurationError
 from callcast.lab.namespace import _reason
 
 
@@ -85,3 +86,28 @@ def test_the_redis_broker_errors_carry_no_password() -> None:
     assert "p%40ss" not in message
     assert message.endswith("WRONGPASS *** for redis://app:***@127.0.0.1:6379/0")
     assert broker._scrub(OSError()) == "OSError"
+
+
+@pytest.mark.parametrize(
+    ("adapter", "url"),
+    [
+        ("nats:NatsBroker", "nats://app:pw?d@127.0.0.1:4222"),
+        ("redis:RedisBroker", "redis://:se#cret@127.0.0.1:6379/0"),
+        ("rabbitmq:RabbitBroker", "amqp://guest:pa/ss@127.0.0.1:5672/"),
+        ("postgres:PostgresBroker", "postgresql://postgres:x#y9@127.0.0.1:5432/test"),
+    ],
+)
+def test_a_password_that_cuts_the_url_short_gets_a_hint_and_stays_hidden(adapter: str, url: str) -> None:
+    """A raw ``/ ? #`` in a password ends the URL's host part early, so the parser reads the start
+    of the password as the port: the adapter (checking its URL before opening anything) names
+    the problem and shows no piece of the password."""
+    module, _, name = adapter.partition(":")
+    broker_class = getattr(pytest.importorskip(f"callcast.brokers.{module}"), name)
+    password = url.partition("://")[2].rpartition("@")[0].partition(":")[2]
+    with pytest.raises(ConfigurationError) as caught:
+        broker_class(url)
+    shown = url.replace(f":{password}@", ":***@")
+    assert str(caught.value) == (
+        f"{module} broker: invalid port in {shown!r}; a user or password holding / ? # or @ must be "
+        "percent-encoded (%2F %3F %23 %40)"
+    )

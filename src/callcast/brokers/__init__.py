@@ -38,6 +38,20 @@ def seconds_option(broker: str, options: Mapping[str, str], name: str, default: 
     return value
 
 
+def port_of(broker: str, url: str) -> int | None:
+    """The port ``url`` names (``None`` when it names none), or a :class:`ConfigurationError` that
+    shows the URL redacted and never echoes what stood where the port was read: when a password
+    holds an unescaped ``/``, ``?`` or ``#``, what follows its ``:`` is part of the password."""
+    try:
+        return urlsplit(url).port
+    except ValueError:
+        shown = redact(url, user_is_secret=broker == "nats")
+        hint = ""
+        if "@" in url.partition("://")[2] and "@" not in urlsplit(url).netloc:
+            hint = "; a user or password holding / ? # or @ must be percent-encoded (%2F %3F %23 %40)"
+        raise ConfigurationError(f"{broker} broker: invalid port in {shown!r}{hint}") from None
+
+
 def default_url() -> str:
     """``$CALLCAST_BROKER`` if set, else the embedded SQLite broker under ``.callcast/``."""
     return os.environ.get(ENV_VAR) or DEFAULT_URL

@@ -155,7 +155,7 @@ from nats.js import JetStreamContext, api
 from nats.js.kv import KeyValue
 
 from callcast import alarms
-from callcast.brokers import redact, scrub, seconds_option
+from callcast.brokers import port_of, redact, scrub, seconds_option
 from callcast.brokers.closing import CloseOnce
 from callcast.envelope import (
     HEADER_PREFIX,
@@ -266,11 +266,8 @@ class _Settings:
 
     def __init__(self, url: str) -> None:
         shown = redact(url, user_is_secret=True)
-        try:
-            parts = urlsplit(url)
-            port = parts.port or DEFAULT_PORT
-        except ValueError as error:
-            raise ConfigurationError(f"nats broker: bad URL {shown!r}: {error}") from None
+        parts = urlsplit(url)
+        port = port_of("nats", url) or DEFAULT_PORT
         if parts.scheme != "nats":
             raise ConfigurationError(f"nats broker: not a nats:// URL: {shown!r}")
         if parts.path not in ("", "/"):

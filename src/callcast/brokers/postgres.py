@@ -147,7 +147,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import asyncpg  # type: ignore[import-untyped, unused-ignore]
 
-from callcast.brokers import redact, seconds_option
+from callcast.brokers import port_of, redact, seconds_option
 from callcast.brokers.closing import CloseOnce
 from callcast.envelope import Envelope, decode_or_quarantine
 from callcast.exceptions import BrokerUnavailableError, ConfigurationError, PublishError, TransportError
@@ -216,10 +216,7 @@ def parse_url(url: str) -> Settings:
     parts = urlsplit(url)
     if parts.scheme not in SCHEMES:
         raise ConfigurationError(f"not a postgresql:// URL: {safe!r}")
-    try:
-        port = parts.port
-    except ValueError:
-        raise ConfigurationError(f"postgres broker: bad port in {safe!r}") from None
+    port = port_of("postgres", url)
     options: dict[str, str] = {}
     for key, values in parse_qs(parts.query, keep_blank_values=True).items():
         options[key] = values[-1]

@@ -167,7 +167,7 @@ import aiormq.exceptions
 from pamqp import commands as spec
 
 from callcast import alarms
-from callcast.brokers import redact, seconds_option
+from callcast.brokers import port_of, redact, seconds_option
 from callcast.brokers.closing import CloseOnce
 from callcast.envelope import Envelope, decode_or_quarantine
 from callcast.exceptions import BrokerUnavailableError, ConfigurationError, PublishError, TransportError
@@ -253,11 +253,8 @@ def parse_url(url: str) -> RabbitSettings:
     shown = redact(url)
     if parts.scheme not in ("amqp", "amqps"):
         raise ConfigurationError(f"not an amqp:// or amqps:// URL: {shown!r}")
-    try:
-        host, password = parts.hostname, parts.password
-        parts.port  # noqa: B018 - validates the port
-    except ValueError:
-        raise ConfigurationError(f"rabbitmq broker: invalid port in {shown!r}") from None
+    port_of("rabbitmq", url)
+    host, password = parts.hostname, parts.password
     if not host:
         raise ConfigurationError(f"rabbitmq broker: the URL names no host: {shown!r}")
     options = dict(parse_qsl(parts.query, keep_blank_values=True))

@@ -148,7 +148,7 @@ from redis.exceptions import NoPermissionError, NoScriptError, RedisError, Respo
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from callcast import alarms
-from callcast.brokers import redact, scrub, seconds_option
+from callcast.brokers import port_of, redact, scrub, seconds_option
 from callcast.brokers.closing import CloseOnce
 from callcast.envelope import Envelope, decode_or_quarantine, structured_or_quarantine, to_structured
 from callcast.exceptions import BrokerUnavailableError, ConfigurationError, PublishError, TransportError
@@ -235,10 +235,7 @@ def parse_url(url: str) -> tuple[str, RedisOptions]:
     parts = urlsplit(url)
     if parts.scheme not in ("redis", "rediss"):
         raise ConfigurationError(f"not a redis URL: {shown!r}")
-    try:
-        parts.port  # noqa: B018  # validates the port
-    except ValueError:
-        raise ConfigurationError(f"redis broker: invalid port in {shown!r}") from None
+    port_of("redis", url)
     database = parts.path.lstrip("/")
     if database and not database.isdigit():
         raise ConfigurationError(f"redis broker: the path names the database number (/0), got {shown!r}")
