@@ -1091,28 +1091,25 @@ class _GroupReader:
     async def _ack(self, delivery: _RabbitDelivery) -> None:
         """Ack ``delivery`` with the other acks of this loop turn; returns once they are written."""
         acks = self.acks
-        if acks is None:  # the first ack since the last write began: its task writes these acks
-            tags: list[int] = []
-            previous = self.acks_written
-            written = asyncio.get_running_loop().create_task(
-                self._write_acks(delivery.generation, tags, previous)
-            )
-            written.add_done_callback(retrieved)
-            acks = self.acks = _Acks(tags, written)
-            self.acks_written = written
+        if acks is None or acks.generation != delivery.generation:
+            # The first ack since the last write began (or of a new channel): its task writes these.
+            acks = self.acks = _Acks(delivery.generation)
+            acks.written = asyncio.get_running_loop().create_task(self._write_acks(acks, self.acks_written))
+            acks.written.add_done_callback(retrieved)
+            self.acks_written = acks.written
         acks.tags.append(delivery.tag)
         await asyncio.shield(acks.written)
 
-    async def _write_acks(
-        self, generation: int, tags: list[int], previous: asyncio.Task[None] | None
-    ) -> None:
-        """Once the loop turn that opened ``tags`` is over and the acks written before are out
-        (``previous``; ``tags`` gathers meanwhile): one ``multiple`` ack for the acked tags that
+    async def _write_acks(self, acks: _Acks, previous: asyncio.Task[None] | None) -> None:
+        """Once the loop turn that opened ``acks`` is over and the acks written before are out
+        (``previous``; ``acks`` gathers meanwhile): one ``multiple`` ack for the acked tags that
         lead :attr:`unsettled`, one ack for each of the others. One write at a time, so no ack
         frame of a later write can reach RabbitMQ before one of an earlier write."""
         if previous is not None:
             await asyncio.wait({previous})
-        self.acks = None  # acks from here on are the next write
+        if self.acks is acks:
+            self.acks = None  # acks from here on are the next write
+        generation, tags = acks.generation, acks.tags
         channel = self.channel
         if generation != self.generation or channel is None:
             raise BrokerUnavailableError(
@@ -1228,11 +1225,12 @@ async def _delete_queue(channel: aiormq.abc.AbstractChannel, *, queue: str, time
 class _Acks:
     """The acks of one group reader made in one loop turn, and the task that writes them."""
 
-    __slots__ = ("tags", "written")
+    __slots__ = ("generation", "tags", "written")
+    written: asyncio.Task[None]
 
-    def __init__(self, tags: list[int], written: asyncio.Task[None]) -> None:
-        self.tags = tags
-        self.written = written
+    def __init__(self, generation: int) -> None:
+        self.generation = generation
+        self.tags: list[int] = []
 
 
 class _RabbitSubscription:
