@@ -809,6 +809,58 @@ async def test_a_multiple_ack_never_covers_a_delivery_still_held_or_nacked() -> 
     assert await _ready_in(queue_name(RUN, topic, group)) == 1
 
 
+async def test_an_ack_whose_caller_is_cancelled_is_written_all_the_same() -> None:
+    """A handler cancelled while its ack waits for the batch's write does not take the ack back:
+    it is written, and only the delivery still held returns to the queue."""
+    broker = await connect(URL)
+    topic, group = unique("topic"), unique("group")
+    try:
+        subscription = await broker.subscribe(topic, group, prefetch=4)
+        await broker.publish(topic, [Envelope(type="T", source="/s", data=b"%d" % n) for n in range(2)])
+        acked, _held = [await next_delivery(subscription) for _ in range(2)]
+        assert isinstance(broker, RabbitBroker)
+        assert isinstance(acked, _RabbitDelivery)
+        reader = broker._readers[(topic, group)]
+        acking = asyncio.ensure_future(acked.ack())
+        await asyncio.sleep(0)  # one loop step: the ack task runs up to its wait for the batch
+        assert reader.acks is not None
+        assert acked.tag in reader.acks.outcomes, "the ack is not waiting in a batch"
+        acking.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await acking
+    finally:
+        await broker.close()  # the batch is written before the channel closes
+    assert await _ready_in(queue_name(RUN, topic, group)) == 1
+
+
+async def test_a_delivery_acked_while_a_restored_channel_starts_its_next_consumer_is_acked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """When a group's channel is restored, its first consumer may deliver before the second one has
+    started: acking that delivery meanwhile works, and the message is gone from the queue."""
+    broker = await connect(URL)
+    topic, group = unique("topic"), unique("group")
+    try:
+        assert isinstance(broker, RabbitBroker)
+        first = await broker.subscribe(topic, group, prefetch=4)
+        await broker.subscribe(topic, group, prefetch=4)
+        reader = broker._readers[(topic, group)]
+        channel = reader.channel
+        assert channel is not None
+        starting = Pause(monkeypatch, _GroupReader, "_consume")  # held after each consumer starts
+        try:
+            await channel.close()
+            await asyncio.wait_for(starting.reached.wait(), 10)  # the first one started, not the second
+            await broker.publish(topic, [Envelope(type="T", source="/s", data=b"early")])
+            delivery = await next_delivery(first, 10)
+            await delivery.ack()
+        finally:
+            starting.go_on()
+    finally:
+        await broker.close()
+    assert await _ready_in(queue_name(RUN, topic, group)) == 0
+
+
 # -- helpers --------------------------------------------------------------------------------------
 
 

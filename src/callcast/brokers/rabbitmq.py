@@ -819,8 +819,8 @@ class _GroupReader:
         self.counts: dict[str, int] = {}  # ephemeral queues: deliveries per message id
         self.unsettled: dict[int, None] = {}
         """Delivery tags of the channel that no ack or nack was written for yet, in delivery order."""
-        self.acks: _Acks | None = None  # acks gathering for the next write
-        self.acks_written: asyncio.Task[None] | None = None  # the last write of acks
+        self.acks: _Acks | None = None  # the batch of acks gathering
+        self.last_acks: _Acks | None = None  # the batch made last (gathering or being written)
         self.retry_queues: set[str] = set()
         self.background: set[asyncio.Task[None]] = set()
 
@@ -903,15 +903,18 @@ class _GroupReader:
             channel = await broker._new_channel(connection, confirms=False)
             underlay = await channel.get_underlay_channel()
             generation = self._next_generation()
+            # Set before the consumers start: a delivery to the first may be settled while the
+            # next one starts, and a settle takes ``channel None`` for a lost channel.
+            self.channel = channel
             for member in self.members:
                 self.members[member] = await self._consume(underlay, member.prefetch, generation)
         except Exception as error:
+            self.channel = None
             self._next_generation()  # what that channel delivered meanwhile is stale
             self._drop_buffer()
             if channel is not None:
                 await _quietly(channel.close(), broker.timeout)
             raise broker._error(f"cannot consume from {self.queue!r}", error) from None
-        self.channel = channel
         channel.close_callbacks.add(self._on_channel_closed)
         underlay.on_consumer_cancel_callbacks.add(self._on_cancelled_by_server)
         if channel.is_closed:
@@ -1089,46 +1092,69 @@ class _GroupReader:
         owner.returned(delivery)  # written to the socket (aiormq drains before returning)
 
     async def _ack(self, delivery: _RabbitDelivery) -> None:
-        """Ack ``delivery`` with the other acks of this loop turn; returns once they are written."""
+        """Ack ``delivery`` with the others of its batch; returns once its frame is written. A
+        cancelled caller leaves the ack to be written all the same."""
         acks = self.acks
         if acks is None or acks.generation != delivery.generation:
-            # The first ack since the last write began (or of a new channel): its task writes these.
-            acks = self.acks = _Acks(delivery.generation)
-            acks.written = asyncio.get_running_loop().create_task(self._write_acks(acks, self.acks_written))
+            # The first ack since the last write began, or of a new channel: a batch of its own,
+            # written after the channel's batch before it (another channel's does not matter).
+            last = self.last_acks
+            previous = last.written if last is not None and last.generation == delivery.generation else None
+            acks = self.acks = self.last_acks = _Acks(delivery.generation)
+            acks.written = asyncio.get_running_loop().create_task(self._write_acks(acks, previous))
             acks.written.add_done_callback(retrieved)
-            self.acks_written = acks.written
-        acks.tags.append(delivery.tag)
-        await asyncio.shield(acks.written)
+        written = acks.outcomes[delivery.tag] = asyncio.get_running_loop().create_future()
+        await written
 
     async def _write_acks(self, acks: _Acks, previous: asyncio.Task[None] | None) -> None:
-        """Once the loop turn that opened ``acks`` is over and the acks written before are out
-        (``previous``; ``acks`` gathers meanwhile): one ``multiple`` ack for the acked tags that
-        lead :attr:`unsettled`, one ack for each of the others. One write at a time, so no ack
-        frame of a later write can reach RabbitMQ before one of an earlier write."""
+        """Once the loop turn that opened ``acks`` is over and the channel's batch before it is
+        written (``acks`` gathers meanwhile), write it; each ack's caller learns how its own went."""
         if previous is not None:
             await asyncio.wait({previous})
         if self.acks is acks:
-            self.acks = None  # acks from here on are the next write
-        generation, tags = acks.generation, acks.tags
+            self.acks = None  # acks from here on are the next batch
+        try:
+            await self._write_ack_frames(acks)
+        except BaseException as error:
+            for outcome in acks.outcomes.values():
+                if outcome.done():
+                    continue
+                if isinstance(error, asyncio.CancelledError):
+                    outcome.cancel()
+                else:
+                    outcome.set_exception(error)
+            raise
+
+    async def _write_ack_frames(self, acks: _Acks) -> None:
+        """One ``multiple`` ack for the acked tags that lead :attr:`unsettled`, one ack for each
+        of the others; each frame written within the broker's timeout."""
         channel = self.channel
-        if generation != self.generation or channel is None:
+        if acks.generation != self.generation or channel is None:
             raise BrokerUnavailableError(
                 f"rabbitmq broker {self.broker.url}: the channel was lost before these acks were "
                 "written; RabbitMQ requeued the deliveries and delivers them again"
             )
         underlay = await channel.get_underlay_channel()
-        acked = set(tags)
+        acked = acks.outcomes
         leading = 0  # the last tag of the run of acked tags that leads the unsettled ones
         for tag in self.unsettled:
             if tag not in acked:
                 break
             leading = tag
+        timeout = self.broker.timeout
         if leading:
-            await underlay.basic_ack(leading, multiple=True)
+            await within(underlay.basic_ack(leading, multiple=True), timeout)
+            self._acks_written(acks, [tag for tag in acked if tag <= leading])
+        for tag in [tag for tag in acked if tag > leading]:
+            await within(underlay.basic_ack(tag), timeout)
+            self._acks_written(acks, [tag])
+
+    def _acks_written(self, acks: _Acks, tags: list[int]) -> None:
+        self._settled(acks.generation, tags)
         for tag in tags:
-            if tag > leading:
-                await underlay.basic_ack(tag)
-        self._settled(generation, tags)
+            outcome = acks.outcomes[tag]
+            if not outcome.done():  # not cancelled
+                outcome.set_result(None)
 
     # -- leaving --------------------------------------------------------------------------------
 
@@ -1147,10 +1173,6 @@ class _GroupReader:
     async def _leave(self, member: _RabbitSubscription, tag: str | None) -> None:
         """:meth:`leave` once ``member`` is no longer a member. Under ``lock``."""
         broker = self.broker
-        if self.acks is not None:  # acks made before the leave are written first
-            await asyncio.wait({self.acks.written})
-        held = sorted((d for d in member.outstanding if d.generation == self.generation), key=lambda d: d.tag)
-        member.outstanding.clear()
         last = not self.members
         if last:
             self.closing = True
@@ -1158,6 +1180,11 @@ class _GroupReader:
                 del broker._readers[(self.topic, self.group)]
             if self.restoring is not None:
                 self.restoring.cancel()
+        acks = self.last_acks
+        if acks is not None and acks.generation == self.generation:  # acks made before go first
+            await asyncio.wait({acks.written}, timeout=broker.timeout)
+        held = sorted((d for d in member.outstanding if d.generation == self.generation), key=lambda d: d.tag)
+        member.outstanding.clear()
         channel = self.channel
         if channel is None or channel.is_closed:
             if last:
@@ -1223,14 +1250,15 @@ async def _delete_queue(channel: aiormq.abc.AbstractChannel, *, queue: str, time
 
 
 class _Acks:
-    """The acks of one group reader made in one loop turn, and the task that writes them."""
+    """A batch of acks of one channel of a group reader: the future of each acked tag, which learns
+    how its frame went, and the task that writes them."""
 
-    __slots__ = ("generation", "tags", "written")
+    __slots__ = ("generation", "outcomes", "written")
     written: asyncio.Task[None]
 
     def __init__(self, generation: int) -> None:
         self.generation = generation
-        self.tags: list[int] = []
+        self.outcomes: dict[int, asyncio.Future[None]] = {}
 
 
 class _RabbitSubscription:
