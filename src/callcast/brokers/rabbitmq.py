@@ -58,12 +58,12 @@ Acks and prefetch
     Manual acks. Each subscription is one AMQP consumer with ``basic.qos`` = its prefetch; the
     subscriptions of one group in one broker object share one channel and a buffer, and each
     delivery goes to whichever of them asks first with fewer than ``prefetch`` unsettled. ``ack`` is
-    ``basic.ack``; ``nack()`` is ``basic.nack`` with requeue. A group's acks are written together:
-    those made in one loop turn, and while the previous write is out, those made meanwhile; the run
-    of them that leads the channel's unsettled deliveries (in delivery order) as one ``basic.ack``
-    with ``multiple``, the others one by one.
-    No delivery still handled, buffered or being nacked is ever covered by a ``multiple`` ack;
-    ``ack`` returns once its frame is written, as before.
+    ``basic.ack``; ``nack()`` is ``basic.nack`` with requeue. A group's acks are written in
+    batches: a batch gathers the acks of a loop turn, and of the turns after it until the channel's
+    previous batch is written. The run of a batch's tags that leads the channel's unsettled
+    deliveries (in delivery order) goes out as one ``basic.ack`` with ``multiple``, the others one
+    by one. No delivery still handled, buffered or being nacked is ever covered by a ``multiple``
+    ack; ``ack`` returns once its own frame is written.
 Delayed nack
     ``nack(delay=d)`` publishes a copy to the group's retry bucket for ``d`` (confirmed), then acks
     the delivery: RabbitMQ holds the copy back for the bucket's TTL and dead-letters it to the
@@ -1103,8 +1103,8 @@ class _GroupReader:
             acks = self.acks = self.last_acks = _Acks(delivery.generation)
             acks.written = asyncio.get_running_loop().create_task(self._write_acks(acks, previous))
             acks.written.add_done_callback(retrieved)
-        written = acks.outcomes[delivery.tag] = asyncio.get_running_loop().create_future()
-        await written
+        outcome = acks.outcomes[delivery.tag] = asyncio.get_running_loop().create_future()
+        await outcome
 
     async def _write_acks(self, acks: _Acks, previous: asyncio.Task[None] | None) -> None:
         """Once the loop turn that opened ``acks`` is over and the channel's batch before it is
