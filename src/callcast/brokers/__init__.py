@@ -42,14 +42,14 @@ def port_of(broker: str, url: str) -> int | None:
     """The port ``url`` names (``None`` when it names none), or a :class:`ConfigurationError` that
     shows the URL redacted and never echoes what stood where the port was read: when a password
     holds an unescaped ``/``, ``?`` or ``#``, what follows its ``:`` is part of the password."""
+    parts = urlsplit(url)
     try:
-        return urlsplit(url).port
+        return parts.port
     except ValueError:
-        shown = redact(url, user_is_secret=broker == "nats")
         hint = ""
-        if "@" in url.partition("://")[2] and "@" not in urlsplit(url).netloc:
+        if "@" in url.partition("://")[2] and "@" not in parts.netloc:
             hint = "; a user or password holding / ? # or @ must be percent-encoded (%2F %3F %23 %40)"
-        raise ConfigurationError(f"{broker} broker: invalid port in {shown!r}{hint}") from None
+        raise ConfigurationError(f"{broker} broker: invalid port in {redact(url)!r}{hint}") from None
 
 
 def default_url() -> str:
